@@ -1,0 +1,54 @@
+# adaptive: online adaptive radiotherapy pipeline (research use only).
+# `make demo` and `make test` do all setup from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
+export ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS ?= 2
+export TCP_NODELAY := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup system-deps test demo bench lint clean replay-data
+
+setup: $(STAMP)
+
+# Re-install only when pyproject.toml changes: re-running `make setup` is fast.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Debian tools the tests use as real DICOM peers/validators. Installed when
+# missing and running as root; otherwise the tests that need them fail naming the tool.
+SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do cmd=$${t%%:*}; pkg=$${t##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    systemctl disable --now orthanc >/dev/null 2>&1 || service orthanc stop >/dev/null 2>&1 || true; \
+	  else echo "WARNING: missing Debian packages:$$missing (not root; tests needing them will fail)"; fi; \
+	fi
+
+test: setup system-deps
+	$(PY) -m pytest -q -ra
+
+demo: setup
+	$(VENV)/bin/adaptive demo
+
+bench: setup system-deps
+	$(PY) -m adaptive.bench
+
+replay-data: setup
+	$(VENV)/bin/adaptive replay-data build
+
+lint: setup
+	$(VENV)/bin/ruff check adaptive services tests
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

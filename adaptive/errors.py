@@ -1,0 +1,102 @@
+"""Specific exception classes. Every error names what was wrong and where.
+
+Services catch :class:`AdaptiveError` and turn it into a console event; anything
+else is a bug.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class AdaptiveError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(AdaptiveError):
+    """A configuration file is missing, malformed, or has an unknown/invalid key."""
+
+
+class GeometryError(AdaptiveError):
+    """Inconsistent or invalid image geometry (spacing, direction, overlap)."""
+
+
+# --- DICOM input -----------------------------------------------------------------
+
+
+class DicomInputError(AdaptiveError):
+    """A DICOM input is unusable. ``path`` names the offending file (or folder)."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        super().__init__(f"{message} [{path}]" if path is not None else message)
+
+
+class NotDicomError(DicomInputError):
+    """The file is not a DICOM file (no preamble/meta, unreadable)."""
+
+
+class MissingTagError(DicomInputError):
+    """A required DICOM attribute is absent or empty."""
+
+    def __init__(self, keyword: str, path: str | Path | None = None, context: str = ""):
+        self.keyword = keyword
+        msg = f"missing required DICOM attribute {keyword}"
+        if context:
+            msg += f" ({context})"
+        super().__init__(msg, path)
+
+
+class UnsupportedObjectError(DicomInputError):
+    """The SOP class / modality is not one this function reads."""
+
+
+class MissingPixelDataError(DicomInputError):
+    """An image instance has no (or truncated) Pixel Data."""
+
+
+class SeriesGapError(DicomInputError):
+    """Slices of a series are not uniformly spaced (a slice is missing or duplicated)."""
+
+
+class MixedSeriesError(DicomInputError):
+    """A folder/list holds instances of more than one series where one was expected."""
+
+
+class MixedFrameOfReferenceError(DicomInputError):
+    """Instances that must share a Frame of Reference do not."""
+
+
+class EmptySeriesError(DicomInputError):
+    """No image instances were found."""
+
+
+class UnknownReferencedSeriesError(DicomInputError):
+    """An RT object references an image series that is not the one supplied."""
+
+
+class ContourOutsideImageError(DicomInputError):
+    """A contour lies (partly) outside the image grid it is rasterised on."""
+
+
+class PatientMismatchError(DicomInputError):
+    """Two inputs that must belong to the same patient do not."""
+
+
+# --- compute stages -------------------------------------------------------------
+
+
+class RegistrationError(AdaptiveError):
+    """Registration failed or produced an unusable result (diverged, folded, no overlap)."""
+
+
+class DoseError(AdaptiveError):
+    """Dose calculation could not be done (geometry, beam model, plan content)."""
+
+
+class OptimizationError(AdaptiveError):
+    """Plan optimisation or sequencing failed."""
+
+
+class PlanCheckError(AdaptiveError):
+    """A plan failed a safety check; it must not be handed off."""

@@ -1,0 +1,42 @@
+"""Shared pytest fixtures and helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
+os.environ.setdefault("TCP_NODELAY", "1")
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of an external tool. Missing: fail under CI (CI=true), skip on a dev machine."""
+    path = shutil.which(name)
+    if path:
+        return path
+    msg = f"required tool {name!r} not found (Debian package {package!r}; `make test` installs it as root)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def dciodvfy():
+    """Run dicom3tools' dciodvfy on a file; returns (errors, full output)."""
+    import subprocess
+
+    exe = require_tool("dciodvfy", "dicom3tools")
+
+    def run(path) -> tuple[list[str], str]:
+        p = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
+        out = p.stdout + p.stderr
+        errors = [ln for ln in out.splitlines() if ln.startswith("Error")]
+        return errors, out
+
+    return run
