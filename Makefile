@@ -42,7 +42,7 @@ demo: setup
 	$(VENV)/bin/adaptive demo
 
 bench: setup system-deps
-	$(PY) -m adaptive.bench
+	$(PY) -m adaptive.bench --write BENCHMARKS.md
 
 replay-data: setup
 	$(VENV)/bin/adaptive replay-data build
