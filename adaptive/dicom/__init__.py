@@ -1,0 +1,17 @@
+"""DICOM-RT I/O (pydicom): CT series, RT Structure Set, RT Plan, RT Dose, provenance, inventory.
+
+Every object written here is marked research use only and carries a provenance record
+(see :mod:`adaptive.dicom.provenance`). Coordinates are DICOM patient LPS (mm).
+"""
+
+from adaptive.dicom.ct_series import read_ct_series, write_ct_series
+from adaptive.dicom.provenance import Provenance, apply_provenance, new_uid, read_provenance
+
+__all__ = [
+           "Provenance",
+           "apply_provenance",
+           "new_uid",
+           "read_ct_series",
+           "read_provenance",
+           "write_ct_series",
+]

@@ -1,0 +1,129 @@
+"""Helpers shared by the DICOM readers/writers (not public API)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
+
+from adaptive.errors import MissingTagError, NotDicomError
+from adaptive.model.identity import PatientInfo, SeriesInfo
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
+RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
+SPATIAL_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
+DEFORMABLE_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.3"
+
+
+def ds_str(x: float) -> str:
+    """A DS (decimal string) of at most 16 characters for ``x``."""
+    x = float(x)
+    if x == 0:
+        return "0"
+    if x == round(x) and abs(x) < 1e15:
+        return str(round(x))
+    return format_number_as_ds(x)
+
+
+def ds_list(values) -> list[str]:
+    return [ds_str(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+def new_dataset(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+    """An empty dataset with a file meta header (Explicit VR Little Endian)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "ADAPTIVE"
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    return ds
+
+
+def set_patient_study(ds: Dataset, patient: PatientInfo, study_uid: str, *, study_id: str = "",
+                      study_date: str = "", study_time: str = "", accession: str = "",
+                      referring: str = "") -> None:
+    """Patient and General Study modules (Type 2 attributes present, possibly empty)."""
+    ds.PatientName = patient.patient_name or ""
+    ds.PatientID = patient.patient_id or ""
+    ds.PatientBirthDate = patient.birth_date or ""
+    ds.PatientSex = patient.sex or ""
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = study_date or ""
+    ds.StudyTime = study_time or ""
+    ds.ReferringPhysicianName = referring or ""
+    ds.StudyID = (study_id or "")[:16]
+    ds.AccessionNumber = (accession or "")[:16]
+
+
+def patient_from_ds(ds: Dataset) -> PatientInfo:
+    return PatientInfo(patient_id=str(ds.get("PatientID", "") or ""),
+                       patient_name=str(ds.get("PatientName", "") or ""),
+                       birth_date=str(ds.get("PatientBirthDate", "") or ""),
+                       sex=str(ds.get("PatientSex", "") or ""))
+
+
+def save_atomic(ds: Dataset, path: str | Path) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file via a temporary file + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".dcm", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            ds.save_as(f, enforce_file_format=True)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_dataset(path: str | Path, *, stop_before_pixels: bool = False) -> Dataset:
+    """dcmread with :class:`NotDicomError` (naming the file) for anything that is not DICOM."""
+    path = Path(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as e:
+        raise NotDicomError(f"not a DICOM file: {e}", path) from e
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            NotImplementedError) as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise NotDicomError(f"cannot read file: {e}", path) from e
+        raise NotDicomError(f"unreadable/corrupt DICOM file: {type(e).__name__}: {e}", path) from e
+
+
+_MISSING = object()
+
+
+def require(ds: Dataset, keyword: str, path, context: str = ""):
+    """Value of ``keyword`` in ``ds``; :class:`MissingTagError` if absent or empty."""
+    value = ds.get(keyword, _MISSING)
+    if value is _MISSING or value is None or (hasattr(value, "__len__") and len(value) == 0
+                                              and not isinstance(value, (int, float))):
+        raise MissingTagError(keyword, path, context)
+    return value
+
+
+def series_module(ds: Dataset, info: SeriesInfo | None, modality: str, series_uid: str,
+                  series_number: int, description: str) -> None:
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = int(series_number)
+    ds.SeriesDescription = description[:64]
