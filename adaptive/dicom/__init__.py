@@ -6,6 +6,7 @@ Every object written here is marked research use only and carries a provenance r
 
 from adaptive.dicom.ct_series import read_ct_series, write_ct_series
 from adaptive.dicom.provenance import Provenance, apply_provenance, new_uid, read_provenance
+from adaptive.dicom.rtstruct import read_rtstruct, write_rtstruct
 
 __all__ = [
            "Provenance",

@@ -302,6 +302,8 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     )
     stored, slope, intercept = _quantise(volume.array)
     date, tm = dicom_date_time()
+    if not done.study_date:
+        done.study_date = date
     row, col = grid.direction[:, 0], grid.direction[:, 1]
     normal = np.cross(row, col)
     iop = ds_list(np.concatenate([row, col]))
@@ -311,7 +313,7 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     for k in range(nz):
         ds = new_dataset(CT_IMAGE_STORAGE, sops[k])
         set_patient_study(ds, done.patient, done.study_instance_uid, study_id=done.study_id,
-                          study_date=done.study_date or date, study_time=tm if not done.study_date else "",
+                          study_date=done.study_date, study_time=tm,
                           accession=done.accession_number, referring=done.referring_physician_name)
         ds.Modality = done.modality if done.modality in ("CT",) else "CT"
         ds.SeriesInstanceUID = done.series_instance_uid
