@@ -9,10 +9,12 @@ from adaptive.dicom.provenance import Provenance, apply_provenance, new_uid, rea
 from adaptive.dicom.rtstruct import read_rtstruct, write_rtstruct
 
 __all__ = [
-           "Provenance",
-           "apply_provenance",
-           "new_uid",
-           "read_ct_series",
-           "read_provenance",
-           "write_ct_series",
+    "Provenance",
+    "apply_provenance",
+    "new_uid",
+    "read_ct_series",
+    "read_provenance",
+    "read_rtstruct",
+    "write_ct_series",
+    "write_rtstruct",
 ]
