@@ -100,3 +100,7 @@ class OptimizationError(AdaptiveError):
 
 class PlanCheckError(AdaptiveError):
     """A plan failed a safety check; it must not be handed off."""
+
+
+class DicomWriteError(AdaptiveError):
+    """An object cannot be written as valid DICOM (inconsistent or missing content/references)."""
