@@ -104,3 +104,28 @@ class PlanCheckError(AdaptiveError):
 
 class DicomWriteError(AdaptiveError):
     """An object cannot be written as valid DICOM (inconsistent or missing content/references)."""
+
+
+# --- real-time services ---------------------------------------------------------
+
+
+class ServiceError(AdaptiveError):
+    """A real-time service could not do its job (messaging, worker, state machine)."""
+
+
+class IllegalTransitionError(ServiceError):
+    """A session state machine was asked for a transition its state does not allow."""
+
+
+class HandOffError(ServiceError):
+    """Objects could not be stored at the TMS. ``report`` holds the per-instance
+    outcome; the objects stay in ``outbox`` (nothing is lost)."""
+
+    def __init__(self, message: str, report: list | None = None, outbox: str | Path | None = None):
+        self.report = report or []
+        self.outbox = Path(outbox) if outbox is not None else None
+        super().__init__(message + (f" (objects kept in {outbox})" if outbox else ""))
+
+
+class StageUnavailableError(ServiceError):
+    """A worker's compute stage (adaptive.pipeline) is not available in this installation."""

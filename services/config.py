@@ -1,0 +1,250 @@
+"""Typed configuration of the real-time services (``config/services.toml``,
+``config/budgets.toml``), with unknown-key checks so a typo is an error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from adaptive.config import check_keys, config_path, get_number, load_toml
+from adaptive.errors import ConfigError
+
+FSYNC_POLICIES = ("instance", "series", "none")
+
+
+def _str(section: dict, key: str, where: str, default: str | None = None) -> str:
+    if key not in section:
+        if default is None:
+            raise ConfigError(f"{where}: missing required key {key!r}")
+        return default
+    v = section[key]
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}.{key}: expected a non-empty string, got {v!r}")
+    return v
+
+
+def _ae(section: dict, key: str, where: str, default: str | None = None) -> str:
+    v = _str(section, key, where, default)
+    if len(v) > 16 or not v.isascii() or "\\" in v:
+        raise ConfigError(f"{where}.{key}: {v!r} is not a valid AE title (1-16 ASCII chars)")
+    return v
+
+
+def _int(section, key, where, minimum=0, default=None) -> int:
+    v = get_number(section, key, where, minimum=minimum, default=default)
+    if int(v) != v:
+        raise ConfigError(f"{where}.{key}: expected an integer, got {section.get(key)!r}")
+    return int(v)
+
+
+@dataclass
+class PathsConfig:
+    root: Path
+    store: Path
+    quarantine: Path
+    outbox: Path
+    sessions: Path
+
+
+@dataclass
+class GatewayConfig:
+    ae_title: str = "ADAPTIVE_GW"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_pdu: int = 1 << 20
+    idle_timeout_s: float = 2.0
+    fsync: str = "instance"
+    max_associations: int = 8
+    acse_timeout_s: float = 10.0
+    dimse_timeout_s: float = 30.0
+    network_timeout_s: float = 30.0
+
+
+@dataclass
+class OrchestratorConfig:
+    worker_endpoint: str = "tcp://127.0.0.1:5755"
+    gateway_events_endpoint: str = "tcp://127.0.0.1:5756"
+    console_endpoint: str = "tcp://127.0.0.1:5757"
+    console_events_endpoint: str = "tcp://127.0.0.1:5758"
+    heartbeat_interval_s: float = 0.5
+    heartbeat_liveness: int = 6
+    max_task_attempts: int = 3
+    cbct_markers: list[str] = field(default_factory=lambda: ["CBCT", "CONE BEAM", "CONEBEAM"])
+    accept_cbct_before_start_s: float = 600.0
+
+
+@dataclass
+class WorkersConfig:
+    counts: dict[str, int] = field(default_factory=lambda: {"registration": 1, "planning": 1})
+    max_restarts: int = 5
+    handlers: dict[str, str] = field(default_factory=lambda: {
+        "registration": "services.workers.stages:run_registration",
+        "planning": "services.workers.stages:run_planning"})
+
+
+@dataclass
+class TmsConfig:
+    ae_title: str = "TMS"
+    host: str = "127.0.0.1"
+    port: int = 4242
+    calling_ae_title: str = "ADAPTIVE_SCU"
+    acse_timeout_s: float = 5.0
+    dimse_timeout_s: float = 5.0
+    network_timeout_s: float = 10.0
+    retries: int = 3
+    backoff_s: float = 0.5
+
+
+@dataclass
+class ServicesConfig:
+    paths: PathsConfig
+    gateway: GatewayConfig
+    orchestrator: OrchestratorConfig
+    workers: WorkersConfig
+    tms: TmsConfig
+    source: Path | None = None
+
+
+@dataclass
+class StageBudget:
+    budget_s: float
+    grace_s: float = 0.0
+    fallback: str = ""
+
+
+@dataclass
+class Budgets:
+    end_to_end_s: float
+    exclude_decision_time: bool
+    registration: StageBudget
+    planning: StageBudget
+    handoff: StageBudget
+    source: Path | None = None
+
+
+def load_services_config(path: str | Path | None = None) -> ServicesConfig:
+    """Read ``config/services.toml`` (or ``path``)."""
+    path = Path(path) if path else config_path("services.toml")
+    d = load_toml(path)
+    w = str(path)
+    check_keys(d, {"paths", "gateway", "orchestrator", "workers", "tms"}, w)
+
+    p = d.get("paths", {})
+    check_keys(p, {"root", "store", "quarantine", "outbox", "sessions"}, f"{w}[paths]")
+    root = Path(_str(p, "root", f"{w}[paths]", "var/adaptive"))
+
+    def sub(key, default):
+        q = Path(_str(p, key, f"{w}[paths]", default))
+        return q if q.is_absolute() else root / q
+
+    paths = PathsConfig(root=root, store=sub("store", "store"),
+                        quarantine=sub("quarantine", "quarantine"),
+                        outbox=sub("outbox", "outbox"), sessions=sub("sessions", "sessions"))
+
+    g = d.get("gateway", {})
+    wg = f"{w}[gateway]"
+    check_keys(g, {"ae_title", "host", "port", "max_pdu", "idle_timeout_s", "fsync",
+                   "max_associations", "acse_timeout_s", "dimse_timeout_s",
+                   "network_timeout_s"}, wg)
+    fsync = _str(g, "fsync", wg, "instance")
+    if fsync not in FSYNC_POLICIES:
+        raise ConfigError(f"{wg}.fsync: {fsync!r} is not one of {FSYNC_POLICIES}")
+    gateway = GatewayConfig(
+        ae_title=_ae(g, "ae_title", wg, "ADAPTIVE_GW"), host=_str(g, "host", wg, "127.0.0.1"),
+        port=_int(g, "port", wg, 0, 11112), max_pdu=_int(g, "max_pdu", wg, 0, 1 << 20),
+        idle_timeout_s=get_number(g, "idle_timeout_s", wg, minimum=0.05, default=2.0),
+        fsync=fsync, max_associations=_int(g, "max_associations", wg, 1, 8),
+        acse_timeout_s=get_number(g, "acse_timeout_s", wg, minimum=0.1, default=10.0),
+        dimse_timeout_s=get_number(g, "dimse_timeout_s", wg, minimum=0.1, default=30.0),
+        network_timeout_s=get_number(g, "network_timeout_s", wg, minimum=0.1, default=30.0))
+
+    o = d.get("orchestrator", {})
+    wo = f"{w}[orchestrator]"
+    check_keys(o, {"worker_endpoint", "gateway_events_endpoint", "console_endpoint",
+                   "console_events_endpoint", "heartbeat_interval_s", "heartbeat_liveness",
+                   "max_task_attempts", "cbct_markers", "accept_cbct_before_start_s"}, wo)
+    markers = o.get("cbct_markers", ["CBCT", "CONE BEAM", "CONEBEAM"])
+    if not isinstance(markers, list) or not all(isinstance(m, str) and m for m in markers):
+        raise ConfigError(f"{wo}.cbct_markers: expected a list of non-empty strings")
+    orch = OrchestratorConfig(
+        worker_endpoint=_str(o, "worker_endpoint", wo, OrchestratorConfig.worker_endpoint),
+        gateway_events_endpoint=_str(o, "gateway_events_endpoint", wo,
+                                     OrchestratorConfig.gateway_events_endpoint),
+        console_endpoint=_str(o, "console_endpoint", wo, OrchestratorConfig.console_endpoint),
+        console_events_endpoint=_str(o, "console_events_endpoint", wo,
+                                     OrchestratorConfig.console_events_endpoint),
+        heartbeat_interval_s=get_number(o, "heartbeat_interval_s", wo, minimum=0.01,
+                                        default=0.5),
+        heartbeat_liveness=_int(o, "heartbeat_liveness", wo, 2, 6),
+        max_task_attempts=_int(o, "max_task_attempts", wo, 1, 3),
+        cbct_markers=[m.upper() for m in markers],
+        accept_cbct_before_start_s=get_number(o, "accept_cbct_before_start_s", wo, minimum=0,
+                                              default=600.0))
+
+    wk = d.get("workers", {})
+    ww = f"{w}[workers]"
+    check_keys(wk, {"registration", "planning", "max_restarts", "handlers"}, ww)
+    handlers = dict(WorkersConfig().handlers)
+    hs = wk.get("handlers", {})
+    if not isinstance(hs, dict):
+        raise ConfigError(f"{ww}.handlers: expected a table")
+    for k, v in hs.items():
+        if not isinstance(v, str) or ":" not in v:
+            raise ConfigError(f"{ww}.handlers.{k}: expected 'module:function', got {v!r}")
+        handlers[k] = v
+    workers = WorkersConfig(
+        counts={"registration": _int(wk, "registration", ww, 0, 1),
+                "planning": _int(wk, "planning", ww, 0, 1)},
+        max_restarts=_int(wk, "max_restarts", ww, 0, 5), handlers=handlers)
+
+    t = d.get("tms", {})
+    wt = f"{w}[tms]"
+    check_keys(t, {"ae_title", "host", "port", "calling_ae_title", "acse_timeout_s",
+                   "dimse_timeout_s", "network_timeout_s", "retries", "backoff_s"}, wt)
+    tms = TmsConfig(
+        ae_title=_ae(t, "ae_title", wt, "TMS"), host=_str(t, "host", wt, "127.0.0.1"),
+        port=_int(t, "port", wt, 1, 4242),
+        calling_ae_title=_ae(t, "calling_ae_title", wt, "ADAPTIVE_SCU"),
+        acse_timeout_s=get_number(t, "acse_timeout_s", wt, minimum=0.1, default=5.0),
+        dimse_timeout_s=get_number(t, "dimse_timeout_s", wt, minimum=0.1, default=5.0),
+        network_timeout_s=get_number(t, "network_timeout_s", wt, minimum=0.1, default=10.0),
+        retries=_int(t, "retries", wt, 0, 3),
+        backoff_s=get_number(t, "backoff_s", wt, minimum=0.0, default=0.5))
+    return ServicesConfig(paths=paths, gateway=gateway, orchestrator=orch, workers=workers,
+                          tms=tms, source=path)
+
+
+def load_budgets(path: str | Path | None = None) -> Budgets:
+    """Read ``config/budgets.toml`` (or ``path``)."""
+    path = Path(path) if path else config_path("budgets.toml")
+    d = load_toml(path)
+    w = str(path)
+    check_keys(d, {"end_to_end", "registration", "planning", "handoff"}, w,
+               required={"end_to_end", "registration", "planning", "handoff"})
+    e = d["end_to_end"]
+    check_keys(e, {"budget_s", "exclude_decision_time"}, f"{w}[end_to_end]", {"budget_s"})
+    excl = e.get("exclude_decision_time", True)
+    if not isinstance(excl, bool):
+        raise ConfigError(f"{w}[end_to_end].exclude_decision_time: expected true/false")
+
+    def stage(name, fallbacks):
+        s = d[name]
+        ws = f"{w}[{name}]"
+        check_keys(s, {"budget_s", "grace_s", "fallback"}, ws, {"budget_s"})
+        fb = s.get("fallback", "")
+        if fallbacks and fb not in fallbacks:
+            raise ConfigError(f"{ws}.fallback: {fb!r} is not one of {fallbacks}")
+        return StageBudget(budget_s=get_number(s, "budget_s", ws, minimum=0.01),
+                           grace_s=get_number(s, "grace_s", ws, minimum=0.0, default=0.0),
+                           fallback=fb)
+
+    return Budgets(end_to_end_s=get_number(e, "budget_s", f"{w}[end_to_end]", minimum=0.01),
+                   exclude_decision_time=excl,
+                   registration=stage("registration", ("rigid", "scheduled_only")),
+                   planning=stage("planning", ("best_iterate", "scheduled_only")),
+                   handoff=stage("handoff", ()), source=path)
+
+
+__all__ = ["ServicesConfig", "GatewayConfig", "OrchestratorConfig", "WorkersConfig",
+           "TmsConfig", "PathsConfig", "Budgets", "StageBudget", "load_services_config",
+           "load_budgets", "replace"]
