@@ -1,0 +1,153 @@
+"""Fluence-map optimisation: non-negative beamlet weights (MU per fraction) by L-BFGS-B,
+anytime with a deadline.
+
+The optimiser works on scaled variables x = w / w_s (``w_s``: :attr:`Objective.w_scale`, the
+uniform weight giving the prescription on average in the target) so that x is O(1). Every
+function evaluation is a feasible point (L-BFGS-B keeps x within its bounds), so the best
+point evaluated so far is always a valid plan: when the deadline is reached the optimiser
+stops at the next function evaluation and returns that best point, flagged
+``stopped_early=True`` with the reason. The result does not depend on timing unless the
+deadline stops it (the numba products are row-parallel without atomics).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+from adaptive.dose.influence import DoseInfluence
+from adaptive.errors import OptimizationError
+from adaptive.model.plan import Plan
+from adaptive.optimization.objective import Objective
+
+
+@dataclass
+class FluenceResult:
+    """Outcome of :func:`optimize_fluence`.
+
+    ``weights_mu``: beamlet weights (MU per fraction), ≥ 0 and finite.
+    ``history``: (elapsed s, best objective value) after every L-BFGS-B iteration.
+    ``reason``: "converged: <scipy message>", "max_iter", or "deadline".
+    """
+
+    weights_mu: np.ndarray
+    objective_value: float
+    iterations: int
+    stopped_early: bool
+    reason: str
+    history: list[tuple[float, float]] = field(default_factory=list)
+    time_s: float = 0.0
+    n_evaluations: int = 0
+    initial_objective_value: float = float("nan")
+
+
+class _DeadlineReached(Exception):
+    pass
+
+
+def optimize_fluence(dij: DoseInfluence, objective: Objective, *, w0: np.ndarray | None = None,
+                     deadline_s: float | None = None, max_iter: int = 400,
+                     ftol: float = 1e-6, gtol: float = 1e-8, maxcor: int = 20) -> FluenceResult:
+    """Minimise ``objective`` over beamlet weights w ≥ 0 (MU per fraction).
+
+    ``w0``: warm start (e.g. :func:`fluence_from_plan` of the scheduled plan); default the
+    uniform weights of :meth:`Objective.uniform_start`. ``deadline_s``: wall-time budget in
+    seconds from the call; when exceeded, the best iterate so far is returned with
+    ``stopped_early=True, reason="deadline"`` (overshoot: at most one function evaluation).
+    ``ftol``: relative objective decrease at which L-BFGS-B stops (float32 products make
+    tighter values meaningless).
+    """
+    t0 = time.perf_counter()
+    if objective.dij is not dij and objective.n_beamlets != dij.n_beamlets:
+        raise OptimizationError(f"objective has {objective.n_beamlets} beamlets, Dij has "
+                                f"{dij.n_beamlets}")
+    n = dij.n_beamlets
+    ws = objective.w_scale
+    if w0 is None:
+        w0 = objective.uniform_start()
+    w0 = np.asarray(w0, dtype=np.float64).reshape(-1)
+    if w0.shape != (n,):
+        raise OptimizationError(f"w0 has {w0.shape[0]} weights, Dij has {n} beamlets")
+    if not np.all(np.isfinite(w0)):
+        raise OptimizationError("w0 contains NaN/inf")
+    x0 = np.maximum(w0, 0.0) / ws
+
+    best = {"f": np.inf, "x": x0.copy()}
+    history: list[tuple[float, float]] = []
+    state = {"iter": 0, "nfev": 0}
+
+    def fun(x):
+        if deadline_s is not None and state["nfev"] > 0 and time.perf_counter() - t0 > deadline_s:
+            raise _DeadlineReached
+        state["nfev"] += 1
+        f, g = objective(x * ws)
+        if not np.isfinite(f):
+            raise OptimizationError("objective is not finite")
+        if f < best["f"]:
+            best["f"] = float(f)
+            best["x"] = x.copy()
+        return f, g * ws
+
+    def callback(intermediate_result):
+        state["iter"] += 1
+        history.append((time.perf_counter() - t0, best["f"]))
+
+    f_init = float("nan")
+    stopped, reason = False, ""
+    try:
+        f_init = fun(x0)[0]
+        res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * n,
+                       callback=callback,
+                       options={"maxiter": int(max_iter), "maxcor": int(maxcor), "ftol": ftol,
+                                "gtol": gtol, "maxfun": 20 * int(max_iter) + 20})
+        if res.nit >= max_iter:
+            reason = "max_iter"
+            stopped = True
+        else:
+            reason = f"converged: {res.message}"
+    except _DeadlineReached:
+        stopped, reason = True, "deadline"
+    w = np.maximum(best["x"] * ws, 0.0)
+    if not np.all(np.isfinite(w)):
+        raise OptimizationError("optimised weights are not finite")
+    return FluenceResult(weights_mu=w, objective_value=best["f"], iterations=state["iter"],
+                         stopped_early=stopped, reason=reason, history=history,
+                         time_s=time.perf_counter() - t0, n_evaluations=state["nfev"],
+                         initial_objective_value=f_init)
+
+
+def fluence_from_plan(plan: Plan, dij: DoseInfluence, beam_map: list[int] | None = None) -> np.ndarray:
+    """Beamlet weights (MU per fraction) equivalent to a plan's MLC segments.
+
+    Each segment's MU is projected onto the beamlets whose centre (``bev_x_mm``,
+    ``bev_y_mm`` at the isocenter plane) lies inside the segment's aperture (the leaf pair
+    covering y, between its X1 and X2 leaves, and inside the jaws). ``beam_map[b]`` = index
+    of the plan beam that Dij beam ``b`` corresponds to (default: identity).
+    """
+    w = np.zeros(dij.n_beamlets, dtype=np.float64)
+    nb = int(dij.beam_index.max()) + 1 if dij.n_beamlets else 0
+    beam_map = list(range(nb)) if beam_map is None else beam_map
+    for b in range(nb):
+        if beam_map[b] >= len(plan.beams):
+            raise OptimizationError(f"Dij beam {b} has no counterpart in the plan "
+                                    f"({len(plan.beams)} beams)")
+        beam = plan.beams[beam_map[b]]
+        idx = dij.beamlets_of(b)
+        x = np.asarray(dij.bev_x_mm)[idx]
+        y = np.asarray(dij.bev_y_mm)[idx]
+        for cp, mu in beam.segments():
+            inside = ((x > cp.jaw_x_mm[0]) & (x < cp.jaw_x_mm[1]) & (y > cp.jaw_y_mm[0])
+                      & (y < cp.jaw_y_mm[1]))
+            if cp.mlc_x1_mm is not None and beam.leaf_boundaries_mm is not None:
+                lb = np.asarray(beam.leaf_boundaries_mm, dtype=np.float64)
+                pair = np.searchsorted(lb, y, side="right") - 1
+                ok = (pair >= 0) & (pair < len(lb) - 1)
+                pc = np.clip(pair, 0, len(lb) - 2)
+                x1 = np.asarray(cp.mlc_x1_mm)[pc]
+                x2 = np.asarray(cp.mlc_x2_mm)[pc]
+                inside &= ok & (x > x1) & (x < x2)
+            w[idx[inside]] += mu
+    return w

@@ -1,0 +1,352 @@
+"""Clinical goals and optimisation objectives per treatment site (``config/goals/*.toml``).
+
+Doses in the goal files are **total-course doses in Gy** (as clinicians write them, e.g.
+"D95 >= 75.6 Gy" for 42 × 1.8 Gy). Everything downstream (optimiser, evaluation of a dose
+distribution computed per fraction) works **per fraction**: :func:`load_goals` divides every
+dose by the number of fractions and keeps both numbers (``*_total_gy`` / ``*_gy``).
+
+File format (strict: unknown keys raise :class:`~adaptive.errors.ConfigError` naming file
+and key)::
+
+    site = "tg119_cshape"
+    description = "..."
+
+    [prescription]
+    dose_gy = 50.0            # total course dose to the target (Gy)
+    fractions = 25
+    target = "PTV"            # ROI the prescription applies to
+
+    [[goal]]                  # clinical goals, evaluated and reported
+    structure = "PTV"
+    goal = "D95 >= 50 Gy"     # Dx, Dmean, Dmax, Dmin, Vx (x in Gy, value in %)
+    priority = 1              # 1 = must, 2 = should, 3 = nice to have
+
+    [[objective]]             # optimisation terms (smooth penalties)
+    structure = "PTV"
+    type = "min_dose"         # min_dose | max_dose | uniform | mean_max | dvh_min | dvh_max
+    dose_gy = 50.0            # total course dose (Gy)
+    volume_pct = 95           # only for dvh_min / dvh_max
+    weight = 100.0
+
+DVH metric semantics (documented, used everywhere in this package):
+
+* every voxel of the structure has equal volume (one dose grid);
+* ``Dx`` = the minimum dose received by the hottest ``x`` % of the volume: with the
+  structure's N voxel doses sorted in decreasing order d(1) ≥ d(2) ≥ … ≥ d(N), ``Dx`` =
+  d(k) with k = max(1, ceil(x/100 · N − 1e-9)). So D100 = minimum, D0 = D(k=1) = maximum,
+  and at least x % of the voxels receive ≥ Dx (no interpolation between voxels);
+* ``Dmean``/``Dmax``/``Dmin``: mean/maximum/minimum voxel dose;
+* ``Vx`` (x in Gy, total course) = percentage of the volume receiving ≥ x Gy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adaptive.config import check_keys, get_number, load_toml
+from adaptive.errors import ConfigError, OptimizationError
+from adaptive.geometry.volume import Volume
+from adaptive.model.plan import Prescription
+
+OBJECTIVE_TYPES = ("min_dose", "max_dose", "uniform", "mean_max", "dvh_min", "dvh_max")
+
+_GOAL_RE = re.compile(
+    r"^\s*(?P<metric>D(?:\d+(?:\.\d+)?|mean|max|min)|V\d+(?:\.\d+)?)\s*(?P<op><=|>=|<|>)\s*"
+    r"(?P<value>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>Gy|%)?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One clinical goal on one structure.
+
+    ``metric``: "D95", "Dmean", "Dmax", "Dmin" (value in Gy) or "V20" (value in % volume,
+    the number after V is a total-course dose in Gy). ``op``: "<=" or ">=".
+    ``value``: the goal's threshold *per fraction* for dose metrics (Gy), % for V metrics.
+    ``value_total``: the threshold as written in the file (total-course Gy, or %).
+    """
+
+    structure: str
+    metric: str
+    op: str
+    value: float
+    value_total: float
+    priority: int = 1
+    text: str = ""
+
+    @property
+    def is_dose_metric(self) -> bool:
+        return self.metric.upper().startswith("D")
+
+
+@dataclass(frozen=True)
+class ObjectiveTerm:
+    """One optimisation term. ``dose_gy`` is *per fraction*; ``dose_total_gy`` as written."""
+
+    structure: str
+    type: str
+    dose_gy: float
+    dose_total_gy: float
+    weight: float
+    volume_pct: float | None = None
+
+
+@dataclass
+class ClinicalGoals:
+    site: str
+    prescription: Prescription
+    goals: list[Goal]
+    objectives: list[ObjectiveTerm]
+    description: str = ""
+    source: str = ""
+
+    @property
+    def structures(self) -> list[str]:
+        names: list[str] = []
+        for n in [g.structure for g in self.goals] + [o.structure for o in self.objectives]:
+            if n not in names:
+                names.append(n)
+        return names
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "source": self.source,
+                "prescription": asdict(self.prescription),
+                "goals": [asdict(g) for g in self.goals],
+                "objectives": [asdict(o) for o in self.objectives]}
+
+
+def parse_goal(text: str, structure: str, fractions: int, priority: int = 1,
+               where: str = "goal") -> Goal:
+    """Parse "D95 >= 50 Gy" / "Dmean <= 20 Gy" / "V65 <= 17 %" (total-course doses)."""
+    m = _GOAL_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"{where}: cannot parse goal {text!r}; expected e.g. 'D95 >= 50 Gy', "
+                          "'Dmean <= 20 Gy', 'V65 <= 17 %'")
+    metric = m["metric"]
+    metric = metric[0].upper() + metric[1:].lower()
+    op = {"<": "<=", ">": ">="}.get(m["op"], m["op"])
+    value_total = float(m["value"])
+    unit = (m["unit"] or "").lower()
+    if metric.startswith("V"):
+        if unit not in ("%", ""):
+            raise ConfigError(f"{where}: {text!r}: V metrics take a volume in %")
+        value = value_total
+    else:
+        if unit not in ("gy", ""):
+            raise ConfigError(f"{where}: {text!r}: D metrics take a dose in Gy")
+        value = value_total / fractions
+    if metric.startswith("D") and metric not in ("Dmean", "Dmax", "Dmin"):
+        x = float(metric[1:])
+        if not 0 <= x <= 100:
+            raise ConfigError(f"{where}: {text!r}: volume percentage must be within 0..100")
+    return Goal(structure=structure, metric=metric, op=op, value=value, value_total=value_total,
+                priority=int(priority), text=str(text).strip())
+
+
+def load_goals(path: str | Path) -> ClinicalGoals:
+    """Read and validate a goals file (see module docstring). Doses become per fraction."""
+    path = Path(path)
+    data = load_toml(path)
+    where = str(path)
+    check_keys(data, {"site", "description", "prescription", "goal", "objective"}, where,
+               required={"prescription", "goal", "objective"})
+    rx = data["prescription"]
+    if not isinstance(rx, dict):
+        raise ConfigError(f"{where}: [prescription] must be a table")
+    check_keys(rx, {"dose_gy", "fractions", "target"}, f"{where} [prescription]",
+               required={"dose_gy", "fractions", "target"})
+    total = get_number(rx, "dose_gy", f"{where} [prescription]", minimum=1e-6)
+    nfx = rx["fractions"]
+    if isinstance(nfx, bool) or not isinstance(nfx, int) or nfx < 1:
+        raise ConfigError(f"{where} [prescription].fractions: expected a positive integer, got {nfx!r}")
+    target = rx["target"]
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"{where} [prescription].target: expected an ROI name")
+    presc = Prescription(dose_per_fraction_gy=total / nfx, number_of_fractions=nfx,
+                         target_roi_name=target)
+
+    goals = []
+    if not isinstance(data["goal"], list):
+        raise ConfigError(f"{where}: 'goal' must be an array of tables ([[goal]])")
+    for i, g in enumerate(data["goal"]):
+        w = f"{where} [[goal]] #{i + 1}"
+        if not isinstance(g, dict):
+            raise ConfigError(f"{w}: must be a table")
+        check_keys(g, {"structure", "goal", "priority"}, w, required={"structure", "goal"})
+        pr = g.get("priority", 1)
+        if isinstance(pr, bool) or not isinstance(pr, int) or pr < 1:
+            raise ConfigError(f"{w}.priority: expected a positive integer, got {pr!r}")
+        goals.append(parse_goal(g["goal"], str(g["structure"]), nfx, pr, w))
+
+    objectives = []
+    if not isinstance(data["objective"], list):
+        raise ConfigError(f"{where}: 'objective' must be an array of tables ([[objective]])")
+    for i, o in enumerate(data["objective"]):
+        w = f"{where} [[objective]] #{i + 1}"
+        if not isinstance(o, dict):
+            raise ConfigError(f"{w}: must be a table")
+        check_keys(o, {"structure", "type", "dose_gy", "volume_pct", "weight"}, w,
+                   required={"structure", "type", "dose_gy", "weight"})
+        typ = o["type"]
+        if typ not in OBJECTIVE_TYPES:
+            raise ConfigError(f"{w}.type: {typ!r} is not one of {list(OBJECTIVE_TYPES)}")
+        dose_total = get_number(o, "dose_gy", w, minimum=0.0)
+        weight = get_number(o, "weight", w, minimum=0.0)
+        vol = None
+        if typ in ("dvh_min", "dvh_max"):
+            vol = get_number(o, "volume_pct", w, minimum=0.0, maximum=100.0)
+        elif "volume_pct" in o:
+            raise ConfigError(f"{w}.volume_pct: only valid for dvh_min / dvh_max objectives")
+        objectives.append(ObjectiveTerm(structure=str(o["structure"]), type=typ,
+                                        dose_gy=dose_total / nfx, dose_total_gy=dose_total,
+                                        weight=weight, volume_pct=vol))
+    site = data.get("site", path.stem)
+    return ClinicalGoals(site=str(site), prescription=presc, goals=goals, objectives=objectives,
+                         description=str(data.get("description", "")), source=str(path))
+
+
+# --- DVH metrics --------------------------------------------------------------------------
+
+
+def dose_at_volume(doses: np.ndarray, volume_pct: float) -> float:
+    """Dx (Gy): minimum dose to the hottest ``volume_pct`` % of equal-volume voxels.
+
+    k = max(1, ceil(x/100·N)); Dx = k-th largest dose. NaN for an empty structure.
+    """
+    d = np.asarray(doses, dtype=np.float64).ravel()
+    n = d.size
+    if n == 0:
+        return float("nan")
+    k = max(1, math.ceil(volume_pct / 100.0 * n - 1e-9))
+    k = min(k, n)
+    # k-th largest = element n-k in ascending order
+    return float(np.partition(d, n - k)[n - k])
+
+
+def volume_at_dose(doses: np.ndarray, dose_gy: float) -> float:
+    """Vx: percentage (0..100) of equal-volume voxels receiving ≥ ``dose_gy``."""
+    d = np.asarray(doses, dtype=np.float64).ravel()
+    if d.size == 0:
+        return float("nan")
+    return float(100.0 * np.count_nonzero(d >= dose_gy) / d.size)
+
+
+def metric_value(doses: np.ndarray, metric: str, fractions: int = 1) -> float:
+    """Value of ``metric`` ("D95", "Dmean", "Dmax", "Dmin", "V20") for voxel ``doses``.
+
+    Doses in Gy (whatever scale they are in: per fraction in, per fraction out). For Vx the
+    threshold x is a total-course dose, converted with ``fractions``; result in %.
+    """
+    d = np.asarray(doses, dtype=np.float64).ravel()
+    if d.size == 0:
+        return float("nan")
+    m = metric.lower()
+    if m == "dmean":
+        return float(d.mean())
+    if m == "dmax":
+        return float(d.max())
+    if m == "dmin":
+        return float(d.min())
+    if m.startswith("d"):
+        return dose_at_volume(d, float(m[1:]))
+    if m.startswith("v"):
+        return volume_at_dose(d, float(m[1:]) / fractions)
+    raise OptimizationError(f"unknown DVH metric {metric!r}")
+
+
+@dataclass
+class GoalResult:
+    """Evaluation of one goal. Dose values are per fraction (Gy) in ``value``/``goal`` and
+    total-course in ``value_total``/``goal_total``; V metrics are in % in both."""
+
+    structure: str
+    metric: str
+    op: str
+    value: float
+    goal: float
+    passed: bool
+    value_total: float = float("nan")
+    goal_total: float = float("nan")
+    priority: int = 1
+    margin_total: float = float("nan")  # how far inside (+) or outside (−) the goal, total Gy/%
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                for k, v in asdict(self).items()}
+
+    @property
+    def label(self) -> str:
+        unit = "%" if self.metric.startswith("V") else "Gy"
+        return f"{self.metric} {self.op} {self.goal_total:g} {unit}"
+
+
+def _voxel_doses_of(dose, mask) -> np.ndarray:
+    if isinstance(dose, Volume):
+        arr = dose.array
+    else:
+        arr = np.asarray(dose)
+    m = mask.array if isinstance(mask, Volume) else np.asarray(mask)
+    if m.dtype == bool:
+        if m.shape != arr.shape:
+            raise OptimizationError(f"mask shape {m.shape} != dose shape {arr.shape}")
+        return arr[m]
+    return arr.ravel()[m.ravel()]  # integer indices
+
+
+def evaluate_goals(dose_gy_per_fraction, masks: dict, goals: ClinicalGoals | list[Goal],
+                   fractions: int | None = None) -> list[GoalResult]:
+    """Evaluate clinical goals on a per-fraction dose.
+
+    ``dose_gy_per_fraction``: a dose :class:`Volume` or numpy array (Gy per fraction).
+    ``masks``: ROI name → boolean mask (same shape as the dose; :class:`Volume` or array) or
+    integer flat indices into the dose array. ROI names match case-insensitively.
+    A goal whose structure is missing or empty fails with value NaN (never silently passes).
+    """
+    if isinstance(goals, ClinicalGoals):
+        fractions = goals.prescription.number_of_fractions if fractions is None else fractions
+        glist = goals.goals
+    else:
+        glist = list(goals)
+        fractions = fractions or 1
+    lower = {k.lower(): v for k, v in masks.items()}
+    out = []
+    for g in glist:
+        m = lower.get(g.structure.lower())
+        doses = np.empty(0) if m is None else _voxel_doses_of(dose_gy_per_fraction, m)
+        v = metric_value(doses, g.metric, fractions)
+        scale = 1.0 if g.metric.startswith("V") else float(fractions)
+        if math.isnan(v):
+            passed = False
+            margin = float("nan")
+        else:
+            # tolerance: 1e-6 relative, so that a value printed equal to the goal passes
+            tol = 1e-6 * max(abs(g.value), 1e-9)
+            passed = v >= g.value - tol if g.op == ">=" else v <= g.value + tol
+            margin = (v - g.value) * scale if g.op == ">=" else (g.value - v) * scale
+        out.append(GoalResult(structure=g.structure, metric=g.metric, op=g.op, value=v,
+                              goal=g.value, passed=bool(passed), value_total=v * scale,
+                              goal_total=g.value_total, priority=g.priority,
+                              margin_total=margin))
+    return out
+
+
+def goal_table(results: list[GoalResult], title: str = "") -> str:
+    """Plain-text table of goal results (total-course doses)."""
+    lines = [title] if title else []
+    lines.append(f"{'structure':<12} {'goal':<22} {'value':>10} {'margin':>9}  result")
+    for r in results:
+        unit = "%" if r.metric.startswith("V") else "Gy"
+        val = "n/a" if math.isnan(r.value_total) else f"{r.value_total:.2f} {unit}"
+        mar = "" if math.isnan(r.margin_total) else f"{r.margin_total:+.2f}"
+        lines.append(f"{r.structure:<12} {r.label:<22} {val:>10} {mar:>9}  "
+                     f"{'PASS' if r.passed else 'FAIL'}")
+    return "\n".join(lines)
+
+
+__all__ = ["Goal", "ObjectiveTerm", "ClinicalGoals", "GoalResult", "load_goals", "parse_goal",
+           "evaluate_goals", "dose_at_volume", "volume_at_dose", "metric_value", "goal_table",
+           "OBJECTIVE_TYPES"]
