@@ -248,3 +248,52 @@ def load_budgets(path: str | Path | None = None) -> Budgets:
 __all__ = ["ServicesConfig", "GatewayConfig", "OrchestratorConfig", "WorkersConfig",
            "TmsConfig", "PathsConfig", "Budgets", "StageBudget", "load_services_config",
            "load_budgets", "replace"]
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, Path)):
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(d: dict, prefix: str = "") -> str:
+    """TOML text of a nested dict of scalars, lists and tables (enough for our configs)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            name = f"{prefix}.{k}" if prefix else k
+            lines += ["", f"[{name}]", dump_toml(v, name)]
+    return "\n".join(lines)
+
+
+def write_config_variant(base: str | Path | None, out: str | Path, overrides: dict) -> Path:
+    """Write ``out``: the TOML file ``base`` (default config) with ``overrides`` merged in
+    table by table (used by tests and ``adaptive demo`` to get free ports/temp paths)."""
+
+    def merge(a: dict, b: dict) -> dict:
+        r = dict(a)
+        for k, v in b.items():
+            r[k] = merge(r.get(k, {}), v) if isinstance(v, dict) else v
+        return r
+
+    base = Path(base) if base else config_path("services.toml")
+    d = merge(load_toml(base), overrides)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(dump_toml(d) + "\n")
+    return out
+
+
+def free_tcp_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (racy by nature; used for tests/demo)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,52 @@
+"""``python -m services.workers --service NAME [--config services.toml]``: one worker."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from adaptive.log import bind, configure_logging, get_logger
+from services.config import load_services_config
+from services.messaging import Worker
+from services.workers import load_handler
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services.workers")
+    p.add_argument("--config", default=None)
+    p.add_argument("--service", required=True)
+    p.add_argument("--handler", default=None, help="module:function (default: from config)")
+    p.add_argument("--endpoint", default=None, help="broker endpoint (default: from config)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--no-warm-up", action="store_true")
+    args = p.parse_args(argv)
+    configure_logging()
+    cfg = load_services_config(args.config)
+    bind(process="worker", service=args.service)
+    log = get_logger("services.worker")
+    spec = args.handler or cfg.workers.handlers.get(args.service)
+    if not spec:
+        print(f"no handler configured for service {args.service!r}", file=sys.stderr)
+        return 2
+    handler = load_handler(spec)
+    warm = getattr(handler, "warm_up", None)
+    if warm is not None and not args.no_warm_up:
+        try:
+            warm()
+            log.info("worker_warmed_up", service=args.service)
+        except Exception as e:  # a failed warm-up is logged; the task will fail clearly
+            log.error("warm_up_failed", service=args.service, error=repr(e))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *a: stop.set())
+    w = Worker(args.endpoint or cfg.orchestrator.worker_endpoint, args.service, handler,
+               heartbeat_interval_s=cfg.orchestrator.heartbeat_interval_s,
+               liveness=cfg.orchestrator.heartbeat_liveness, name=args.name)
+    w.run(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""ZeroMQ protocol and the worker broker: zero-copy arrays, heartbeats, re-issue on death."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from services.config import free_tcp_port, write_config_variant
+from services.messaging import Worker, WorkerBroker
+from services.protocol import ProtocolError, decode, encode
+from tests.integration.doubles import array_sum, failing
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_protocol_roundtrip_zero_copy_and_version():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = np.ones((2, 2, 2), dtype=">i2")
+    frames = encode("X", {"k": 1}, {"a": a, "b": b})
+    assert isinstance(frames[1], memoryview)           # the array buffer itself, no copy
+    h, arrs = decode([bytes(f) for f in frames])
+    assert h["type"] == "X" and h["k"] == 1
+    np.testing.assert_array_equal(arrs["a"], a)
+    np.testing.assert_array_equal(arrs["b"], b)
+    assert arrs["b"].dtype == b.dtype
+    bad = frames[0].replace(b'"v":1', b'"v":99')
+    with pytest.raises(ProtocolError):
+        decode([bad, *frames[1:]])
+    with pytest.raises(ProtocolError):
+        decode(frames[:2])                              # a frame missing
+
+
+def _pump(broker, until, timeout=15.0):
+    out = []
+    end = time.monotonic() + timeout
+    poller = zmq.Poller()
+    poller.register(broker.sock, zmq.POLLIN)
+    while time.monotonic() < end:
+        poller.poll(20)
+        out += broker.handle_incoming()
+        out += broker.tick()
+        if until(out):
+            break
+    return out
+
+
+def test_tasks_results_progress_and_errors_in_threads():
+    broker = WorkerBroker("tcp://127.0.0.1:0", heartbeat_interval_s=0.1, liveness=5)
+    stop = threading.Event()
+    ts = [threading.Thread(target=Worker(broker.endpoint, s, h, heartbeat_interval_s=0.1,
+                                         liveness=5, name=f"w{i}").run, args=(stop, 30),
+                           daemon=True)
+          for i, (s, h) in enumerate([("sum", array_sum), ("sum", array_sum),
+                                      ("fail", failing)])]
+    for t in ts:
+        t.start()
+    try:
+        x = np.random.default_rng(0).normal(size=(64, 64, 8))
+        t1 = broker.submit("sum", {"sleep_s": 0.2}, arrays={"x": x})
+        t2 = broker.submit("sum", {}, arrays={"y": np.arange(10, dtype=np.int32)})
+        t3 = broker.submit("fail", {"why": "no overlap"})
+        out = _pump(broker, lambda o: len([r for r in o if r.kind in ("result", "failed")]) == 3)
+        res = {r.task.task_id: r for r in out if r.kind in ("result", "failed")}
+        assert res[t1.task_id].ok and res[t1.task_id].result["sums"]["x"] == pytest.approx(x.sum())
+        np.testing.assert_allclose(res[t1.task_id].arrays["x"], 2 * x)
+        assert res[t2.task_id].result["sums"]["y"] == 45.0
+        assert res[t1.task_id].timings["run_s"] >= 0.2
+        assert {res[t1.task_id].timings["worker"], res[t2.task_id].timings["worker"]} == \
+            {"w0", "w1"}                                # both sum workers used
+        assert not res[t3.task_id].ok and res[t3.task_id].error_type == "RegistrationError"
+        assert "no overlap" in res[t3.task_id].error
+        assert any(r.kind == "progress" and r.task.task_id == t1.task_id for r in out)
+    finally:
+        stop.set()
+        for t in ts:
+            t.join(5)
+        broker.close()
+
+
+def test_killed_worker_task_is_reissued_to_another(tmp_path):
+    port = free_tcp_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    cfg = write_config_variant(None, tmp_path / "s.toml", {
+        "orchestrator": {"worker_endpoint": endpoint, "heartbeat_interval_s": 0.1,
+                         "heartbeat_liveness": 5},
+        "workers": {"handlers": {"sum": "tests.integration.doubles:array_sum"}}})
+    broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=5, max_attempts=3)
+    env = dict(os.environ, PYTHONPATH=str(REPO), ADAPTIVE_LOG_JSON="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "services.workers", "--config", str(cfg),
+                               "--service", "sum", "--name", f"p{i}"], cwd=REPO, env=env,
+                              stderr=subprocess.DEVNULL)
+             for i in range(2)]
+    try:
+        _pump(broker, lambda o: len(broker.workers) == 2, timeout=30)
+        assert len(broker.workers) == 2
+        t = broker.submit("sum", {"sleep_s": 1.5}, arrays={"x": np.ones(5)})
+        _pump(broker, lambda o: t.worker is not None, timeout=5)
+        victim = broker.workers[t.worker].name
+        pid = procs[int(victim[1:])].pid
+        os.kill(pid, signal.SIGKILL)
+        out = _pump(broker, lambda o: any(r.kind in ("result", "failed") for r in o), timeout=20)
+        kinds = [r.kind for r in out]
+        assert "worker_lost" in kinds and "reissued" in kinds
+        res = [r for r in out if r.kind == "result"][0]
+        assert res.ok and res.result["sums"]["x"] == 5.0 and res.result["attempt"] == 2
+        assert res.result["pid"] != pid and t.attempts == 2
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        broker.close()
+
+
+def test_worker_reconnects_after_broker_restart():
+    port = free_tcp_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=3)
+    stop = threading.Event()
+    w = Worker(endpoint, "sum", array_sum, heartbeat_interval_s=0.1, liveness=3,
+               reconnect_max_s=0.4)
+    th = threading.Thread(target=w.run, args=(stop, 30), daemon=True)
+    th.start()
+    try:
+        _pump(broker, lambda o: len(broker.workers) == 1, timeout=10)
+        broker.close()
+        time.sleep(0.6)                                  # worker notices, reconnects
+        broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=3)
+        t = broker.submit("sum", {}, arrays={"x": np.arange(4.0)})
+        out = _pump(broker, lambda o: any(r.kind == "result" for r in o), timeout=15)
+        assert [r for r in out if r.kind == "result"][0].result["sums"]["x"] == 6.0
+        assert t.attempts == 1
+    finally:
+        stop.set()
+        th.join(5)
+        broker.close()
