@@ -5,14 +5,17 @@ Every object written here is marked research use only and carries a provenance r
 """
 
 from adaptive.dicom.ct_series import read_ct_series, write_ct_series
+from adaptive.dicom.inventory import Inventory, inventory
 from adaptive.dicom.provenance import Provenance, apply_provenance, new_uid, read_provenance
 from adaptive.dicom.rtdose import read_rtdose, write_rtdose
 from adaptive.dicom.rtplan import read_rtplan, write_rtplan
 from adaptive.dicom.rtstruct import read_rtstruct, write_rtstruct
 
 __all__ = [
+    "Inventory",
     "Provenance",
     "apply_provenance",
+    "inventory",
     "new_uid",
     "read_ct_series",
     "read_provenance",
