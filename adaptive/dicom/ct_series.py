@@ -256,18 +256,27 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
     return Volume(vol, grid, "HU"), info
 
 
-def _quantise(arr: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Stored int16 values and (slope, intercept) so that value ≈ stored*slope + intercept."""
-    a = np.asarray(arr, dtype=np.float64)
-    if not np.all(np.isfinite(a)):
+def _rescale(arr: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) so that value ≈ stored_int16 * slope + intercept for all of ``arr``."""
+    if arr.size == 0:
+        return 1.0, 0.0
+    lo, hi = float(np.min(arr)), float(np.max(arr))  # NaN/inf propagate into lo/hi
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise GeometryError("CT volume contains non-finite values")
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if lo >= -32768 and hi <= 32767:
-        return np.rint(a).astype(np.int16), 1.0, 0.0
+        return 1.0, 0.0
     slope = (hi - lo) / 65535.0
-    intercept = lo + 32768.0 * slope
-    stored = np.clip(np.rint((a - intercept) / slope), -32768, 32767).astype(np.int16)
-    return stored, slope, intercept
+    return slope, lo + 32768.0 * slope
+
+
+def _stored_slice(sl: np.ndarray, slope: float, intercept: float) -> bytes:
+    """One slice as little-endian int16 stored values (rounded)."""
+    if slope == 1.0 and intercept == 0.0:
+        if np.issubdtype(sl.dtype, np.integer):
+            return sl.astype("<i2").tobytes()
+        return np.rint(sl).astype("<i2").tobytes()
+    v = np.rint((sl.astype(np.float64) - intercept) / slope)
+    return np.clip(v, -32768, 32767).astype("<i2").tobytes()
 
 
 def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
@@ -300,7 +309,7 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
         modality=info.modality or "CT",
         series_description=description or info.series_description,
     )
-    stored, slope, intercept = _quantise(volume.array)
+    slope, intercept = _rescale(volume.array)
     date, tm = dicom_date_time()
     if not done.study_date:
         done.study_date = date
@@ -349,7 +358,7 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
         ds.WindowCenter, ds.WindowWidth = wl_center, wl_width
         ds.KVP = ""
         apply_provenance(ds, provenance)
-        ds.PixelData = np.ascontiguousarray(stored[k]).astype("<i2").tobytes()
+        ds.PixelData = _stored_slice(volume.array[k], slope, intercept)
         save_atomic(ds, out_dir / f"CT.{sops[k]}.dcm")
     log.debug("ct_series_written", folder=str(out_dir), slices=nz, series_uid=done.series_instance_uid)
     return done
