@@ -140,7 +140,7 @@ def test_mixed_frame_of_reference(tmp_path):
 
 
 def test_missing_and_truncated_pixel_data(tmp_path):
-    out, a, g, done = make_ct(tmp_path)
+    out, _a, _g, done = make_ct(tmp_path)
     p = out / f"CT.{done.sop_instance_uids[5]}.dcm"
     ds = pydicom.dcmread(p)
     del ds.PixelData
