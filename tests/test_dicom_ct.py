@@ -188,3 +188,16 @@ def test_non_finite_values_rejected(tmp_path):
     a[1, 2, 3] = np.nan
     with pytest.raises(GeometryError, match="non-finite"):
         write_ct_series(Volume(a, g, "HU"), SeriesInfo(PatientInfo("P"), "", "", ""), tmp_path / "x")
+
+
+def test_rt_objects_next_to_series_are_skipped(tmp_path):
+    from adaptive.dicom import write_rtstruct
+    from adaptive.model import Roi, StructureSet
+
+    out, a, _g, done = make_ct(tmp_path, nz=4)
+    write_rtstruct(StructureSet([Roi(1, "A")], done), out / "RS.dcm")
+    vol, info = read_ct_series(out)
+    np.testing.assert_array_equal(vol.array, a)
+    assert info.sop_instance_uids == done.sop_instance_uids
+    with pytest.raises(EmptySeriesError, match="MR"):
+        read_ct_series(out, modality="MR")

@@ -48,6 +48,8 @@ log = get_logger(__name__)
 NON_IMAGE_MODALITIES = {"RTSTRUCT", "RTPLAN", "RTDOSE", "REG", "RTRECORD", "SR", "KO", "PR",
                         "RTIMAGE", "SEG", "PLAN", "RWV"}
 
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
 #: Relative tolerance on slice spacing uniformity (and absolute floor in mm).
 SPACING_REL_TOL = 0.01
 SPACING_ABS_TOL_MM = 0.01
@@ -127,7 +129,7 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
                    ) -> tuple[Volume, SeriesInfo]:
     """Read a folder (non-recursive; hidden files skipped) or a list of single-frame image files.
 
-    Non-image objects (RT Struct, Plan, Dose, REG, ...) in the folder are skipped; with
+    Non-image objects (RT Struct, Plan, Dose, REG, ..., DICOMDIR) in the folder are skipped; with
     ``modality`` given (e.g. "CT"), instances of other modalities are skipped too.
     Returns ``(Volume in HU (float32, (nz, ny, nx)), SeriesInfo)`` with
     ``SeriesInfo.sop_instance_uids`` in slice order k = 0..nz-1.
@@ -142,6 +144,8 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
     items = []  # (path, ds)
     for f in files:
         ds = read_dataset(f)
+        if str(ds.get("SOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+            continue  # DICOMDIR
         mod = str(ds.get("Modality", "") or "").upper()
         if want is not None and mod != want:
             continue
