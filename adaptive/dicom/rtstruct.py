@@ -54,8 +54,9 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, provenance: Provenance
     from :func:`~adaptive.geometry.rasterize.mask_to_contours`. Each contour references the
     image slice it lies on (Contour Image Sequence) when the image grid is known: ``grid``
     (the referenced series' grid, slices in the order of ``sop_instance_uids``), or else the
-    grid of an ROI mask having one slice per referenced SOP instance. Contours off that grid
-    raise :class:`ContourOutsideImageError` naming the ROI.
+    grid of an ROI mask having one slice per referenced SOP instance (assumed to be the image
+    grid). Contours off an explicit ``grid`` raise :class:`ContourOutsideImageError` naming
+    the ROI; with an inferred grid they are written without an image reference.
     Sets and returns ``ss.sop_instance_uid`` (generated when empty). Atomic write.
     """
     path = Path(path)
@@ -64,6 +65,7 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, provenance: Provenance
         raise DicomInputError("structure set's referenced series has no Frame of Reference UID", path)
     sop_uid = ss.sop_instance_uid or new_uid()
     sops = list(series.sop_instance_uids)
+    grid_explicit = grid is not None
     if grid is None:
         for roi in ss.rois:
             if roi.mask is not None and sops and roi.mask.grid.shape[0] == len(sops):
@@ -136,11 +138,14 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, provenance: Provenance
                 try:
                     k = contour_slice_index(c, grid, what=f"ROI {roi.name!r} contour #{cn}")
                 except ContourOutsideImageError as e:
-                    raise ContourOutsideImageError(str(e), path) from e
-                im = Dataset()
-                im.ReferencedSOPClassUID = series.sop_class_uid
-                im.ReferencedSOPInstanceUID = sops[k]
-                ci.ContourImageSequence = Sequence([im])
+                    if grid_explicit:
+                        raise ContourOutsideImageError(str(e), path) from e
+                    k = None  # inferred grid: leave this contour without an image reference
+                if k is not None:
+                    im = Dataset()
+                    im.ReferencedSOPClassUID = series.sop_class_uid
+                    im.ReferencedSOPInstanceUID = sops[k]
+                    ci.ContourImageSequence = Sequence([im])
             ci.ContourGeometricType = "CLOSED_PLANAR" if c.shape[0] >= 3 else (
                 "POINT" if c.shape[0] == 1 else "OPEN_PLANAR")
             ci.NumberOfContourPoints = int(c.shape[0])
