@@ -37,6 +37,11 @@ def dciodvfy():
         p = subprocess.run([exe, "-new", str(path)], capture_output=True, text=True, timeout=60)
         out = p.stdout + p.stderr
         errors = [ln for ln in out.splitlines() if ln.startswith("Error")]
+        # A crash (e.g. an assertion on 32-bit pixel data) must not pass as "no errors".
+        if p.returncode != 0:
+            errors.append(f"dciodvfy exited with status {p.returncode}")
+        if "Assertion" in out or "Aborted" in out:
+            errors.append("dciodvfy crashed: " + out.strip().splitlines()[-1])
         return errors, out
 
     return run
