@@ -24,3 +24,70 @@ def failing(payload, arrays, ctx):
     from adaptive.errors import RegistrationError
 
     raise RegistrationError(f"cannot register: {payload.get('why', 'test')}")
+
+
+# --- stage doubles for orchestrator tests (no compute stages needed) -----------------
+
+def _sleep_env(name):
+    s = float(os.environ.get(name, "0") or 0)
+    end = time.monotonic() + s
+    while time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def registration_double(payload, arrays, ctx):
+    """Reads both series' headers and returns the translation between their first slice
+    positions (mm); sleeps ADAPTIVE_TEST_REG_SLEEP_S. Not a registration algorithm."""
+    from pathlib import Path
+
+    import pydicom
+
+    def first_pos(folder):
+        files = sorted(Path(folder).glob("*.dcm"))
+        assert files, f"no files in {folder}"
+        zs = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        return np.array(min(zs, key=lambda d: float(d.ImagePositionPatient[2]))
+                        .ImagePositionPatient, float), len(files)
+
+    ctx.progress("reading", 0.1)
+    a, na = first_pos(payload["cbct_dir"])
+    b, nb = first_pos(payload["planning_ct_dir"])
+    _sleep_env("ADAPTIVE_TEST_REG_SLEEP_S")
+    return {"translation_mm": (a - b).tolist(), "cbct_slices": na, "ct_slices": nb,
+            "fallback": os.environ.get("ADAPTIVE_TEST_REG_FALLBACK") or None}
+
+
+def planning_double(payload, arrays, ctx):
+    """Writes an 'adapted' RT Plan derived from the scheduled one (new UID, PREDECESSOR
+    reference, same structure set) and returns it with checks; sleeps
+    ADAPTIVE_TEST_PLAN_SLEEP_S; ADAPTIVE_TEST_FAIL_CHECKS=1 makes the checks fail."""
+    from pathlib import Path
+
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    ctx.progress("optimising", 0.0)
+    _sleep_env("ADAPTIVE_TEST_PLAN_SLEEP_S")
+    rp = pydicom.dcmread(payload["rtplan_path"])
+    out = Path(payload["out_dir"])
+    sched_uid = str(rp.SOPInstanceUID)
+    rp.SOPInstanceUID = rp.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    rp.SeriesInstanceUID = generate_uid()
+    rp.RTPlanLabel = "ADAPTED"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = rp.SOPClassUID
+    ref.ReferencedSOPInstanceUID = sched_uid
+    ref.RTPlanRelationship = "PREDECESSOR"
+    rp.ReferencedRTPlanSequence = Sequence([ref])
+    p = out / "RP_adapted.dcm"
+    rp.save_as(p, enforce_file_format=True)
+    ok = os.environ.get("ADAPTIVE_TEST_FAIL_CHECKS", "") != "1"
+    ctx.progress("optimising", 1.0)
+    return {"adapted": {"rtplan": str(p), "rtstruct": payload["rtstruct_path"],
+                        "checks_passed": ok,
+                        "checks": [{"name": "double", "passed": ok,
+                                    "message": "" if ok else "forced failure"}]},
+            "scheduled": {"rtplan": payload["rtplan_path"]},
+            "metrics": {"translation_mm": payload["registration"]["translation_mm"]}}

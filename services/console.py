@@ -1,0 +1,119 @@
+"""Console client (the therapist's side of ``docs/console-protocol.md``)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+
+import zmq
+
+from adaptive.errors import ServiceError
+from services.protocol import decode, encode
+
+
+class ConsoleError(ServiceError):
+    """The orchestrator refused a console request or did not answer in time."""
+
+
+class ConsoleClient:
+    """Requests over a DEALER socket (one outstanding request; a timed-out socket is
+    replaced so a late reply cannot be mistaken for the next one)."""
+
+    def __init__(self, endpoint: str, events_endpoint: str | None = None, *,
+                 timeout_s: float = 5.0, context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.events_endpoint = events_endpoint
+        self.timeout_s = timeout_s
+        self.ctx = context or zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._sock = None
+        self._sub = None
+
+    def _socket(self):
+        if self._sock is None:
+            self._sock = self.ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.endpoint)
+        return self._sock
+
+    def request(self, cmd: str, *, check: bool = True, **args) -> dict:
+        rid = next(self._ids)
+        sock = self._socket()
+        sock.send_multipart([b"", *encode("request", {"cmd": cmd, "request_id": rid, **args})])
+        end = time.monotonic() + self.timeout_s
+        while True:
+            left = end - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000)):
+                sock.close(0)
+                self._sock = None
+                raise ConsoleError(f"no reply from orchestrator at {self.endpoint} within "
+                                   f"{self.timeout_s:g} s ({cmd})")
+            frames = sock.recv_multipart()
+            h, _ = decode(frames[1:] if frames and frames[0] == b"" else frames)
+            if h.get("request_id") != rid:
+                continue
+            if check and not h.get("ok"):
+                raise ConsoleError(f"{cmd} refused: {h.get('error_type')}: {h.get('error')}")
+            return h
+
+    # convenience
+    def start(self, room: str, patient_id: str) -> dict:
+        return self.request("start", room=room, patient_id=patient_id)["session"]
+
+    def status(self, session_id: str | None = None, room: str | None = None) -> dict:
+        return self.request("status", session_id=session_id, room=room)
+
+    def session(self, session_id: str) -> dict:
+        return self.request("status", session_id=session_id)["session"]
+
+    def choose(self, session_id: str, plan: str) -> dict:
+        return self.request("choose", session_id=session_id, plan=plan)["session"]
+
+    def cancel(self, session_id: str, reason: str = "") -> dict:
+        return self.request("cancel", session_id=session_id, reason=reason)["session"]
+
+    def subscribe(self, room: str | None = None):
+        if self.events_endpoint is None:
+            raise ConsoleError("no events endpoint configured")
+        if self._sub is None:
+            self._sub = self.ctx.socket(zmq.SUB)
+            self._sub.setsockopt(zmq.LINGER, 0)
+            self._sub.connect(self.events_endpoint)
+        self._sub.setsockopt(zmq.SUBSCRIBE, (f"session.{room}" if room else "").encode())
+        return self._sub
+
+    def events(self, room: str | None = None, timeout_s: float = 60.0,
+               idle_s: float | None = None) -> Iterator[dict]:
+        """Yield published events (bounded by ``timeout_s`` overall)."""
+        sub = self.subscribe(room)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            wait = min(end - time.monotonic(), idle_s or 1e9)
+            if not sub.poll(int(max(wait, 0) * 1000)):
+                if idle_s is not None:
+                    return
+                continue
+            frames = sub.recv_multipart()
+            h, _ = decode(frames[1:])
+            yield h
+
+    def wait_for_state(self, session_id: str, states, timeout_s: float = 60.0,
+                       poll_s: float = 0.1) -> dict:
+        """Poll status until the session reaches one of ``states`` (bounded)."""
+        states = {states} if isinstance(states, str) else set(states)
+        end = time.monotonic() + timeout_s
+        s = self.session(session_id)
+        while s["state"] not in states:
+            if time.monotonic() > end:
+                raise ConsoleError(f"session {session_id} is {s['state']} after "
+                                   f"{timeout_s:g} s (waiting for {sorted(states)})")
+            time.sleep(poll_s)
+            s = self.session(session_id)
+        return s
+
+    def close(self):
+        for s in (self._sock, self._sub):
+            if s is not None:
+                s.close(0)
+        self._sock = self._sub = None

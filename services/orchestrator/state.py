@@ -1,0 +1,50 @@
+"""The session state machine (explicit allowed transitions; illegal ones raise).
+
+::
+
+    waiting_for_image -> registering -> planning -> awaiting_decision -> handing_off -> handed_off
+                              |             |                                 |
+                              +-> fallback -+  (scheduled plan only)          +-> failed
+    any non-terminal state -> cancelled | failed
+
+``fallback``: only the scheduled plan is offered (no adapted plan passing its checks,
+or a stage overran its budget with no usable result). ``awaiting_decision``: both
+plans are offered. ``handing_off``: the chosen plan's objects are being C-STORE'd.
+"""
+
+from __future__ import annotations
+
+from adaptive.errors import IllegalTransitionError
+
+WAITING = "waiting_for_image"
+REGISTERING = "registering"
+PLANNING = "planning"
+AWAITING = "awaiting_decision"
+FALLBACK = "fallback"
+HANDING_OFF = "handing_off"
+HANDED_OFF = "handed_off"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+STATES = (WAITING, REGISTERING, PLANNING, AWAITING, FALLBACK, HANDING_OFF, HANDED_OFF,
+          FAILED, CANCELLED)
+TERMINAL = frozenset({HANDED_OFF, FAILED, CANCELLED})
+
+ALLOWED: dict[str, frozenset[str]] = {
+    WAITING: frozenset({REGISTERING, FAILED, CANCELLED}),
+    REGISTERING: frozenset({PLANNING, FALLBACK, FAILED, CANCELLED}),
+    PLANNING: frozenset({AWAITING, FALLBACK, FAILED, CANCELLED}),
+    AWAITING: frozenset({HANDING_OFF, FAILED, CANCELLED}),
+    FALLBACK: frozenset({HANDING_OFF, FAILED, CANCELLED}),
+    HANDING_OFF: frozenset({HANDED_OFF, FAILED}),   # cannot cancel a transfer in flight
+    HANDED_OFF: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+
+def check_transition(current: str, new: str) -> None:
+    if new not in ALLOWED.get(current, ()):
+        raise IllegalTransitionError(
+            f"illegal session transition {current} -> {new} "
+            f"(allowed from {current}: {sorted(ALLOWED.get(current, ())) or 'none'})")
