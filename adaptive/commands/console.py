@@ -1,0 +1,96 @@
+"""``adaptive console``: the therapist's terminal client (docs/console-protocol.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("console", help="talk to the orchestrator: start, status, "
+                              "watch, choose, cancel")
+    p.add_argument("--config", default=None, help="services TOML (endpoints)")
+    p.add_argument("--json", action="store_true", help="print raw JSON")
+    sub = p.add_subparsers(dest="console_cmd", metavar="ACTION", required=True)
+    s = sub.add_parser("start", help="start (or attach to) a session")
+    s.add_argument("room")
+    s.add_argument("patient_id")
+    s = sub.add_parser("status", help="status of a session (by id or room) or of all")
+    s.add_argument("--session", default=None)
+    s.add_argument("--room", default=None)
+    s = sub.add_parser("watch", help="print session events as they happen")
+    s.add_argument("--room", default=None)
+    s.add_argument("--timeout", type=float, default=3600.0)
+    s = sub.add_parser("choose", help="choose the plan to hand off")
+    s.add_argument("session")
+    s.add_argument("plan", choices=["scheduled", "adapted"])
+    s = sub.add_parser("cancel", help="cancel a session")
+    s.add_argument("session")
+    s.add_argument("--reason", default="cancelled at the console")
+    p.set_defaults(func=run)
+
+
+def format_session(s: dict) -> str:
+    lines = [f"session {s['session_id']}  room {s['room']}  patient {s['patient_id']}  "
+             f"state {s['state']}"]
+    if s.get("offered"):
+        lines.append(f"  offered: {', '.join(s['offered'])}")
+    for name, st in s.get("stages", {}).items():
+        if "duration_s" in st:
+            b = f" / budget {st['budget_s']:g} s" if st.get("budget_s") else ""
+            lines.append(f"  {name:<12} {st['duration_s']:8.2f} s{b}")
+    for ex in s.get("budgets_exceeded", []):
+        lines.append(f"  BUDGET EXCEEDED {ex['stage']}: {ex['elapsed_s']:.1f} s > "
+                     f"{ex['budget_s']:g} s -> {ex['action']}")
+    for n in s.get("notes", []):
+        lines.append(f"  note: {n}")
+    if s.get("metrics"):
+        lines.append("  metrics: " + json.dumps(s["metrics"])[:500])
+    if s.get("handoff"):
+        h = s["handoff"]
+        lines.append(f"  hand-off: {h.get('plan')} -> {h.get('tms')} (outbox {h.get('outbox')})")
+    if s.get("error"):
+        lines.append(f"  error: {s['error']}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from services.config import load_services_config
+    from services.console import ConsoleClient
+
+    cfg = load_services_config(args.config)
+    cl = ConsoleClient(cfg.orchestrator.console_endpoint,
+                       cfg.orchestrator.console_events_endpoint)
+    out = None
+    try:
+        c = args.console_cmd
+        if c == "start":
+            out = cl.start(args.room, args.patient_id)
+        elif c == "status":
+            r = cl.status(args.session, args.room)
+            out = r.get("session") or r.get("sessions")
+        elif c == "choose":
+            out = cl.choose(args.session, args.plan)
+        elif c == "cancel":
+            out = cl.cancel(args.session, args.reason)
+        elif c == "watch":
+            for ev in cl.events(args.room, timeout_s=args.timeout):
+                if args.json:
+                    print(json.dumps(ev), flush=True)
+                else:
+                    t = time.strftime("%H:%M:%S", time.localtime(ev["t"]))
+                    det = {k: v for k, v in ev.get("details", {}).items()
+                           if k not in ("metrics", "sop_instance_uids")}
+                    print(f"{t} {ev.get('room', '-'):<8} {ev.get('state', ''):<18} "
+                          f"{ev['event']:<20} {json.dumps(det)[:200]}", flush=True)
+            return 0
+    finally:
+        cl.close()
+    if args.json or not isinstance(out, (dict, list)):
+        print(json.dumps(out, indent=2))
+    elif isinstance(out, list):
+        for s in out:
+            print(format_session(s))
+    else:
+        print(format_session(out))
+    return 0

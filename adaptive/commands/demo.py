@@ -1,0 +1,235 @@
+"""``adaptive demo`` (``make demo``): one online adaptive session through the real
+services, end to end, on this machine.
+
+Starts a TMS (a local Orthanc on free ports if the ``Orthanc`` binary exists, else a
+pynetdicom Storage SCP, clearly labelled), starts the services (``adaptive serve`` stack
+with a temporary config on free ports), pushes a replay fraction's planning data (CT, RT
+Structure Set, scheduled RT Plan) and then its CBCT over DICOM (DCMTK storescu if present,
+else pynetdicom), chooses the adapted plan through the console API (the scheduled plan
+when no adapted plan passed its checks), prints the per-stage timeline and where the
+plan was stored, and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from adaptive.errors import ConfigError, DicomInputError, ServiceError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="run one adaptive session through the services "
+                              "(local TMS, replay fraction over DICOM)")
+    p.add_argument("--fraction", default=None,
+                   help="replay fraction folder (fxNN with CBCT/; default: first in replay_data/)")
+    p.add_argument("--workdir", default=None, help="keep everything here (default: temp dir)")
+    p.add_argument("--timeout", type=float, default=600.0, help="overall bound (s)")
+    p.set_defaults(func=run)
+
+
+def find_fraction(arg: str | None) -> tuple[Path, Path]:
+    """(fraction folder, planning folder) of a replay case."""
+    if arg:
+        fx = Path(arg)
+    else:
+        cands = sorted((REPO / "replay_data").glob("*/fx*/CBCT")) + \
+            sorted((REPO / "replay_data").glob("fx*/CBCT"))
+        if not cands:
+            raise DicomInputError("no replay fraction found (expected replay_data/<case>/fxNN/"
+                                  "CBCT; build it with `make replay-data`)", REPO / "replay_data")
+        fx = cands[0].parent
+    planning = fx.parent / "planning"
+    for need in (fx / "CBCT", planning / "CT", planning / "RS.dcm", planning / "RP.dcm"):
+        if not need.exists():
+            raise DicomInputError("replay fraction incomplete: missing", need)
+    return fx, planning
+
+
+class Tms:
+    """The hand-off target for the demo."""
+
+    def __init__(self, workdir: Path):
+        from services.config import free_tcp_port
+
+        self.port = free_tcp_port()
+        self.workdir = workdir / "tms"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = None
+        self.scp = None
+        exe = shutil.which("Orthanc")
+        if exe:
+            self.http = free_tcp_port()
+            conf = {"Name": "adaptive-demo-tms", "DicomAet": "TMS", "DicomPort": self.port,
+                    "HttpPort": self.http, "Plugins": [], "RemoteAccessAllowed": False,
+                    "AuthenticationEnabled": False, "StorageDirectory": str(self.workdir),
+                    "IndexDirectory": str(self.workdir),
+                    "DicomModalities": {"adaptive": ["ADAPTIVE_SCU", "127.0.0.1", 11112]}}
+            cf = self.workdir / "orthanc.json"
+            cf.write_text(json.dumps(conf))
+            self.log = open(self.workdir / "orthanc.log", "wb")
+            self.proc = subprocess.Popen([exe, str(cf)], stdout=self.log, stderr=self.log,
+                                         env=dict(os.environ, TCP_NODELAY="1"),
+                                         start_new_session=True)
+            end = time.monotonic() + 30
+            while True:
+                try:
+                    self.rest("/system")
+                    break
+                except Exception:
+                    if self.proc.poll() is not None or time.monotonic() > end:
+                        raise ServiceError(f"Orthanc did not start (log {self.workdir})")
+                    time.sleep(0.1)
+            self.label = f"Orthanc (TMS) DICOM 127.0.0.1:{self.port}, REST 127.0.0.1:{self.http}"
+        else:
+            from services.config import GatewayConfig
+            from services.gateway.scp import Gateway
+
+            self.scp = Gateway(GatewayConfig(ae_title="TMS", port=self.port,
+                                             idle_timeout_s=1.0), self.workdir / "store",
+                               self.workdir / "quarantine")
+            self.scp.start()
+            self.label = (f"pynetdicom Storage SCP standing in for the TMS (Orthanc not "
+                          f"installed) 127.0.0.1:{self.port}, store {self.workdir / 'store'}")
+
+    def rest(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+    def describe_stored(self, sop_uids: list[str]) -> list[str]:
+        out = []
+        if self.proc:
+            for uid in sop_uids:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{self.http}/tools/lookup", data=uid.encode(),
+                    method="POST")
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    for hit in json.loads(r.read()):
+                        out.append(f"{hit['Type']} {uid} -> Orthanc {hit['Path']}")
+        else:
+            for uid in sop_uids:
+                out += [f"{uid} -> {p}" for p in (self.workdir / "store").rglob(f"{uid}.dcm")]
+        return out
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.log.close()
+        if self.scp:
+            self.scp.stop()
+
+
+def push(port: int, files: list[Path]) -> str:
+    """Send files to the gateway: storescu (TCP_NODELAY=1) if present, else pynetdicom."""
+    exe = shutil.which("storescu")
+    if exe:
+        r = subprocess.run([exe, "-aec", "ADAPTIVE_GW", "127.0.0.1", str(port),
+                            *map(str, files)], env=dict(os.environ, TCP_NODELAY="1"),
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise ServiceError(f"storescu failed: {r.stderr[-500:]}")
+        return "DCMTK storescu"
+    from services.config import TmsConfig
+    from services.gateway.scu import send_files
+
+    send_files(files, TmsConfig(ae_title="ADAPTIVE_GW", port=port, calling_ae_title="IMAGER"),
+               outbox=Path(tempfile.mkdtemp()), session_id="demo-push")
+    return "pynetdicom SCU"
+
+
+def run(args) -> int:
+    from services.config import free_tcp_port, write_config_variant
+    from services.console import ConsoleClient
+    from services.supervisor import ServiceStack
+
+    fx, planning = find_fraction(args.fraction)
+    pid = _patient_id(planning / "RP.dcm")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="adaptive-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    print(f"adaptive demo (RESEARCH USE ONLY): fraction {fx}, patient {pid}, workdir {work}")
+    tms = Tms(work)
+    print(f"TMS: {tms.label}")
+    ports = [free_tcp_port() for _ in range(5)]
+    cfg = write_config_variant(None, work / "services.toml", {
+        "paths": {"root": str(work / "var")},
+        "gateway": {"port": ports[0]},
+        "orchestrator": {"worker_endpoint": f"tcp://127.0.0.1:{ports[1]}",
+                         "gateway_events_endpoint": f"tcp://127.0.0.1:{ports[2]}",
+                         "console_endpoint": f"tcp://127.0.0.1:{ports[3]}",
+                         "console_events_endpoint": f"tcp://127.0.0.1:{ports[4]}"},
+        "tms": {"port": tms.port}})
+    stack = ServiceStack(cfg)
+    cl = None
+    try:
+        stack.start()
+        stack.wait_ready(min(240.0, args.timeout))
+        print(f"services up in {time.monotonic() - t_start:.1f} s "
+              f"(gateway ADAPTIVE_GW@127.0.0.1:{ports[0]}; logs {stack.log_dir})")
+        oc = stack.cfg.orchestrator
+        cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint)
+        how = push(ports[0], sorted((planning / "CT").glob("*.dcm")) +
+                   [planning / "RS.dcm", planning / "RP.dcm"])
+        end = time.monotonic() + 60
+        while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
+            if time.monotonic() > end:
+                raise ServiceError("planning data not registered by the orchestrator")
+            time.sleep(0.2)
+        print(f"planning data received ({how})")
+        s = cl.start("DEMO_ROOM", pid)
+        print(f"session {s['session_id']} started; sending CBCT")
+        push(ports[0], sorted((fx / "CBCT").glob("*.dcm")))
+        left = max(10.0, args.timeout - (time.monotonic() - t_start))
+        s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed",
+                                                "cancelled"}, left, poll_s=0.25)
+        if s["state"] in ("failed", "cancelled"):
+            raise ServiceError(f"session ended {s['state']}: {s['error'] or s['notes']}")
+        plan = "adapted" if "adapted" in s["offered"] else "scheduled"
+        if plan == "scheduled":
+            print(f"adapted plan not offered ({'; '.join(s['notes'])}); choosing scheduled")
+        cl.choose(s["session_id"], plan)
+        s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
+        _print_timeline(s)
+        if s["state"] != "handed_off":
+            raise ServiceError(f"hand-off failed: {s['error']}")
+        uids = [i["sop_instance_uid"] for i in s["handoff"]["instances"]]
+        for line in tms.describe_stored(uids):
+            print(f"  stored: {line}")
+        return 0
+    finally:
+        if cl:
+            cl.close()
+        stack.stop()
+        tms.stop()
+        print(f"demo finished in {time.monotonic() - t_start:.1f} s; everything stopped")
+
+
+def _patient_id(rp: Path) -> str:
+    import pydicom
+
+    pid = str(pydicom.dcmread(rp, stop_before_pixels=True).get("PatientID", "")).strip()
+    if not pid:
+        raise ConfigError(f"{rp}: no PatientID")
+    return pid
+
+
+def _print_timeline(s: dict) -> None:
+    from adaptive.commands.console import format_session
+
+    print("\nper-stage timeline:")
+    t0 = s["history"][0]["t"]
+    for h in s["history"]:
+        print(f"  +{h['t'] - t0:8.2f} s  {h['to']:<18} {h['note']}")
+    print(format_session(s))
