@@ -1,0 +1,274 @@
+"""Dose-influence matrix (Dij) of pencil beamlets for IMRT optimisation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numba
+import numba
+import numpy as np
+import scipy.sparse as sp
+from scipy import ndimage
+
+from adaptive.dose.beam_geometry import BeamGeometry, geometry_of_beam
+from adaptive.dose.beam_model import BeamModel, load_beam_model
+from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid, mask_on_grid
+from adaptive.dose.influence import DoseInfluence
+from adaptive.dose.kernel import (dij_count, dij_fill, fluence_dose, fluence_pyramid,
+                                   row_beam_sums, scale_row_beams)
+from adaptive.dose.raytrace import lps_to_grid_frame
+from adaptive.errors import DoseError
+from adaptive.geometry.volume import Volume
+from adaptive.log import get_logger
+
+
+# upper bound of the far-scatter correction factor of a (voxel, beam) pair
+_MAX_SCATTER_FACTOR = 20.0
+
+
+@dataclass
+class BeamletGrid:
+    """Beamlets of one beam on a regular grid at the isocenter plane (IEC B X/Y, mm).
+
+    Beamlet (iy, ix) covers [x0 + ix w_x, x0 + (ix+1) w_x] x [y0 + iy w_y, ...]; ``active``
+    (ny, nx) marks the beamlets used. Edges lie on multiples of the bixel size, so 5 mm
+    beamlets align with 5 mm leaf boundaries.
+    """
+
+    x0_mm: float
+    y0_mm: float
+    width_mm: tuple[float, float]
+    active: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.active.shape
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        iy, ix = np.nonzero(self.active)
+        return (self.x0_mm + (ix + 0.5) * self.width_mm[0],
+                self.y0_mm + (iy + 0.5) * self.width_mm[1])
+
+
+def beamlet_grid_for_points(x_iso: np.ndarray, y_iso: np.ndarray, bixel_mm: tuple[float, float],
+                            margin_mm: float) -> BeamletGrid:
+    """Beamlets covering the isocenter-plane projections (x_iso, y_iso) of target points plus
+    ``margin_mm``: a beamlet is active when some projected point lies within ``margin_mm`` of
+    its rectangle (tested on a bixel/5 raster with a Euclidean distance transform)."""
+    if x_iso.size == 0:
+        raise DoseError("no target points to build beamlets from")
+    wx, wy = bixel_mm
+    sub = 5
+    pad = margin_mm + max(wx, wy)
+    x0 = np.floor((x_iso.min() - pad) / wx) * wx
+    y0 = np.floor((y_iso.min() - pad) / wy) * wy
+    nx = int(np.ceil((x_iso.max() + pad - x0) / wx))
+    ny = int(np.ceil((y_iso.max() + pad - y0) / wy))
+    rx, ry = wx / sub, wy / sub
+    hit = np.zeros((ny * sub, nx * sub), dtype=bool)
+    hit[np.clip(((y_iso - y0) / ry).astype(np.int64), 0, ny * sub - 1),
+        np.clip(((x_iso - x0) / rx).astype(np.int64), 0, nx * sub - 1)] = True
+    dist = ndimage.distance_transform_edt(~hit, sampling=(ry, rx))
+    block_min = dist.reshape(ny, sub, nx, sub).min(axis=(1, 3))
+    return BeamletGrid(float(x0), float(y0), (float(wx), float(wy)),
+                       block_min <= margin_mm + 0.5 * max(rx, ry))
+
+
+def _mask_points_lps(mask, density: Volume) -> np.ndarray:
+    """LPS centres (n, 3) of the True voxels of a mask (array on the density grid or Volume)."""
+    if isinstance(mask, Volume):
+        grid, arr = mask.grid, np.asarray(mask.array).astype(bool)
+    else:
+        arr = np.asarray(mask).astype(bool)
+        grid = density.grid
+        if arr.shape != grid.shape:
+            raise DoseError(f"target_mask shape {arr.shape} != density grid {grid.shape}")
+    k, j, i = np.nonzero(arr)
+    return grid.ijk_to_lps(np.stack([i, j, k], axis=1).astype(np.float64))
+
+
+def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, *,
+                beam_model: BeamModel | None = None, bixel_size_mm: float = 5.0,
+                dose_grid_spacing_mm: float | None = 3.0, margin_mm: float = 5.0,
+                cutoff_mm: float | None = None, scatter_correction: bool = True,
+                patient_position: str = "HFS") -> DoseInfluence:
+    """Sparse dose-influence matrix (Gy per MU per beamlet) on the dose grid.
+
+    ``density``: relative electron density Volume (see :func:`hu_to_density`); rays are traced
+    on its grid. ``beams``: :class:`adaptive.model.Beam` list (beam-level gantry/collimator/couch
+    angles and isocenter, LPS mm). ``target_mask``: bool array on the density grid, or a Volume:
+    each beam gets beamlets (``bixel_size_mm`` square at the isocenter plane) covering the
+    target's beam's-eye-view projection plus ``margin_mm``; ``None`` covers the whole body.
+    ``body_mask``: voxels that may receive dose (default density > model threshold).
+    Rows are the body voxels of the dose grid (CT grid at ``dose_grid_spacing_mm``) that lie
+    within ``cutoff_mm`` (isocenter plane; default ``beam_model.dij_cutoff_mm``) of at least one
+    beamlet centre. The matrix is float32 CSR with sorted column indices.
+
+    Scatter beyond the cut-off: the three-Gaussian kernel's phantom-scatter component is broad
+    (sigma ~ 45-60 mm), so a truncated kernel alone would under-dose a 10 x 10 cm^2 field centre
+    by ~15 % at a 30 mm cut-off. With ``scatter_correction`` (default) the entries of each
+    (voxel, beam) pair are scaled by ``full / near``, where ``full`` is the full-kernel dose
+    (cut-off ``beam_model.plan_cutoff_mm``) and ``near`` the truncated dose of that beam with
+    all its beamlets at unit weight. The Dij is then exact for uniform beamlet weights (an
+    open field conformed to the target's BEV + margin) and carries the long-range scatter in
+    proportion to the nearby beamlets for modulated weights (the benchmark reports the
+    residual error for a modulated fluence). ``scatter_correction=False`` gives the plain
+    truncated kernel (identical to :func:`plan_dose` with the same ``cutoff_mm``).
+    """
+    log = get_logger("adaptive.dose.dij")
+    t_start = time.perf_counter()
+    bm = beam_model or load_beam_model()
+    if not beams:
+        raise DoseError("compute_dij: no beams")
+    if bixel_size_mm <= 0 or margin_mm < 0:
+        raise DoseError(f"bixel_size_mm must be > 0 and margin_mm >= 0 "
+                        f"(got {bixel_size_mm}, {margin_mm})")
+    cutoff = float(bm.dij_cutoff_mm if cutoff_mm is None else cutoff_mm)
+    if cutoff <= 0:
+        raise DoseError(f"cutoff_mm must be > 0, got {cutoff}")
+    dgrid = make_dose_grid(density, dose_grid_spacing_mm)
+    body = body_on_dose_grid(density, dgrid, body_mask, bm.body_density_threshold)
+    if not body.any():
+        raise DoseError("no body voxels on the dose grid (check body_mask / density)")
+    geoms: list[BeamGeometry] = [geometry_of_beam(b, patient_position) for b in beams]
+    for b, g in zip(beams, geoms):
+        if abs(g.sad_mm - bm.sad_mm) > 1e-6:
+            raise DoseError(f"beam {b.number} SAD {g.sad_mm} mm != beam model SAD {bm.sad_mm} mm")
+
+    if target_mask is not None:
+        tpts = _mask_points_lps(target_mask, density)
+        if len(tpts) == 0:
+            raise DoseError("target_mask is empty")
+        half_vox = 0.5 * float(np.max(target_mask.grid.spacing if isinstance(target_mask, Volume)
+                                      else density.grid.spacing))
+    else:
+        tpts = dgrid.ijk_to_lps(np.stack(np.nonzero(body)[::-1], axis=1).astype(np.float64))
+        half_vox = 0.5 * float(np.max(dgrid.spacing))
+    w = (float(bixel_size_mm), float(bixel_size_mm))
+    grids = []
+    for g in geoms:
+        x, y, _ = g.project_to_isoplane(tpts)
+        grids.append(beamlet_grid_for_points(x, y, w, margin_mm + half_vox))
+
+    # per-beam arrays for the kernels
+    nbeams = len(beams)
+    ex0 = np.array([bg.x0_mm for bg in grids])
+    ey0 = np.array([bg.y0_mm for bg in grids])
+    nby = np.array([bg.shape[0] for bg in grids], dtype=np.int64)
+    nbx = np.array([bg.shape[1] for bg in grids], dtype=np.int64)
+    lut_off = np.concatenate([[0], np.cumsum(nbx * nby)[:-1]]).astype(np.int64)
+    lut = np.full(int((nbx * nby).sum()), -1, dtype=np.int64)
+    beam_index, bev_x, bev_y = [], [], []
+    col = 0
+    for bi, bg in enumerate(grids):
+        flat = np.flatnonzero(bg.active.ravel())
+        lut[lut_off[bi] + flat] = np.arange(col, col + flat.size)
+        col += flat.size
+        cx, cy = bg.centres()
+        bev_x.append(cx)
+        bev_y.append(cy)
+        beam_index.append(np.full(flat.size, bi, dtype=np.int32))
+    n_beamlets = col
+    rots = np.ascontiguousarray(np.stack([g.rotation for g in geoms]))
+    isos = np.ascontiguousarray(np.stack([g.isocenter_lps_mm for g in geoms]))
+    srcs = np.ascontiguousarray(lps_to_grid_frame(density, np.stack([g.source_lps_mm
+                                                                      for g in geoms])))
+
+    body_idx = np.flatnonzero(body.ravel())
+    pts, _ = dose_points(dgrid, body_idx, density)
+    t_setup = time.perf_counter()
+    counts = np.zeros(len(body_idx), dtype=np.int64)
+    dij_count(pts, rots, isos, bm.sad_mm, ex0, ey0, nbx, nby, lut_off, lut, w[0], w[1], cutoff,
+              counts)
+    keep = counts > 0
+    rows = body_idx[keep]
+    counts = counts[keep]
+    pts, gpts = dose_points(dgrid, rows, density)
+    nnz = int(counts.sum())
+    idx_dtype = np.int32 if nnz < 2**31 - 1 else np.int64
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    t_count = time.perf_counter()
+    indices = np.empty(nnz, dtype=idx_dtype)
+    data = np.empty(nnz, dtype=np.float32)
+    depth = np.empty((len(rows), nbeams), dtype=np.float32)
+    dens = np.ascontiguousarray(density.array, dtype=np.float32)
+    dij_fill(pts, gpts, srcs, dens, np.ascontiguousarray(density.grid.spacing), rots, isos,
+             bm.sad_mm, ex0, ey0, nbx, nby, lut_off, lut, w[0], w[1], cutoff, bm.kernel_array(),
+             indptr, indices, data, depth, numba.get_num_threads())
+    t_fill = time.perf_counter()
+    n_capped = 0
+    if scatter_correction:
+        beam_of_col = np.concatenate(beam_index).astype(np.int64)
+        near = np.empty((len(rows), nbeams))
+        row_beam_sums(indptr, indices, data, beam_of_col, nbeams, near)
+        factor = np.ones((len(rows), nbeams))
+        kp = bm.kernel_array()
+        for bi, bg in enumerate(grids):
+            pyr, pny, pnx = fluence_pyramid(bg.active.astype(np.float64))
+            full = np.zeros(len(rows))
+            fluence_dose(pts, gpts, srcs[bi], dens, np.ascontiguousarray(density.grid.spacing),
+                         rots[bi], isos[bi], bm.sad_mm, pyr, pny, pnx, bg.x0_mm, bg.y0_mm, w[0],
+                         max(bm.plan_cutoff_mm, cutoff), kp, full, numba.get_num_threads(),
+                         np.ascontiguousarray(depth[:, bi], dtype=np.float64))
+            ok = near[:, bi] > 0
+            f = np.ones(len(rows))
+            f[ok] = full[ok] / near[ok, bi]
+            n_capped += int(np.count_nonzero(f > _MAX_SCATTER_FACTOR))
+            factor[:, bi] = np.clip(f, 0.0, _MAX_SCATTER_FACTOR)
+        scale_row_beams(indptr, indices, data, beam_of_col, factor)
+    t_corr = time.perf_counter()
+    mat = sp.csr_matrix((data, indices, indptr.astype(idx_dtype)),
+                        shape=(len(rows), n_beamlets), copy=False)
+    mat.has_sorted_indices = True
+    timings = {"setup_s": t_setup - t_start, "count_s": t_count - t_setup,
+               "fill_s": t_fill - t_count, "scatter_correction_s": t_corr - t_fill,
+               "total_s": time.perf_counter() - t_start}
+    dij = DoseInfluence(matrix=mat, voxel_indices=rows.astype(np.int64), dose_grid=dgrid,
+                        beam_index=np.concatenate(beam_index),
+                        bev_x_mm=np.concatenate(bev_x), bev_y_mm=np.concatenate(bev_y),
+                        bixel_size_mm=w, timings_s=timings)
+    log.info("dij_computed", beams=nbeams, beamlets=n_beamlets, voxels=len(rows), nnz=nnz,
+             memory_mb=round(dij.nbytes / 2**20, 1), cutoff_mm=cutoff,
+             scatter_correction=scatter_correction, scatter_factor_capped=n_capped,
+             **{k: round(v, 3) for k, v in timings.items()})
+    return dij
+
+
+def full_kernel_dose(dij: DoseInfluence, density: Volume, beams: list, weights_mu, *,
+                     beam_model: BeamModel | None = None, cutoff_mm: float | None = None,
+                     patient_position: str = "HFS") -> Volume:
+    """Dose (Gy, dose grid of ``dij``, its rows only) of beamlet weights (MU) computed with the
+    full kernel (cut-off ``beam_model.plan_cutoff_mm``) by superposing each beam's beamlet
+    weights as a fluence map (the plan-dose path). Use it to check or correct an optimisation
+    done with the truncated, scatter-corrected Dij."""
+    bm = beam_model or load_beam_model()
+    cutoff = float(bm.plan_cutoff_mm if cutoff_mm is None else cutoff_mm)
+    wts = np.asarray(weights_mu, dtype=np.float64)
+    if wts.shape != (dij.n_beamlets,):
+        raise DoseError(f"weights have shape {wts.shape}, expected ({dij.n_beamlets},)")
+    pts, gpts = dose_points(dij.dose_grid, dij.voxel_indices, density)
+    out = np.zeros(len(pts))
+    dens = np.ascontiguousarray(density.array, dtype=np.float32)
+    wx, wy = dij.bixel_size_mm
+    for bi, beam in enumerate(beams):
+        sel = dij.beamlets_of(bi)
+        if sel.size == 0:
+            continue
+        g = geometry_of_beam(beam, patient_position)
+        bx, by = dij.bev_x_mm[sel], dij.bev_y_mm[sel]
+        x0, y0 = bx.min() - wx / 2, by.min() - wy / 2
+        ix = np.rint((bx - x0) / wx - 0.5).astype(int)
+        iy = np.rint((by - y0) / wy - 0.5).astype(int)
+        flu = np.zeros((iy.max() + 1, ix.max() + 1))
+        flu[iy, ix] = wts[sel]
+        pyr, pny, pnx = fluence_pyramid(flu)
+        src = np.ascontiguousarray(lps_to_grid_frame(density, g.source_lps_mm))
+        fluence_dose(pts, gpts, src, dens, np.ascontiguousarray(density.grid.spacing),
+                     np.ascontiguousarray(g.rotation), g.isocenter_lps_mm, bm.sad_mm, pyr, pny,
+                     pnx, float(x0), float(y0), float(wx), cutoff, bm.kernel_array(), out,
+                     numba.get_num_threads(), np.empty(0))
+    full = np.zeros(dij.dose_grid.n_voxels, dtype=np.float32)
+    full[dij.voxel_indices] = out
+    return Volume(full.reshape(dij.dose_grid.shape), dij.dose_grid, "Gy")

@@ -1,0 +1,57 @@
+"""Dose grid and body selection shared by the Dij and plan-dose paths."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adaptive.dose.raytrace import lps_to_grid_frame
+from adaptive.errors import DoseError
+from adaptive.geometry.volume import Grid, Volume
+
+
+def make_dose_grid(density: Volume, spacing_mm: float | None) -> Grid:
+    """The CT (density) grid resampled to isotropic ``spacing_mm`` (same origin and direction,
+    covering the same extent); ``None`` keeps the CT grid."""
+    if spacing_mm is None:
+        return density.grid
+    if not np.isfinite(spacing_mm) or spacing_mm <= 0:
+        raise DoseError(f"dose_grid_spacing_mm must be > 0, got {spacing_mm}")
+    return density.grid.with_spacing([spacing_mm] * 3)
+
+
+def mask_on_grid(mask, src_grid: Grid, dst_grid: Grid, what: str) -> np.ndarray:
+    """Boolean mask (numpy (z, y, x)) on ``dst_grid`` from a bool array on ``src_grid`` or a
+    :class:`Volume` on any grid (nearest-neighbour / >= 0.5 of linear interpolation)."""
+    if isinstance(mask, Volume):
+        vol = mask
+    else:
+        a = np.asarray(mask)
+        if a.shape == dst_grid.shape and a.shape != src_grid.shape:
+            return a.astype(bool)
+        if a.shape != src_grid.shape:
+            raise DoseError(f"{what} has shape {a.shape}; expected the CT/density grid shape "
+                            f"{src_grid.shape} (or pass a Volume)")
+        vol = Volume(a.astype(bool), src_grid)
+    if vol.grid.same_as(dst_grid):
+        return np.asarray(vol.array).astype(bool)
+    return vol.resample_to(dst_grid, order=1).array.astype(bool)
+
+
+def body_on_dose_grid(density: Volume, dose_grid: Grid, body_mask, threshold: float) -> np.ndarray:
+    """Voxels of ``dose_grid`` inside the patient: ``body_mask`` if given, else density >
+    ``threshold`` (trilinear interpolation of the density onto the dose grid)."""
+    if body_mask is not None:
+        return mask_on_grid(body_mask, density.grid, dose_grid, "body_mask")
+    rho = density.resample_to(dose_grid, order=1, dtype=np.float32).array
+    return rho > threshold
+
+
+def dose_points(dose_grid: Grid, flat_idx: np.ndarray, density: Volume
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(LPS mm (n, 3), density-grid-frame mm (n, 3)) of the dose voxels ``flat_idx``."""
+    nz, ny, nx = dose_grid.shape
+    k, rem = np.divmod(flat_idx, ny * nx)
+    j, i = np.divmod(rem, nx)
+    ijk = np.stack([i, j, k], axis=1).astype(np.float64)
+    lps = dose_grid.ijk_to_lps(ijk)
+    return np.ascontiguousarray(lps), np.ascontiguousarray(lps_to_grid_frame(density, lps))
