@@ -129,3 +129,11 @@ class HandOffError(ServiceError):
 
 class StageUnavailableError(ServiceError):
     """A worker's compute stage (adaptive.pipeline) is not available in this installation."""
+
+
+# --- replay data --------------------------------------------------------------------
+
+
+class ReplayDataError(AdaptiveError):
+    """A replay case, its manifest or its ground truth is missing, malformed or inconsistent.
+    The message names the file (and key) concerned."""
