@@ -212,3 +212,36 @@ def test_failing_checks_are_never_handed_off(tmp_path, orthanc, stack_factory):
     assert cl.session(s["session_id"])["state"] == "cancelled"
     assert orthanc.get("/instances") == []
     cl.close()
+
+
+def test_aborted_cbct_then_resent_and_duplicate_series(tmp_path, orthanc, stack_factory):
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port)
+    st = stack_factory(cfg, bud)
+    cl = _client(st)
+    d = write_planning_data(tmp_path / "AB", "PAT-AB")
+    _send_planning(st, d)
+    _send_planning(st, d)                                  # duplicate planning series
+    _wait_planning(cl, "PAT-AB")
+    s = cl.start("ROOM-AB", "PAT-AB")
+    ae = AE(ae_title="IMAGER")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", st.cfg.gateway.port, ae_title="ADAPTIVE_GW")
+    assert assoc.is_established
+    for f in d["cbct"][:3]:
+        assert assoc.send_c_store(f).Status == 0
+    assoc.abort()                                          # mid-series
+    time.sleep(1.5)                                        # > idle timeout
+    assert cl.session(s["session_id"])["state"] == "waiting_for_image"
+    assert storescu(st.cfg.gateway.port, d["cbct"]).returncode == 0   # resend, complete
+    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 60)
+    assert s["state"] == "awaiting_decision" and s["cbct"]["count"] == len(d["cbct"])
+    # the same CBCT series again: reported, but does not restart or disturb the session
+    assert storescu(st.cfg.gateway.port, d["cbct"]).returncode == 0
+    time.sleep(1.5)
+    s2 = cl.session(s["session_id"])
+    assert s2["state"] == "awaiting_decision"
+    assert [h["to"] for h in s2["history"]].count("registering") == 1
+    cl.close()
