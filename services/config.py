@@ -245,9 +245,19 @@ def load_budgets(path: str | Path | None = None) -> Budgets:
                    handoff=stage("handoff", ()), source=path)
 
 
-__all__ = ["ServicesConfig", "GatewayConfig", "OrchestratorConfig", "WorkersConfig",
-           "TmsConfig", "PathsConfig", "Budgets", "StageBudget", "load_services_config",
-           "load_budgets", "replace"]
+__all__ = [
+    "Budgets",
+    "GatewayConfig",
+    "OrchestratorConfig",
+    "PathsConfig",
+    "ServicesConfig",
+    "StageBudget",
+    "TmsConfig",
+    "WorkersConfig",
+    "load_budgets",
+    "load_services_config",
+    "replace",
+]
 
 
 def _toml_value(v) -> str:

@@ -19,15 +19,20 @@ from services.config import GatewayConfig, TmsConfig
 from services.gateway.scp import Gateway
 from services.gateway.scu import send_files
 from services.gateway.tracker import SeriesTracker
-from services.gateway.validation import (CT_IMAGE, STATUS_CANNOT_UNDERSTAND, STATUS_MISMATCH,
-                                         ValidationFailure, validate_dataset_bytes)
+from services.gateway.validation import (
+    CT_IMAGE,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_MISMATCH,
+    ValidationFailure,
+    validate_dataset_bytes,
+)
 from services.sample_data import ct_slice, write_ct_series
 from tests.conftest import require_tool
 
 
 def _encode(ds) -> bytes:
-    from pydicom.filewriter import write_dataset
     from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_dataset(fp, ds)

@@ -24,9 +24,14 @@ from adaptive.log import get_logger
 from services.config import GatewayConfig
 from services.gateway.store import InstanceStore
 from services.gateway.tracker import SeriesTracker
-from services.gateway.validation import (STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS,
-                                         STORAGE_CLASSES, VERIFICATION, ValidationFailure,
-                                         validate_dataset_bytes)
+from services.gateway.validation import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    STORAGE_CLASSES,
+    VERIFICATION,
+    ValidationFailure,
+    validate_dataset_bytes,
+)
 
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 EventSink = Callable[[str, dict], None]

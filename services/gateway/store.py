@@ -39,8 +39,7 @@ def write_atomic(path: Path, chunks, *, fsync: bool) -> Path:
     tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
+            f.writelines(chunks)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

@@ -149,7 +149,6 @@ def validate_dataset_bytes(data: bytes, transfer_syntax: str, *, expected_sop_cl
         sop_class = _text(ds, "SOPClassUID")
         sop_inst = _text(ds, "SOPInstanceUID")
         patient_id = _text(ds, "PatientID")
-        patient_name = _text(ds, "PatientName")
         study = _text(ds, "StudyInstanceUID")
         series = _text(ds, "SeriesInstanceUID")
         modality = _text(ds, "Modality").upper()

@@ -14,8 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from services.console import ConsoleClient, ConsoleError
 from services.config import free_tcp_port
+from services.console import ConsoleClient, ConsoleError
 from tests.integration.conftest import make_config, storescu, write_planning_data
 
 pytestmark = pytest.mark.integration
