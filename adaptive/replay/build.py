@@ -38,7 +38,7 @@ from adaptive.replay.truth import write_dvf, write_truth_json
 
 log = get_logger(__name__)
 
-DEFAULT_SEED = 20250601
+DEFAULT_SEED = 20250604
 PLANNING_STUDY_DATE = "20250106"
 
 
