@@ -15,7 +15,13 @@ from adaptive.phantoms.deformation import DailyVariation, daily_dvf, jacobian_de
 from adaptive.phantoms.pelvis import GasPocket, PelvisAnatomy
 from adaptive.phantoms.shapes import rotation_matrix
 from adaptive.replay import load_manifest, read_dvf, write_dvf
-from adaptive.replay.build import PelvisCaseConfig, ReplayConfig, build_replay_data, det_uid, load_replay_config
+from adaptive.replay.build import (
+    PelvisCaseConfig,
+    ReplayConfig,
+    build_replay_data,
+    det_uid,
+    load_replay_config,
+)
 from adaptive.replay.manifest import dumps_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,8 +249,8 @@ def test_committed_replay_data_matches_its_manifest():
 
 def test_committed_pelvis_truth_structures_follow_the_truth_dvf():
     m = load_manifest(REPO / "replay_data")
-    pel = [c for c in m.cases if c.anatomy == "male_pelvis"][0]
-    fx = [f for f in pel.fractions if f.rectal_gas][0]
+    pel = next(c for c in m.cases if c.anatomy == "male_pelvis")
+    fx = next(f for f in pel.fractions if f.rectal_gas)
     plan_ct, plan_info = read_ct_series(pel.planning_ct_dir)
     plan_ss = read_rtstruct(pel.planning_rtstruct, series=plan_info, grid=plan_ct.grid)
     cbct, cbct_info = read_ct_series(fx.cbct_dir)
@@ -258,3 +264,21 @@ def test_committed_pelvis_truth_structures_follow_the_truth_dvf():
     # gas in today's rectum (CBCT) where the planning CT has none
     assert plan_ct.array[plan_ss.get("RECTUM").mask.array.astype(bool)].min() > -300
     assert cbct.array[truth_ss.get("RECTUM").mask.array.astype(bool)].min() < -500
+
+
+def test_written_objects_pass_dciodvfy(built, dciodvfy):
+    pel = built.case("pelvis_small")
+    fx = pel.fraction(1)
+    files = [sorted(pel.planning_ct_dir.glob("*.dcm"))[0], pel.planning_rtstruct,
+             sorted(fx.cbct_dir.glob("*.dcm"))[0], fx.truth_rtstruct]
+    for f in files:
+        errors, out = dciodvfy(f)
+        assert not errors, (f, out[-2000:])
+
+
+def test_cli_lists_committed_replay_data(capsys):
+    from adaptive.cli import main
+
+    assert main(["replay-data", "list", "--dir", str(REPO / "replay_data")]) == 0
+    out = capsys.readouterr().out
+    assert "pelvis01" in out and "tg119_cshape" in out and "RP.dcm" in out

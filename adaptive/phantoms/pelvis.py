@@ -44,7 +44,7 @@ Everything random (organ sizes, body size, planning rectal gas, CT noise) comes 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -135,20 +135,20 @@ class PelvisAnatomy:
     def sample(cls, seed: int, **overrides) -> PelvisAnatomy:
         """A seeded anatomical variant (organ and body sizes ±5-12 %, optional rectal gas)."""
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9E1]))
-        u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+        u = lambda lo, hi: float(rng.uniform(lo, hi))
         base = cls()
         bs = u(0.9, 1.12)
         ps = u(0.9, 1.1)
         body = u(0.95, 1.05)
-        kw = dict(
-            body_semi_lr_mm=base.body_semi_lr_mm * body,
-            body_semi_ap_mm=base.body_semi_ap_mm * u(0.96, 1.04),
-            fat_thickness_mm=u(15.0, 25.0),
-            bladder_semi_mm=tuple(float(a * bs * u(0.96, 1.04)) for a in base.bladder_semi_mm),
-            prostate_semi_mm=tuple(float(a * ps) for a in base.prostate_semi_mm),
-            prostate_tilt_deg=u(-20.0, -10.0),
-            rectum_radius_mm=u(13.5, 16.0),
-        )
+        kw = {
+            "body_semi_lr_mm": base.body_semi_lr_mm * body,
+            "body_semi_ap_mm": base.body_semi_ap_mm * u(0.96, 1.04),
+            "fat_thickness_mm": u(15.0, 25.0),
+            "bladder_semi_mm": tuple(float(a * bs * u(0.96, 1.04)) for a in base.bladder_semi_mm),
+            "prostate_semi_mm": tuple(float(a * ps) for a in base.prostate_semi_mm),
+            "prostate_tilt_deg": u(-20.0, -10.0),
+            "rectum_radius_mm": u(13.5, 16.0),
+        }
         anat = dataclasses.replace(base, **kw)
         if rng.uniform() < 0.35:  # a small planning gas pocket
             anat = dataclasses.replace(anat, gas_pockets=(anat.rectal_gas_pocket(u(-10, 40), 6.0),))
@@ -281,7 +281,7 @@ def _evaluate(a: PelvisAnatomy, pts_lps: np.ndarray, voxel_mm: float, gas_pocket
     fem_r, shaft_r = _femur_sd(a, p, -1.0)
     hu = None
     if want_hu:
-        cov = lambda sd: S.coverage(sd, voxel_mm)  # noqa: E731
+        cov = lambda sd: S.coverage(sd, voxel_mm)
         hu = np.full(p.shape[:-1], HU["air"], dtype=np.float32)
 
         def paint(value, sd):
@@ -409,5 +409,13 @@ def isocenter_from_ptv(phantom: Phantom) -> np.ndarray:
     return phantom.grid.ijk_to_lps(c)
 
 
-__all__ = ["HU", "PELVIS_ROIS", "GasPocket", "PelvisAnatomy", "default_planning_grid",
-           "isocenter_from_ptv", "pelvis_phantom", "render_points", "field"]
+__all__ = [
+    "HU",
+    "PELVIS_ROIS",
+    "GasPocket",
+    "PelvisAnatomy",
+    "default_planning_grid",
+    "isocenter_from_ptv",
+    "pelvis_phantom",
+    "render_points",
+]

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydicom.uid import generate_uid
 
 import adaptive
@@ -30,7 +29,12 @@ from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.model.plan import Prescription
 from adaptive.model.structures import Roi, StructureSet
 from adaptive.phantoms.cbct import CbctGeometry, simulate_fraction
-from adaptive.phantoms.pelvis import PelvisAnatomy, default_planning_grid, isocenter_from_ptv, pelvis_phantom
+from adaptive.phantoms.pelvis import (
+    PelvisAnatomy,
+    default_planning_grid,
+    isocenter_from_ptv,
+    pelvis_phantom,
+)
 from adaptive.phantoms.phantom import Phantom
 from adaptive.phantoms.tg119 import tg119_cshape, tg119_prostate
 from adaptive.replay.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_manifest
