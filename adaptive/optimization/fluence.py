@@ -122,9 +122,10 @@ def optimize_fluence(dij: DoseInfluence, objective: Objective, *, w0: np.ndarray
 def fluence_from_plan(plan: Plan, dij: DoseInfluence, beam_map: list[int] | None = None) -> np.ndarray:
     """Beamlet weights (MU per fraction) equivalent to a plan's MLC segments.
 
-    Each segment's MU is projected onto the beamlets whose centre (``bev_x_mm``,
-    ``bev_y_mm`` at the isocenter plane) lies inside the segment's aperture (the leaf pair
-    covering y, between its X1 and X2 leaves, and inside the jaws). ``beam_map[b]`` = index
+    Each segment's MU is projected onto the beamlets: a beamlet whose centre (``bev_x_mm``,
+    ``bev_y_mm`` at the isocenter plane) lies in an (open or closed) leaf pair inside the jaws
+    gets MU × the fraction of its width along X that lies between the pair's X1 and X2 leaves
+    (and the X jaws) — so a closed pair's minimum gap contributes gap/bixel width. ``beam_map[b]`` = index
     of the plan beam that Dij beam ``b`` corresponds to (default: identity).
     """
     w = np.zeros(dij.n_beamlets, dtype=np.float64)
@@ -138,16 +139,19 @@ def fluence_from_plan(plan: Plan, dij: DoseInfluence, beam_map: list[int] | None
         idx = dij.beamlets_of(b)
         x = np.asarray(dij.bev_x_mm)[idx]
         y = np.asarray(dij.bev_y_mm)[idx]
+        hx = 0.5 * float(dij.bixel_size_mm[0])
         for cp, mu in beam.segments():
-            inside = ((x > cp.jaw_x_mm[0]) & (x < cp.jaw_x_mm[1]) & (y > cp.jaw_y_mm[0])
-                      & (y < cp.jaw_y_mm[1]))
+            inside = (y > cp.jaw_y_mm[0]) & (y < cp.jaw_y_mm[1])
+            lo = np.full(x.shape, float(cp.jaw_x_mm[0]))
+            hi = np.full(x.shape, float(cp.jaw_x_mm[1]))
             if cp.mlc_x1_mm is not None and beam.leaf_boundaries_mm is not None:
                 lb = np.asarray(beam.leaf_boundaries_mm, dtype=np.float64)
                 pair = np.searchsorted(lb, y, side="right") - 1
                 ok = (pair >= 0) & (pair < len(lb) - 1)
                 pc = np.clip(pair, 0, len(lb) - 2)
-                x1 = np.asarray(cp.mlc_x1_mm)[pc]
-                x2 = np.asarray(cp.mlc_x2_mm)[pc]
-                inside &= ok & (x > x1) & (x < x2)
-            w[idx[inside]] += mu
+                lo = np.maximum(lo, np.asarray(cp.mlc_x1_mm, dtype=np.float64)[pc])
+                hi = np.minimum(hi, np.asarray(cp.mlc_x2_mm, dtype=np.float64)[pc])
+                inside &= ok
+            cover = np.clip(np.minimum(hi, x + hx) - np.maximum(lo, x - hx), 0.0, None) / (2 * hx)
+            w[idx] += mu * np.where(inside, cover, 0.0)
     return w

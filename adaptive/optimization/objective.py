@@ -19,7 +19,18 @@ w_j)/w_s)²`` over adjacent beamlets of the same beam (``w_s``: the uniform weig
 the prescription on average in the target) eases MLC sequencing.
 
 Only the Dij rows that belong to a structure with a term are kept (a row sub-matrix), and
-products go through :class:`adaptive.optimization.kernels.SparseOperator`.
+products go through :class:`adaptive.optimization.kernels.SparseOperator`. Large structures
+(more than ``max_rows_per_structure`` voxels, typically BODY) are subsampled: every voxel
+within ``keep_near_target_mm`` of the target is kept, the rest on a regular lattice (every
+k-th voxel along each axis) — each term is a per-voxel mean, so the subsample estimates the
+same objective at a fraction of the cost. Clinical goals are always evaluated on all voxels.
+
+**Dose correction** (:meth:`Objective.set_dose_correction`): the Dij is a truncated pencil-
+beam model of the beamlets; the deliverable dose of a sequenced plan comes from the plan-dose
+engine (full kernel, transmission, leaf gaps). Given both doses for the same plan, the
+objective can model the deliverable dose as ``d = r ⊙ (D·w) + c`` (per-voxel ratio ``r``
+where the Dij dose is significant, additive residual ``c`` elsewhere), the dose-correction
+approach of e.g. Siebers et al. 2002, used for segment-weight re-optimisation.
 """
 
 from __future__ import annotations
@@ -57,6 +68,27 @@ def masks_to_rows(dij: DoseInfluence, masks: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def _near_target_rows(dij: DoseInfluence, target_mask, margin_mm: float) -> np.ndarray:
+    """Boolean per Dij row: within ``margin_mm`` of the target (Euclidean, dose grid)."""
+    from scipy import ndimage
+
+    t = (target_mask.array if isinstance(target_mask, Volume) else np.asarray(target_mask)).astype(bool)
+    dist = ndimage.distance_transform_edt(~t, sampling=dij.dose_grid.spacing[::-1])
+    return (dist <= margin_mm).ravel()[dij.voxel_indices]
+
+
+def _subsample_rows(dij: DoseInfluence, rows: np.ndarray, near: np.ndarray, cap: int) -> np.ndarray:
+    """Rows near the target plus a regular lattice subsample of the others (≈ ``cap`` in all)."""
+    keep = rows[near[rows]]
+    far = rows[~near[rows]]
+    room = max(cap - keep.size, cap // 4)
+    if far.size > room:
+        k = int(np.ceil((far.size / room) ** (1.0 / 3.0)))
+        z, y, x = np.unravel_index(dij.voxel_indices[far], dij.dose_grid.shape)
+        far = far[(z % k == 0) & (y % k == 0) & (x % k == 0)]
+    return np.sort(np.concatenate([keep, far]))
+
+
 def neighbour_pairs(dij: DoseInfluence) -> np.ndarray:
     """(P, 2) beamlet index pairs adjacent in X or Y within the same beam."""
     bx, by = (float(dij.bixel_size_mm[0]), float(dij.bixel_size_mm[1]))
@@ -85,7 +117,8 @@ class Objective:
     """
 
     def __init__(self, dij: DoseInfluence, masks: dict, goals: ClinicalGoals, *,
-                 smoothness: float = 0.0, dtype=np.float32):
+                 smoothness: float = 0.0, dtype=np.float32,
+                 max_rows_per_structure: int | None = 30000, keep_near_target_mm: float = 20.0):
         self.dij = dij
         self.goals = goals
         self.d_rx = float(goals.prescription.dose_per_fraction_gy)
@@ -100,13 +133,20 @@ class Objective:
             if r.size == 0:
                 raise OptimizationError(f"ROI {n!r} has no voxel in the dose-influence matrix "
                                         "(empty, or outside the computed voxels)")
+        target = goals.prescription.target_roi_name.lower()
+        self.subsampled: dict[str, tuple[int, int]] = {}
+        if max_rows_per_structure and target in lower:
+            near = _near_target_rows(dij, lower[target], keep_near_target_mm)
+            for n, r in list(rows_of.items()):
+                if n != target and r.size > max_rows_per_structure:
+                    rows_of[n] = _subsample_rows(dij, r, near, max_rows_per_structure)
+                    self.subsampled[n] = (int(r.size), int(rows_of[n].size))
         used = np.unique(np.concatenate(list(rows_of.values())))
         remap = np.full(dij.n_voxels, -1, dtype=np.int64)
         remap[used] = np.arange(used.size)
         self.rows_used = used
         self.op = SparseOperator(dij.matrix[used], dtype=dtype)
         self.terms = [_Term(t, remap[rows_of[t.structure.lower()]]) for t in goals.objectives]
-        target = goals.prescription.target_roi_name.lower()
         trows = (masks_to_rows(dij, {target: lower[target]})[target] if target in lower
                  else rows_of[next(iter(rows_of))])
         # uniform weight that delivers d_rx on average in the target
@@ -118,6 +158,29 @@ class Objective:
         self.smoothness = float(smoothness)
         self.pairs = neighbour_pairs(dij) if smoothness > 0 else np.zeros((0, 2), np.int64)
         self.n_evaluations = 0
+        self.ratio: np.ndarray | None = None
+        self.offset: np.ndarray | None = None
+
+    def set_dose_correction(self, dij_dose_gy: np.ndarray, true_dose_gy: np.ndarray,
+                            min_fraction_of_rx: float = 0.05) -> dict:
+        """Model the deliverable dose as r ⊙ (D·w) + c on the used rows.
+
+        ``dij_dose_gy``/``true_dose_gy``: per-fraction doses of the same plan on all Dij rows
+        (D·w of its segments' beamlet weights, and the plan-dose engine's dose). Where the
+        Dij dose exceeds ``min_fraction_of_rx`` × d_rx, r = true/Dij (clipped to 0.5..2),
+        c = 0; elsewhere r = 1 and c = true − Dij. Returns summary figures."""
+        a = np.asarray(dij_dose_gy, dtype=np.float64)[self.rows_used]
+        b = np.asarray(true_dose_gy, dtype=np.float64)[self.rows_used]
+        sig = a > min_fraction_of_rx * self.d_rx
+        r = np.ones_like(a)
+        r[sig] = np.clip(b[sig] / a[sig], 0.5, 2.0)
+        c = np.where(sig, 0.0, b - a)
+        self.ratio, self.offset = r, c
+        return {"median_ratio": float(np.median(r[sig])) if sig.any() else 1.0,
+                "n_ratio_voxels": int(sig.sum()), "max_abs_offset_gy": float(np.abs(c).max())}
+
+    def clear_dose_correction(self) -> None:
+        self.ratio = self.offset = None
 
     @property
     def n_beamlets(self) -> int:
@@ -188,7 +251,11 @@ class Objective:
         """(f, ∂f/∂w) at weights ``w`` (MU); gradient in float64."""
         self.n_evaluations += 1
         d = self.op.dot(w)
+        if self.ratio is not None:
+            d = d * self.ratio + self.offset
         f, gd = self.value_and_grad_dose(d)
+        if self.ratio is not None:
+            gd = gd * self.ratio
         grad = self.op.tdot(gd.astype(self.op.dtype)).astype(np.float64)
         fs, gs = self.smooth_value_and_grad(np.asarray(w, dtype=np.float64))
         return f + fs, grad + gs

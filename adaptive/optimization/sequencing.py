@@ -58,6 +58,8 @@ class MlcGeometry:
     max_leaf_span_mm: float = math.inf
     min_gap_mm: float = 0.5
     interdigitation: bool = False
+    mlc_transmission: float = 0.0
+    jaw_transmission: float = 0.0
 
     @property
     def n_pairs(self) -> int:
@@ -72,7 +74,9 @@ class MlcGeometry:
                                            float(m.leaf_position_range_mm[1])),
                    max_leaf_span_mm=float(m.max_leaf_span_mm),
                    min_gap_mm=float(m.min_leaf_gap_mm),
-                   interdigitation=bool(m.interdigitation_allowed))
+                   interdigitation=bool(m.interdigitation_allowed),
+                   mlc_transmission=float(m.transmission),
+                   jaw_transmission=float(bm.jaw_transmission))
 
 
 @dataclass(frozen=True)
@@ -394,3 +398,95 @@ def sequence_plan_beams(dij: DoseInfluence, weights_mu: np.ndarray, templates: l
     for b in range(len(templates)):
         out.append(sequence_beam(beam_fluence_map(dij, weights_mu, b), mlc, settings))
     return out
+
+
+# --- segment weight optimisation (dose space) ----------------------------------------------
+
+
+def segment_beamlet_matrix(dij: DoseInfluence, sequenced: list[SequencedBeam], mlc: MlcGeometry):
+    """Sparse (n_beamlets × n_segments) matrix A (relative fluence of segment s at beamlet b):
+    inside the jaws, the fraction c of the beamlet's width between the X1/X2 leaves of the
+    leaf pair covering its centre plus ``mlc.mlc_transmission`` × (1 − c) (so a closed
+    pair's minimum gap counts gap/bixel width); ``mlc.jaw_transmission`` × ``mlc_transmission`` outside the jaws (the
+    leaves are behind the jaws there too). So D·(A·m) includes the leakage of every
+    segment's MU at bixel resolution."""
+    import scipy.sparse as sp
+
+    lb = np.asarray(mlc.leaf_boundaries_mm, dtype=np.float64)
+    hx = 0.5 * float(dij.bixel_size_mm[0])
+    rows, cols, vals = [], [], []
+    s_idx = 0
+    for sb in sequenced:
+        idx = dij.beamlets_of(sb.beam)
+        x = np.asarray(dij.bev_x_mm, dtype=np.float64)[idx]
+        y = np.asarray(dij.bev_y_mm, dtype=np.float64)[idx]
+        pair = np.clip(np.searchsorted(lb, y, side="right") - 1, 0, len(lb) - 2)
+        for s in sb.segments:
+            in_jaw = ((x > s.jaw_x_mm[0]) & (x < s.jaw_x_mm[1]) & (y > s.jaw_y_mm[0])
+                      & (y < s.jaw_y_mm[1]))
+            lo = np.maximum(s.mlc_x1_mm[pair], s.jaw_x_mm[0])
+            hi = np.minimum(s.mlc_x2_mm[pair], s.jaw_x_mm[1])
+            cover = np.clip(np.minimum(hi, x + hx) - np.maximum(lo, x - hx), 0.0, None) / (2 * hx)
+            v = np.where(in_jaw, cover + mlc.mlc_transmission * (1.0 - cover),
+                         mlc.mlc_transmission * mlc.jaw_transmission)
+            nz = v > 0
+            rows.append(idx[nz])
+            cols.append(np.full(int(nz.sum()), s_idx))
+            vals.append(v[nz])
+            s_idx += 1
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    v = np.concatenate(vals) if vals else np.zeros(0)
+    return sp.csr_matrix((v, (r, c)), shape=(dij.n_beamlets, s_idx))
+
+
+def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[SequencedBeam],
+                             mlc: MlcGeometry, settings: SequencingSettings, *,
+                             max_iter: int = 100, rounds: int = 4,
+                             deadline_s: float | None = None) -> list[SequencedBeam]:
+    """Re-optimise the segments' MU in dose space (the same objective as the fluence
+    optimisation, through the apertures' beamlets), L-BFGS-B with m ≥ 0. Segments that end
+    below ``min_mu_per_segment`` are dropped and the rest re-optimised (up to ``rounds``).
+    Returns new :class:`SequencedBeam` objects (beams left without segments keep none)."""
+    import time as _time
+
+    from scipy.optimize import minimize
+
+    t0 = _time.perf_counter()
+    seq = [SequencedBeam(sb.beam, list(sb.segments), sb.quantised_leaf_fluence_mu,
+                         sb.leaf_fluence_mu, sb.delta_mu, sb.n_segments_raw, sb.column_edges_mm)
+           for sb in sequenced]
+    for _ in range(max(1, rounds)):
+        a = segment_beamlet_matrix(dij, seq, mlc)
+        m0 = np.array([s.mu for sb in seq for s in sb.segments], dtype=np.float64)
+        if m0.size == 0:
+            break
+        scale = max(float(m0.mean()), 1e-6)
+        at = a.T.tocsr()
+
+        def fun(x):
+            f, g = objective(a @ (x * scale))
+            return f, (at @ g) * scale
+
+        budget = None if deadline_s is None else max(0.0, deadline_s - (_time.perf_counter() - t0))
+        if budget is not None and budget <= 0:
+            break
+        res = minimize(fun, m0 / scale, jac=True, method="L-BFGS-B",
+                       bounds=[(0.0, None)] * m0.size,
+                       options={"maxiter": max_iter, "ftol": 1e-7})
+        m = np.maximum(res.x * scale, 0.0) if res.fun <= fun(m0 / scale)[0] else m0
+        k = 0
+        low = False
+        for sb in seq:
+            keep = []
+            for s in sb.segments:
+                s.mu = float(m[k])
+                k += 1
+                if s.mu >= settings.min_mu_per_segment:
+                    keep.append(s)
+                else:
+                    low = True
+            sb.segments = keep
+        if not low:
+            break
+    return seq
