@@ -175,10 +175,11 @@ def fluence_dose(pts, gpts, src, dens, dsp, rot, iso, sad, pyr, pyr_ny, pyr_nx, 
 
     ``pyr[l]`` is the fluence averaged over 2^l x 2^l blocks (element size res * 2^l, edges at
     fx0 / fy0 + i * size); ``pyr_ny/pyr_nx[l]`` its size. Each kernel component is summed on the
-    coarsest level whose element is <= half its width (exact erf integration over each element
-    of the block-averaged fluence), within min(cutoff, 4 sigma + element) of the point.
-    Levels are also limited to elements <= cutoff / 8 so that the cut-off circle is resolved
-    as finely as in the Dij (same truncated kernel in both paths)."""
+    coarsest level whose element is <= its width sigma (exact erf integration over each element
+    of the block-averaged fluence; block averaging widens the component by < 4 %), within
+    min(cutoff, 3.5 sigma + element) of the point (the 2-D Gaussian beyond 3.5 sigma holds
+    0.2 % of its integral). Levels are also limited to elements <= cutoff / 6 so that a short
+    cut-off circle is resolved as finely as in the Dij (same truncated kernel in both paths)."""
     n = pts.shape[0]
     nlev = pyr.shape[0]
     nchunk = max(1, min(n, 64 * nthreads))
@@ -205,11 +206,11 @@ def fluence_dose(pts, gpts, src, dens, dsp, rot, iso, sad, pyr, pyr_ny, pyr_nx, 
                     _components(kp, d, z, amp, sig)
                 s = sig[c]
                 lev = 0
-                while (lev + 1 < nlev and res * 2.0 ** (lev + 1) <= 0.5 * s
-                       and res * 2.0 ** (lev + 1) <= 0.125 * cutoff):
+                while (lev + 1 < nlev and res * 2.0 ** (lev + 1) <= s
+                       and res * 2.0 ** (lev + 1) <= cutoff / 6.0):
                     lev += 1
                 w = res * 2.0 ** lev
-                r = min(cutoff, 4.0 * s + w)
+                r = min(cutoff, 3.5 * s + w)
                 ix0, ix1 = _window(x, r, fx0, w, pyr_nx[lev])
                 iy0, iy1 = _window(y, r, fy0, w, pyr_ny[lev])
                 if ix1 < ix0 or iy1 < iy0:
