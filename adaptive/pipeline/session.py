@@ -1,0 +1,366 @@
+"""Planning and re-planning stages, and the whole chain for one fraction.
+
+Stages (each a function; times in seconds recorded in ``timings_s``):
+
+``stage_masks`` → ``stage_beams`` → ``stage_dij`` → ``stage_optimize`` → ``stage_sequence``
+→ ``stage_deliverable_dose`` → ``stage_checks`` → ``write_plan_outputs``; :func:`plan_case`
+runs them for one CT + structure set (from scratch or warm-started from a reference plan);
+:func:`run_fraction` adds registration, synthetic CT, contour propagation and the
+scheduled-vs-adapted comparison for an archived fraction.
+
+Doses per fraction in Gy, MU per fraction, LPS mm.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import adaptive.optimization.kernels  # noqa: F401  (sets OMP_WAIT_POLICY before numba runs)
+from adaptive.dose.beam_model import BeamModel, load_beam_model
+from adaptive.dose.density import hu_to_density
+from adaptive.dose.dij import compute_dij
+from adaptive.dose.dose_grid import make_dose_grid, mask_on_grid
+from adaptive.dose.influence import DoseInfluence
+from adaptive.dose.plan_dose import plan_dose
+from adaptive.errors import OptimizationError
+from adaptive.geometry.volume import Volume
+from adaptive.log import get_logger
+from adaptive.model.identity import SeriesInfo
+from adaptive.model.plan import Beam, Plan
+from adaptive.model.structures import StructureSet
+from adaptive.optimization.checks import PlanCheckReport, check_plan
+from adaptive.optimization.fluence import FluenceResult, fluence_from_plan, optimize_fluence
+from adaptive.optimization.goals import ClinicalGoals, GoalResult, evaluate_goals
+from adaptive.optimization.objective import Objective
+from adaptive.optimization.plan_builder import build_plan, equispaced_beams, templates_from_plan
+from adaptive.optimization.sequencing import (
+    MlcGeometry,
+    SequencingSettings,
+    optimize_segment_weights,
+    segment_beamlet_matrix,
+    sequence_plan_beams,
+)
+
+log = get_logger("adaptive.pipeline")
+
+
+@dataclass
+class PlanSettings:
+    """``deadline_s``: fluence optimisation budget (s); ``smoothness``: fluence regulariser λ;
+    ``dose_grid_spacing_mm``, ``bixel_size_mm``: Dij resolution; ``n_beams``: beams of a
+    plan from scratch; ``correction_rounds``: segment-weight re-optimisations with the
+    plan-dose correction (each costs one more plan-dose calculation)."""
+
+    deadline_s: float | None = None
+    max_iter: int = 400
+    smoothness: float = 0.02
+    dose_grid_spacing_mm: float = 3.0
+    bixel_size_mm: float = 5.0
+    n_beams: int = 9
+    correction_rounds: int = 1
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    dose: Volume  # deliverable dose (plan-dose engine), Gy per fraction
+    fluence_dose: Volume  # Dij dose of the optimised fluence, Gy per fraction
+    fluence: FluenceResult
+    goals_fluence: list[GoalResult]
+    goals_deliverable: list[GoalResult]
+    checks: PlanCheckReport
+    masks: dict
+    dij: DoseInfluence
+    timings_s: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def report(self) -> dict:
+        return {"timings_s": self.timings_s, "info": self.info,
+                "fluence": {"iterations": self.fluence.iterations,
+                            "objective": self.fluence.objective_value,
+                            "stopped_early": self.fluence.stopped_early,
+                            "reason": self.fluence.reason, "time_s": self.fluence.time_s},
+                "goals_fluence": [g.to_dict() for g in self.goals_fluence],
+                "goals_deliverable": [g.to_dict() for g in self.goals_deliverable],
+                "degradation_total_gy": {f"{a.structure} {a.metric}": b.value_total - a.value_total
+                                         for a, b in zip(self.goals_fluence, self.goals_deliverable)},
+                "checks": self.checks.to_dict(),
+                "plan": {"label": self.plan.label, "sop_instance_uid": self.plan.sop_instance_uid,
+                         "predecessor_plan_uid": self.plan.predecessor_plan_uid,
+                         "total_mu": self.plan.total_mu,
+                         "beams": [{"name": b.name, "gantry_deg": b.gantry_deg,
+                                    "mu": b.meterset_mu, "segments": len(b.segments())}
+                                   for b in self.plan.beams]}}
+
+
+class _Timer:
+    def __init__(self, timings: dict, name: str):
+        self.t, self.name = timings, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.t[self.name] = round(time.perf_counter() - self.t0, 3)
+        log.info("stage_done", stage=self.name, seconds=self.t[self.name])
+
+
+def stage_masks(ct: Volume, ss: StructureSet, goals: ClinicalGoals, spacing_mm: float
+                ) -> tuple[dict, dict]:
+    """ROI masks needed by the goals on the CT grid and on the dose grid."""
+    density_grid = ct.grid
+    dgrid = make_dose_grid(ct, spacing_mm)
+    ct_masks, dose_masks = {}, {}
+    for name in goals.structures:
+        if name not in ss:
+            raise OptimizationError(f"structure set has no ROI {name!r} required by the goals "
+                                    f"{goals.source} (has {ss.names()})")
+        m = ss.mask(name, density_grid)
+        ct_masks[name] = m
+        dose_masks[name] = mask_on_grid(m, density_grid, dgrid, name)
+    return ct_masks, dose_masks
+
+
+def stage_beams(ct_masks: dict, ct: Volume, goals: ClinicalGoals, n_beams: int,
+                reference: Plan | None, bm: BeamModel) -> list[Beam]:
+    if reference is not None:
+        return templates_from_plan(reference)
+    t = ct_masks[goals.prescription.target_roi_name]
+    if not t.any():
+        raise OptimizationError("target mask is empty")
+    iso = ct.grid.voxel_centers_lps()[t].mean(axis=0)
+    return equispaced_beams(np.round(iso, 1), n_beams, sad_mm=bm.sad_mm, machine=bm.name)
+
+
+def stage_dij(density: Volume, beams: list[Beam], ct_masks: dict, goals: ClinicalGoals,
+              bm: BeamModel, s: PlanSettings) -> DoseInfluence:
+    body = ct_masks.get("BODY")
+    return compute_dij(density, beams, ct_masks[goals.prescription.target_roi_name], body,
+                       beam_model=bm, bixel_size_mm=s.bixel_size_mm,
+                       dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+
+
+def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalGoals, *,
+              reference: Plan | None = None, settings: PlanSettings | None = None,
+              beam_model: BeamModel | None = None, label: str = "ADAPTIVE") -> PlanResult:
+    """Optimise, sequence, recalculate and check a plan on ``ct`` (HU) with ``ss``.
+
+    ``reference``: the scheduled plan — its beam geometry is kept, its segments give the
+    warm-start fluence, and the new plan references it as PREDECESSOR.
+    """
+    s = settings or PlanSettings()
+    bm = beam_model or load_beam_model()
+    mlc = MlcGeometry.from_beam_model(bm)
+    seq_settings = SequencingSettings.load()
+    T: dict[str, float] = {}
+    info: dict = {}
+    with _Timer(T, "density_masks"):
+        density = hu_to_density(ct)
+        ct_masks, masks = stage_masks(ct, ss, goals, s.dose_grid_spacing_mm)
+    with _Timer(T, "dij"):
+        templates = stage_beams(ct_masks, ct, goals, s.n_beams, reference, bm)
+        dij = stage_dij(density, templates, ct_masks, goals, bm, s)
+    info["dij"] = {"voxels": dij.n_voxels, "beamlets": dij.n_beamlets, "nnz": dij.nnz,
+                   "mbytes": round(dij.nbytes / 2**20, 1)}
+    with _Timer(T, "objective_setup"):
+        obj = Objective(dij, masks, goals, smoothness=s.smoothness)
+        w0 = fluence_from_plan(reference, dij) if reference is not None else None
+    info["objective_rows"] = int(obj.rows_used.size)
+    info["subsampled"] = obj.subsampled
+    with _Timer(T, "fluence_optimization"):
+        fr = optimize_fluence(dij, obj, w0=w0, deadline_s=s.deadline_s, max_iter=s.max_iter)
+    fluence_dose = dij.dose_volume(fr.weights_mu)
+    goals_fluence = evaluate_goals(fluence_dose, masks, goals)
+    with _Timer(T, "sequencing"):
+        seq = sequence_plan_beams(dij, fr.weights_mu, templates, mlc, seq_settings)
+        info["segments_raw"] = [sb.n_segments_raw for sb in seq]
+        seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings)
+    common = dict(prescription=goals.prescription,
+                  frame_of_reference_uid=series.frame_of_reference_uid, label=label,
+                  referenced_structure_set_uid=ss.sop_instance_uid,
+                  predecessor_plan_uid=reference.sop_instance_uid if reference else "",
+                  patient_id=series.patient.patient_id, patient_name=series.patient.patient_name,
+                  study_instance_uid=series.study_instance_uid)
+    plan = build_plan(seq, templates, mlc, **common)
+    with _Timer(T, "deliverable_dose"):
+        dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+    for k in range(s.correction_rounds):
+        with _Timer(T, f"dose_correction_{k + 1}"):
+            a = segment_beamlet_matrix(dij, seq, mlc)
+            m = np.array([sg.mu for sb in seq for sg in sb.segments])
+            dij_d = np.asarray(dij.matrix @ (a @ m).astype(np.float32), dtype=np.float64)
+            true_d = dose.array.ravel()[dij.voxel_indices]
+            info[f"correction_{k + 1}"] = obj.set_dose_correction(dij_d, true_d)
+            seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings)
+            obj.clear_dose_correction()
+            plan = build_plan(seq, templates, mlc, **common)
+            dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+    with _Timer(T, "checks"):
+        # independent recalculation: the plan as read back from DICOM, finer fluence raster
+        indep = _independent_dose(ct, plan, bm, s)
+        checks = check_plan(plan, dose, indep, masks, goals, mlc, seq_settings)
+    return PlanResult(plan=plan, dose=dose, fluence_dose=fluence_dose, fluence=fr,
+                      goals_fluence=goals_fluence, goals_deliverable=checks.goal_results,
+                      checks=checks, masks=masks, dij=dij, timings_s=T, info=info)
+
+
+def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings) -> Volume:
+    import tempfile
+
+    from adaptive.dicom.rtplan import read_rtplan, write_rtplan
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "RP.dcm"
+        write_rtplan(_copy_plan(plan), p)
+        back = read_rtplan(p)
+    return plan_dose(ct, back, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
+                     fluence_resolution_mm=0.5 * bm.fluence_resolution_mm)
+
+
+def _copy_plan(plan: Plan) -> Plan:
+    import copy
+
+    c = copy.copy(plan)
+    c.sop_instance_uid = ""
+    return c
+
+
+def write_plan_outputs(result: PlanResult, series: SeriesInfo, out_dir: str | Path, *,
+                       input_uids: dict, parameters: dict, extra_report: dict | None = None
+                       ) -> dict:
+    """Write OUT/RP.dcm, OUT/RD.dcm and OUT/plan_report.json (only when the checks passed:
+    raises :class:`PlanCheckError` otherwise, after writing the report)."""
+    from adaptive.dicom.provenance import Provenance
+    from adaptive.dicom.rtdose import write_rtdose
+    from adaptive.dicom.rtplan import write_rtplan
+    from adaptive.optimization.checks import require_passed
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = result.report()
+    report.update(extra_report or {})
+    report["input_uids"] = input_uids
+    report["parameters"] = parameters
+    if not result.checks.passed:
+        report["written"] = []
+        (out / "plan_report.json").write_text(json.dumps(report, indent=2, default=float))
+        require_passed(result.checks)
+    prov = Provenance(input_uids=input_uids, parameters=parameters, timings_s=result.timings_s,
+                      description="adaptive plan optimisation")
+    rp = write_rtplan(result.plan, out / "RP.dcm", provenance=prov, patient=series.patient,
+                      study_instance_uid=series.study_instance_uid)
+    rd = write_rtdose(result.dose, out / "RD.dcm", plan=result.plan, series=series,
+                      provenance=prov)
+    report["plan"]["sop_instance_uid"] = rp
+    report["rtdose_uid"] = rd
+    report["written"] = ["RP.dcm", "RD.dcm", "plan_report.json"]
+    (out / "plan_report.json").write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+# --- the replay chain for one archived fraction ---------------------------------------------
+
+
+@dataclass
+class FractionResult:
+    adapted: PlanResult
+    scheduled_dose: Volume
+    comparison: object  # adaptive.optimization.compare.PlanComparison
+    timings_s: dict
+    registration: dict
+
+
+def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
+                        settings: PlanSettings | None = None) -> dict:
+    """Plan a replay case from scratch on its planning CT (``planning/CT``,
+    ``planning/RS.dcm``) and write the scheduled plan ``planning/RP.dcm`` + ``planning/RD.dcm``
+    (+ plan_report.json). Meant to be called at the end of the replay-data build."""
+    from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.optimization.goals import load_goals
+
+    case = Path(case_dir)
+    goals = load_goals(goals_path)
+    ct, series = read_ct_series(case / "planning" / "CT")
+    ss = read_rtstruct(case / "planning" / "RS.dcm", series=series, grid=ct.grid)
+    res = plan_case(ct, series, ss, goals, settings=settings, label="SCHEDULED")
+    return write_plan_outputs(res, series, case / "planning",
+                              input_uids={"ct_series": series.series_instance_uid,
+                                          "rtstruct": ss.sop_instance_uid},
+                              parameters={"goals_file": str(goals_path)})
+
+
+def run_fraction(case_dir: str | Path, fraction_dir: str | Path, goals: ClinicalGoals, *,
+                 settings: PlanSettings | None = None, out_dir: str | Path | None = None
+                 ) -> FractionResult:
+    """register CBCT → synthetic CT + propagated structures → Dij on the synthetic CT →
+    warm-started re-optimisation from the scheduled plan → sequencing → deliverable dose →
+    checks → scheduled (recalculated on the synthetic CT) vs adapted comparison.
+
+    ``case_dir``: holds ``planning/CT``, ``planning/RS.dcm``, ``planning/RP.dcm``;
+    ``fraction_dir``: holds ``CBCT/``.
+    """
+    from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.rtplan import read_rtplan
+    from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.optimization.compare import compare_plans
+    from adaptive.registration.core import register
+    from adaptive.registration.propagate import propagate_structures
+    from adaptive.registration.synthetic_ct import synthetic_ct
+
+    s = settings or PlanSettings()
+    case, fx = Path(case_dir), Path(fraction_dir)
+    T: dict[str, float] = {}
+    with _Timer(T, "load"):
+        ct, ct_info = read_ct_series(case / "planning" / "CT")
+        ss = read_rtstruct(case / "planning" / "RS.dcm", series=ct_info, grid=ct.grid)
+        rp = case / "planning" / "RP.dcm"
+        if not rp.is_file():
+            raise OptimizationError(f"no scheduled plan {rp} (run make_scheduled_plan first)")
+        scheduled = read_rtplan(rp)
+        cbct, cbct_info = read_ct_series(fx / "CBCT")
+    iso = scheduled.beams[0].isocenter_lps_mm
+    with _Timer(T, "registration"):
+        reg = register(cbct, ct, isocenter_lps_mm=iso, cbct_info=cbct_info, ct_info=ct_info)
+    with _Timer(T, "synthetic_ct_contours"):
+        sct = synthetic_ct(ct, cbct, reg.dvf_lps_mm)
+        today = propagate_structures(ss, reg.dvf_lps_mm, reg.fixed_grid, cbct_info,
+                                     planning_grid=ct.grid, names=goals.structures)
+    # the synthetic CT lives in the CBCT frame: map the plan isocenter with the rigid part
+    m = np.linalg.inv(reg.rigid_matrix)  # planning LPS -> CBCT LPS
+    sched_today = _moved_plan(scheduled, m, cbct_info.frame_of_reference_uid)
+    t0 = time.perf_counter()
+    adapted = plan_case(sct, cbct_info, today, goals, reference=sched_today, settings=s,
+                        label="ADAPTED")
+    T.update({f"plan.{k}": v for k, v in adapted.timings_s.items()})
+    T["plan_total"] = round(time.perf_counter() - t0, 3)
+    with _Timer(T, "scheduled_recalc"):
+        sdose = plan_dose(sct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+    comparison = compare_plans(sdose, adapted.dose, adapted.masks, goals)
+    if out_dir is not None:
+        write_plan_outputs(adapted, cbct_info, out_dir,
+                           input_uids={"planning_ct": ct_info.series_instance_uid,
+                                       "cbct": cbct_info.series_instance_uid,
+                                       "predecessor_plan": scheduled.sop_instance_uid},
+                           parameters={"goals": goals.to_dict(), "settings": s.__dict__},
+                           extra_report={"comparison": comparison.to_dict(),
+                                         "chain_timings_s": T})
+    return FractionResult(adapted, sdose, comparison, T,
+                          {"fallback": reg.fallback, "quality": reg.quality})
+
+
+def _moved_plan(plan: Plan, m: np.ndarray, frame_uid: str) -> Plan:
+    """Copy of ``plan`` with isocenters mapped by the 4×4 ``m`` (LPS mm) into another frame;
+    keeps the SOP Instance UID so the adapted plan references it as PREDECESSOR."""
+    import copy
+
+    p = copy.deepcopy(plan)
+    for b in p.beams:
+        b.isocenter_lps_mm = (m @ np.append(b.isocenter_lps_mm, 1.0))[:3]
+    p.frame_of_reference_uid = frame_uid
+    return p
