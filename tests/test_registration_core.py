@@ -1,0 +1,244 @@
+"""Registration core against known truth (analytic phantom, known displacements)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+
+from adaptive.config import load_toml
+from adaptive.errors import ConfigError, PatientMismatchError, RegistrationError
+from adaptive.geometry.volume import Volume
+from adaptive.model.identity import PatientInfo, SeriesInfo
+from adaptive.registration import register, synthetic_ct
+from adaptive.registration.evaluate import dilate_mm, dice, hausdorff95, tre
+from adaptive.registration.quality import affine_field, jacobian_determinant
+from adaptive.registration.settings import DEFAULT_CONFIG, load_registration_settings
+
+from registration_phantom import (cbct_grid, phantom_hu, planning_ct, simulate_cbct,
+                                  smooth_dvf, structure_masks)
+
+SHIFT = np.array([4.0, 3.0, -5.0])
+ISO = np.array([12.0, -18.0, 9.0])
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return planning_ct()
+
+
+def roi(cbct: Volume, result, margin_mm=8.0):
+    """Region of interest: CBCT body inside the field of view, away from its edge."""
+    from scipy import ndimage
+    d = ndimage.distance_transform_edt(result.fixed_mask, sampling=cbct.grid.spacing[::-1])
+    return result.body_mask & (d > margin_mm)
+
+
+@pytest.fixture(scope="module")
+def shifted(ct):
+    g = cbct_grid()
+    u = np.broadcast_to(SHIFT, g.shape + (3,)).astype(np.float32)
+    cb = simulate_cbct(g, u, noise_hu=15.0, seed=1)
+    return cb, u, register(cb, ct)
+
+
+@pytest.fixture(scope="module")
+def deformed(ct):
+    """Daily CBCT in its own Frame of Reference (origin = isocenter), smooth deformation,
+    strong cupping, truncated FOV, a gas bubble the planning CT lacks."""
+    g = cbct_grid()
+    u = smooth_dvf(g, amplitude=(5.0, -7.0, 4.0), sigma_mm=40.0, centre=(0.0, -25.0, 5.0))
+    # bubble in the rectum region (CBCT frame): anatomy point (0, 30, 0) is at q = p - ISO - u
+    bubble_c = np.array([0.0, 30.0, -5.0]) - ISO
+    cb = simulate_cbct(g, u, frame_shift=ISO, noise_hu=20.0, cupping_hu=100.0, offset_hu=-60.0,
+                       fov_radius_mm=110.0, pad_value=-1000.0, gas_bubble=(bubble_c, 9.0), seed=2)
+    truth = (u + ISO).astype(np.float32)
+    return cb, truth, bubble_c, register(cb, ct, isocenter_lps_mm=ISO)
+
+
+def test_rigid_shift_recovered(shifted):
+    cb, u, r = shifted
+    assert r.fallback is None
+    assert r.initial_alignment == "image_centres"
+    np.testing.assert_allclose(r.rigid_matrix[:3, 3], SHIFT, atol=0.5)
+    np.testing.assert_allclose(r.rigid_matrix[:3, :3], np.eye(3), atol=0.01)
+    err = tre(r.dvf_lps_mm, u, roi(cb, r), cb.grid)
+    assert err["mean_mm"] < 0.8, err
+    assert r.dvf_lps_mm.dtype == np.float32 and r.dvf_lps_mm.shape == cb.grid.shape + (3,)
+
+
+def test_smooth_deformation_with_cupping_and_truncated_fov(deformed, ct):
+    cb, truth, _, r = deformed
+    assert r.fallback is None and r.initial_alignment == "isocenter"
+    m = roi(cb, r)
+    assert m.sum() > 2000
+    err = tre(r.dvf_lps_mm, truth, m, cb.grid)
+    rigid_only = tre(affine_field(r.rigid_matrix, cb.grid.voxel_centers_lps()).astype(np.float32),
+                     truth, m, cb.grid)
+    print("deformable", err, "rigid-only", rigid_only, r.timings_s)
+    assert err["mean_mm"] < 1.5, err
+    assert err["mean_mm"] < 0.7 * rigid_only["mean_mm"], (err, rigid_only)
+    q = r.quality
+    assert q["jacobian_fraction_nonpositive"] == 0.0 and q["jacobian_min"] > 0.2
+    assert q["similarity_final"]["mi"] > q["similarity_initial"]["mi"]
+    assert q["deformation_mean_mm"] > 0.5  # it did deform (beyond the rigid part)
+    for k in ("prepare", "rigid", "deformable", "field", "quality", "total"):
+        assert r.timings_s[k] >= 0
+    # propagated organs vs. the truth (masks of the deformed anatomy on the CBCT grid)
+    from adaptive.registration.propagate import propagate_mask
+    true_masks = structure_masks(cb.grid, truth)
+    plan_masks = structure_masks(ct.grid)
+    for name in ("Bladder", "Prostate"):
+        prop = propagate_mask(Volume(plan_masks[name], ct.grid, "mask"), r.dvf_lps_mm, cb.grid)
+        assert dice(prop, true_masks[name]) > 0.85, name
+        assert hausdorff95(prop, true_masks[name], cb.grid) < 5.0, name
+
+
+def test_synthetic_ct_has_cbct_gas_and_outline(deformed, ct):
+    cb, truth, bubble_c, r = deformed
+    sct = synthetic_ct(ct, cb, r.dvf_lps_mm)
+    assert sct.grid.same_as(cb.grid) and sct.units == "HU"
+    pts = cb.grid.voxel_centers_lps()
+    in_bubble = np.linalg.norm(pts - bubble_c, axis=-1) < 6.0
+    assert in_bubble.sum() > 5
+    assert np.all(sct.array[in_bubble] < -500), sct.array[in_bubble]
+    # the planning CT had tissue there: without the CBCT the bubble would not be in the sCT
+    plan_there = phantom_hu(pts[in_bubble] + truth[in_bubble])
+    assert np.all(plan_there > -200)
+    # inside the body, away from the bubble, the sCT matches the true anatomy's HU (the
+    # planning phantom deformed by the truth), not the CBCT's cupped/offset values
+    m = roi(cb, r, 12.0) & (np.linalg.norm(pts - bubble_c, axis=-1) > 20)
+    true_hu = phantom_hu(pts[m] + truth[m])
+    assert np.median(np.abs(sct.array[m] - true_hu)) < 30.0
+    assert np.median(np.abs(cb.array[m] - true_hu)) > 40.0
+    # outside the body inside the FOV: air; truncated region outside the FOV: deformed CT
+    from adaptive.registration.masks import valid_region_mask
+    fov = valid_region_mask(cb)
+    outside = ~fov
+    true_out = phantom_hu(pts[outside] + truth[outside])
+    assert np.mean(np.abs(sct.array[outside] - true_out) < 100) > 0.9
+
+
+def test_deterministic_with_same_threads(shifted, ct):
+    cb, _, r1 = shifted
+    r2 = register(cb, ct)
+    d = np.abs(r1.dvf_lps_mm - r2.dvf_lps_mm).max()
+    # measured: identical with the same thread count (fixed RandomSeed, fixed thread split)
+    assert d == 0.0, f"runs differ by up to {d} mm"
+    np.testing.assert_array_equal(r1.rigid_matrix, r2.rigid_matrix)
+
+
+def _config(**changes):
+    raw = load_toml(DEFAULT_CONFIG)
+    raw = copy.deepcopy(raw)
+    for path, v in changes.items():
+        sec, key = path.split("__")
+        if sec in ("rigid", "bspline"):
+            raw["elastix"][sec][key] = v
+        else:
+            raw[sec][key] = v
+    return raw
+
+
+def test_deadline_tiny_budget_returns_rigid(shifted, ct):
+    cb, u, _ = shifted
+    r = register(cb, ct, budget_s=0.01)
+    assert r.fallback == "rigid" and "no time left" in r.quality["fallback_reason"]
+    np.testing.assert_allclose(r.dvf_lps_mm, affine_field(r.rigid_matrix,
+                               cb.grid.voxel_centers_lps()), atol=1e-3)
+    assert tre(r.dvf_lps_mm, u, roi(cb, r), cb.grid)["mean_mm"] < 0.8
+    assert r.quality["jacobian_min"] > 0.99
+
+
+def test_deadline_kills_deformable_stage(shifted, ct):
+    cb, u, _ = shifted
+    cfg = _config(bspline__MaximumNumberOfIterations=100000, registration__finish_reserve_s=0.0,
+                  registration__min_deformable_s=0.1, rigid__MaximumNumberOfIterations=60)
+    budget = 4.0
+    t0 = time.perf_counter()
+    r = register(cb, ct, config=cfg, budget_s=budget)
+    took = time.perf_counter() - t0
+    assert r.fallback == "rigid"
+    assert "exceeded" in r.quality["fallback_reason"]
+    assert took < budget + 3.0, took  # killed at the deadline, not run to the end
+    assert tre(r.dvf_lps_mm, u, roi(cb, r), cb.grid)["mean_mm"] < 1.0
+
+
+def test_constant_image_refused(ct):
+    g = cbct_grid()
+    with pytest.raises(RegistrationError, match="empty or constant"):
+        register(Volume(np.full(g.shape, 40.0, np.float32), g, "HU"), ct)
+    with pytest.raises(RegistrationError, match="planning CT is constant"):
+        register(simulate_cbct(g, np.zeros(g.shape + (3,), np.float32)),
+                 Volume(np.zeros(ct.grid.shape, np.float32), ct.grid, "HU"))
+
+
+def test_non_overlapping_refused(ct):
+    g = cbct_grid()
+    cb = simulate_cbct(g, np.zeros(g.shape + (3,), np.float32))
+    m = np.eye(4)
+    m[:3, 3] = (0.0, 0.0, 800.0)
+    with pytest.raises(RegistrationError, match="do not overlap"):
+        register(cb, ct, initial_matrix=m)
+    with pytest.raises(RegistrationError, match="do not overlap"):
+        register(cb, ct, isocenter_lps_mm=(500.0, 0.0, 0.0))
+
+
+def test_other_patient_refused(ct):
+    g = cbct_grid()
+    cb = simulate_cbct(g, np.zeros(g.shape + (3,), np.float32))
+    a = SeriesInfo(PatientInfo("PAT-1"), "1.2.3", "1.2.3.4", "1.2.3.5", modality="CT")
+    b = SeriesInfo(PatientInfo("PAT-2"), "1.2.3", "1.2.3.6", "1.2.3.7", modality="CT")
+    with pytest.raises(PatientMismatchError, match="PAT-1"):
+        register(cb, ct, cbct_info=a, ct_info=b)
+
+
+def test_bad_initial_matrix_and_config(ct):
+    g = cbct_grid()
+    cb = simulate_cbct(g, np.zeros(g.shape + (3,), np.float32))
+    with pytest.raises(RegistrationError, match="rotation"):
+        register(cb, ct, initial_matrix=np.diag([2.0, 1, 1, 1]))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_registration_settings(_config(quality__max_fold=1))
+    raw = _config()
+    raw["elastix"]["bspline"]["RandomSeed"] = 3
+    with pytest.raises(ConfigError, match="set by the code"):
+        load_registration_settings(raw)
+
+
+def test_settings_convert_to_elastix_strings():
+    s = load_registration_settings()
+    m = s.parameter_map("bspline")
+    assert m["Transform"] == ["BSplineTransform"]
+    assert m["WriteResultImage"] == ["false"]
+    assert m["RandomSeed"] == [str(s.random_seed)]
+    assert all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in m.values())
+
+
+def test_jacobian_of_known_fields():
+    g = cbct_grid(shape=(10, 12, 14), spacing=(2.0, 3.0, 4.0))
+    p = g.voxel_centers_lps()
+    a = 0.1
+    det = jacobian_determinant((a * p).astype(np.float32), g)  # x -> (1+a) x
+    np.testing.assert_allclose(det, (1 + a) ** 3, rtol=1e-4)
+    fold = np.zeros(g.shape + (3,), np.float32)
+    fold[..., 0] = -2.0 * p[..., 0]  # x -> -x: mirrored, det = -1
+    assert np.allclose(jacobian_determinant(fold, g), -1.0, atol=1e-4)
+
+
+def test_evaluate_metrics_known_shapes():
+    g = cbct_grid(shape=(40, 40, 40), spacing=(1.0, 1.0, 1.0))
+    p = g.voxel_centers_lps()
+    a = np.linalg.norm(p, axis=-1) < 10
+    b = np.linalg.norm(p - [3.0, 0, 0], axis=-1) < 10
+    assert dice(a, a) == 1.0
+    assert 0.6 < dice(a, b) < 0.8
+    assert 2.0 <= hausdorff95(a, b, g) <= 3.5
+    assert dilate_mm(a, g, 2.0).sum() > a.sum()
+    u = np.zeros(g.shape + (3,), np.float32)
+    v = u.copy()
+    v[..., 1] = 2.0
+    e = tre(v, u, a, g)
+    assert e["mean_mm"] == pytest.approx(2.0) and e["max_mm"] == pytest.approx(2.0)
