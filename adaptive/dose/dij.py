@@ -6,22 +6,26 @@ import time
 from dataclasses import dataclass
 
 import numba
-import numba
 import numpy as np
 import scipy.sparse as sp
 from scipy import ndimage
 
 from adaptive.dose.beam_geometry import BeamGeometry, geometry_of_beam
 from adaptive.dose.beam_model import BeamModel, load_beam_model
-from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid, mask_on_grid
+from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid
 from adaptive.dose.influence import DoseInfluence
-from adaptive.dose.kernel import (dij_count, dij_fill, fluence_dose, fluence_pyramid,
-                                   row_beam_sums, scale_row_beams)
+from adaptive.dose.kernel import (
+    dij_count,
+    dij_fill,
+    fluence_dose,
+    fluence_pyramid,
+    row_beam_sums,
+    scale_row_beams,
+)
 from adaptive.dose.raytrace import lps_to_grid_frame
 from adaptive.errors import DoseError
 from adaptive.geometry.volume import Volume
 from adaptive.log import get_logger
-
 
 # upper bound of the far-scatter correction factor of a (voxel, beam) pair
 _MAX_SCATTER_FACTOR = 20.0

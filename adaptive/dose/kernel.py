@@ -35,8 +35,7 @@ def _components(kp, d, z, amp, sig):
     isocenter plane) at radiological depth d (mm) and source distance z (mm)."""
     sad = kp[10]
     proj = sad / z
-    if d < 0.0:
-        d = 0.0
+    d = max(d, 0.0)
     p = (1.0 - math.exp(-kp[1] * d)) * math.exp(-kp[0] * d) * kp[9] * proj * proj
     amp[0] = p
     amp[1] = kp[5] * p
@@ -64,10 +63,8 @@ def _window(x, r, e0, w, n):
     """Index range [i0, i1] of elements (edges e0 + i w) whose centre is within r of x."""
     i0 = int(math.ceil((x - r - e0) / w - 0.5))
     i1 = int(math.floor((x + r - e0) / w - 0.5))
-    if i0 < 0:
-        i0 = 0
-    if i1 > n - 1:
-        i1 = n - 1
+    i0 = max(i0, 0)
+    i1 = min(i1, n - 1)
     return i0, i1
 
 

@@ -83,8 +83,7 @@ def siddon_path(dens, sx, sy, sz, ax, ay, az, bx, by, bz):
     total = 0.0
     while True:
         anext = min(nxa, nya, nza)
-        if anext > amax:
-            anext = amax
+        anext = min(anext, amax)
         total += dens[k, j, i] * (anext - acur)
         if anext >= amax:
             break
