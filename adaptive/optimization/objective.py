@@ -24,6 +24,7 @@ products go through :class:`adaptive.optimization.kernels.SparseOperator`. Large
 within ``keep_near_target_mm`` of the target is kept, the rest on a regular lattice (every
 k-th voxel along each axis) — each term is a per-voxel mean, so the subsample estimates the
 same objective at a fraction of the cost. Clinical goals are always evaluated on all voxels.
+Terms on the external contour (ROI named BODY or EXTERNAL) apply to BODY minus the target.
 
 **Dose correction** (:meth:`Objective.set_dose_correction`): the Dij is a truncated pencil-
 beam model of the beamlets; the deliverable dose of a sequenced plan comes from the plan-dose
@@ -134,6 +135,10 @@ class Objective:
                 raise OptimizationError(f"ROI {n!r} has no voxel in the dose-influence matrix "
                                         "(empty, or outside the computed voxels)")
         target = goals.prescription.target_roi_name.lower()
+        # normal-tissue terms on the external contour act on BODY minus the target
+        for n in list(rows_of):
+            if n in ("body", "external") and target in rows_of and n != target:
+                rows_of[n] = np.setdiff1d(rows_of[n], rows_of[target], assume_unique=True)
         self.subsampled: dict[str, tuple[int, int]] = {}
         if max_rows_per_structure and target in lower:
             near = _near_target_rows(dij, lower[target], keep_near_target_mm)
