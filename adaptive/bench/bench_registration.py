@@ -1,0 +1,132 @@
+"""Registration benchmark on the committed replay fractions (``replay_data/manifest.toml``).
+
+Per fraction: wall time of registration + synthetic CT + contour propagation (median and
+spread of ``--repeats`` runs, after a warm-up), TRE against the truth DVF (mean / 95th
+percentile / max inside the body and inside PTV + 20 mm), Dice and 95 % Hausdorff distance
+of the propagated prostate, bladder and rectum against ``truth/RS.dcm``, the Jacobian
+determinant minimum — and the rigid-only baseline (same run's rigid matrix) beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from adaptive.bench.stats import summary
+
+REPO = Path(__file__).resolve().parents[2]
+ORGANS = ("PROSTATE", "BLADDER", "RECTUM")
+
+
+def _masks(ss, grid, names):
+    out = {}
+    for n in names:
+        if n in ss:
+            out[n] = ss.mask(n, grid)
+    return out
+
+
+def evaluate_fraction(case, fx, ct, ct_info, planning_ss, repeats: int = 3) -> dict:
+    """Run and score one replay fraction (see module doc). Returns a dict of figures."""
+    from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.geometry.volume import Volume
+    from adaptive.registration.core import register
+    from adaptive.registration.evaluate import dice, dilate_mm, hausdorff95, tre
+    from adaptive.registration.propagate import propagate_mask, propagate_structures
+    from adaptive.registration.quality import affine_field
+    from adaptive.registration.synthetic_ct import synthetic_ct
+    from adaptive.replay.truth import read_dvf
+
+    cbct, cb_info = read_ct_series(fx.cbct_dir)
+    truth, tgrid = read_dvf(fx.truth_dvf)
+    if not tgrid.same_as(cbct.grid):
+        raise ValueError(f"{fx.truth_dvf}: truth grid differs from the CBCT grid")
+    truth_ss = read_rtstruct(fx.truth_rtstruct, grid=cbct.grid)
+    tm = _masks(truth_ss, cbct.grid, ("BODY", "PTV") + ORGANS)
+    body = tm.get("BODY", np.ones(cbct.grid.shape, bool))
+    ptv20 = dilate_mm(tm["PTV"], cbct.grid, 20.0) if "PTV" in tm else body
+    times, res = [], None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        res = register(cbct, ct, isocenter_lps_mm=case.isocenter_lps_mm, cbct_info=cb_info,
+                       ct_info=ct_info)
+        synthetic_ct(ct, cbct, res.dvf_lps_mm)
+        propagate_structures(planning_ss, res.dvf_lps_mm, cbct.grid, cb_info,
+                             planning_grid=ct.grid, names=list(ORGANS))
+        times.append(time.perf_counter() - t0)
+    rigid = affine_field(res.rigid_matrix, cbct.grid.voxel_centers_lps()).astype(np.float32)
+    out = {"case": case.name, "fraction": fx.label, "times": times, "fallback": res.fallback,
+           "jacobian_min": res.quality["jacobian_min"],
+           "jacobian_fraction_nonpositive": res.quality["jacobian_fraction_nonpositive"],
+           "stage_times": res.timings_s}
+    for label, field in (("dir", res.dvf_lps_mm), ("rigid", rigid)):
+        out[f"tre_body_{label}"] = tre(field, truth, body, cbct.grid)
+        out[f"tre_ptv20_{label}"] = tre(field, truth, ptv20, cbct.grid)
+        for organ in ORGANS:
+            if organ not in tm or organ not in planning_ss:
+                continue
+            src = Volume(planning_ss.mask(organ, ct.grid), ct.grid, "mask")
+            prop = propagate_mask(src, field, cbct.grid)
+            out[f"dice_{organ}_{label}"] = dice(prop, tm[organ])
+            out[f"hd95_{organ}_{label}"] = hausdorff95(prop, tm[organ], cbct.grid)
+    return out
+
+
+def run(args) -> str:
+    from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.registration.core import warm_up
+    from adaptive.replay.manifest import load_manifest
+
+    mpath = REPO / "replay_data" / "manifest.toml"
+    lines = ["## registration", ""]
+    if not mpath.is_file():
+        return "\n".join(lines + [f"No replay data ({mpath} missing): nothing to measure.", ""])
+    manifest = load_manifest(mpath)
+    repeats = max(1, int(getattr(args, "repeats", 3) or 3))
+    tw = warm_up()
+    lines += [f"Warm-up (itk import + tiny registration, first in this process): {tw:.1f} s. "
+              f"Times below: registration + synthetic CT + propagation of "
+              f"{', '.join(o.lower() for o in ORGANS)} ({repeats} runs).", ""]
+    rows = []
+    for case in manifest.cases:
+        fxs = [f for f in case.fractions if f.truth_dvf.is_file()]
+        if not fxs or not case.planning_rtstruct.is_file():
+            continue
+        ct, ct_info = read_ct_series(case.planning_ct_dir)
+        pss = read_rtstruct(case.planning_rtstruct, series=ct_info, grid=ct.grid)
+        for fx in fxs:
+            rows.append(evaluate_fraction(case, fx, ct, ct_info, pss, repeats))
+    if not rows:
+        return "\n".join(lines + ["No fractions with truth DVFs.", ""])
+    lines += ["| fraction | time | fallback | TRE body mean / p95 / max (mm) | "
+              "TRE PTV+20 mm mean / p95 / max (mm) | rigid-only TRE PTV+20 mean / max | "
+              "min Jacobian (folded %) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, p, pr = r["tre_body_dir"], r["tre_ptv20_dir"], r["tre_ptv20_rigid"]
+        lines.append(
+            f"| {r['case']} {r['fraction']} | {summary(r['times'])} | {r['fallback'] or '-'} | "
+            f"{b['mean_mm']:.2f} / {b['p95_mm']:.2f} / {b['max_mm']:.2f} | "
+            f"{p['mean_mm']:.2f} / {p['p95_mm']:.2f} / {p['max_mm']:.2f} | "
+            f"{pr['mean_mm']:.2f} / {pr['max_mm']:.2f} | {r['jacobian_min']:.3f} "
+            f"({100 * r['jacobian_fraction_nonpositive']:.3f}) |")
+    lines += ["", "| fraction | " + " | ".join(f"{o.lower()} Dice / HD95 mm (rigid)"
+                                              for o in ORGANS) + " |",
+              "|---|" + "---|" * len(ORGANS)]
+    for r in rows:
+        cells = []
+        for o in ORGANS:
+            if f"dice_{o}_dir" not in r:
+                cells.append("n/a")
+                continue
+            cells.append(f"{r[f'dice_{o}_dir']:.3f} / {r[f'hd95_{o}_dir']:.1f} "
+                         f"({r[f'dice_{o}_rigid']:.3f} / {r[f'hd95_{o}_rigid']:.1f})")
+        lines.append(f"| {r['case']} {r['fraction']} | " + " | ".join(cells) + " |")
+    st = rows[-1]["stage_times"]
+    lines += ["", "Stage times of the last run (s): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in st.items()), ""]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Register one fraction end to end (I/O): CBCT + planning CT (+ structures) → DVF, synthetic CT,
+propagated RT Struct, Deformable Spatial Registration, registration.json.
+
+Used by the ``adaptive register`` command and by the services' registration worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from adaptive.geometry.volume import Volume
+from adaptive.log import get_logger
+from adaptive.model.identity import SeriesInfo
+from adaptive.model.structures import StructureSet
+from adaptive.registration.core import RegistrationResult, register
+from adaptive.registration.propagate import propagate_structures
+from adaptive.registration.settings import load_registration_settings
+from adaptive.registration.synthetic_ct import synthetic_ct, write_synthetic_ct
+
+log = get_logger("adaptive.registration.fraction")
+
+
+@dataclass
+class FractionRegistration:
+    """Outputs of :func:`register_fraction` (paths are None when not written)."""
+
+    result: RegistrationResult
+    synthetic_ct: Volume
+    synthetic_ct_info: SeriesInfo | None
+    structures: StructureSet | None
+    timings_s: dict
+    out_dir: Path | None = None
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return o
+
+
+def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=None,
+                      initial_matrix=None, plan=None, budget_s: float | None = None,
+                      out_dir: str | Path | None = None, config=None) -> FractionRegistration:
+    """Register a fraction and (optionally) write its outputs to ``out_dir``.
+
+    ``cbct`` / ``planning_ct``: a DICOM series folder or a ``(Volume, SeriesInfo)`` pair.
+    ``structures``: planning RT Struct path or :class:`StructureSet` (planning frame).
+    ``plan``: RT Plan path (its first beam's isocenter is used when no isocenter is given).
+    Writes ``dvf.mha`` (3-component float32, CBCT grid, LPS mm), ``synthetic_ct/``, ``RS.dcm``
+    (with structures), ``REG.dcm`` and ``registration.json``.
+    """
+    from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.provenance import Provenance
+
+    s = load_registration_settings(config)
+    T: dict[str, float] = {}
+    t0 = time.perf_counter()
+    cb, cb_info = read_ct_series(cbct) if isinstance(cbct, (str, Path)) else cbct
+    ct, ct_info = (read_ct_series(planning_ct) if isinstance(planning_ct, (str, Path))
+                   else planning_ct)
+    ss = structures
+    if isinstance(structures, (str, Path)):
+        from adaptive.dicom.rtstruct import read_rtstruct
+        ss = read_rtstruct(structures, series=ct_info, grid=ct.grid)
+    if isocenter_lps_mm is None and plan is not None:
+        from adaptive.dicom.rtplan import read_rtplan
+        p = read_rtplan(plan) if isinstance(plan, (str, Path)) else plan
+        isocenter_lps_mm = p.beams[0].isocenter_lps_mm
+    T["load"] = time.perf_counter() - t0
+
+    result = register(cb, ct, config=s, initial_matrix=initial_matrix,
+                      isocenter_lps_mm=isocenter_lps_mm, budget_s=budget_s, cbct_info=cb_info,
+                      ct_info=ct_info)
+    T["registration"] = result.timings_s["total"]
+    t = time.perf_counter()
+    sct = synthetic_ct(ct, cb, result.dvf_lps_mm, config=s)
+    T["synthetic_ct"] = time.perf_counter() - t
+    today = None
+    if ss is not None:
+        t = time.perf_counter()
+        today = propagate_structures(ss, result.dvf_lps_mm, result.fixed_grid, cb_info,
+                                     planning_grid=ct.grid, threshold=s.propagation_threshold)
+        T["propagation"] = time.perf_counter() - t
+    out = FractionRegistration(result=result, synthetic_ct=sct, synthetic_ct_info=None,
+                               structures=today, timings_s=T)
+    if out_dir is None:
+        return out
+
+    from adaptive.dicom.rtstruct import write_rtstruct
+    from adaptive.registration.dicom_reg import write_deformable_registration
+    from adaptive.replay.truth import write_dvf
+
+    t = time.perf_counter()
+    od = Path(out_dir)
+    od.mkdir(parents=True, exist_ok=True)
+    inputs = {"cbct_series": cb_info.series_instance_uid,
+              "planning_ct_series": ct_info.series_instance_uid}
+    if ss is not None and getattr(ss, "sop_instance_uid", ""):
+        inputs["planning_rtstruct"] = ss.sop_instance_uid
+    prov = Provenance(input_uids=inputs, parameters={"registration": result.parameters,
+                                                     "fallback": result.fallback},
+                      timings_s={**result.timings_s, **T}, description="adaptive register")
+    out.paths["dvf"] = write_dvf(od / "dvf.mha", result.dvf_lps_mm, result.fixed_grid)
+    out.synthetic_ct_info = write_synthetic_ct(sct, cb_info, od / "synthetic_ct",
+                                               provenance=prov, planning_ct_info=ct_info)
+    out.paths["synthetic_ct"] = od / "synthetic_ct"
+    if today is not None:
+        write_rtstruct(today, od / "RS.dcm", provenance=prov, grid=cb.grid)
+        out.paths["rtstruct"] = od / "RS.dcm"
+    write_deformable_registration(od / "REG.dcm", result, cb_info, ct_info, provenance=prov)
+    out.paths["reg"] = od / "REG.dcm"
+    T["write"] = time.perf_counter() - t
+    record = {"research_use": "RESEARCH USE ONLY - NOT FOR CLINICAL USE",
+              "inputs": inputs, "fallback": result.fallback,
+              "initial_alignment": result.initial_alignment,
+              "initial_matrix": result.initial_matrix, "rigid_matrix": result.rigid_matrix,
+              "quality": result.quality, "timings_s": {"registration": result.timings_s, **T},
+              "parameters": result.parameters,
+              "dvf_convention": "CBCT point x (CBCT frame, LPS mm) <-> planning point x + u(x)",
+              "outputs": {k: str(v) for k, v in out.paths.items()}}
+    tmp = od / ".registration.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n")
+    tmp.replace(od / "registration.json")
+    out.paths["json"] = od / "registration.json"
+    out.out_dir = od
+    log.info("fraction_registered", out_dir=str(od), fallback=result.fallback,
+             **{f"t_{k}_s": round(v, 3) for k, v in T.items()})
+    return out
