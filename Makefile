@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS ?= 2
 export TCP_NODELAY := 1
+export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup system-deps test demo bench lint clean replay-data
