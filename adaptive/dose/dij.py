@@ -15,20 +15,26 @@ from adaptive.dose.beam_model import BeamModel, load_beam_model
 from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid
 from adaptive.dose.influence import DoseInfluence
 from adaptive.dose.kernel import (
+    active_prefix,
+    beam_depths,
     dij_count,
     dij_fill,
+    far_scatter_parts,
+    far_scatter_rows,
     fluence_dose,
     fluence_pyramid,
     row_beam_sums,
     scale_row_beams,
 )
-from adaptive.dose.raytrace import lps_to_grid_frame
+from adaptive.dose.raytrace import build_fan_depth_table, lps_to_grid_frame
 from adaptive.errors import DoseError
 from adaptive.geometry.volume import Volume
 from adaptive.log import get_logger
 
 # upper bound of the far-scatter correction factor of a (voxel, beam) pair
 _MAX_SCATTER_FACTOR = 20.0
+# fan depth interpolation falls back to exact tracing above this lateral depth gradient (mm/mm)
+_FAN_MAX_GRADIENT = 1.0
 
 
 @dataclass
@@ -96,7 +102,9 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
                 beam_model: BeamModel | None = None, bixel_size_mm: float = 5.0,
                 dose_grid_spacing_mm: float | None = 3.0, margin_mm: float = 5.0,
                 cutoff_mm: float | None = None, scatter_correction: bool = True,
-                patient_position: str = "HFS") -> DoseInfluence:
+                patient_position: str = "HFS", depth_method: str = "exact",
+                fan_spacing_mm: tuple[float, float] | None = None,
+                scatter_stride: int = 2) -> DoseInfluence:
     """Sparse dose-influence matrix (Gy per MU per beamlet) on the dose grid.
 
     ``density``: relative electron density Volume (see :func:`hu_to_density`); rays are traced
@@ -119,6 +127,22 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
     proportion to the nearby beamlets for modulated weights (the benchmark reports the
     residual error for a modulated fluence). ``scatter_correction=False`` gives the plain
     truncated kernel (identical to :func:`plan_dose` with the same ``cutoff_mm``).
+
+    Radiological depths: ``depth_method="exact"`` (default) traces one exact Siddon ray per
+    (voxel, beam) (~2 s CPU for 5 M pairs on a 2.5 mm CT: not the bottleneck). ``"fan"``
+    accumulates exact Siddon paths along a divergent grid of rays per beam
+    (``fan_spacing_mm`` = (ray spacing at the isocenter plane, step along the axis), default
+    half the smallest CT spacing) and interpolates trilinearly; voxels whose four surrounding
+    rays differ in depth by more than the ray spacing (grazing entry through the voxelised
+    skin, interfaces parallel to the beam) are traced exactly. Its agreement with exact
+    tracing is tested in ``tests/test_dose_raytrace.py`` (on a curved voxelised body ~2 % of
+    voxels differ by 0.5-1.1 mm).
+
+    Far-scatter correction cost: the long-range part (beyond the cut-off) of the uniform-
+    weight dose, per unit primary amplitude, is smooth on the scale of the head-scatter
+    width (~17 mm); it is computed on the dose-grid voxels whose indices are multiples of
+    ``scatter_stride`` and interpolated trilinearly, then multiplied by the exact local
+    primary amplitude and depth (``scatter_stride=1``: every row, no interpolation).
     """
     log = get_logger("adaptive.dose.dij")
     t_start = time.perf_counter()
@@ -131,6 +155,16 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
     cutoff = float(bm.dij_cutoff_mm if cutoff_mm is None else cutoff_mm)
     if cutoff <= 0:
         raise DoseError(f"cutoff_mm must be > 0, got {cutoff}")
+    if depth_method not in ("fan", "exact"):
+        raise DoseError(f"depth_method must be 'fan' or 'exact', got {depth_method!r}")
+    if int(scatter_stride) < 1:
+        raise DoseError(f"scatter_stride must be >= 1, got {scatter_stride}")
+    stride = int(scatter_stride)
+    ct_min = float(np.min(density.grid.spacing))
+    fan_dxy, fan_dz = fan_spacing_mm if fan_spacing_mm is not None else (ct_min / 2,
+                                                                        ct_min / 2)
+    if not (fan_dxy > 0 and fan_dz > 0):
+        raise DoseError(f"fan_spacing_mm must be > 0, got {fan_spacing_mm}")
     dgrid = make_dose_grid(density, dose_grid_spacing_mm)
     body = body_on_dose_grid(density, dgrid, body_mask, bm.body_density_threshold)
     if not body.any():
@@ -181,26 +215,60 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
 
     body_idx = np.flatnonzero(body.ravel())
     pts, _ = dose_points(dgrid, body_idx, density)
+    pref = active_prefix(lut, lut_off, nbx, nby)
     t_setup = time.perf_counter()
     counts = np.zeros(len(body_idx), dtype=np.int64)
     dij_count(pts, rots, isos, bm.sad_mm, ex0, ey0, nbx, nby, lut_off, lut, w[0], w[1], cutoff,
-              counts)
+              counts, pref)
     keep = counts > 0
     rows = body_idx[keep]
     counts = counts[keep]
+    del pts, body_idx, keep
     pts, gpts = dose_points(dgrid, rows, density)
     nnz = int(counts.sum())
     idx_dtype = np.int32 if nnz < 2**31 - 1 else np.int64
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
+    del counts
+    if scatter_correction:
+        node_index, npts, ngpts = _scatter_nodes(dgrid, rows, stride, density)
+    else:
+        node_index, npts, ngpts = None, np.empty((0, 3)), np.empty((0, 3))
     t_count = time.perf_counter()
+
+    # radiological depths of rows and scatter nodes, per beam
+    dens = np.ascontiguousarray(density.array, dtype=np.float32)
+    dsp = np.ascontiguousarray(density.grid.spacing, dtype=np.float64)
+    depth = np.empty((len(rows), nbeams), dtype=np.float64)
+    ndepth = np.empty((len(npts), nbeams), dtype=np.float64)
+    col_buf = np.empty(len(rows))
+    ncol_buf = np.empty(len(npts))
+    empty = np.zeros((2, 2, 0), np.float32)
+    for bi, g in enumerate(geoms):
+        if depth_method == "fan":
+            ft = build_fan_depth_table(density, g, np.concatenate([pts, npts]) if len(npts)
+                                       else pts, fan_dxy, fan_dz, dens)
+            tab, tx0, ty0, tdxy, tz0, tdz = (ft.table, ft.x0_mm, ft.y0_mm, ft.dxy_mm, ft.z0_mm,
+                                             ft.dz_mm)
+        else:
+            tab, tx0, ty0, tdxy, tz0, tdz = empty, 0.0, 0.0, 1.0, 0.0, 1.0
+        for p_, gp_, buf, dst in ((pts, gpts, col_buf, depth), (npts, ngpts, ncol_buf, ndepth)):
+            if len(p_):
+                beam_depths(p_, gp_, srcs[bi], dens, dsp, rots[bi], isos[bi], bm.sad_mm, tab,
+                            tx0, ty0, tdxy, tz0, tdz, _FAN_MAX_GRADIENT * tdxy, buf)
+                dst[:, bi] = buf
+        tab = None
+    del gpts, ngpts, col_buf, ncol_buf
+    t_depth = time.perf_counter()
+
     indices = np.empty(nnz, dtype=idx_dtype)
     data = np.empty(nnz, dtype=np.float32)
-    depth = np.empty((len(rows), nbeams), dtype=np.float32)
-    dens = np.ascontiguousarray(density.array, dtype=np.float32)
-    dij_fill(pts, gpts, srcs, dens, np.ascontiguousarray(density.grid.spacing), rots, isos,
-             bm.sad_mm, ex0, ey0, nbx, nby, lut_off, lut, w[0], w[1], cutoff, bm.kernel_array(),
-             indptr, indices, data, depth, numba.get_num_threads())
+    bad = np.zeros(1, dtype=np.int64)
+    kp = bm.kernel_array()
+    dij_fill(pts, depth, rots, isos, bm.sad_mm, ex0, ey0, nbx, nby, lut_off, lut, w[0], w[1],
+             cutoff, kp, indptr, indices, data, numba.get_num_threads(), bad)
+    if bad[0]:
+        raise DoseError(f"internal error: Dij fill disagrees with the count pass in {bad[0]} rows")
     t_fill = time.perf_counter()
     n_capped = 0
     if scatter_correction:
@@ -208,26 +276,28 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
         near = np.empty((len(rows), nbeams))
         row_beam_sums(indptr, indices, data, beam_of_col, nbeams, near)
         factor = np.ones((len(rows), nbeams))
-        kp = bm.kernel_array()
+        cap = np.array([_MAX_SCATTER_FACTOR, 0.0])
+        parts = np.empty((len(npts), 2))
+        fcol = np.empty(len(rows))
+        dshape = np.array(dgrid.shape, dtype=np.int64)
         for bi, bg in enumerate(grids):
             pyr, pny, pnx = fluence_pyramid(bg.active.astype(np.float64))
-            full = np.zeros(len(rows))
-            fluence_dose(pts, gpts, srcs[bi], dens, np.ascontiguousarray(density.grid.spacing),
-                         rots[bi], isos[bi], bm.sad_mm, pyr, pny, pnx, bg.x0_mm, bg.y0_mm, w[0],
-                         max(bm.plan_cutoff_mm, cutoff), kp, full, numba.get_num_threads(),
-                         np.ascontiguousarray(depth[:, bi], dtype=np.float64))
-            ok = near[:, bi] > 0
-            f = np.ones(len(rows))
-            f[ok] = full[ok] / near[ok, bi]
-            n_capped += int(np.count_nonzero(f > _MAX_SCATTER_FACTOR))
-            factor[:, bi] = np.clip(f, 0.0, _MAX_SCATTER_FACTOR)
+            far_scatter_parts(npts, np.ascontiguousarray(ndepth[:, bi]), rots[bi], isos[bi],
+                              bm.sad_mm, pyr, pny, pnx, bg.x0_mm, bg.y0_mm, w[0],
+                              max(bm.plan_cutoff_mm, cutoff), cutoff, kp, parts,
+                              numba.get_num_threads())
+            far_scatter_rows(pts, np.ascontiguousarray(depth[:, bi]), rots[bi], isos[bi],
+                             bm.sad_mm, kp, rows, dshape, stride, node_index, parts,
+                             np.ascontiguousarray(near[:, bi]), fcol, cap)
+            factor[:, bi] = fcol
+        n_capped = int(cap[1])
         scale_row_beams(indptr, indices, data, beam_of_col, factor)
     t_corr = time.perf_counter()
     mat = sp.csr_matrix((data, indices, indptr.astype(idx_dtype)),
                         shape=(len(rows), n_beamlets), copy=False)
     mat.has_sorted_indices = True
     timings = {"setup_s": t_setup - t_start, "count_s": t_count - t_setup,
-               "fill_s": t_fill - t_count, "scatter_correction_s": t_corr - t_fill,
+               "depth_s": t_depth - t_count, "fill_s": t_fill - t_depth, "scatter_correction_s": t_corr - t_fill,
                "total_s": time.perf_counter() - t_start}
     dij = DoseInfluence(matrix=mat, voxel_indices=rows.astype(np.int64), dose_grid=dgrid,
                         beam_index=np.concatenate(beam_index),
@@ -238,6 +308,33 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
              scatter_correction=scatter_correction, scatter_factor_capped=n_capped,
              **{k: round(v, 3) for k, v in timings.items()})
     return dij
+
+
+def _scatter_nodes(dgrid, rows: np.ndarray, stride: int, density: Volume):
+    """Coarse nodes (dose-grid indices multiple of ``stride``) needed to interpolate at the
+    rows (flat dose-grid indices): (node_index (nK, nJ, nI) -> node number or -1, node LPS
+    (n, 3), node density-grid-frame (n, 3))."""
+    nz, ny, nx = dgrid.shape
+    k, rem = np.divmod(rows, ny * nx)
+    j, i = np.divmod(rem, nx)
+    shape = (nz // stride + 2, ny // stride + 2, nx // stride + 2)
+    need = np.zeros(shape, dtype=bool)
+    cs = [(k // stride, k % stride != 0), (j // stride, j % stride != 0),
+          (i // stride, i % stride != 0)]
+    for dk in (0, 1):
+        for dj in (0, 1):
+            for di in (0, 1):
+                sel = np.ones(len(rows), dtype=bool)
+                for dd, (c0, frac) in zip((dk, dj, di), cs):
+                    if dd:
+                        sel &= frac
+                need[cs[0][0][sel] + dk, cs[1][0][sel] + dj, cs[2][0][sel] + di] = True
+    node_index = np.full(shape, -1, dtype=np.int64)
+    kk, jj, ii = np.nonzero(need)
+    node_index[kk, jj, ii] = np.arange(len(kk))
+    ijk = stride * np.stack([ii, jj, kk], axis=1).astype(np.float64)
+    lps = np.ascontiguousarray(dgrid.ijk_to_lps(ijk))
+    return node_index, lps, np.ascontiguousarray(lps_to_grid_frame(density, lps))
 
 
 def full_kernel_dose(dij: DoseInfluence, density: Volume, beams: list, weights_mu, *,

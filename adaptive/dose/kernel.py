@@ -23,10 +23,35 @@ import math
 
 import numba as nb
 import numpy as np
+from scipy.special import erf as _scipy_erf
 
-from adaptive.dose.raytrace import siddon_path
+from adaptive.dose.raytrace import fan_depth_lookup, siddon_path
 
 _SQRT2 = math.sqrt(2.0)
+
+# erf on [0, 6] for cubic Hermite interpolation (values + exact derivatives, step 1/64):
+# max abs error 1e-9 (tests/test_dose_raytrace.py), ~4x faster than libm erf; erf(6) = 1 - 2e-17.
+_ERF_STEPS_PER_UNIT = 64
+_ERF_T = np.arange(6 * _ERF_STEPS_PER_UNIT + 2) / _ERF_STEPS_PER_UNIT
+_ERF_F = _scipy_erf(_ERF_T)
+_ERF_D = 2.0 / math.sqrt(math.pi) * np.exp(-_ERF_T * _ERF_T) / _ERF_STEPS_PER_UNIT
+
+
+@nb.njit(cache=True, inline="always")
+def fast_erf(x):
+    """erf(x) by cubic Hermite interpolation of a table (abs error < 1e-9)."""
+    a = abs(x)
+    if a >= 6.0:
+        r = 1.0
+    else:
+        u = a * _ERF_STEPS_PER_UNIT
+        i = int(u)
+        s = u - i
+        s2 = s * s
+        s3 = s2 * s
+        r = ((2.0 * s3 - 3.0 * s2 + 1.0) * _ERF_F[i] + (s3 - 2.0 * s2 + s) * _ERF_D[i]
+             + (3.0 * s2 - 2.0 * s3) * _ERF_F[i + 1] + (s3 - s2) * _ERF_D[i + 1])
+    return r if x >= 0.0 else -r
 
 
 @nb.njit(cache=True, inline="always")
@@ -72,9 +97,9 @@ def _window(x, r, e0, w, n):
 def _edges(x, sig, e0, w, i0, i1, out):
     """out[m] = integral of the unit Gaussian (centre x, width sig) over element i0 + m."""
     inv = 1.0 / (_SQRT2 * sig)
-    prev = math.erf((e0 + i0 * w - x) * inv)
+    prev = fast_erf((e0 + i0 * w - x) * inv)
     for m in range(i1 - i0 + 1):
-        nxt = math.erf((e0 + (i0 + m + 1) * w - x) * inv)
+        nxt = fast_erf((e0 + (i0 + m + 1) * w - x) * inv)
         out[m] = 0.5 * (nxt - prev)
         prev = nxt
 
@@ -82,11 +107,26 @@ def _edges(x, sig, e0, w, i0, i1, out):
 # --- dose-influence matrix ------------------------------------------------------------------
 
 
+@nb.njit(cache=True, inline="always")
+def _row_span(x, dy2, r2, e0, w, n):
+    """Index range [i0, i1] of the elements of one beamlet row (centres e0 + (i + 1/2) w)
+    inside the cut-off circle (radius^2 r2) around x, for a row at squared distance dy2;
+    empty (i1 < i0) if the row misses the circle. Shared by the count and fill passes so
+    both select exactly the same (voxel, beamlet) pairs."""
+    h2 = r2 - dy2
+    if h2 < 0.0:
+        return 0, -1
+    return _window(x, math.sqrt(h2), e0, w, n)
+
+
 @nb.njit(cache=True, parallel=True)
-def dij_count(pts, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut, wx, wy, cutoff, counts):
-    """counts[v] = number of beamlets (all beams) whose centre is within ``cutoff`` of point v's
-    isocenter-plane projection. ``lut`` (flat, per beam row-major (iy, ix) at ``lut_off[b]``)
-    holds the global beamlet (column) index or -1."""
+def dij_count(pts, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut, wx, wy, cutoff, counts,
+              pref):
+    """counts[v] = number of active beamlets (all beams) whose centre is within ``cutoff`` of
+    point v's isocenter-plane projection. ``lut`` (flat, per beam row-major (iy, ix) at
+    ``lut_off[b]``) holds the global beamlet (column) index or -1; ``pref`` (per beam
+    (nby, nbx + 1) at ``lut_off[b] + nby[b] * b``) the running count of active beamlets
+    along each beamlet row (see :func:`active_prefix`)."""
     n = pts.shape[0]
     nbeams = rots.shape[0]
     r2 = cutoff * cutoff
@@ -96,30 +136,66 @@ def dij_count(pts, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut, wx, wy, cu
             x, y, z = _project(rots[b], isos[b], sad, pts[v, 0], pts[v, 1], pts[v, 2])
             if z <= 0.0:
                 continue
-            ix0, ix1 = _window(x, cutoff, ex0[b], wx, nbx[b])
             iy0, iy1 = _window(y, cutoff, ey0[b], wy, nby[b])
+            base = lut_off[b] + nby[b] * b
             for iy in range(iy0, iy1 + 1):
                 dy = ey0[b] + (iy + 0.5) * wy - y
-                for ix in range(ix0, ix1 + 1):
-                    dx = ex0[b] + (ix + 0.5) * wx - x
-                    if dx * dx + dy * dy <= r2 and lut[lut_off[b] + iy * nbx[b] + ix] >= 0:
-                        c += 1
+                ix0, ix1 = _row_span(x, dy * dy, r2, ex0[b], wx, nbx[b])
+                if ix1 >= ix0:
+                    row = base + iy * (nbx[b] + 1)
+                    c += pref[row + ix1 + 1] - pref[row + ix0]
         counts[v] = c
 
 
+def active_prefix(lut: np.ndarray, lut_off: np.ndarray, nbx: np.ndarray, nby: np.ndarray
+                  ) -> np.ndarray:
+    """Per beam and beamlet row, the running count of active beamlets (lut >= 0): beam b's
+    (nby, nbx + 1) block starts at ``lut_off[b] + nby[b] * b``."""
+    out = []
+    for b in range(len(nbx)):
+        act = lut[lut_off[b]:lut_off[b] + nbx[b] * nby[b]].reshape(nby[b], nbx[b]) >= 0
+        pre = np.zeros((nby[b], nbx[b] + 1), dtype=np.int64)
+        np.cumsum(act, axis=1, out=pre[:, 1:])
+        out.append(pre.ravel())
+    return np.concatenate(out)
+
+
 @nb.njit(cache=True, parallel=True)
-def dij_fill(pts, gpts, srcs, dens, dsp, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut,
-             wx, wy, cutoff, kp, indptr, indices, data, depth_out, nthreads):
+def beam_depths(pts, gpts, src, dens, dsp, rot, iso, sad, table, x0, y0, dxy, z0, dzs,
+                max_spread, out):
+    """out[v] = radiological depth (mm) of point v for one beam, interpolated from the beam's
+    fan depth table (:func:`adaptive.dose.raytrace.fan_depth_table`); points outside the
+    table, or where the surrounding rays' depths differ by more than ``max_spread`` (mm), are
+    traced exactly (:func:`siddon_path`); -1 for points behind the source.
+    ``pts`` LPS (n, 3), ``gpts``/``src`` density-grid frame (mm)."""
+    for v in nb.prange(pts.shape[0]):
+        x, y, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
+        if z <= 0.0:
+            out[v] = -1.0
+            continue
+        d = -1.0
+        if table.shape[2] >= 2:
+            d = fan_depth_lookup(table, x0, y0, dxy, z0, dzs, x, y, z, max_spread)
+        if d < 0.0:
+            d = siddon_path(dens, dsp[0], dsp[1], dsp[2], src[0], src[1], src[2],
+                            gpts[v, 0], gpts[v, 1], gpts[v, 2])
+        out[v] = d
+
+
+@nb.njit(cache=True, parallel=True)
+def dij_fill(pts, depth, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut, wx, wy, cutoff, kp,
+             indptr, indices, data, nthreads, bad):
     """Fill CSR rows (one per point) with Gy/MU per beamlet, in increasing column order.
 
-    ``pts``: LPS (n, 3); ``gpts``/``srcs``: the same points / the beam sources in the density
-    grid frame (for ray tracing); ``depth_out[v, b]``: radiological depth (mm) or -1 if the
-    beam does not reach the point."""
+    ``pts``: LPS (n, 3); ``depth[v, b]``: radiological depth (mm) of point v for beam b (see
+    :func:`beam_depths`). The (voxel, beamlet) pairs are those counted by :func:`dij_count`;
+    ``bad[0]`` is set to the number of rows whose fill disagrees with ``indptr`` (must be 0)."""
     n = pts.shape[0]
     nbeams = rots.shape[0]
     r2 = cutoff * cutoff
     nwin = int(2.0 * cutoff / min(wx, wy)) + 3
     nchunk = max(1, min(n, 64 * nthreads))
+    nbad = np.zeros(nchunk, dtype=np.int64)
     for ch in nb.prange(nchunk):
         amp = np.empty(3)
         sig = np.empty(3)
@@ -127,8 +203,8 @@ def dij_fill(pts, gpts, srcs, dens, dsp, rots, isos, sad, ex0, ey0, nbx, nby, lu
         eys = np.empty((3, nwin))
         for v in range(ch * n // nchunk, (ch + 1) * n // nchunk):
             pos = indptr[v]
+            end = indptr[v + 1]
             for b in range(nbeams):
-                depth_out[v, b] = -1.0
                 x, y, z = _project(rots[b], isos[b], sad, pts[v, 0], pts[v, 1], pts[v, 2])
                 if z <= 0.0:
                     continue
@@ -136,30 +212,159 @@ def dij_fill(pts, gpts, srcs, dens, dsp, rots, isos, sad, ex0, ey0, nbx, nby, lu
                 iy0, iy1 = _window(y, cutoff, ey0[b], wy, nby[b])
                 if ix1 < ix0 or iy1 < iy0:
                     continue
-                d = siddon_path(dens, dsp[0], dsp[1], dsp[2], srcs[b, 0], srcs[b, 1], srcs[b, 2],
-                                gpts[v, 0], gpts[v, 1], gpts[v, 2])
-                depth_out[v, b] = d
+                d = depth[v, b]
                 _components(kp, d, z, amp, sig)
                 for c in range(3):
                     _edges(x, sig[c], ex0[b], wx, ix0, ix1, exs[c])
                     _edges(y, sig[c], ey0[b], wy, iy0, iy1, eys[c])
                 for iy in range(iy0, iy1 + 1):
                     dy = ey0[b] + (iy + 0.5) * wy - y
+                    jx0, jx1 = _row_span(x, dy * dy, r2, ex0[b], wx, nbx[b])
                     my = iy - iy0
                     a0 = amp[0] * eys[0, my]
                     a1 = amp[1] * eys[1, my]
                     a2 = amp[2] * eys[2, my]
-                    for ix in range(ix0, ix1 + 1):
-                        dx = ex0[b] + (ix + 0.5) * wx - x
-                        if dx * dx + dy * dy > r2:
-                            continue
-                        col = lut[lut_off[b] + iy * nbx[b] + ix]
+                    lrow = lut_off[b] + iy * nbx[b]
+                    for ix in range(jx0, jx1 + 1):
+                        col = lut[lrow + ix]
                         if col < 0:
                             continue
+                        if pos >= end:
+                            nbad[ch] += 1
+                            break
                         mx = ix - ix0
                         indices[pos] = col
                         data[pos] = a0 * exs[0, mx] + a1 * exs[1, mx] + a2 * exs[2, mx]
                         pos += 1
+            if pos != end:
+                nbad[ch] += 1
+    bad[0] = nbad.sum()
+
+
+@nb.njit(cache=True, parallel=True)
+def far_scatter_parts(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0, res,
+                      cutoff_full, cutoff_near, kp, out, nthreads):
+    """Long-range (beyond ``cutoff_near``) parts of one beam's fluence map dose at points, per
+    unit primary amplitude: ``out[v, 0]`` = head-scatter and ``out[v, 1]`` = phantom-scatter
+    lateral integrals of the fluence within ``cutoff_full`` minus those within
+    ``cutoff_near`` (level-0 elements, the Dij's rule). The far dose of point v is
+    ``P (h out[v, 0] + k_s d out[v, 1])`` with P the primary amplitude
+    (:func:`_components` ``amp[0]``). The primary (width < cut-off / 6) has no far part.
+    ``depths[v]``: radiological depth (mm)."""
+    n = pts.shape[0]
+    nlev = pyr.shape[0]
+    nchunk = max(1, min(n, 64 * nthreads))
+    nmax = max(pyr.shape[1], pyr.shape[2]) + 2
+    for ch in nb.prange(nchunk):
+        amp = np.empty(3)
+        sig = np.empty(3)
+        ex = np.empty(nmax)
+        ey = np.empty(nmax)
+        for v in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            out[v, 0] = 0.0
+            out[v, 1] = 0.0
+            x, y, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
+            if z <= 0.0 or depths[v] < 0.0:
+                continue
+            _components(kp, depths[v], z, amp, sig)
+            for c in range(1, 3):
+                s = sig[c]
+                part = 0.0
+                for which in range(2):
+                    if which == 0:
+                        cutoff = cutoff_full
+                        lev = 0
+                        while (lev + 1 < nlev and res * 2.0 ** (lev + 1) <= s
+                               and res * 2.0 ** (lev + 1) <= cutoff / 6.0):
+                            lev += 1
+                        w = res * 2.0 ** lev
+                        r = min(cutoff, 3.5 * s + w)
+                        sign = 1.0
+                    else:
+                        lev = 0
+                        w = res
+                        r = cutoff_near
+                        sign = -1.0
+                    ix0, ix1 = _window(x, r, fx0, w, pyr_nx[lev])
+                    iy0, iy1 = _window(y, r, fy0, w, pyr_ny[lev])
+                    if ix1 < ix0 or iy1 < iy0:
+                        continue
+                    _edges(x, s, fx0, w, ix0, ix1, ex)
+                    _edges(y, s, fy0, w, iy0, iy1, ey)
+                    r2 = r * r
+                    acc = 0.0
+                    for iy in range(iy0, iy1 + 1):
+                        dy = fy0 + (iy + 0.5) * w - y
+                        jx0, jx1 = _row_span(x, dy * dy, r2, fx0, w, pyr_nx[lev])
+                        row = 0.0
+                        for ix in range(max(jx0, ix0), min(jx1, ix1) + 1):
+                            row += ex[ix - ix0] * pyr[lev, iy, ix]
+                        acc += row * ey[iy - iy0]
+                    part += sign * acc
+                out[v, c - 1] = part
+
+
+@nb.njit(cache=True, inline="always")
+def primary_amplitude(kp, d, z):
+    """Primary amplitude P (Gy/MU per unit fluence, incl. C and inverse square) at
+    radiological depth d (mm) and source distance z (mm): ``amp[0]`` of :func:`_components`."""
+    proj = kp[10] / z
+    d = max(d, 0.0)
+    return (1.0 - math.exp(-kp[1] * d)) * math.exp(-kp[0] * d) * kp[9] * proj * proj
+
+
+@nb.njit(cache=True, parallel=True)
+def far_scatter_rows(pts, depth, rot, iso, sad, kp, flat_idx, dshape, stride, node_index,
+                     parts, near, factor, cap):
+    """Scatter-correction factor of one beam at the Dij rows: ``factor[v] = (near[v] +
+    far[v]) / near[v]`` (clipped to [0, cap]; 1 where ``near`` is 0), with ``far`` = P(d, z)
+    (h q_h + k_s d q_s) and (q_h, q_s) trilinearly interpolated from :func:`far_scatter_parts`
+    on the coarse nodes (dose-grid indices that are multiples of ``stride``; ``node_index``
+    (nK, nJ, nI) maps a node to its row in ``parts`` or -1). Returns via ``factor``; the
+    number of capped factors is added to ``cap[1]`` (``cap[0]`` is the cap)."""
+    n = pts.shape[0]
+    ny_, nx_ = dshape[1], dshape[2]
+    ncap = np.zeros(n, dtype=np.int64)
+    for v in nb.prange(n):
+        if near[v] <= 0.0:
+            factor[v] = 1.0
+            continue
+        fi = flat_idx[v]
+        k = fi // (ny_ * nx_)
+        rem = fi - k * ny_ * nx_
+        j = rem // nx_
+        i = rem - j * nx_
+        k0, j0, i0 = k // stride, j // stride, i // stride
+        tk = (k - k0 * stride) / stride
+        tj = (j - j0 * stride) / stride
+        ti = (i - i0 * stride) / stride
+        qh = 0.0
+        qs = 0.0
+        for dk in range(2):
+            wk = tk if dk else 1.0 - tk
+            if wk == 0.0:
+                continue
+            for dj in range(2):
+                wj = tj if dj else 1.0 - tj
+                if wj == 0.0:
+                    continue
+                for di in range(2):
+                    wi = ti if di else 1.0 - ti
+                    if wi == 0.0:
+                        continue
+                    m = node_index[k0 + dk, j0 + dj, i0 + di]
+                    wgt = wk * wj * wi
+                    qh += wgt * parts[m, 0]
+                    qs += wgt * parts[m, 1]
+        x, y, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
+        d = max(depth[v], 0.0)
+        far = primary_amplitude(kp, d, z) * (kp[5] * qh + kp[2] * d * qs)
+        f = (near[v] + far) / near[v]
+        if f > cap[0]:
+            ncap[v] = 1
+            f = cap[0]
+        factor[v] = max(f, 0.0)
+    cap[1] += ncap.sum()
 
 
 # --- plan dose (fluence maps) ---------------------------------------------------------------
@@ -218,11 +423,10 @@ def fluence_dose(pts, gpts, src, dens, dsp, rot, iso, sad, pyr, pyr_ny, pyr_nx, 
                 acc = 0.0
                 for iy in range(iy0, iy1 + 1):
                     dy = fy0 + (iy + 0.5) * w - y
+                    jx0, jx1 = _row_span(x, dy * dy, r2, fx0, w, pyr_nx[lev])
                     row = 0.0
-                    for ix in range(ix0, ix1 + 1):
-                        dx = fx0 + (ix + 0.5) * w - x
-                        if dx * dx + dy * dy <= r2:
-                            row += ex[ix - ix0] * pyr[lev, iy, ix]
+                    for ix in range(max(jx0, ix0), min(jx1, ix1) + 1):
+                        row += ex[ix - ix0] * pyr[lev, iy, ix]
                     acc += row * ey[iy - iy0]
                 tot += amp[c] * acc
             out[v] += tot
