@@ -311,7 +311,10 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     t = time.perf_counter()
     centres = fgrid.voxel_centers_lps()
     if bmaps is not None:
-        ub = eb.transform_field(bmaps, fgrid).astype(np.float64)
+        ub = eb.bspline_field(bmaps[-1], fgrid) if len(bmaps) == 1 else None
+        if ub is None:
+            ub = eb.transform_field(bmaps, fgrid)
+        ub = ub.astype(np.float64)
         dvf = (affine_field(m_rigid, centres + ub) + ub).astype(np.float32)
     else:
         dvf = affine_field(m_rigid, centres).astype(np.float32)

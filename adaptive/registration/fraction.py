@@ -126,7 +126,7 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
               "inputs": inputs, "fallback": result.fallback,
               "initial_alignment": result.initial_alignment,
               "initial_matrix": result.initial_matrix, "rigid_matrix": result.rigid_matrix,
-              "quality": result.quality, "timings_s": {"registration": result.timings_s, **T},
+              "quality": result.quality, "timings_s": {**T, "registration_stages": result.timings_s},
               "parameters": result.parameters,
               "dvf_convention": "CBCT point x (CBCT frame, LPS mm) <-> planning point x + u(x)",
               "outputs": {k: str(v) for k, v in out.paths.items()}}

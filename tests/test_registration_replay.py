@@ -1,0 +1,89 @@
+"""The `adaptive register` command on one committed replay fraction (truth known)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFEST = REPO / "replay_data" / "manifest.toml"
+
+
+@pytest.fixture(scope="module")
+def replay_fx():
+    if not MANIFEST.is_file():
+        pytest.skip("no replay_data/manifest.toml (run `adaptive replay-data build`)")
+    from adaptive.replay.manifest import load_manifest
+
+    m = load_manifest(MANIFEST)
+    for case in m.cases:
+        for fx in case.fractions:
+            if fx.truth_dvf.is_file() and case.planning_rtstruct.is_file():
+                return case, fx
+    pytest.skip("no replay fraction with a truth DVF")
+
+
+@pytest.fixture(scope="module")
+def cli_out(replay_fx, tmp_path_factory):
+    from adaptive.cli import main
+
+    case, fx = replay_fx
+    out = tmp_path_factory.mktemp("reg") / "out"
+    iso = ",".join(repr(float(v)) for v in case.isocenter_lps_mm)
+    rc = main(["register", str(fx.cbct_dir), str(case.planning_ct_dir), "--structures",
+               str(case.planning_rtstruct), "--isocenter", iso, "-o", str(out)])
+    assert rc == 0
+    return case, fx, out
+
+
+def test_register_command_outputs_match_truth(cli_out):
+    from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.registration.evaluate import dice, dilate_mm, tre
+    from adaptive.replay.truth import read_dvf
+
+    case, fx, out = cli_out
+    cbct, cb_info = read_ct_series(fx.cbct_dir)
+    dvf, grid = read_dvf(out / "dvf.mha")
+    truth, tgrid = read_dvf(fx.truth_dvf)
+    assert grid.same_as(cbct.grid) and tgrid.same_as(grid)
+    truth_ss = read_rtstruct(fx.truth_rtstruct, grid=grid)
+    ptv20 = dilate_mm(truth_ss.mask("PTV", grid), grid, 20.0)
+    e = tre(dvf, truth, ptv20, grid)
+    assert e["mean_mm"] < 2.0 and e["max_mm"] < 5.0, e  # TG-132
+    rec = json.loads((out / "registration.json").read_text())
+    assert rec["fallback"] is None
+    assert rec["quality"]["jacobian_fraction_nonpositive"] == 0.0
+    assert set(rec["timings_s"]["registration_stages"]) >= {"rigid", "deformable", "total"}
+    # propagated structures reference the CBCT and agree with the truth contours
+    prop = read_rtstruct(out / "RS.dcm", series=cb_info, grid=grid)
+    for organ in ("PROSTATE", "BLADDER", "RECTUM"):
+        assert dice(prop.mask(organ, grid), truth_ss.mask(organ, grid)) > 0.85, organ
+    # synthetic CT: CBCT grid and Frame of Reference, new series
+    sct, sct_info = read_ct_series(out / "synthetic_ct")
+    assert sct.grid.same_as(cbct.grid)
+    assert sct_info.frame_of_reference_uid == cb_info.frame_of_reference_uid
+    assert sct_info.series_instance_uid != cb_info.series_instance_uid
+    assert sct_info.study_instance_uid == cb_info.study_instance_uid
+    near_body = dilate_mm(truth_ss.mask("BODY", grid), grid, 6.0)  # edge voxels: partial volume
+    assert np.mean(sct.array[~near_body] < -900) > 0.95
+
+
+def test_register_command_dicom_valid(cli_out, dciodvfy):
+    case, fx, out = cli_out
+    for p in (out / "REG.dcm", out / "RS.dcm", sorted((out / "synthetic_ct").iterdir())[0]):
+        errors, text = dciodvfy(p)
+        assert not errors, f"{p}: {text}"
+    from adaptive.registration.dicom_reg import read_deformable_registration
+    from adaptive.replay.truth import read_dvf
+
+    reg = read_deformable_registration(out / "REG.dcm")
+    dvf, _ = read_dvf(out / "dvf.mha")
+    np.testing.assert_allclose(reg.dvf_lps_mm, dvf, atol=1e-3)
+    ds = pydicom.dcmread(out / "REG.dcm")
+    assert ds.DeformableRegistrationSequence[0].SourceFrameOfReferenceUID == \
+        case.planning_frame_of_reference_uid
