@@ -7,18 +7,23 @@ import time
 
 import numpy as np
 import pytest
+from registration_phantom import (
+    cbct_grid,
+    phantom_hu,
+    planning_ct,
+    simulate_cbct,
+    smooth_dvf,
+    structure_masks,
+)
 
 from adaptive.config import load_toml
 from adaptive.errors import ConfigError, PatientMismatchError, RegistrationError
 from adaptive.geometry.volume import Volume
 from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.registration import register, synthetic_ct
-from adaptive.registration.evaluate import dilate_mm, dice, hausdorff95, tre
+from adaptive.registration.evaluate import dice, dilate_mm, hausdorff95, tre
 from adaptive.registration.quality import affine_field, jacobian_determinant
 from adaptive.registration.settings import DEFAULT_CONFIG, load_registration_settings
-
-from registration_phantom import (cbct_grid, phantom_hu, planning_ct, simulate_cbct,
-                                  smooth_dvf, structure_masks)
 
 SHIFT = np.array([4.0, 3.0, -5.0])
 ISO = np.array([12.0, -18.0, 9.0])
@@ -247,8 +252,8 @@ def test_evaluate_metrics_known_shapes():
 
 
 def test_bspline_field_matches_transformix():
-    from adaptive.registration import elastix_backend as eb
     from adaptive.geometry.volume import Grid
+    from adaptive.registration import elastix_backend as eb
 
     g = Grid(shape=(12, 15, 17), origin=(-40.3, -31.1, -20.7), spacing=(5.3, 4.1, 4.4))
     size = (7, 6, 5)
@@ -256,7 +261,7 @@ def test_bspline_field_matches_transformix():
     m = {"Transform": ["BSplineTransform"], "BSplineTransformSplineOrder": ["3"],
          "UseCyclicTransform": ["false"], "GridSize": [str(v) for v in size],
          "GridIndex": ["0", "0", "0"], "GridSpacing": ["20", "20", "20"],
-         "GridOrigin": ["-70", "-60", "-50"], "GridDirection": "1 0 0 0 1 0 0 0 1".split(),
+         "GridOrigin": ["-70", "-60", "-50"], "GridDirection": ["1", "0", "0", "0", "1", "0", "0", "0", "1"],
          "NumberOfParameters": [str(3 * int(np.prod(size)))],
          "TransformParameters": [repr(float(v)) for v in rng.normal(0, 3, 3 * int(np.prod(size)))],
          "InitialTransformParameterFileName": ["NoInitialTransform"],

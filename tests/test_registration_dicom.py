@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+from registration_phantom import cbct_grid, smooth_dvf
 
 from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.registration.core import RegistrationResult
-from adaptive.registration.dicom_reg import (read_deformable_registration,
-                                             write_deformable_registration)
-
-from registration_phantom import cbct_grid, smooth_dvf
+from adaptive.registration.dicom_reg import (
+    read_deformable_registration,
+    write_deformable_registration,
+)
 
 
 def _rot(deg):
@@ -65,3 +66,45 @@ def test_reg_dciodvfy_clean_and_round_trip(tmp_path, dciodvfy):
         # the stored vectors are the non-rigid residual: small, unlike the full DVF
         v = np.frombuffer(item.DeformableRegistrationGridSequence[0].VectorGridData, "<f4")
         assert np.abs(v).max() < 2.6 < np.abs(r.dvf_lps_mm).max()
+
+
+def _spatial_reg(path, own_for, other_for, matrix):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from adaptive.dicom._common import new_dataset, save_atomic
+    ds = new_dataset("1.2.840.10008.5.1.4.1.1.66.1", "1.2.826.0.1.3680043.8.498.99")
+    ds.FrameOfReferenceUID = own_for
+    items = []
+    for uid, m in ((own_for, np.eye(4)), (other_for, matrix)):
+        mt = Dataset()
+        mt.FrameOfReferenceTransformationMatrixType = "RIGID"
+        mt.FrameOfReferenceTransformationMatrix = [f"{v:.10g}" for v in m.reshape(-1)]
+        mr = Dataset()
+        mr.MatrixSequence = Sequence([mt])
+        it = Dataset()
+        it.FrameOfReferenceUID = uid
+        it.MatrixRegistrationSequence = Sequence([mr])
+        items.append(it)
+    ds.RegistrationSequence = Sequence(items)
+    save_atomic(ds, path)
+
+
+def test_initial_matrix_from_spatial_registration(tmp_path):
+    from adaptive.errors import DicomInputError
+    from adaptive.registration.dicom_reg import initial_matrix_from_spatial_registration
+
+    m = np.eye(4)
+    m[:3, :3] = _rot(4.0)
+    m[:3, 3] = (12.0, -30.0, 400.0)  # CBCT -> planning
+    # REG in the planning frame: item for the CBCT frame maps CBCT -> planning = m
+    _spatial_reg(tmp_path / "a.dcm", "1.2.3.PLAN", "1.2.3.CBCT", m)
+    got = initial_matrix_from_spatial_registration(tmp_path / "a.dcm", "1.2.3.CBCT", "1.2.3.PLAN")
+    np.testing.assert_allclose(got, m, atol=1e-8)
+    # REG in the CBCT frame: item for the planning frame maps planning -> CBCT = inv(m)
+    _spatial_reg(tmp_path / "b.dcm", "1.2.3.CBCT", "1.2.3.PLAN", np.linalg.inv(m))
+    got = initial_matrix_from_spatial_registration(tmp_path / "b.dcm", "1.2.3.CBCT", "1.2.3.PLAN")
+    np.testing.assert_allclose(got, m, atol=1e-6)
+    import pytest
+    with pytest.raises(DicomInputError, match="not the"):
+        initial_matrix_from_spatial_registration(tmp_path / "b.dcm", "1.2.3.CBCT", "9.9")

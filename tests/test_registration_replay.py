@@ -46,7 +46,7 @@ def test_register_command_outputs_match_truth(cli_out):
     from adaptive.registration.evaluate import dice, dilate_mm, tre
     from adaptive.replay.truth import read_dvf
 
-    case, fx, out = cli_out
+    _case, fx, out = cli_out
     cbct, cb_info = read_ct_series(fx.cbct_dir)
     dvf, grid = read_dvf(out / "dvf.mha")
     truth, tgrid = read_dvf(fx.truth_dvf)
@@ -74,8 +74,8 @@ def test_register_command_outputs_match_truth(cli_out):
 
 
 def test_register_command_dicom_valid(cli_out, dciodvfy):
-    case, fx, out = cli_out
-    for p in (out / "REG.dcm", out / "RS.dcm", sorted((out / "synthetic_ct").iterdir())[0]):
+    case, _fx, out = cli_out
+    for p in (out / "REG.dcm", out / "RS.dcm", min((out / "synthetic_ct").iterdir())):
         errors, text = dciodvfy(p)
         assert not errors, f"{p}: {text}"
     from adaptive.registration.dicom_reg import read_deformable_registration

@@ -88,9 +88,9 @@ def run(args) -> str:
     manifest = load_manifest(mpath)
     repeats = max(1, int(getattr(args, "repeats", 3) or 3))
     tw = warm_up()
-    lines += [f"Warm-up (itk import + tiny registration, first in this process): {tw:.1f} s. "
-              f"Times below: registration + synthetic CT + propagation of "
-              f"{', '.join(o.lower() for o in ORGANS)} ({repeats} runs).", ""]
+    lines += [(f"Warm-up (itk import + tiny registration, first in this process): {tw:.1f} s. "
+               f"Times below: registration + synthetic CT + propagation of "
+               f"{', '.join(o.lower() for o in ORGANS)} ({repeats} runs)."), ""]
     rows = []
     for case in manifest.cases:
         fxs = [f for f in case.fractions if f.truth_dvf.is_file()]
@@ -102,9 +102,9 @@ def run(args) -> str:
             rows.append(evaluate_fraction(case, fx, ct, ct_info, pss, repeats))
     if not rows:
         return "\n".join(lines + ["No fractions with truth DVFs.", ""])
-    lines += ["| fraction | time | fallback | TRE body mean / p95 / max (mm) | "
-              "TRE PTV+20 mm mean / p95 / max (mm) | rigid-only TRE PTV+20 mean / max | "
-              "min Jacobian (folded %) |",
+    lines += [("| fraction | time | fallback | TRE body mean / p95 / max (mm) | "
+               "TRE PTV+20 mm mean / p95 / max (mm) | rigid-only TRE PTV+20 mean / max | "
+               "min Jacobian (folded %) |"),
               "|---|---|---|---|---|---|---|"]
     for r in rows:
         b, p, pr = r["tre_body_dir"], r["tre_ptv20_dir"], r["tre_ptv20_rigid"]

@@ -21,7 +21,8 @@ def run(args) -> int:
 
     iso = _iso(args.isocenter) if args.isocenter else None
     r = register_fraction(args.cbct_dir, args.planning_ct_dir, structures=args.structures,
-                          isocenter_lps_mm=iso, plan=args.plan, budget_s=args.budget,
+                          isocenter_lps_mm=iso, plan=args.plan,
+                          spatial_registration=args.reg, budget_s=args.budget,
                           out_dir=args.output, config=args.config)
     q = r.result.quality
     print(f"registration {'FALLBACK ' + r.result.fallback if r.result.fallback else 'deformable'}"
@@ -40,6 +41,8 @@ def register(subparsers) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--isocenter", help="planning isocenter x,y,z (LPS mm): CBCT origin = it")
     g.add_argument("--plan", help="planning RT Plan (isocenter of its first beam)")
+    p.add_argument("--reg", help="rigid Spatial Registration (REG) relating CBCT and planning "
+                                 "frames: initial alignment (preferred over the isocenter)")
     p.add_argument("--budget", type=float, default=None, help="time budget in s (rigid fallback)")
     p.add_argument("--config", default=None, help="registration TOML (default config/registration.toml)")
     p.add_argument("-o", "--output", required=True, help="output folder")

@@ -10,6 +10,14 @@ from adaptive.registration.propagate import propagate_mask, propagate_structures
 from adaptive.registration.settings import RegistrationSettings, load_registration_settings
 from adaptive.registration.synthetic_ct import synthetic_ct, write_synthetic_ct
 
-__all__ = ["RegistrationResult", "register", "warm_up", "propagate_mask", "propagate_structures",
-           "RegistrationSettings", "load_registration_settings", "synthetic_ct",
-           "write_synthetic_ct"]
+__all__ = [
+           "RegistrationResult",
+           "RegistrationSettings",
+           "load_registration_settings",
+           "propagate_mask",
+           "propagate_structures",
+           "register",
+           "synthetic_ct",
+           "warm_up",
+           "write_synthetic_ct",
+]

@@ -44,8 +44,13 @@ from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.registration import elastix_backend as eb
 from adaptive.registration.masks import body_and_gas, valid_region_mask
-from adaptive.registration.quality import (affine_field, deformation_beyond_rigid,
-                                           jacobian_determinant, jacobian_stats, similarity)
+from adaptive.registration.quality import (
+    affine_field,
+    deformation_beyond_rigid,
+    jacobian_determinant,
+    jacobian_stats,
+    similarity,
+)
 from adaptive.registration.settings import RegistrationSettings, load_registration_settings
 
 log = get_logger("adaptive.registration")

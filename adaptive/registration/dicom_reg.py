@@ -27,8 +27,15 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 import adaptive
-from adaptive.dicom._common import (DEFORMABLE_REG_STORAGE, ds_list, new_dataset, read_dataset,
-                                    require, save_atomic, set_patient_study)
+from adaptive.dicom._common import (
+    DEFORMABLE_REG_STORAGE,
+    ds_list,
+    new_dataset,
+    read_dataset,
+    require,
+    save_atomic,
+    set_patient_study,
+)
 from adaptive.dicom.provenance import Provenance, apply_provenance, dicom_date_time, new_uid
 from adaptive.errors import DicomInputError, UnsupportedObjectError
 from adaptive.geometry.volume import Grid
@@ -220,3 +227,43 @@ def read_deformable_registration(path: str | Path) -> DeformableRegistration:
         registered_frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
         source_frame_of_reference_uid=str(item.get("SourceFrameOfReferenceUID", "")),
         sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID))
+
+
+SPATIAL_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
+
+
+def initial_matrix_from_spatial_registration(path: str | Path, cbct_frame_uid: str,
+                                             planning_frame_uid: str) -> np.ndarray:
+    """4×4 CBCT LPS → planning LPS from a (rigid) Spatial Registration object.
+
+    Each Registration Sequence item's matrix maps points of the item's Frame of Reference to
+    the object's own Frame of Reference (PS3.3 C.20.2). Whichever of the two frames the
+    object is in, the matrix is composed (and inverted when needed) so that it maps CBCT
+    points to planning points. Raises :class:`DicomInputError` when the object does not
+    relate the two frames.
+    """
+    path = Path(path)
+    ds = read_dataset(path)
+    if str(ds.get("SOPClassUID", "")) != SPATIAL_REG_STORAGE:
+        raise UnsupportedObjectError(
+            f"not a Spatial Registration (SOP class {ds.get('SOPClassUID', '?')})", path)
+    own = str(require(ds, "FrameOfReferenceUID", path))
+    to_own: dict[str, np.ndarray] = {own: np.eye(4)}
+    for item in require(ds, "RegistrationSequence", path):
+        src = str(item.get("FrameOfReferenceUID", ""))
+        m = np.eye(4)
+        for mr in item.get("MatrixRegistrationSequence", []):
+            for mt in mr.get("MatrixSequence", []):
+                mm = np.array([float(v) for v in mt.FrameOfReferenceTransformationMatrix])
+                if mm.size != 16:
+                    raise DicomInputError("FrameOfReferenceTransformationMatrix must have 16 "
+                                          "values", path)
+                m = mm.reshape(4, 4) @ m
+        if src:
+            to_own[src] = m
+    if cbct_frame_uid not in to_own or planning_frame_uid not in to_own:
+        raise DicomInputError(f"Spatial Registration relates frames {sorted(to_own)}, not the "
+                              f"CBCT ({cbct_frame_uid}) and planning ({planning_frame_uid}) "
+                              f"frames", path)
+    # CBCT -> own -> planning
+    return np.linalg.inv(to_own[planning_frame_uid]) @ to_own[cbct_frame_uid]

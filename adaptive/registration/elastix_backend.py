@@ -187,7 +187,7 @@ def bspline_field(tmap: dict[str, list[str]], fixed_grid: Grid) -> np.ndarray | 
     size = [int(v) for v in tmap["GridSize"]]
     g_origin = np.array([float(v) for v in tmap["GridOrigin"]])
     g_spacing = np.array([float(v) for v in tmap["GridSpacing"]])
-    g_dir = np.array([float(v) for v in tmap.get("GridDirection", "1 0 0 0 1 0 0 0 1".split())]
+    g_dir = np.array([float(v) for v in tmap.get("GridDirection", ["1", "0", "0", "0", "1", "0", "0", "0", "1"])]
                      ).reshape(3, 3)  # elastix writes the direction matrix row by row
     if not np.allclose(g_dir, fixed_grid.direction, atol=1e-6):
         return None

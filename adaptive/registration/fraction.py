@@ -51,13 +51,15 @@ def _jsonable(o):
 
 
 def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=None,
-                      initial_matrix=None, plan=None, budget_s: float | None = None,
+                      initial_matrix=None, plan=None, spatial_registration=None, budget_s: float | None = None,
                       out_dir: str | Path | None = None, config=None) -> FractionRegistration:
     """Register a fraction and (optionally) write its outputs to ``out_dir``.
 
     ``cbct`` / ``planning_ct``: a DICOM series folder or a ``(Volume, SeriesInfo)`` pair.
     ``structures``: planning RT Struct path or :class:`StructureSet` (planning frame).
     ``plan``: RT Plan path (its first beam's isocenter is used when no isocenter is given).
+    ``spatial_registration``: a rigid Spatial Registration file relating the CBCT and planning
+    frames (takes precedence over the isocenter as initial alignment).
     Writes ``dvf.mha`` (3-component float32, CBCT grid, LPS mm), ``synthetic_ct/``, ``RS.dcm``
     (with structures), ``REG.dcm`` and ``registration.json``.
     """
@@ -74,6 +76,10 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     if isinstance(structures, (str, Path)):
         from adaptive.dicom.rtstruct import read_rtstruct
         ss = read_rtstruct(structures, series=ct_info, grid=ct.grid)
+    if initial_matrix is None and spatial_registration is not None:
+        from adaptive.registration.dicom_reg import initial_matrix_from_spatial_registration
+        initial_matrix = initial_matrix_from_spatial_registration(
+            spatial_registration, cb_info.frame_of_reference_uid, ct_info.frame_of_reference_uid)
     if isocenter_lps_mm is None and plan is not None:
         from adaptive.dicom.rtplan import read_rtplan
         p = read_rtplan(plan) if isinstance(plan, (str, Path)) else plan
