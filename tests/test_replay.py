@@ -37,7 +37,7 @@ SMALL = ReplayConfig(
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("replay")
-    path = build_replay_data(out, config=SMALL)
+    path = build_replay_data(out, config=SMALL, scheduled_plan=False)
     return load_manifest(path)
 
 

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
                    help="build only this case (repeatable): pelvis, tg119_cshape, tg119_prostate")
     b.add_argument("--large", action="store_true",
                    help="build the large fine-grid pelvis case (not committed) instead")
+    b.add_argument("--no-plan", action="store_true",
+                   help="do not plan the pelvis case's scheduled plan (planning/RP.dcm)")
     b.add_argument("--config", default=None, help="generator parameters (default config/replay.toml)")
     b.set_defaults(func=_build)
     ls = sub.add_parser("list", help="summarise a replay folder's manifest")
@@ -31,7 +33,8 @@ def _build(args: argparse.Namespace) -> int:
 
     out = args.out or ("replay_data_large" if args.large else "replay_data")
     path = build_replay_data(out, seed=args.seed, cases=args.case, large=args.large,
-                             config=load_replay_config(args.config))
+                             config=load_replay_config(args.config),
+                             scheduled_plan=not args.no_plan)
     _print_manifest(path)
     return 0
 

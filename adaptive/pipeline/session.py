@@ -5,8 +5,8 @@ Stages (each a function; times in seconds recorded in ``timings_s``):
 ``stage_masks`` → ``stage_beams`` → ``stage_dij`` → ``stage_optimize`` → ``stage_sequence``
 → ``stage_deliverable_dose`` → ``stage_checks`` → ``write_plan_outputs``; :func:`plan_case`
 runs them for one CT + structure set (from scratch or warm-started from a reference plan);
-:func:`run_fraction` adds registration, synthetic CT, contour propagation and the
-scheduled-vs-adapted comparison for an archived fraction.
+:mod:`adaptive.pipeline.fraction` adds registration, synthetic CT, contour propagation and
+the scheduled-vs-adapted comparison for one fraction (``run_fraction``, service stages).
 
 Doses per fraction in Gy, MU per fraction, LPS mm.
 """
@@ -266,15 +266,6 @@ def write_plan_outputs(result: PlanResult, series: SeriesInfo, out_dir: str | Pa
 # --- the replay chain for one archived fraction ---------------------------------------------
 
 
-@dataclass
-class FractionResult:
-    adapted: PlanResult
-    scheduled_dose: Volume
-    comparison: object  # adaptive.optimization.compare.PlanComparison
-    timings_s: dict
-    registration: dict
-
-
 def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
                         settings: PlanSettings | None = None) -> dict:
     """Plan a replay case from scratch on its planning CT (``planning/CT``,
@@ -295,63 +286,12 @@ def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
                               parameters={"goals_file": str(goals_path)})
 
 
-def run_fraction(case_dir: str | Path, fraction_dir: str | Path, goals: ClinicalGoals, *,
-                 settings: PlanSettings | None = None, out_dir: str | Path | None = None
-                 ) -> FractionResult:
-    """register CBCT → synthetic CT + propagated structures → Dij on the synthetic CT →
-    warm-started re-optimisation from the scheduled plan → sequencing → deliverable dose →
-    checks → scheduled (recalculated on the synthetic CT) vs adapted comparison.
+def run_fraction(case_dir, fraction_dir, goals, **kw):
+    """The replay chain for one archived fraction: see
+    :func:`adaptive.pipeline.fraction.run_fraction` (kept here for existing callers)."""
+    from adaptive.pipeline.fraction import run_fraction as _run
 
-    ``case_dir``: holds ``planning/CT``, ``planning/RS.dcm``, ``planning/RP.dcm``;
-    ``fraction_dir``: holds ``CBCT/``.
-    """
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.optimization.compare import compare_plans
-    from adaptive.registration.core import register
-    from adaptive.registration.propagate import propagate_structures
-    from adaptive.registration.synthetic_ct import synthetic_ct
-
-    s = settings or PlanSettings()
-    case, fx = Path(case_dir), Path(fraction_dir)
-    T: dict[str, float] = {}
-    with _Timer(T, "load"):
-        ct, ct_info = read_ct_series(case / "planning" / "CT")
-        ss = read_rtstruct(case / "planning" / "RS.dcm", series=ct_info, grid=ct.grid)
-        rp = case / "planning" / "RP.dcm"
-        if not rp.is_file():
-            raise OptimizationError(f"no scheduled plan {rp} (run make_scheduled_plan first)")
-        scheduled = read_rtplan(rp)
-        cbct, cbct_info = read_ct_series(fx / "CBCT")
-    iso = scheduled.beams[0].isocenter_lps_mm
-    with _Timer(T, "registration"):
-        reg = register(cbct, ct, isocenter_lps_mm=iso, cbct_info=cbct_info, ct_info=ct_info)
-    with _Timer(T, "synthetic_ct_contours"):
-        sct = synthetic_ct(ct, cbct, reg.dvf_lps_mm)
-        today = propagate_structures(ss, reg.dvf_lps_mm, reg.fixed_grid, cbct_info,
-                                     planning_grid=ct.grid, names=goals.structures)
-    # the synthetic CT lives in the CBCT frame: map the plan isocenter with the rigid part
-    m = np.linalg.inv(reg.rigid_matrix)  # planning LPS -> CBCT LPS
-    sched_today = _moved_plan(scheduled, m, cbct_info.frame_of_reference_uid)
-    t0 = time.perf_counter()
-    adapted = plan_case(sct, cbct_info, today, goals, reference=sched_today, settings=s,
-                        label="ADAPTED")
-    T.update({f"plan.{k}": v for k, v in adapted.timings_s.items()})
-    T["plan_total"] = round(time.perf_counter() - t0, 3)
-    with _Timer(T, "scheduled_recalc"):
-        sdose = plan_dose(sct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
-    comparison = compare_plans(sdose, adapted.dose, adapted.masks, goals)
-    if out_dir is not None:
-        write_plan_outputs(adapted, cbct_info, out_dir,
-                           input_uids={"planning_ct": ct_info.series_instance_uid,
-                                       "cbct": cbct_info.series_instance_uid,
-                                       "predecessor_plan": scheduled.sop_instance_uid},
-                           parameters={"goals": goals.to_dict(), "settings": s.__dict__},
-                           extra_report={"comparison": comparison.to_dict(),
-                                         "chain_timings_s": T})
-    return FractionResult(adapted, sdose, comparison, T,
-                          {"fallback": reg.fallback, "quality": reg.quality})
+    return _run(case_dir, fraction_dir, goals, **kw)
 
 
 def _moved_plan(plan: Plan, m: np.ndarray, frame_uid: str) -> Plan:

@@ -3,8 +3,11 @@
 For the pelvis case: ``planning/CT`` + ``planning/RS.dcm`` and, per fraction,
 ``fxNN/CBCT`` (own Frame of Reference, origin = treatment isocenter = planning PTV centroid),
 ``fxNN/truth/dvf.mha``, ``fxNN/truth/RS.dcm`` (truth structures on the CBCT) and
-``fxNN/truth/truth.json``. TG-119 cases: planning only. ``planning/RP.dcm`` (the scheduled
-plan) is left to the planning stage; the manifest names where it goes.
+``fxNN/truth/truth.json``; then (``scheduled_plan=True``, the default for the pelvis case)
+the scheduled plan ``planning/RP.dcm`` + ``planning/RD.dcm`` + ``plan_report.json``, planned
+from scratch on the planning CT with ``config/goals/prostate.toml``
+(:func:`adaptive.pipeline.session.make_scheduled_plan`, ~1.5 min on 2 cores). TG-119 cases:
+planning only (no plan; the manifest names where it would go).
 
 Same seed → identical voxel arrays, masks, DVFs and UIDs (UIDs are derived from the case
 name, seed and role; only DICOM creation dates/times differ between builds).
@@ -318,14 +321,48 @@ def build_tg119_case(root: str | Path, kind: str, spacing_mm=(3.0, 3.0, 3.0), se
 ALL_CASES = ("pelvis", "tg119_cshape", "tg119_prostate")
 
 
+#: goals used for the pelvis cases' scheduled plan (must match the case prescription)
+PELVIS_GOALS = ("goals", "prostate.toml")
+
+
+def add_scheduled_plan(root: str | Path, entry: dict, goals_path: str | Path | None = None) -> dict:
+    """Plan the case of manifest ``entry`` under ``root`` from scratch (its scheduled plan:
+    ``planning/RP.dcm``, ``RD.dcm``, ``plan_report.json``) and update the entry. Raises
+    :class:`ConfigError` when the goals' prescription differs from the case's."""
+    from adaptive.optimization.goals import load_goals
+    from adaptive.pipeline.session import make_scheduled_plan
+
+    gp = Path(goals_path) if goals_path else config_path(*PELVIS_GOALS)
+    g = load_goals(gp).prescription
+    rx = entry["prescription"]
+    if (int(rx["number_of_fractions"]) != g.number_of_fractions or
+            abs(float(rx["dose_per_fraction_gy"]) - g.dose_per_fraction_gy) > 1e-6):
+        raise ConfigError(f"{gp}: prescription {g.dose_per_fraction_gy:g} Gy x "
+                          f"{g.number_of_fractions} does not match case {entry['name']!r} "
+                          f"({rx['dose_per_fraction_gy']:g} Gy x {rx['number_of_fractions']})")
+    case_dir = Path(root) / entry["path"]
+    t0 = time.perf_counter()
+    rep = make_scheduled_plan(case_dir, gp)
+    log.info("scheduled_plan_built", case=entry["name"], seconds=round(time.perf_counter() - t0, 1),
+             checks_passed=rep["checks"]["passed"])
+    entry["planning_rtplan_note"] = (f"the scheduled plan, planned from scratch by this build "
+                                     f"with {gp.name} (planning/RD.dcm, plan_report.json)")
+    entry["planning_rtplan_uid"] = rep["plan"]["sop_instance_uid"]
+    entry["size_bytes"] = _dir_size(case_dir)
+    return entry
+
+
 def build_replay_data(out: str | Path = "replay_data", *, seed: int | None = None,
                       cases: list[str] | None = None, large: bool = False,
-                      config: ReplayConfig | None = None) -> Path:
+                      config: ReplayConfig | None = None,
+                      scheduled_plan: bool = True) -> Path:
     """Build replay cases into ``out`` and write/merge ``out/manifest.toml``; returns its path.
 
     ``cases``: names among the configured pelvis case name (or "pelvis"), "tg119_cshape",
     "tg119_prostate" (default all). ``large``: build only the large pelvis case (finer grid,
-    not committed; a ``.gitignore`` is written into ``out``).
+    not committed; a ``.gitignore`` is written into ``out``). ``scheduled_plan``: also plan
+    the pelvis case (:func:`add_scheduled_plan`; slow — tests building small cases pass
+    False).
     """
     import tomllib
 
@@ -360,6 +397,8 @@ def build_replay_data(out: str | Path = "replay_data", *, seed: int | None = Non
     for name in wanted:
         t0 = time.perf_counter()
         built[name] = builders[name]()
+        if scheduled_plan and built[name].get("anatomy") == "male_pelvis":
+            add_scheduled_plan(out, built[name])
         log.info("replay_case_built", case=name, seconds=round(time.perf_counter() - t0, 2),
                  size_mb=round(built[name]["size_bytes"] / 1e6, 2))
     merged = [built.pop(c["name"]) if c.get("name") in built else c for c in existing

@@ -1,0 +1,348 @@
+"""The online adaptive chain for one fraction, as two stages that communicate through files.
+
+:func:`registration_stage` — CBCT + planning CT + planning structures (+ scheduled plan for
+the isocenter) → ``dvf.mha``, ``synthetic_ct/``, propagated ``RS.dcm``, ``REG.dcm``,
+``registration.json`` (via :func:`adaptive.registration.fraction.register_fraction`).
+
+:func:`planning_stage` — the registration outputs + the scheduled plan → Dij on the synthetic
+CT → warm-started re-optimisation (:func:`adaptive.pipeline.session.plan_case`, the adapted
+plan references the scheduled plan as PREDECESSOR and the propagated structure set) →
+sequencing → deliverable dose → checks → the scheduled plan recalculated on the synthetic CT →
+goal-by-goal comparison. Writes the adapted ``RP.dcm`` + ``RD.dcm`` (only when the plan passed
+its checks), ``scheduled_today/RD.dcm``, ``comparison.json`` and ``plan_report.json``.
+
+Both the offline ``adaptive replay`` command (:func:`run_fraction`) and the services'
+workers (:mod:`adaptive.pipeline.service_stages`) call these two functions; the hand-over
+between them is the JSON-able registration record, so a worker process needs nothing else.
+
+Doses per fraction in Gy internally; goal values in reports are total-course Gy (V in %).
+LPS mm. Times in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from adaptive.errors import OptimizationError, PlanCheckError
+from adaptive.geometry.volume import Volume
+from adaptive.log import get_logger
+from adaptive.optimization.goals import ClinicalGoals
+
+log = get_logger("adaptive.pipeline.fraction")
+
+Progress = Callable[[str, float], None]
+
+#: Time (s) the registration stage keeps back from its budget for the synthetic CT,
+#: contour propagation and writing the DICOM objects (measured ~1-3 s on the 2-core
+#: development machine for the pelvis case; the deformable step is cut at the rest).
+REGISTRATION_RESERVE_S = 5.0
+#: Share of the planning budget left to the fluence optimiser after the time already spent
+#: (loading, Dij) is subtracted; the rest covers sequencing, the deliverable-dose and
+#: correction recalculations, the independent check and the scheduled-plan recalculation,
+#: which together take about as long as the optimisation itself here.
+OPTIMIZER_SHARE = 0.35
+#: Shortest optimiser deadline (s): below this the warm start is returned almost unchanged.
+MIN_OPTIMIZER_S = 3.0
+
+
+def _noop(stage: str, fraction: float) -> None:
+    return None
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _jsonable(o.tolist())
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    return o
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    tmp.replace(path)
+
+
+# --- registration ---------------------------------------------------------------------------
+
+
+def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir, *,
+                       budget_s: float | None = None, progress: Progress | None = None
+                       ) -> dict:
+    """Register the CBCT to the planning CT and write the outputs to ``out_dir``.
+
+    ``budget_s``: wall-clock budget of the whole stage (s); the deformable registration gets
+    ``budget_s - REGISTRATION_RESERVE_S`` minus the loading time and falls back to its rigid
+    result (``fallback="rigid"``) when cut. The isocenter for the initial alignment is the
+    scheduled plan's first beam isocenter (planning LPS mm).
+
+    Returns the JSON-able registration record: ``synthetic_ct_dir``, ``rtstruct``, ``reg``,
+    ``dvf``, ``registration_json`` (paths), ``rigid_matrix`` (4×4, CBCT LPS → planning LPS),
+    ``frame_of_reference_uid`` (CBCT/synthetic CT), ``quality``, ``timings_s``, ``fallback``.
+    """
+    from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.rtplan import read_rtplan
+    from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.registration.fraction import register_fraction
+
+    progress = progress or _noop
+    t0 = time.perf_counter()
+    T: dict[str, float] = {}
+    progress("registration.load", 0.0)
+    ct, ct_info = read_ct_series(planning_ct_dir)
+    ss = read_rtstruct(rtstruct_path, series=ct_info, grid=ct.grid)
+    plan = read_rtplan(rtplan_path)
+    cbct, cbct_info = read_ct_series(cbct_dir)
+    T["load"] = round(time.perf_counter() - t0, 3)
+    reg_budget = None
+    if budget_s:
+        reg_budget = max(1.0, budget_s - REGISTRATION_RESERVE_S - T["load"])
+    progress("registration.deformable", 0.1)
+    fr = register_fraction((cbct, cbct_info), (ct, ct_info), structures=ss,
+                           isocenter_lps_mm=plan.beams[0].isocenter_lps_mm,
+                           budget_s=reg_budget, out_dir=out_dir)
+    progress("registration.written", 0.95)
+    T.update({k: round(v, 3) for k, v in fr.timings_s.items() if k != "load"})
+    T["total"] = round(time.perf_counter() - t0, 3)
+    r = fr.result
+    record = {
+        "synthetic_ct_dir": str(fr.paths["synthetic_ct"]),
+        "rtstruct": str(fr.paths["rtstruct"]),
+        "rtstruct_uid": fr.structures.sop_instance_uid,
+        "reg": str(fr.paths["reg"]),
+        "dvf": str(fr.paths["dvf"]),
+        "registration_json": str(fr.paths["json"]),
+        "rigid_matrix": r.rigid_matrix,
+        "frame_of_reference_uid": cbct_info.frame_of_reference_uid,
+        "cbct_series_uid": cbct_info.series_instance_uid,
+        "synthetic_ct_series_uid": fr.synthetic_ct_info.series_instance_uid,
+        "planning_ct_series_uid": ct_info.series_instance_uid,
+        "scheduled_plan_uid": plan.sop_instance_uid,
+        "quality": r.quality,
+        "timings_s": T,
+        "registration_timings_s": r.timings_s,
+        "budget_s": budget_s,
+        "deformable_budget_s": reg_budget,
+        "fallback": r.fallback,
+    }
+    record = _jsonable(record)
+    _write_json(Path(out_dir) / "registration_result.json", record)
+    log.info("registration_stage_done", fallback=r.fallback, total_s=T["total"])
+    return record
+
+
+# --- planning -------------------------------------------------------------------------------
+
+
+@dataclass
+class PlanningOutputs:
+    """In-memory results of :func:`planning_stage` (the offline chain uses them)."""
+
+    adapted: object  # adaptive.pipeline.session.PlanResult
+    scheduled_dose: Volume
+    comparison: object  # adaptive.optimization.compare.PlanComparison
+    result: dict  # the JSON-able record (service contract)
+    timings_s: dict
+
+
+def check_prescription(plan, goals: ClinicalGoals, where) -> None:
+    """The scheduled plan and the goals must describe the same prescription."""
+    p = getattr(plan, "prescription", None)
+    if p is None or not getattr(p, "number_of_fractions", None):
+        return
+    g = goals.prescription
+    if (int(p.number_of_fractions) != int(g.number_of_fractions) or
+            abs(float(p.dose_per_fraction_gy) - float(g.dose_per_fraction_gy)) > 1e-3):
+        raise OptimizationError(
+            f"{where}: plan prescription {p.dose_per_fraction_gy:g} Gy x "
+            f"{p.number_of_fractions} does not match the goals {goals.source} "
+            f"({g.dose_per_fraction_gy:g} Gy x {g.number_of_fractions})")
+
+
+def optimizer_deadline(budget_s: float | None, elapsed_s: float) -> float | None:
+    """Fluence optimisation deadline (s) from the stage budget and the time already used."""
+    if not budget_s:
+        return None
+    return max(MIN_OPTIMIZER_S, OPTIMIZER_SHARE * (budget_s - elapsed_s))
+
+
+def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoals, *,
+                   settings=None, budget_s: float | None = None,
+                   progress: Progress | None = None) -> PlanningOutputs:
+    """Re-optimise the scheduled plan on today's anatomy (see the module docstring).
+
+    ``registration``: the record returned by :func:`registration_stage`. ``settings``:
+    :class:`~adaptive.pipeline.session.PlanSettings`; when ``budget_s`` is given and
+    ``settings.deadline_s`` is None the optimiser deadline comes from the budget
+    (:func:`optimizer_deadline`). The adapted plan is written only when it passed its
+    checks (``adapted.rtplan`` is None otherwise); ``fallback`` is ``"best_iterate"`` when
+    the optimiser was stopped by its deadline.
+    """
+    from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.provenance import Provenance
+    from adaptive.dicom.rtdose import write_rtdose
+    from adaptive.dicom.rtplan import read_rtplan
+    from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.dose.plan_dose import plan_dose
+    from adaptive.optimization.compare import compare_plans
+    from adaptive.pipeline.session import PlanSettings, _moved_plan, plan_case, write_plan_outputs
+
+    progress = progress or _noop
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    T: dict[str, float] = {}
+    progress("planning.load", 0.0)
+    sct, sct_info = read_ct_series(registration["synthetic_ct_dir"])
+    today = read_rtstruct(registration["rtstruct"], grid=sct.grid)
+    scheduled = read_rtplan(rtplan_path)
+    check_prescription(scheduled, goals, rtplan_path)
+    if (registration.get("scheduled_plan_uid") and
+            registration["scheduled_plan_uid"] != scheduled.sop_instance_uid):
+        raise OptimizationError(f"{rtplan_path}: plan {scheduled.sop_instance_uid} is not the "
+                                f"plan the registration used ({registration['scheduled_plan_uid']})")
+    if sct_info.frame_of_reference_uid != registration["frame_of_reference_uid"]:
+        raise OptimizationError(f"synthetic CT {registration['synthetic_ct_dir']} is not in the "
+                                f"registration's frame {registration['frame_of_reference_uid']}")
+    # the synthetic CT lives in the CBCT frame: map the isocenters with the rigid part
+    m = np.linalg.inv(np.asarray(registration["rigid_matrix"], dtype=float))
+    sched_today = _moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
+    T["load"] = round(time.perf_counter() - t0, 3)
+
+    s = replace(settings) if settings is not None else PlanSettings()
+    if s.deadline_s is None and budget_s:
+        # Dij and objective set-up come before the optimiser: estimate them as ~1/3 of the
+        # remaining budget through OPTIMIZER_SHARE (see its doc)
+        s.deadline_s = optimizer_deadline(budget_s, time.perf_counter() - t0)
+    progress("planning.optimise", 0.1)
+    t = time.perf_counter()
+    adapted = plan_case(sct, sct_info, today, goals, reference=sched_today, settings=s,
+                        label="ADAPTED")
+    T.update({f"plan.{k}": v for k, v in adapted.timings_s.items()})
+    T["plan_total"] = round(time.perf_counter() - t, 3)
+    progress("planning.scheduled_recalc", 0.8)
+    t = time.perf_counter()
+    sdose = plan_dose(sct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+    T["scheduled_recalc"] = round(time.perf_counter() - t, 3)
+    comparison = compare_plans(sdose, adapted.dose, adapted.masks, goals)
+
+    progress("planning.write", 0.9)
+    t = time.perf_counter()
+    input_uids = {"planning_ct": registration.get("planning_ct_series_uid", ""),
+                  "cbct": registration.get("cbct_series_uid", ""),
+                  "synthetic_ct": sct_info.series_instance_uid,
+                  "rtstruct": today.sop_instance_uid,
+                  "predecessor_plan": scheduled.sop_instance_uid}
+    params = {"goals": goals.to_dict(), "settings": s.__dict__, "budget_s": budget_s}
+    fallback = "best_iterate" if adapted.fluence.reason == "deadline" else None
+    adapted_rec = {"rtplan": None, "rtdose": None, "rtstruct": registration["rtstruct"],
+                   "registration": registration["reg"],
+                   "checks_passed": bool(adapted.checks.passed),
+                   "checks": [{"name": i.name, "passed": bool(i.passed),
+                               "message": i.detail, "blocking": bool(i.blocking)}
+                              for i in adapted.checks.items],
+                   "rtstruct_uid": today.sop_instance_uid}
+    try:
+        rep = write_plan_outputs(adapted, sct_info, out, input_uids=input_uids,
+                                 parameters=params,
+                                 extra_report={"comparison": comparison.to_dict(),
+                                               "fallback": fallback})
+        adapted_rec.update(rtplan=str(out / "RP.dcm"), rtdose=str(out / "RD.dcm"),
+                           rtplan_uid=rep["plan"]["sop_instance_uid"])
+    except PlanCheckError as e:
+        log.warning("adapted_plan_failed_checks", error=str(e))
+    sd_dir = out / "scheduled_today"
+    sd_dir.mkdir(exist_ok=True)
+    prov = Provenance(input_uids=input_uids, parameters={"recalculated_on": "synthetic CT"},
+                      description="scheduled plan recalculated on today's anatomy")
+    write_rtdose(sdose, sd_dir / "RD.dcm", plan=sched_today, series=sct_info, provenance=prov,
+                 comment="scheduled plan recalculated on the synthetic CT (today's anatomy)")
+    T["write"] = round(time.perf_counter() - t, 3)
+    T["total"] = round(time.perf_counter() - t0, 3)
+    metrics = {**comparison.to_dict(), "units": "total-course Gy (V: %)",
+               "on": "synthetic CT + propagated structures"}
+    result = _jsonable({
+        "adapted": adapted_rec,
+        "scheduled": {"rtplan": str(rtplan_path), "rtplan_uid": scheduled.sop_instance_uid,
+                      # the dose on today's anatomy is in the CBCT frame, not the plan's:
+                      # reported, not handed off with the scheduled plan
+                      "rtdose": None, "rtdose_today": str(sd_dir / "RD.dcm")},
+        "metrics": metrics,
+        "fallback": fallback,
+        "optimizer": {"deadline_s": s.deadline_s, "iterations": adapted.fluence.iterations,
+                      "reason": adapted.fluence.reason},
+        "timings_s": T,
+        "budget_s": budget_s,
+    })
+    (out / "comparison.json").write_text(comparison.to_json())
+    _write_json(out / "planning_result.json", result)
+    log.info("planning_stage_done", checks_passed=adapted.checks.passed, fallback=fallback,
+             total_s=T["total"])
+    return PlanningOutputs(adapted, sdose, comparison, result, T)
+
+
+# --- the offline chain ----------------------------------------------------------------------
+
+
+@dataclass
+class FractionResult:
+    adapted: object  # PlanResult
+    scheduled_dose: Volume
+    comparison: object  # PlanComparison
+    timings_s: dict
+    registration: dict
+    result: dict | None = None  # the planning stage record (paths, checks, metrics)
+
+
+def run_fraction(case_dir: str | Path, fraction_dir: str | Path, goals: ClinicalGoals, *,
+                 settings=None, out_dir: str | Path | None = None,
+                 registration_budget_s: float | None = None) -> FractionResult:
+    """The whole chain for an archived fraction: :func:`registration_stage` then
+    :func:`planning_stage`, writing everything to ``out_dir`` (a temporary folder when None).
+
+    ``case_dir``: holds ``planning/CT``, ``planning/RS.dcm``, ``planning/RP.dcm``;
+    ``fraction_dir``: holds ``CBCT/``.
+    """
+    case, fx = Path(case_dir), Path(fraction_dir)
+    rp = case / "planning" / "RP.dcm"
+    if not rp.is_file():
+        raise OptimizationError(f"no scheduled plan {rp} (run make_scheduled_plan first)")
+    tmp = None
+    if out_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="adaptive-fx-")
+        out_dir = tmp.name
+    out = Path(out_dir)
+    try:
+        T: dict[str, float] = {}
+        t = time.perf_counter()
+        reg = registration_stage(case / "planning" / "CT", case / "planning" / "RS.dcm", rp,
+                                 fx / "CBCT", out, budget_s=registration_budget_s)
+        T.update({f"registration.{k}": v for k, v in reg["timings_s"].items()
+                  if k != "total"})
+        T["registration_total"] = round(time.perf_counter() - t, 3)
+        po = planning_stage(rp, reg, out, goals, settings=settings)
+        T.update({k if k.startswith("plan") else f"planning.{k}": v
+                  for k, v in po.timings_s.items() if k != "total"})
+        T["planning_total"] = round(time.perf_counter() - t - T["registration_total"], 3)
+        T["total"] = round(time.perf_counter() - t, 3)
+        _write_json(out / "timings.json", T)
+        return FractionResult(po.adapted, po.scheduled_dose, po.comparison, T,
+                              reg, po.result)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
