@@ -94,3 +94,24 @@ def test_scatter_correction_exact_for_uniform_weights(setup):
     w2 = np.random.default_rng(0).uniform(0.0, 2.0, corr.n_beamlets)
     f2 = full_kernel_dose(corr, rho, beams, w2, beam_model=bm).array
     assert abs(corr.dose_volume(w2).array[t].mean() / f2[t].mean() - 1) < 0.03
+
+
+def test_coarse_far_scatter_and_fan_depths_match_reference(setup):
+    """The far-scatter part interpolated from every 2nd voxel (default) and the fan-grid
+    depths reproduce the reference Dij (scatter at every row, exact depths)."""
+    bm, rho, tgt = setup
+    beams = [_beam(0, number=1), _beam(120, number=2), _beam(240, number=3)]
+    kw = dict(beam_model=bm, dose_grid_spacing_mm=None, cutoff_mm=20.0)
+    ref = compute_dij(rho, beams, tgt, None, scatter_stride=1, **kw)
+    w = np.random.default_rng(2).uniform(0.0, 2.0, ref.n_beamlets)
+    d_ref = ref.dose_volume(w).array
+    hi = d_ref > 0.2 * d_ref.max()
+    for opts in ({"scatter_stride": 2}, {"scatter_stride": 3},
+                 {"scatter_stride": 2, "depth_method": "fan"}):
+        dij = compute_dij(rho, beams, tgt, None, **opts, **kw)
+        assert np.array_equal(dij.voxel_indices, ref.voxel_indices)
+        assert np.array_equal(dij.matrix.indptr, ref.matrix.indptr)
+        d = dij.dose_volume(w).array
+        assert np.max(np.abs(d[hi] - d_ref[hi])) < 0.01 * d_ref.max(), opts
+    with pytest.raises(Exception, match="depth_method"):
+        compute_dij(rho, beams, tgt, None, depth_method="guess", **kw)

@@ -356,7 +356,7 @@ def far_scatter_rows(pts, depth, rot, iso, sad, kp, flat_idx, dshape, stride, no
                     wgt = wk * wj * wi
                     qh += wgt * parts[m, 0]
                     qs += wgt * parts[m, 1]
-        x, y, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
+        _, _, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
         d = max(depth[v], 0.0)
         far = primary_amplitude(kp, d, z) * (kp[5] * qh + kp[2] * d * qs)
         f = (near[v] + far) / near[v]
