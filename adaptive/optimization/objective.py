@@ -18,12 +18,14 @@ standard approach). An optional smoothness regulariser ``λ/P Σ_{neighbour pair
 w_j)/w_s)²`` over adjacent beamlets of the same beam (``w_s``: the uniform weight that gives
 the prescription on average in the target) eases MLC sequencing.
 
-Only the Dij rows that belong to a structure with a term are kept (a row sub-matrix), and
-products go through :class:`adaptive.optimization.kernels.SparseOperator`. Large structures
-(more than ``max_rows_per_structure`` voxels, typically BODY) are subsampled: every voxel
-within ``keep_near_target_mm`` of the target is kept, the rest on a regular lattice (every
-k-th voxel along each axis) — each term is a per-voxel mean, so the subsample estimates the
-same objective at a fraction of the cost. Clinical goals are always evaluated on all voxels.
+Only the Dij rows that belong to a structure with a term are kept (a row sub-matrix, sliced
+once), and products go through :class:`adaptive.optimization.kernels.SparseOperator`.
+Target and OAR voxels are all kept. Large structures (more than ``max_rows_per_structure``
+voxels, typically BODY) are sampled in tiers, as commercial TPSs do: every voxel within
+``keep_near_target_mm`` of the target, every 2nd voxel per axis (weight 8) out to
+``half_resolution_mm``, every k-th voxel per axis (weight k³) beyond. Each term is a
+sampling-weighted per-voxel mean, so the sample estimates the full-resolution objective at a
+fraction of the cost. Clinical goals are always evaluated on all voxels.
 Terms on the external contour (ROI named BODY or EXTERNAL) apply to BODY minus the target.
 
 **Dose correction** (:meth:`Objective.set_dose_correction`): the Dij is a truncated pencil-
@@ -52,6 +54,7 @@ from adaptive.optimization.kernels import SparseOperator
 class _Term:
     term: ObjectiveTerm
     rows: np.ndarray  # indices into the sub-dose vector
+    weights: np.ndarray | None = None  # per-row sampling weights (None: all 1)
 
 
 def masks_to_rows(dij: DoseInfluence, masks: dict) -> dict[str, np.ndarray]:
@@ -69,25 +72,50 @@ def masks_to_rows(dij: DoseInfluence, masks: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _near_target_rows(dij: DoseInfluence, target_mask, margin_mm: float) -> np.ndarray:
-    """Boolean per Dij row: within ``margin_mm`` of the target (Euclidean, dose grid)."""
+def _target_distance_rows(dij: DoseInfluence, target_mask) -> np.ndarray:
+    """Per Dij row: Euclidean distance (mm) to the nearest target voxel (0 inside)."""
     from scipy import ndimage
 
     t = (target_mask.array if isinstance(target_mask, Volume) else np.asarray(target_mask)).astype(bool)
     dist = ndimage.distance_transform_edt(~t, sampling=dij.dose_grid.spacing[::-1])
-    return (dist <= margin_mm).ravel()[dij.voxel_indices]
+    return dist.ravel()[dij.voxel_indices]
 
 
-def _subsample_rows(dij: DoseInfluence, rows: np.ndarray, near: np.ndarray, cap: int) -> np.ndarray:
-    """Rows near the target plus a regular lattice subsample of the others (≈ ``cap`` in all)."""
-    keep = rows[near[rows]]
-    far = rows[~near[rows]]
-    room = max(cap - keep.size, cap // 4)
-    if far.size > room:
-        k = int(np.ceil((far.size / room) ** (1.0 / 3.0)))
-        z, y, x = np.unravel_index(dij.voxel_indices[far], dij.dose_grid.shape)
-        far = far[(z % k == 0) & (y % k == 0) & (x % k == 0)]
-    return np.sort(np.concatenate([keep, far]))
+def _near_target_rows(dij: DoseInfluence, target_mask, margin_mm: float) -> np.ndarray:
+    """Boolean per Dij row: within ``margin_mm`` of the target (Euclidean, dose grid)."""
+    return _target_distance_rows(dij, target_mask) <= margin_mm
+
+
+def _lattice(dij: DoseInfluence, rows: np.ndarray, k: int) -> np.ndarray:
+    """Boolean per row of ``rows``: on the regular lattice of every k-th voxel per axis."""
+    if k <= 1:
+        return np.ones(rows.size, bool)
+    z, y, x = np.unravel_index(dij.voxel_indices[rows], dij.dose_grid.shape)
+    return (z % k == 0) & (y % k == 0) & (x % k == 0)
+
+
+def _subsample_rows(dij: DoseInfluence, rows: np.ndarray, dist_mm: np.ndarray, cap: int,
+                    ring_mm: float, mid_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tiered voxel sampling of a large structure (as commercial TPSs do).
+
+    Rows within ``ring_mm`` of the target are all kept (weight 1); rows up to ``mid_mm`` on
+    the lattice of every 2nd voxel per axis (weight 8); farther rows on the lattice of every
+    k-th voxel (weight k³), k the smallest integer ≥ 2 that brings the total to about ``cap``.
+    The weights are the sampling factors, so weighted per-voxel means over the sample
+    estimate the means over the whole structure. Returns (rows, weights), rows sorted.
+    """
+    d = dist_mm[rows]
+    t0 = rows[d <= ring_mm]
+    m = rows[(d > ring_mm) & (d <= mid_mm)]
+    m = m[_lattice(dij, m, 2)]
+    far = rows[d > mid_mm]
+    room = max(cap - t0.size - m.size, cap // 4)
+    k = max(2, int(np.ceil((far.size / room) ** (1.0 / 3.0)))) if far.size else 2
+    far = far[_lattice(dij, far, k)]
+    r = np.concatenate([t0, m, far])
+    w = np.concatenate([np.ones(t0.size), np.full(m.size, 8.0), np.full(far.size, float(k) ** 3)])
+    o = np.argsort(r, kind="stable")
+    return r[o], w[o]
 
 
 def neighbour_pairs(dij: DoseInfluence) -> np.ndarray:
@@ -105,6 +133,19 @@ def neighbour_pairs(dij: DoseInfluence) -> np.ndarray:
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
+def _weighted_dx(dv: np.ndarray, om: np.ndarray | None, volume_pct: float) -> float:
+    """Dx of voxel doses ``dv`` with sampling weights ``om`` (None: equal), same semantics as
+    :func:`adaptive.optimization.goals.dose_at_volume` (weights count as voxel numbers)."""
+    if om is None:
+        n = dv.size
+        k = min(max(1, math.ceil(volume_pct / 100.0 * n - 1e-9)), n)
+        return float(np.partition(dv, n - k)[n - k])
+    o = np.argsort(-dv, kind="stable")
+    cw = np.cumsum(om[o])
+    j = int(np.searchsorted(cw, max(volume_pct / 100.0 * cw[-1] - 1e-9, cw[0] * 0.5)))
+    return float(dv[o[min(j, dv.size - 1)]])
+
+
 class Objective:
     """Objective f(w) and gradient for beamlet weights ``w`` (MU per fraction).
 
@@ -119,7 +160,8 @@ class Objective:
 
     def __init__(self, dij: DoseInfluence, masks: dict, goals: ClinicalGoals, *,
                  smoothness: float = 0.0, dtype=np.float32,
-                 max_rows_per_structure: int | None = 30000, keep_near_target_mm: float = 20.0):
+                 max_rows_per_structure: int | None = 20000, keep_near_target_mm: float = 6.0,
+                 half_resolution_mm: float = 20.0):
         self.dij = dij
         self.goals = goals
         self.d_rx = float(goals.prescription.dose_per_fraction_gy)
@@ -140,18 +182,24 @@ class Objective:
             if n in ("body", "external") and target in rows_of and n != target:
                 rows_of[n] = np.setdiff1d(rows_of[n], rows_of[target], assume_unique=True)
         self.subsampled: dict[str, tuple[int, int]] = {}
+        weights_of: dict[str, np.ndarray] = {}
         if max_rows_per_structure and target in lower:
-            near = _near_target_rows(dij, lower[target], keep_near_target_mm)
+            dist = None
             for n, r in list(rows_of.items()):
                 if n != target and r.size > max_rows_per_structure:
-                    rows_of[n] = _subsample_rows(dij, r, near, max_rows_per_structure)
+                    if dist is None:
+                        dist = _target_distance_rows(dij, lower[target])
+                    rows_of[n], weights_of[n] = _subsample_rows(
+                        dij, r, dist, max_rows_per_structure, keep_near_target_mm,
+                        max(half_resolution_mm, keep_near_target_mm))
                     self.subsampled[n] = (int(r.size), int(rows_of[n].size))
         used = np.unique(np.concatenate(list(rows_of.values())))
         remap = np.full(dij.n_voxels, -1, dtype=np.int64)
         remap[used] = np.arange(used.size)
         self.rows_used = used
         self.op = SparseOperator(dij.matrix[used], dtype=dtype)
-        self.terms = [_Term(t, remap[rows_of[t.structure.lower()]]) for t in goals.objectives]
+        self.terms = [_Term(t, remap[rows_of[t.structure.lower()]],
+                            weights_of.get(t.structure.lower())) for t in goals.objectives]
         trows = (masks_to_rows(dij, {target: lower[target]})[target] if target in lower
                  else rows_of[next(iter(rows_of))])
         # uniform weight that delivers d_rx on average in the target
@@ -207,15 +255,17 @@ class Objective:
         s = 1.0 / self.d_rx
         for t in self.terms:
             dv = d64[t.rows]
-            n = dv.size
+            om = t.weights  # sampling weights (None: every voxel of the structure)
+            n = dv.size if om is None else float(om.sum())
             ref = t.term.dose_gy
             wgt = t.term.weight
             typ = t.term.type
             if typ == "mean_max":
-                ex = (dv.mean() - ref) * s
+                mean = dv.mean() if om is None else float(om @ dv) / n
+                ex = (mean - ref) * s
                 if ex > 0:
                     f += wgt * ex * ex
-                    g[t.rows] += 2.0 * wgt * ex * s / n
+                    g[t.rows] += 2.0 * wgt * ex * s / n * (1.0 if om is None else om)
                 continue
             if typ == "min_dose":
                 diff = np.minimum(dv - ref, 0.0)
@@ -224,9 +274,7 @@ class Objective:
             elif typ == "uniform":
                 diff = dv - ref
             elif typ in ("dvh_max", "dvh_min"):
-                k = max(1, math.ceil(t.term.volume_pct / 100.0 * n - 1e-9))
-                k = min(k, n)
-                dx = float(np.partition(dv, n - k)[n - k])
+                dx = _weighted_dx(dv, om, t.term.volume_pct)
                 if typ == "dvh_max":
                     act = (dv > ref) & (dv <= dx)
                 else:
@@ -235,8 +283,9 @@ class Objective:
             else:  # pragma: no cover - validated by the loader
                 raise OptimizationError(f"unknown objective type {typ!r}")
             c = wgt / n * s * s
-            f += c * float(diff @ diff)
-            g[t.rows] += 2.0 * c * diff
+            wd = diff if om is None else om * diff
+            f += c * float(wd @ diff)
+            g[t.rows] += 2.0 * c * wd
         return f, g
 
     def smooth_value_and_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
