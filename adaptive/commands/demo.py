@@ -232,4 +232,32 @@ def _print_timeline(s: dict) -> None:
     t0 = s["history"][0]["t"]
     for h in s["history"]:
         print(f"  +{h['t'] - t0:8.2f} s  {h['to']:<18} {h['note']}")
+    plans = s.get("plans") or {}
+    for name, rec in (("registration", None), ("planning", plans)):
+        st = s.get("stages", {}).get(name, {})
+        if "duration_s" in st:
+            print(f"  {name}: {st['duration_s']:.1f} s (budget {st.get('budget_s', 0):g} s)")
+        t = (rec or {}).get("timings_s") or {}
+        if t:
+            print("    worker steps: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    _print_metrics(s.get("metrics") or {})
+    s = {k: v for k, v in s.items() if k != "metrics"}
     print(format_session(s))
+
+
+def _print_metrics(m: dict) -> None:
+    """The scheduled-vs-adapted goal table the clinician sees (total-course Gy; V in %)."""
+    rows = m.get("rows") or []
+    if not rows:
+        return
+    print(f"\nscheduled (recalculated on today's anatomy) vs adapted, {m.get('units', '')}:")
+    print(f"  {'structure':<10} {'goal':<18} {'scheduled':>14} {'adapted':>14}")
+
+    def cell(v, ok):
+        return f"{'n/a' if v is None else f'{v:.2f}'} {'ok' if ok else 'FAIL':<4}"
+    for r in rows:
+        print(f"  {r['structure']:<10} {r['goal']:<18} "
+              f"{cell(r['scheduled_value'], r['scheduled_passed']):>14} "
+              f"{cell(r['adapted_value'], r['adapted_passed']):>14}")
+    print(f"  goals met: scheduled {m.get('scheduled_goals_passed')}/{m.get('n_goals')}, "
+          f"adapted {m.get('adapted_goals_passed')}/{m.get('n_goals')}")
