@@ -1,17 +1,27 @@
-"""Dose engine benchmark: dose-influence matrix for the AAPM TG-119 C-shape phantom.
+"""Dose engine benchmark: dose-influence matrix (Dij) of 9-beam IMRT on committed cases.
 
-Phantom (built here, self-contained): water elliptical cylinder 400 mm (left-right) x 250 mm
-(anterior-posterior) x 200 mm long, CT voxels 2.5 mm. TG-119 C-shape geometry: core cylinder
-radius 10 mm, PTV = annulus of radii 15-37 mm (5 mm gap around the core) open towards
-anterior over the width of core + gap (|x| < 15 mm, y < 0), both 80 mm long, centred on the
-isocenter. Beams: 9 coplanar, gantry 0, 40, ..., 320 deg, 5 mm beamlets, 3 mm dose grid.
+Cases: the TG-119 C-shape (``replay_data/tg119_cshape``: planning CT + RS.dcm PTV/BODY) and the
+replay pelvis (``replay_data/manifest.toml`` -> pelvis01 planning CT + PTV/BODY). If the replay
+C-shape is absent, a private phantom is built instead (water elliptical cylinder 400 x 250 x
+200 mm, CT 2.5 mm, TG-119 C-shape PTV: annulus 15-37 mm open anteriorly, 80 mm long). Beams: 9
+coplanar (gantry 0, 40, ..., 320 deg) at the PTV centroid, 5 mm beamlets, 3 mm dose grid.
+
+Each case runs in its own subprocess (``python -m adaptive.bench.bench_dose --case NAME``), so
+its peak RSS is its own. Numba compilation is measured separately: a subprocess with an empty
+temporary NUMBA_CACHE_DIR times its first (compiling) and second Dij call on a small phantom.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +31,7 @@ from adaptive.model.plan import Beam, ControlPoint
 
 # TG-119 C-shape dimensions (mm)
 CORE_R, PTV_RIN, PTV_ROUT, LENGTH = 10.0, 15.0, 37.0, 80.0
+REPLAY = Path(__file__).resolve().parents[2] / "replay_data"
 
 
 def tg119_cshape(voxel_mm: float = 2.5) -> tuple[Volume, np.ndarray, np.ndarray, np.ndarray]:
@@ -45,42 +56,80 @@ def nine_beams(iso=(0.0, 0.0, 0.0)) -> list[Beam]:
     for i, ga in enumerate(range(0, 360, 40)):
         cps = [ControlPoint(0, 0.0, (-50.0, 50.0), (-50.0, 50.0)),
                ControlPoint(1, 1.0, (-50.0, 50.0), (-50.0, 50.0))]
-        out.append(Beam(i + 1, f"G{ga}", float(ga), 0.0, 0.0, np.array(iso), cps, 100.0))
+        out.append(Beam(i + 1, f"G{ga}", float(ga), 0.0, 0.0, np.array(iso, dtype=float), cps,
+                        100.0))
     return out
 
 
-def run(args) -> str:
-    import numba
+def _replay_case(case_dir: Path):
+    """(density, PTV mask, BODY mask) on the CT grid of a replay case's planning data."""
+    from adaptive.dicom import read_ct_series, read_rtstruct
+    from adaptive.dose.density import hu_to_density
 
+    ct, _ = read_ct_series(case_dir / "planning" / "CT")
+    ss = read_rtstruct(case_dir / "planning" / "RS.dcm", grid=ct.grid)
+    return hu_to_density(ct), ss.mask("PTV", ct.grid), ss.mask("BODY", ct.grid)
+
+
+def available_cases() -> list[str]:
+    out = []
+    out.append("tg119_cshape" if (REPLAY / "tg119_cshape" / "planning" / "RS.dcm").exists()
+               else "tg119_cshape_private")
+    if (REPLAY / "manifest.toml").exists() and (REPLAY / "pelvis01" / "planning" / "RS.dcm"
+                                                ).exists():
+        out.append("pelvis01")
+    return out
+
+
+def load_case(name: str):
+    """(description, density, PTV mask, BODY mask, beams)."""
+    if name == "tg119_cshape_private":
+        rho, ptv, _, body = tg119_cshape()
+        desc = "TG-119 C-shape, private phantom (water ellipse 40 x 25 cm, CT 2.5 mm)"
+    else:
+        if name == "pelvis01":
+            from adaptive.config import load_toml
+
+            man = load_toml(REPLAY / "manifest.toml")
+            case = next(c for c in man["cases"] if c["name"] == name)
+            case_dir = REPLAY / case["path"]
+        else:
+            case_dir = REPLAY / name
+        rho, ptv, body = _replay_case(case_dir)
+        sp = "x".join(f"{s:g}" for s in rho.grid.spacing)
+        desc = f"{name} (replay_data planning CT {rho.grid.shape[::-1]} voxels of {sp} mm)"
+    iso = np.round(rho.grid.voxel_centers_lps()[np.asarray(ptv, bool)].mean(axis=0), 1)
+    return desc, rho, np.asarray(ptv, bool), np.asarray(body, bool), nine_beams(iso)
+
+
+def run_case(name: str, repeats: int) -> dict:
+    """Time the Dij of one case ``repeats`` times (after a first, cache-loading call) and check
+    it against the full-kernel dose; returns a JSON-able dict."""
     from adaptive.dose.beam_model import load_beam_model
-    from adaptive.dose.dij import compute_dij
+    from adaptive.dose.dij import compute_dij, full_kernel_dose
 
-    repeats = max(3, int(getattr(args, "repeats", 3) or 3))
     bm = load_beam_model()
     t0 = time.perf_counter()
-    rho, ptv, core, body = tg119_cshape()
-    t_phantom = time.perf_counter() - t0
-    beams = nine_beams()
+    desc, rho, ptv, body, beams = load_case(name)
+    t_load = time.perf_counter() - t0
 
     def once():
         return compute_dij(rho, beams, ptv, body, beam_model=bm, bixel_size_mm=5.0,
                            dose_grid_spacing_mm=3.0, margin_mm=5.0)
 
+    loads = []
     t0 = time.perf_counter()
-    dij = once()  # first call: numba compile or cache load
+    dij = once()  # numba cache load (compilation is measured in its own process)
     t_first = time.perf_counter() - t0
-    del dij  # keep one matrix alive at a time, so peak RSS reflects a single Dij
-    times = []
+    times, stages = [], []
     for _ in range(repeats):
-        dij = None
+        dij = None  # one matrix alive at a time: peak RSS reflects a single Dij
+        loads.append(os.getloadavg()[0])
         t0 = time.perf_counter()
         dij = once()
         times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+        stages.append(dij.timings_s)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-    # truncation + scatter correction check against the full kernel (plan-dose path)
-    from adaptive.dose.dij import full_kernel_dose
 
     checks = []
     rng = np.random.default_rng(1)
@@ -90,38 +139,96 @@ def run(args) -> str:
         d_dij = dij.dose_volume(w).array
         d_full = full_kernel_dose(dij, rho, beams, w, beam_model=bm).array
         r = d_dij[ptv_d] / d_full[ptv_d]
-        hi = d_full > 0.2 * d_full.max()
-        e = np.abs(d_dij[hi] - d_full[hi]) / d_full.max()
-        checks.append(f"| Dij / full kernel, {label} weights: PTV mean ratio, PTV min-max, "
-                      f"max abs error (> 20 % of max, % of max) | {r.mean():.3f}, "
-                      f"{r.min():.3f}-{r.max():.3f}, {100 * e.max():.1f} % |")
+        out = (d_full > 0.2 * d_full.max()) & ~ptv_d
+        e = np.abs(d_dij[out] - d_full[out]) / d_full.max()
+        checks.append((label, float(r.mean()), float(r.min()), float(r.max()),
+                       float(100 * e.max()), float(100 * np.percentile(e, 95))))
+    med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+    return {"name": name, "desc": desc, "beamlets": dij.n_beamlets, "rows": dij.n_voxels,
+            "nnz": dij.nnz, "mb": dij.nbytes / 2**20, "times": times, "stages": med,
+            "first": t_first, "rss_mb": rss_mb, "load_s": t_load, "checks": checks,
+            "loadavg": loads}
 
-    lines = [
-        "## dose",
-        "",
-        "Dose-influence matrix, TG-119 C-shape (water ellipse 40 x 25 cm, CT 2.5 mm), 9 coplanar "
-        "beams, 5 mm beamlets, 3 mm dose grid, beamlet margin 5 mm, "
-        f"lateral cut-off {bm.dij_cutoff_mm:.0f} mm, {numba.get_num_threads()} numba threads.",
-        "",
-        "| figure | value |",
-        "|---|---|",
-        f"| beamlets | {dij.n_beamlets} |",
-        f"| rows (voxels) | {dij.n_voxels} |",
-        f"| non-zeros | {dij.nnz:,} |",
-        f"| Dij memory (CSR + row map) | {dij.nbytes / 2**20:.0f} MB |",
-        f"| Dij time (median, min-max) | {summary(times)} |",
-        f"| of which setup / count / fill / scatter correction (last run) | "
-        f"{dij.timings_s['setup_s']:.2f} / {dij.timings_s['count_s']:.2f} / "
-        f"{dij.timings_s['fill_s']:.2f} / {dij.timings_s['scatter_correction_s']:.2f} s |",
-        f"| first call (numba compile or cache load + run) | {t_first:.2f} s "
-        f"(overhead {max(t_first - med, 0):.2f} s) |",
-        f"| peak RSS of the process | {rss_mb:.0f} MB |",
-        f"| phantom build | {t_phantom:.2f} s |",
-    ] + checks
+
+def compile_time() -> dict:
+    """First vs second call of compute_dij + full_kernel_dose on a small phantom in a
+    subprocess with an empty NUMBA_CACHE_DIR: the difference is the numba compile time."""
+    code = (
+        "import time, json, numpy as np\n"
+        "from adaptive.bench.bench_dose import tg119_cshape, nine_beams\n"
+        "from adaptive.dose.dij import compute_dij, full_kernel_dose\n"
+        "rho, ptv, _, body = tg119_cshape(10.0)\n"
+        "b = nine_beams()\n"
+        "t = []\n"
+        "for _ in range(2):\n"
+        "    t0 = time.perf_counter()\n"
+        "    d = compute_dij(rho, b, ptv, body, dose_grid_spacing_mm=10.0)\n"
+        "    full_kernel_dose(d, rho, b, np.ones(d.n_beamlets))\n"
+        "    t.append(time.perf_counter() - t0)\n"
+        "print(json.dumps(t))\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NUMBA_CACHE_DIR=tmp)
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=1200)
+        wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"compile-time subprocess failed: {res.stderr[-2000:]}")
+    first, second = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"first": first, "second": second, "wall": wall}
+
+
+def run(args) -> str:
+    import numba
+
+    repeats = max(3, int(getattr(args, "repeats", 3) or 3))
+    lines = ["## dose", "",
+             "Dose-influence matrix, 9 coplanar beams at the PTV centroid, 5 mm beamlets, 3 mm "
+             f"dose grid, beamlet margin 5 mm, {numba.get_num_threads()} numba threads; each "
+             "case in its own process (peak RSS = that process).", ""]
+    comp = compile_time()
+    lines.append(f"Numba cold compile (empty cache, subprocess; Dij + full-kernel dose on a 10 mm "
+                 f"phantom): first call {comp['first']:.1f} s, second {comp['second']:.2f} s "
+                 f"-> compile {comp['first'] - comp['second']:.1f} s.")
+    lines.append("")
+    for name in available_cases():
+        res = subprocess.run([sys.executable, "-m", "adaptive.bench.bench_dose", "--case", name,
+                              "--repeats", str(repeats)], capture_output=True, text=True,
+                             timeout=3600)
+        if res.returncode != 0:
+            raise RuntimeError(f"case {name} failed: {res.stderr[-2000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        st = r["stages"]
+        lines += [f"### {r['desc']}", "", "| figure | value |", "|---|---|",
+                  f"| beamlets | {r['beamlets']} |",
+                  f"| rows (voxels) | {r['rows']:,} |",
+                  f"| non-zeros | {r['nnz']:,} |",
+                  f"| Dij memory (CSR + row map) | {r['mb']:.0f} MB |",
+                  f"| Dij time (median, min-max) | {summary(r['times'])} |",
+                  f"| load average (1 min) during the runs | "
+                  f"{', '.join(f'{x:.1f}' for x in r['loadavg'])} |",
+                  "| stages (median): setup / count / depth / fill / scatter correction | "
+                  f"{st['setup_s']:.2f} / {st['count_s']:.2f} / {st['depth_s']:.2f} / "
+                  f"{st['fill_s']:.2f} / {st['scatter_correction_s']:.2f} s |",
+                  f"| first call in the process (numba cache load + run) | {r['first']:.2f} s |",
+                  f"| peak RSS of the process | {r['rss_mb']:.0f} MB |",
+                  f"| case load (DICOM read / phantom build) | {r['load_s']:.2f} s |"]
+        for label, mean, lo, hi, emax, e95 in r["checks"]:
+            lines.append(f"| Dij / full kernel, {label} weights: PTV mean ratio (min-max); "
+                         f"outside PTV (> 20 % of max) max / 95th pct abs error, % of max | "
+                         f"{mean:.3f} ({lo:.3f}-{hi:.3f}); {emax:.1f} / {e95:.1f} % |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
     import argparse
 
-    print(run(argparse.Namespace(repeats=3)))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    if a.case:
+        print(json.dumps(run_case(a.case, max(1, a.repeats))))
+    else:
+        print(run(a))
