@@ -36,6 +36,7 @@ from adaptive.model.structures import StructureSet
 from adaptive.optimization.checks import PlanCheckReport, check_plan
 from adaptive.optimization.fluence import FluenceResult, fluence_from_plan, optimize_fluence
 from adaptive.optimization.goals import ClinicalGoals, GoalResult, evaluate_goals
+from adaptive.optimization.normalize import normalization_factor
 from adaptive.optimization.objective import Objective
 from adaptive.optimization.plan_builder import build_plan, equispaced_beams, templates_from_plan
 from adaptive.optimization.sequencing import (
@@ -54,7 +55,10 @@ class PlanSettings:
     """``deadline_s``: fluence optimisation budget (s); ``smoothness``: fluence regulariser λ;
     ``dose_grid_spacing_mm``, ``bixel_size_mm``: Dij resolution; ``n_beams``: beams of a
     plan from scratch; ``correction_rounds``: segment-weight re-optimisations with the
-    plan-dose correction (each costs one more plan-dose calculation)."""
+    plan-dose correction (each costs one more plan-dose calculation); ``ftol``: relative
+    objective decrease at which L-BFGS-B stops; ``normalize``: scale the optimised fluence and
+    the deliverable plan's MU so that the target's prescription goal (e.g. PTV D95 = Rx) is
+    met exactly (:mod:`adaptive.optimization.normalize`), as clinical TPSs do."""
 
     deadline_s: float | None = None
     max_iter: int = 400
@@ -63,6 +67,8 @@ class PlanSettings:
     bixel_size_mm: float = 5.0
     n_beams: int = 9
     correction_rounds: int = 1
+    ftol: float = 1e-5
+    normalize: bool = True
 
 
 @dataclass
@@ -147,8 +153,12 @@ def stage_dij(density: Volume, beams: list[Beam], ct_masks: dict, goals: Clinica
 
 def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalGoals, *,
               reference: Plan | None = None, settings: PlanSettings | None = None,
-              beam_model: BeamModel | None = None, label: str = "ADAPTIVE") -> PlanResult:
+              beam_model: BeamModel | None = None, label: str = "ADAPTIVE",
+              dij: DoseInfluence | None = None) -> PlanResult:
     """Optimise, sequence, recalculate and check a plan on ``ct`` (HU) with ``ss``.
+
+    ``dij``: a dose-influence matrix already computed for this CT, these beams and settings
+    (benchmarks re-use one); default: computed here.
 
     ``reference``: the scheduled plan — its beam geometry is kept, its segments give the
     warm-start fluence, and the new plan references it as PREDECESSOR.
@@ -164,7 +174,8 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
         ct_masks, masks = stage_masks(ct, ss, goals, s.dose_grid_spacing_mm)
     with _Timer(T, "dij"):
         templates = stage_beams(ct_masks, ct, goals, s.n_beams, reference, bm)
-        dij = stage_dij(density, templates, ct_masks, goals, bm, s)
+        if dij is None:
+            dij = stage_dij(density, templates, ct_masks, goals, bm, s)
     info["dij"] = {"voxels": dij.n_voxels, "beamlets": dij.n_beamlets, "nnz": dij.nnz,
                    "mbytes": round(dij.nbytes / 2**20, 1)}
     with _Timer(T, "objective_setup"):
@@ -173,8 +184,15 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
     info["objective_rows"] = int(obj.rows_used.size)
     info["subsampled"] = obj.subsampled
     with _Timer(T, "fluence_optimization"):
-        fr = optimize_fluence(dij, obj, w0=w0, deadline_s=s.deadline_s, max_iter=s.max_iter)
+        fr = optimize_fluence(dij, obj, w0=w0, deadline_s=s.deadline_s, max_iter=s.max_iter,
+                              ftol=s.ftol)
     fluence_dose = dij.dose_volume(fr.weights_mu)
+    target = goals.prescription.target_roi_name
+    if s.normalize:
+        nf = normalization_factor(fluence_dose, masks[target], goals)
+        fr.weights_mu = fr.weights_mu * nf.factor
+        fluence_dose = Volume(fluence_dose.array * np.float32(nf.factor), fluence_dose.grid, "Gy")
+        info["normalization_fluence"] = nf.to_dict()
     goals_fluence = evaluate_goals(fluence_dose, masks, goals)
     with _Timer(T, "sequencing"):
         seq = sequence_plan_beams(dij, fr.weights_mu, templates, mlc, seq_settings)
@@ -200,6 +218,15 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
             obj.clear_dose_correction()
             plan = build_plan(seq, templates, mlc, **common)
             dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+    if s.normalize:
+        with _Timer(T, "normalization"):
+            nf = normalization_factor(dose, masks[target], goals)
+            for sb in seq:
+                for sg in sb.segments:
+                    sg.mu *= nf.factor
+            plan = build_plan(seq, templates, mlc, **common)
+            dose = Volume(dose.array * np.float32(nf.factor), dose.grid, dose.units)  # dose ∝ MU
+            info["normalization_deliverable"] = nf.to_dict()
     with _Timer(T, "checks"):
         # independent recalculation: the plan as read back from DICOM, finer fluence raster
         indep = _independent_dose(ct, plan, bm, s)
