@@ -174,6 +174,43 @@ def check_prescription(plan, goals: ClinicalGoals, where) -> None:
             f"({g.dose_per_fraction_gy:g} Gy x {g.number_of_fractions})")
 
 
+def extend_synthetic_ct(sct: Volume, planning_ct: Volume, rigid_matrix, *,
+                        air_hu: float = -1000.0) -> Volume:
+    """The synthetic CT (CBCT grid, CBCT frame) completed with the rigidly mapped planning CT
+    wherever the CBCT grid does not reach, on an axis-aligned grid of the synthetic CT's
+    spacing covering both (CBCT frame, LPS mm, HU).
+
+    Why: the CBCT's reconstructed volume is narrower than the pelvis (here 270 mm wide for a
+    ~360 mm wide patient), so a dose computed on the synthetic CT alone misses the tissue
+    the lateral beams cross outside it (measured: scheduled plan PTV D2 69 Gy instead of
+    63 Gy, i.e. MU ~5-10 % too low for the real patient). ``rigid_matrix``: 4×4 CBCT LPS →
+    planning LPS."""
+    from adaptive.geometry.volume import Grid
+
+    m = np.asarray(rigid_matrix, dtype=float)
+    inv = np.linalg.inv(m)
+    lo_p, hi_p = planning_ct.grid.bounds_lps()
+    corners = np.array([[x, y, z] for x in (lo_p[0], hi_p[0]) for y in (lo_p[1], hi_p[1])
+                        for z in (lo_p[2], hi_p[2])])
+    c = corners @ inv[:3, :3].T + inv[:3, 3]
+    lo_s, hi_s = sct.grid.bounds_lps()
+    lo, hi = np.minimum(c.min(axis=0), lo_s), np.maximum(c.max(axis=0), hi_s)
+    sp = np.asarray(sct.grid.spacing, dtype=float)
+    # keep the synthetic CT's voxel lattice (so its voxels are copied, not interpolated)
+    if not np.allclose(sct.grid.direction, np.eye(3), atol=1e-6):
+        raise OptimizationError("synthetic CT grid must be axis-aligned to be extended")
+    o = sct.grid.origin - np.ceil((sct.grid.origin - lo) / sp - 1e-6) * sp
+    n = np.floor((hi - o) / sp + 1e-6).astype(int) + 1
+    grid = Grid(shape=(n[2], n[1], n[0]), origin=o, spacing=sp)
+    pts = grid.voxel_centers_lps(dtype=np.float64).reshape(-1, 3)
+    vals = planning_ct.sample_lps(pts @ m[:3, :3].T + m[:3, 3], order=1, fill=air_hu)
+    out = vals.reshape(grid.shape).astype(np.float32)
+    off = np.rint((sct.grid.origin - o) / sp).astype(int)  # (i, j, k) offset
+    nz, ny, nx = sct.grid.shape
+    out[off[2]:off[2] + nz, off[1]:off[1] + ny, off[0]:off[0] + nx] = sct.array
+    return Volume(out, grid, "HU")
+
+
 def optimizer_deadline(budget_s: float | None, elapsed_s: float) -> float | None:
     """Fluence optimisation deadline (s) from the stage budget and the time already used."""
     if not budget_s:
@@ -183,7 +220,7 @@ def optimizer_deadline(budget_s: float | None, elapsed_s: float) -> float | None
 
 def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoals, *,
                    settings=None, budget_s: float | None = None,
-                   progress: Progress | None = None) -> PlanningOutputs:
+                   progress: Progress | None = None, planning_ct_dir=None) -> PlanningOutputs:
     """Re-optimise the scheduled plan on today's anatomy (see the module docstring).
 
     ``registration``: the record returned by :func:`registration_stage`. ``settings``:
@@ -191,7 +228,9 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     ``settings.deadline_s`` is None the optimiser deadline comes from the budget
     (:func:`optimizer_deadline`). The adapted plan is written only when it passed its
     checks (``adapted.rtplan`` is None otherwise); ``fallback`` is ``"best_iterate"`` when
-    the optimiser was stopped by its deadline.
+    the optimiser was stopped by its deadline. ``planning_ct_dir``: when given, doses are
+    computed on the synthetic CT extended with the planning CT beyond the CBCT's volume
+    (:func:`extend_synthetic_ct`); without it on the synthetic CT alone.
     """
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.provenance import Provenance
@@ -222,6 +261,10 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     # the synthetic CT lives in the CBCT frame: map the isocenters with the rigid part
     m = np.linalg.inv(np.asarray(registration["rigid_matrix"], dtype=float))
     sched_today = _moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
+    dose_ct = sct
+    if planning_ct_dir is not None:
+        ct, _ = read_ct_series(planning_ct_dir)
+        dose_ct = extend_synthetic_ct(sct, ct, registration["rigid_matrix"])
     T["load"] = round(time.perf_counter() - t0, 3)
 
     s = replace(settings) if settings is not None else PlanSettings()
@@ -231,13 +274,13 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
         s.deadline_s = optimizer_deadline(budget_s, time.perf_counter() - t0)
     progress("planning.optimise", 0.1)
     t = time.perf_counter()
-    adapted = plan_case(sct, sct_info, today, goals, reference=sched_today, settings=s,
+    adapted = plan_case(dose_ct, sct_info, today, goals, reference=sched_today, settings=s,
                         label="ADAPTED")
     T.update({f"plan.{k}": v for k, v in adapted.timings_s.items()})
     T["plan_total"] = round(time.perf_counter() - t, 3)
     progress("planning.scheduled_recalc", 0.8)
     t = time.perf_counter()
-    sdose = plan_dose(sct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+    sdose = plan_dose(dose_ct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
     T["scheduled_recalc"] = round(time.perf_counter() - t, 3)
     comparison = compare_plans(sdose, adapted.dose, adapted.masks, goals)
 
@@ -248,7 +291,9 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                   "synthetic_ct": sct_info.series_instance_uid,
                   "rtstruct": today.sop_instance_uid,
                   "predecessor_plan": scheduled.sop_instance_uid}
-    params = {"goals": goals.to_dict(), "settings": s.__dict__, "budget_s": budget_s}
+    params = {"goals": goals.to_dict(), "settings": s.__dict__, "budget_s": budget_s,
+              "dose_ct": ("synthetic CT extended with the rigidly mapped planning CT "
+                          f"{dose_ct.grid.shape}" if dose_ct is not sct else "synthetic CT")}
     fallback = "best_iterate" if adapted.fluence.reason == "deadline" else None
     adapted_rec = {"rtplan": None, "rtdose": None, "rtstruct": registration["rtstruct"],
                    "registration": registration["reg"],
@@ -335,7 +380,8 @@ def run_fraction(case_dir: str | Path, fraction_dir: str | Path, goals: Clinical
         T.update({f"registration.{k}": v for k, v in reg["timings_s"].items()
                   if k != "total"})
         T["registration_total"] = round(time.perf_counter() - t, 3)
-        po = planning_stage(rp, reg, out, goals, settings=settings)
+        po = planning_stage(rp, reg, out, goals, settings=settings,
+                            planning_ct_dir=case / "planning" / "CT")
         T.update({k if k.startswith("plan") else f"planning.{k}": v
                   for k, v in po.timings_s.items() if k != "total"})
         T["planning_total"] = round(time.perf_counter() - t - T["registration_total"], 3)
