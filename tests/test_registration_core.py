@@ -275,3 +275,10 @@ def test_bspline_field_matches_transformix():
     ref = eb.transform_field([m], g)
     assert np.abs(ref).max() > 1.0
     np.testing.assert_allclose(mine, ref, atol=1e-4)
+
+
+def test_warm_up_runs():
+    from adaptive.registration import warm_up
+
+    t = warm_up()
+    assert t > 0

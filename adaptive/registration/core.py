@@ -277,11 +277,19 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     except Exception as e:
         raise RegistrationError(f"CBCT does not overlap the planning CT: {e}") from e
     moving = np.asarray(crop.array, dtype=np.float32)
+    fixed_reg = fixed
+    if s.intensity_window_hu is not None:
+        lo, hi = s.intensity_window_hu
+        from adaptive.registration.masks import soft_tissue_mode
+        mm = soft_tissue_mode(moving[:: 2, :: 2, :: 2].ravel())
+        fixed_reg = np.clip(fixed, tissue_mode + lo, tissue_mode + hi)
+        moving = np.clip(moving, mm + lo, mm + hi)
+        q["planning_tissue_mode_hu"] = mm
     timings["prepare"] = time.perf_counter() - t
 
     # --- rigid ----------------------------------------------------------------------------
     t = time.perf_counter()
-    rmaps = eb.run_elastix(fixed, fgrid, moving, grid_in_frame(crop.grid, m0),
+    rmaps = eb.run_elastix(fixed_reg, fgrid, moving, grid_in_frame(crop.grid, m0),
                            s.parameter_map("rigid"), fmask)
     m_rigid = m0 @ eb.euler_to_matrix(rmaps[-1])
     timings["rigid"] = time.perf_counter() - t
@@ -304,7 +312,7 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
         q["fallback_reason"] = (f"no time left for the deformable stage ({remaining:.2f} s after "
                                 f"rigid, need {s.min_deformable_s} s)")
     else:
-        args = (fixed, fgrid, moving, grid_in_frame(crop.grid, m_rigid),
+        args = (fixed_reg, fgrid, moving, grid_in_frame(crop.grid, m_rigid),
                 s.parameter_map("bspline"), fmask)
         bmaps = _run_bspline(args, remaining, s.deformable_in_subprocess and remaining is not None)
         if bmaps is None:

@@ -19,7 +19,8 @@ DEFAULT_CONFIG = config_path("registration.toml")
 
 _SECTIONS = {
     "registration": {"threads", "random_seed", "moving_crop_margin_mm", "deformable_in_subprocess",
-                     "default_budget_s", "finish_reserve_s", "min_deformable_s"},
+                     "default_budget_s", "finish_reserve_s", "min_deformable_s",
+                     "intensity_window_hu"},
     "initial_alignment": {"use_isocenter", "use_image_centres"},
     "fixed_mask": {"erode_mm", "min_valid_fraction"},
     "body": {"threshold_hu", "smoothing_mm"},
@@ -61,6 +62,7 @@ class RegistrationSettings:
     default_budget_s: float = 0.0
     finish_reserve_s: float = 1.0
     min_deformable_s: float = 0.5
+    intensity_window_hu: tuple[float, float] | None = None
     use_isocenter: bool = True
     use_image_centres: bool = True
     mask_erode_mm: float = 4.0
@@ -120,6 +122,13 @@ def load_registration_settings(path: str | Path | dict | RegistrationSettings | 
     s.default_budget_s = get_number(r, "default_budget_s", w, minimum=0, default=0.0)
     s.finish_reserve_s = get_number(r, "finish_reserve_s", w, minimum=0, default=1.0)
     s.min_deformable_s = get_number(r, "min_deformable_s", w, minimum=0, default=0.5)
+    win = r.get("intensity_window_hu", [])
+    if not isinstance(win, list) or len(win) not in (0, 2) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in win) or (
+            len(win) == 2 and win[0] >= win[1]):
+        raise ConfigError(f"{w}.intensity_window_hu: expected [] or [low, high] HU with "
+                          f"low < high, got {win!r}")
+    s.intensity_window_hu = (float(win[0]), float(win[1])) if win else None
     ia = raw.get("initial_alignment", {})
     s.use_isocenter = _bool(ia, "use_isocenter", f"{src} [initial_alignment]", True)
     s.use_image_centres = _bool(ia, "use_image_centres", f"{src} [initial_alignment]", True)
