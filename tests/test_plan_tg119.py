@@ -1,45 +1,59 @@
-"""TG-119 C-shape planned end to end with the real dose engine (9 beams, 5 mm beamlets,
-3 mm dose grid): optimised fluence meets the TG-119 goals; the deliverable (sequenced,
-recalculated) plan meets them or the checks report which goal is missed and by how much."""
+"""TG-119 C-shape planned end to end with the real dose engine on the committed replay case
+(``replay_data/tg119_cshape/planning``: CT + RT Struct), 9 beams, 5 mm beamlets and a
+**4 mm** dose grid (the 3 mm case is the benchmark, ``adaptive.bench.bench_plan``).
+
+Checks against the TG-119 goals: the optimised (normalised) fluence meets PTV D95 ≥ 50 Gy,
+D10 ≤ 55 Gy and core D10 ≤ 25 Gy; the deliverable plan (sequenced, recalculated with the
+plan-dose engine, normalised) meets PTV D95 exactly and the others or the checks report the
+goal missed and by how much; the RT Plan written is dciodvfy-clean and reads back."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from adaptive.config import config_path
-from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.optimization.goals import load_goals
 
 pytestmark = pytest.mark.slow
 
+CASE = Path(__file__).resolve().parents[1] / "replay_data" / "tg119_cshape" / "planning"
 
-def test_tg119_cshape_plan_meets_goals(tmp_path):
+
+def test_tg119_cshape_plan_meets_goals(tmp_path, dciodvfy):
+    from adaptive.dicom import read_ct_series, read_rtstruct
     from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.phantoms.tg119 import tg119_cshape
     from adaptive.pipeline.session import PlanSettings, plan_case, write_plan_outputs
 
-    ph = tg119_cshape()
+    ct, series = read_ct_series(CASE / "CT")
+    ss = read_rtstruct(CASE / "RS.dcm", series=series, grid=ct.grid)
     goals = load_goals(config_path("goals", "tg119_cshape.toml"))
-    series = SeriesInfo(PatientInfo("TG119"), "1.2.826.0.1.9.1", "1.2.826.0.1.9.2",
-                        "1.2.826.0.1.9.3")
-    res = plan_case(ph.ct, series, ph.structure_set(series), goals,
-                    settings=PlanSettings(correction_rounds=1))
+    res = plan_case(ct, series, ss, goals,
+                    settings=PlanSettings(dose_grid_spacing_mm=4.0, correction_rounds=1))
     fl = {(g.structure, g.metric, g.goal_total): g for g in res.goals_fluence}
-    assert fl[("PTV", "D95", 50.0)].passed
-    assert fl[("PTV", "D10", 55.0)].passed
-    assert fl[("CORE", "D10", 25.0)].passed
-    dl = {(g.structure, g.metric, g.goal_total): g for g in res.goals_deliverable}
-    goal_item = next(i for i in res.checks.items if i.name == "goals")
     for key in [("PTV", "D95", 50.0), ("PTV", "D10", 55.0), ("CORE", "D10", 25.0)]:
+        assert fl[key].passed, (key, fl[key].value_total)
+    # normalisation makes the prescription goal exact (within the 1e-6 tolerance)
+    assert fl[("PTV", "D95", 50.0)].value_total == pytest.approx(50.0, abs=0.01)
+    assert res.info["normalization_fluence"]["metric"] == "D95"
+    dl = {(g.structure, g.metric, g.goal_total): g for g in res.goals_deliverable}
+    assert dl[("PTV", "D95", 50.0)].value_total == pytest.approx(50.0, abs=0.01)
+    goal_item = next(i for i in res.checks.items if i.name == "goals")
+    for key in [("PTV", "D10", 55.0), ("CORE", "D10", 25.0)]:
         g = dl[key]
-        if not g.passed:  # must be reported with the amount missed
+        if not g.passed:  # must be reported with the amount missed, and not grossly off
             assert key[0] in goal_item.detail and "missed by" in goal_item.detail
-            assert g.margin_total > -3.0  # and not grossly off
+            assert g.margin_total > -3.0, (key, g.value_total)
     blocking = {i.name: i for i in res.checks.items if i.blocking}
     assert blocking["dose_recalculation"].passed, blocking["dose_recalculation"].detail
-    assert blocking["mu_sanity"].passed and blocking["deliverability"].passed
+    assert blocking["mu_sanity"].passed, blocking["mu_sanity"].detail
+    assert blocking["deliverability"].passed, blocking["deliverability"].detail
     rep = write_plan_outputs(res, series, tmp_path, input_uids={}, parameters={})
-    back = read_rtplan(tmp_path / "RP.dcm")
-    assert len(back.beams) == 9
-    assert back.total_mu == pytest.approx(res.plan.total_mu, rel=1e-4)
     assert rep["written"] == ["RP.dcm", "RD.dcm", "plan_report.json"]
+    errors, out = dciodvfy(tmp_path / "RP.dcm")
+    assert not errors, out
+    back = read_rtplan(tmp_path / "RP.dcm")
+    assert len(back.beams) == len(res.plan.beams)
+    assert back.total_mu == pytest.approx(res.plan.total_mu, rel=1e-4)
+    assert [len(b.segments()) for b in back.beams] == [len(b.segments()) for b in res.plan.beams]

@@ -473,7 +473,7 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
             break
         res = minimize(fun, m0 / scale, jac=True, method="L-BFGS-B",
                        bounds=[(0.0, None)] * m0.size,
-                       options={"maxiter": max_iter, "ftol": 1e-7})
+                       options={"maxiter": max_iter, "ftol": 1e-5})
         m = np.maximum(res.x * scale, 0.0) if res.fun <= fun(m0 / scale)[0] else m0
         k = 0
         low = False

@@ -62,7 +62,7 @@ class PlanSettings:
 
     deadline_s: float | None = None
     max_iter: int = 400
-    smoothness: float = 0.02
+    smoothness: float = 0.2
     dose_grid_spacing_mm: float = 3.0
     bixel_size_mm: float = 5.0
     n_beams: int = 9
