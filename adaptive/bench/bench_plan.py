@@ -58,19 +58,19 @@ def _case(kind: str, repeats: int) -> list[str]:
     ndl = res.info.get("normalization_deliverable", {})
     rx = goals.prescription.dose_per_fraction_gy
     return [f"### TG-119 {kind} (replay_data/tg119_{kind}/planning)", "",
-            f"- Dij: {dij.n_voxels} voxels × {dij.n_beamlets} beamlets, {dij.nnz / 1e6:.1f} M "
-            f"non-zeros ({dij.nbytes / 2**20:.0f} MiB), computed in {t_dij:.1f} s",
-            f"- objective: {obj.rows_used.size} rows, {obj.op.nnz / 1e6:.1f} M non-zeros "
-            f"({obj.op.nbytes / 2**20:.0f} MiB), sampled {obj.subsampled}; setup {t_obj:.1f} s",
-            f"- fluence optimisation (ftol {s.ftol:g}): **{summary(times)}**, "
-            f"iterations {iters}",
-            f"- normalisation factors (to {nfl.get('structure')} {nfl.get('metric')}): fluence "
-            f"{nfl.get('factor', float('nan')):.4f}, deliverable {ndl.get('factor', float('nan')):.4f}",
+            (f"- Dij: {dij.n_voxels} voxels × {dij.n_beamlets} beamlets, {dij.nnz / 1e6:.1f} M "
+            f"non-zeros ({dij.nbytes / 2**20:.0f} MiB), computed in {t_dij:.1f} s"),
+            (f"- objective: {obj.rows_used.size} rows, {obj.op.nnz / 1e6:.1f} M non-zeros "
+            f"({obj.op.nbytes / 2**20:.0f} MiB), sampled {obj.subsampled}; setup {t_obj:.1f} s"),
+            (f"- fluence optimisation (ftol {s.ftol:g}): **{summary(times)}**, "
+            f"iterations {iters}"),
+            (f"- normalisation factors (to {nfl.get('structure')} {nfl.get('metric')}): fluence "
+            f"{nfl.get('factor', float('nan')):.4f}, deliverable {ndl.get('factor', float('nan')):.4f}"),
             f"- plan_case on this Dij: {total:.1f} s; stages: "
             + ", ".join(f"{k} {v:.1f}" for k, v in res.timings_s.items()),
-            f"- segments per beam {[len(b.segments()) for b in res.plan.beams]} "
+            (f"- segments per beam {[len(b.segments()) for b in res.plan.beams]} "
             f"(raw {res.info.get('segments_raw')}), total MU {res.plan.total_mu:.0f} "
-            f"({res.plan.total_mu / rx:.0f} MU/Gy)",
+            f"({res.plan.total_mu / rx:.0f} MU/Gy)"),
             f"- plan checks: {'passed' if res.checks.passed else 'FAILED'}; "
             + "; ".join(f"{i.name}: {i.detail}" for i in res.checks.items if not i.passed),
             "", "```",
@@ -85,8 +85,8 @@ def run(args) -> str:
     if Path("/proc/loadavg").is_file():
         load = Path("/proc/loadavg").read_text().split()[:3]
     lines = ["## plan (fluence optimisation, sequencing, deliverable dose)", "",
-             f"load average at start: {' '.join(load)}; OMP_WAIT_POLICY="
-             f"{os.environ.get('OMP_WAIT_POLICY', '')}", ""]
+             (f"load average at start: {' '.join(load)}; OMP_WAIT_POLICY="
+             f"{os.environ.get('OMP_WAIT_POLICY', '')}"), ""]
     for kind in ("cshape", "prostate"):
         lines += _case(kind, repeats)
     return "\n".join(lines)

@@ -23,9 +23,9 @@ import os
 # libgomp is loaded (first numba parallel call in the process) to take effect.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-from numba import njit, prange  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
+from numba import njit, prange
 
 _N_CHUNKS = 16  # row chunks of the scatter product (fixed: results independent of threads)
 
