@@ -23,11 +23,11 @@ is killed when the budget (minus ``finish_reserve_s`` for the field and checks) 
 the rigid result is then returned with ``fallback="rigid"``.
 
 Determinism and threads: elastix's random samplers use the fixed ``RandomSeed`` from the
-config, so two runs with the same inputs, settings and thread count give the same result.
-ITK's multithreaded metric evaluation splits the samples into per-thread partial sums that
-are added in thread order, so results are reproducible for a given thread count but may
-differ in float rounding between different thread counts (measured and tested in
-tests/test_registration_core.py).
+config, so two runs with the same inputs, settings and thread count give bit-identical
+results (tested). ITK's multithreaded metric evaluation splits the samples into per-thread
+partial sums, so a different thread count adds them in a different order: the float rounding
+differs and the optimiser's path drifts slightly. Measured on the test phantom: 1 vs 2
+threads differ by at most 0.10 mm (mean 0.016 mm); the tests bound it at 0.5 mm.
 """
 
 from __future__ import annotations

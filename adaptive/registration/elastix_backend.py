@@ -39,8 +39,10 @@ def itk_module(threads: int = 2):
             itk.MultiThreaderBase.SetGlobalDefaultThreader(enums.Threader_Platform)
             _itk = itk
         if _threads_set != threads:
+            # maximum first: the default is clamped to the current maximum
+            mx = max(int(threads), int(_itk.MultiThreaderBase.GetGlobalMaximumNumberOfThreads()))
+            _itk.MultiThreaderBase.SetGlobalMaximumNumberOfThreads(mx)
             _itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
-            _itk.MultiThreaderBase.SetGlobalMaximumNumberOfThreads(max(int(threads), 1))
             _threads_set = threads
         return _itk
 
