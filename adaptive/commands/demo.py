@@ -113,7 +113,9 @@ class Tms:
                     method="POST")
                 with urllib.request.urlopen(req, timeout=5) as r:
                     for hit in json.loads(r.read()):
-                        out.append(f"{hit['Type']} {uid} -> Orthanc {hit['Path']}")
+                        tags = self.rest(f"{hit['Path']}/simplified-tags")
+                        what = f"{tags.get('Modality', '?')} {tags.get('RTPlanLabel', '')}".strip()
+                        out.append(f"{what} {uid} -> Orthanc {hit['Path']}")
         else:
             for uid in sop_uids:
                 out += [f"{uid} -> {p}" for p in (self.workdir / "store").rglob(f"{uid}.dcm")]
