@@ -47,6 +47,14 @@ def itk_module(threads: int = 2):
         return _itk
 
 
+def preload(threads: int = 2) -> None:
+    """Import itk and resolve its lazily loaded elastix/transform modules (one-time ~10 s)."""
+    itk = itk_module(threads)
+    for name in ("ElastixRegistrationMethod", "ParameterObject", "TransformixFilter",
+                 "Euler3DTransform", "image_from_array"):
+        getattr(itk, name)
+
+
 def to_itk(array: np.ndarray, grid: Grid, pixel=np.float32):
     """numpy (z, y, x) array on ``grid`` → itk.Image with the same LPS geometry."""
     itk = itk_module(_threads_set or 2)
