@@ -167,7 +167,8 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
                          "planning": st.get("planning", {}).get("duration_s"),
                          "handoff": st.get("handoff", {}).get("duration_s"),
                          "end_to_end": s["end_to_end"].get("duration_s"),
-                         "within": s["end_to_end"].get("within_budget")})
+                         "within": s["end_to_end"].get("within_budget"),
+                         "notes": "; ".join(s.get("notes", []))[:300]})
     finally:
         if cl:
             cl.close()
@@ -185,6 +186,9 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
         out.append(f"| {i + 1} | {r['fraction']} | {r['plan']} ({r['state']}) | "
                    f"{f(r['registration'])} | {f(r['planning'])} | {f(r['handoff'])} | "
                    f"{f(r['end_to_end'])} | {r['within']} |")
+    for i, r in enumerate(rows):
+        if r["plan"] != "adapted":
+            out.append(f"\nSession {i + 1}: scheduled plan only: {r['notes']}")
     out += ["", "| stage | p50 s | p95 s | n |", "|---|---|---|---|"]
     for k in ("registration", "planning", "handoff", "end_to_end"):
         xs = [r[k] for r in rows if r[k] is not None]
