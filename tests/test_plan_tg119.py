@@ -4,8 +4,9 @@
 
 Checks against the TG-119 goals: the optimised (normalised) fluence meets PTV D95 ≥ 50 Gy,
 D10 ≤ 55 Gy and core D10 ≤ 25 Gy; the deliverable plan (sequenced, recalculated with the
-plan-dose engine, normalised) meets PTV D95 exactly and the others or the checks report the
-goal missed and by how much; the RT Plan written is dciodvfy-clean and reads back."""
+plan-dose engine, normalised) meets PTV D95 exactly and the others, or the checks report the
+goal missed and by how much (and it is within 1 Gy); the optimisation is driven by the goals
+(one term per goal, automatic re-weighting rounds reported); the RT Plan written is dciodvfy-clean and reads back."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def test_tg119_cshape_plan_meets_goals(tmp_path, dciodvfy):
     goals = load_goals(config_path("goals", "tg119_cshape.toml"))
     res = plan_case(ct, series, ss, goals,
                     settings=PlanSettings(dose_grid_spacing_mm=4.0, correction_rounds=1))
+    assert res.fluence.rounds and res.info["reweighting_fluence"] == res.fluence.rounds
     fl = {(g.structure, g.metric, g.goal_total): g for g in res.goals_fluence}
     for key in [("PTV", "D95", 50.0), ("PTV", "D10", 55.0), ("CORE", "D10", 25.0)]:
         assert fl[key].passed, (key, fl[key].value_total)
@@ -44,7 +46,7 @@ def test_tg119_cshape_plan_meets_goals(tmp_path, dciodvfy):
         g = dl[key]
         if not g.passed:  # must be reported with the amount missed, and not grossly off
             assert key[0] in goal_item.detail and "missed by" in goal_item.detail
-            assert g.margin_total > -3.0, (key, g.value_total)
+            assert g.margin_total > -1.0, (key, g.value_total)
     blocking = {i.name: i for i in res.checks.items if i.blocking}
     assert blocking["dose_recalculation"].passed, blocking["dose_recalculation"].detail
     assert blocking["mu_sanity"].passed, blocking["mu_sanity"].detail

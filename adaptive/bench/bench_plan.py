@@ -21,7 +21,7 @@ def _case(kind: str, repeats: int) -> list[str]:
     from adaptive.dicom import read_ct_series, read_rtstruct
     from adaptive.dose.beam_model import load_beam_model
     from adaptive.dose.density import hu_to_density
-    from adaptive.optimization.fluence import optimize_fluence
+    from adaptive.optimization.fluence import optimize_fluence_goals
     from adaptive.optimization.goals import goal_table, load_goals
     from adaptive.optimization.objective import Objective
     from adaptive.pipeline.session import (
@@ -46,11 +46,15 @@ def _case(kind: str, repeats: int) -> list[str]:
     t0 = time.perf_counter()
     obj = Objective(dij, masks, goals, smoothness=s.smoothness)
     t_obj = time.perf_counter() - t0
-    times, iters = [], []
+    times, iters, nrounds = [], [], []
+    scales = obj.term_scales
     for _ in range(max(3, repeats)):
-        r = optimize_fluence(dij, obj, max_iter=s.max_iter, ftol=s.ftol)
+        obj.set_term_scales(scales)  # each repeat starts from the priority weights
+        r = optimize_fluence_goals(dij, obj, max_iter=s.max_iter, ftol=s.ftol,
+                                   max_rounds=s.goal_rounds)
         times.append(r.time_s)
         iters.append(r.iterations)
+        nrounds.append(len(r.rounds))
     t0 = time.perf_counter()
     res = plan_case(ct, series, ss, goals, settings=s, dij=dij)
     total = time.perf_counter() - t0
@@ -62,8 +66,14 @@ def _case(kind: str, repeats: int) -> list[str]:
             f"non-zeros ({dij.nbytes / 2**20:.0f} MiB), computed in {t_dij:.1f} s"),
             (f"- objective: {obj.rows_used.size} rows, {obj.op.nnz / 1e6:.1f} M non-zeros "
             f"({obj.op.nbytes / 2**20:.0f} MiB), sampled {obj.subsampled}; setup {t_obj:.1f} s"),
-            (f"- fluence optimisation (ftol {s.ftol:g}): **{summary(times)}**, "
-            f"iterations {iters}"),
+            (f"- fluence optimisation with goal re-weighting (ftol {s.ftol:g}, ≤ {s.goal_rounds} "
+            f"rounds): **{summary(times)}**, iterations {iters}, rounds {nrounds}"),
+            "- re-weighting rounds in plan_case (fluence): " + "; ".join(
+                f"#{x['round']} {x['iterations']} it {x['time_s']:.1f} s, failing "
+                f"{x['failing'] or 'none'}" for x in res.info.get("reweighting_fluence", [])),
+            "- re-weighting rounds in plan_case (segment weights, corrected dose): " + "; ".join(
+                f"#{x['round']} {x['iterations']} it, failing {x['failing'] or 'none'}"
+                for x in res.info.get("reweighting_segments_1", [])),
             (f"- normalisation factors (to {nfl.get('structure')} {nfl.get('metric')}): fluence "
             f"{nfl.get('factor', float('nan')):.4f}, deliverable {ndl.get('factor', float('nan')):.4f}"),
             f"- plan_case on this Dij: {total:.1f} s; stages: "

@@ -42,6 +42,7 @@ class FluenceResult:
     time_s: float = 0.0
     n_evaluations: int = 0
     initial_objective_value: float = float("nan")
+    rounds: list[dict] = field(default_factory=list)  # goal re-weighting rounds, if any
 
 
 class _DeadlineReached(Exception):
@@ -155,3 +156,116 @@ def fluence_from_plan(plan: Plan, dij: DoseInfluence, beam_map: list[int] | None
             cover = np.clip(np.minimum(hi, x + hx) - np.maximum(lo, x - hx), 0.0, None) / (2 * hx)
             w[idx] += mu * np.where(inside, cover, 0.0)
     return w
+
+
+@dataclass
+class ReweightRound:
+    """One round of the goal re-weighting loop: optimiser outcome and the goals after it
+    (evaluated on the dose model, normalised to the prescription goal)."""
+
+    round: int
+    iterations: int
+    time_s: float
+    reason: str
+    failing: list[str]
+    failing_priority1: int
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"round": self.round, "iterations": self.iterations,
+                "time_s": round(self.time_s, 3), "reason": self.reason,
+                "failing": self.failing, "failing_priority1": self.failing_priority1,
+                "score": self.score}
+
+
+def goal_score(status) -> tuple[int, float]:
+    """(number of failing priority-1 goals, Σ 10^(1−priority) × relative miss of failing
+    goals): lower is better, compared lexicographically."""
+    p1 = sum(1 for s in status if not s.passed and s.priority == 1)
+    miss = sum(10.0 ** (1 - s.priority) * min(s.miss, 10.0) for s in status if not s.passed)
+    return p1, float(miss)
+
+
+def reweighting_loop(objective: Objective, solve, x0: np.ndarray, dose_of, *,
+                     deadline_s: float | None, max_rounds: int, t0: float | None = None,
+                     rounds_out: list | None = None):
+    """Generic goal re-weighting loop (used for beamlet and for segment weights).
+
+    ``solve(x, budget_s)`` → (x_new, iterations, reason, stopped_by_deadline) optimises the
+    current objective from ``x``; ``dose_of(x)`` → the used-row dose model. After each round
+    the goals are evaluated (:meth:`Objective.goal_status`); the loop stops when every
+    priority-1 goal passes and nothing else fails, when the goal score stops improving, at
+    ``max_rounds`` or at the deadline. Failing goals' weights are multiplied before the next,
+    warm-started, round. Returns (best x by :func:`goal_score`, its status, deadline_hit);
+    the term weights are left at those that produced the best x."""
+    t0 = time.perf_counter() if t0 is None else t0
+    rounds = [] if rounds_out is None else rounds_out
+    best = None
+    x = x0
+    deadline_hit = False
+    for k in range(max(1, max_rounds)):
+        budget = None if deadline_s is None else deadline_s - (time.perf_counter() - t0)
+        if budget is not None and budget <= 0 and best is not None:
+            deadline_hit = True
+            break
+        ts = time.perf_counter()
+        x, iters, reason, hit = solve(x, budget)
+        status = objective.goal_status(dose_of(x))
+        score = goal_score(status)
+        rounds.append(ReweightRound(k + 1, iters, time.perf_counter() - ts, reason,
+                                    [objective.goals.goals[s.index].structure + " "
+                                     + objective.goals.goals[s.index].text
+                                     for s in status if not s.passed],
+                                    score[0], round(score[1], 5)))
+        improved = best is None or score < best[1]
+        if improved:
+            best = (x.copy(), score, status, objective.term_scales)
+        if hit:
+            deadline_hit = True
+            break
+        if score == (0, 0.0):
+            break
+        # stop when all priority-1 goals pass and the lower priorities stopped improving, or
+        # when nothing improves any more
+        if not improved and (score[0] == 0 or k > 0):
+            break
+        objective.reweight(status)
+    objective.set_term_scales(best[3])
+    return best[0], best[2], deadline_hit
+
+
+def optimize_fluence_goals(dij: DoseInfluence, objective: Objective, *,
+                           w0: np.ndarray | None = None, deadline_s: float | None = None,
+                           max_iter: int = 400, ftol: float = 1e-6, gtol: float = 1e-8,
+                           maxcor: int = 20, max_rounds: int = 6) -> FluenceResult:
+    """:func:`optimize_fluence` inside the automatic goal re-weighting loop
+    (:func:`reweighting_loop`): optimise, evaluate the clinical goals on the normalised dose
+    model, multiply the weights of failing goals, re-optimise warm-started; the whole loop
+    honours ``deadline_s`` (best round returned, ``stopped_early=True, reason="deadline"``).
+    ``FluenceResult.rounds`` lists the rounds."""
+    t0 = time.perf_counter()
+    state = {"iters": 0, "nfev": 0, "f0": float("nan"), "hist": []}
+
+    def solve(w, budget):
+        r = optimize_fluence(dij, objective, w0=w, deadline_s=budget, max_iter=max_iter,
+                             ftol=ftol, gtol=gtol, maxcor=maxcor)
+        if state["iters"] == 0 and state["nfev"] == 0:
+            state["f0"] = r.initial_objective_value
+        state["iters"] += r.iterations
+        state["nfev"] += r.n_evaluations
+        state["hist"] += [(t + (time.perf_counter() - t0 - r.time_s), f) for t, f in r.history]
+        return r.weights_mu, r.iterations, r.reason, r.reason == "deadline"
+
+    rounds: list[ReweightRound] = []
+    w_start = objective.uniform_start() if w0 is None else np.asarray(w0, dtype=np.float64)
+    w, _status, hit = reweighting_loop(objective, solve, w_start, objective.model_dose,
+                                       deadline_s=deadline_s, max_rounds=max_rounds, t0=t0,
+                                       rounds_out=rounds)
+    f = float(objective(w)[0])
+    res = FluenceResult(weights_mu=w, objective_value=f, iterations=state["iters"],
+                        stopped_early=hit, reason="deadline" if hit else
+                        (rounds[-1].reason if rounds else ""), history=state["hist"],
+                        time_s=time.perf_counter() - t0, n_evaluations=state["nfev"],
+                        initial_objective_value=state["f0"])
+    res.rounds = [r.to_dict() for r in rounds]
+    return res

@@ -21,10 +21,10 @@ and key)::
     goal = "D95 >= 50 Gy"     # Dx, Dmean, Dmax, Dmin, Vx (x in Gy, value in %)
     priority = 1              # 1 = must, 2 = should, 3 = nice to have
 
-    [[objective]]             # optimisation terms (smooth penalties)
-    structure = "PTV"
-    type = "min_dose"         # min_dose | max_dose | uniform | mean_max | dvh_min | dvh_max
-    dose_gy = 50.0            # total course dose (Gy)
+    [[objective]]             # optional EXTRA optimisation terms (smooth penalties); every
+    structure = "BODY"        # goal already gets its own term (ClinicalGoals.goal_terms)
+    type = "max_dose"         # min_dose | max_dose | uniform | mean_max | mean_min | dvh_min | dvh_max
+    dose_gy = 40.0            # total course dose (Gy)
     volume_pct = 95           # only for dvh_min / dvh_max
     weight = 100.0
 
@@ -53,7 +53,13 @@ from adaptive.errors import ConfigError, OptimizationError
 from adaptive.geometry.volume import Volume
 from adaptive.model.plan import Prescription
 
-OBJECTIVE_TYPES = ("min_dose", "max_dose", "uniform", "mean_max", "dvh_min", "dvh_max")
+OBJECTIVE_TYPES = ("min_dose", "max_dose", "uniform", "mean_max", "mean_min", "dvh_min",
+                   "dvh_max")
+
+#: initial weight of the penalty term of a goal of priority p: PRIORITY_WEIGHT ** (1 - p)
+#: × GOAL_WEIGHT (must = 100, should = 10, nice to have = 1)
+GOAL_WEIGHT = 100.0
+PRIORITY_WEIGHT = 10.0
 
 _GOAL_RE = re.compile(
     r"^\s*(?P<metric>D(?:\d+(?:\.\d+)?|mean|max|min)|V\d+(?:\.\d+)?)\s*(?P<op><=|>=|<|>)\s*"
@@ -93,6 +99,7 @@ class ObjectiveTerm:
     dose_total_gy: float
     weight: float
     volume_pct: float | None = None
+    goal_index: int | None = None  # index into ClinicalGoals.goals for a goal-derived term
 
 
 @dataclass
@@ -111,6 +118,11 @@ class ClinicalGoals:
             if n not in names:
                 names.append(n)
         return names
+
+    def goal_terms(self) -> list[ObjectiveTerm]:
+        """One penalty term per clinical goal (:func:`goal_objective_term`)."""
+        return [goal_objective_term(g, i, self.prescription.number_of_fractions)
+                for i, g in enumerate(self.goals)]
 
     def to_dict(self) -> dict:
         return {"site": self.site, "source": self.source,
@@ -147,13 +159,42 @@ def parse_goal(text: str, structure: str, fractions: int, priority: int = 1,
                 priority=int(priority), text=str(text).strip())
 
 
+def goal_objective_term(goal: Goal, index: int, fractions: int) -> ObjectiveTerm:
+    """The smooth penalty term of one clinical goal, at the goal's own dose level.
+
+    ``Dx >= D`` → dvh_min(D, x %), ``Dx <= D`` → dvh_max(D, x %); ``Dmin >= D`` → min_dose,
+    ``Dmax <= D`` → max_dose; ``Dmean <=/>= D`` → mean_max / mean_min; ``V_D <= y %`` (at most
+    y % receives D) ≡ ``D_y <= D`` → dvh_max(D, y %), ``V_D >= y %`` → dvh_min(D, y %).
+    Goals that cannot be penalised in the direction written (``Dmax >= D``, ``Dmin <= D``) get
+    the equivalent DVH term at 0 % / 100 %. Initial weight from the priority:
+    ``GOAL_WEIGHT × PRIORITY_WEIGHT^(1 − priority)``.
+    """
+    weight = GOAL_WEIGHT * PRIORITY_WEIGHT ** (1 - goal.priority)
+    m = goal.metric
+    up = goal.op == ">="
+    if m.startswith("V"):
+        d_total = float(m[1:])
+        return ObjectiveTerm(goal.structure, "dvh_min" if up else "dvh_max", d_total / fractions,
+                             d_total, weight, float(goal.value), index)
+    d, d_total = goal.value, goal.value_total
+    if m == "Dmean":
+        typ, vol = ("mean_min" if up else "mean_max"), None
+    elif m == "Dmax":
+        typ, vol = ("dvh_min", 0.0) if up else ("max_dose", None)
+    elif m == "Dmin":
+        typ, vol = ("min_dose", None) if up else ("dvh_max", 100.0)
+    else:
+        typ, vol = ("dvh_min" if up else "dvh_max"), float(m[1:])
+    return ObjectiveTerm(goal.structure, typ, d, d_total, weight, vol, index)
+
+
 def load_goals(path: str | Path) -> ClinicalGoals:
     """Read and validate a goals file (see module docstring). Doses become per fraction."""
     path = Path(path)
     data = load_toml(path)
     where = str(path)
     check_keys(data, {"site", "description", "prescription", "goal", "objective"}, where,
-               required={"prescription", "goal", "objective"})
+               required={"prescription", "goal"})
     rx = data["prescription"]
     if not isinstance(rx, dict):
         raise ConfigError(f"{where}: [prescription] must be a table")
@@ -183,9 +224,9 @@ def load_goals(path: str | Path) -> ClinicalGoals:
         goals.append(parse_goal(g["goal"], str(g["structure"]), nfx, pr, w))
 
     objectives = []
-    if not isinstance(data["objective"], list):
+    if not isinstance(data.get("objective", []), list):
         raise ConfigError(f"{where}: 'objective' must be an array of tables ([[objective]])")
-    for i, o in enumerate(data["objective"]):
+    for i, o in enumerate(data.get("objective", [])):
         w = f"{where} [[objective]] #{i + 1}"
         if not isinstance(o, dict):
             raise ConfigError(f"{w}: must be a table")
@@ -347,6 +388,20 @@ def goal_table(results: list[GoalResult], title: str = "") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Goal", "ObjectiveTerm", "ClinicalGoals", "GoalResult", "load_goals", "parse_goal",
-           "evaluate_goals", "dose_at_volume", "volume_at_dose", "metric_value", "goal_table",
-           "OBJECTIVE_TYPES"]
+__all__ = [
+    "GOAL_WEIGHT",
+    "OBJECTIVE_TYPES",
+    "PRIORITY_WEIGHT",
+    "ClinicalGoals",
+    "Goal",
+    "GoalResult",
+    "ObjectiveTerm",
+    "dose_at_volume",
+    "evaluate_goals",
+    "goal_objective_term",
+    "goal_table",
+    "load_goals",
+    "metric_value",
+    "parse_goal",
+    "volume_at_dose",
+]

@@ -1,4 +1,11 @@
-"""The fluence-map optimisation objective: smooth penalties built from a site's objectives.
+"""The fluence-map optimisation objective: smooth penalties built from a site's clinical goals.
+
+Every clinical goal gets its own penalty term at the goal's dose level, weighted by its
+priority (:meth:`ClinicalGoals.goal_terms`); the optional hand-written ``[[objective]]``
+entries of the goals file are added as extra terms. :meth:`Objective.goal_status` evaluates
+the goals on the objective's dose model (normalised to the prescription goal) and
+:meth:`Objective.reweight` multiplies the weights of failing goals' terms — the automatic
+re-weighting loop of :func:`adaptive.optimization.fluence.optimize_fluence_goals`.
 
 All doses are **per fraction, in Gy**; beamlet weights are in **MU per fraction**. Each term
 is normalised by the number of voxels in its structure and by the prescribed dose per
@@ -7,7 +14,7 @@ fraction ``d_rx``, so weights in the goals file are comparable between structure
 * ``min_dose``  (underdose):  w/N Σ max(0, (D − d_v)/d_rx)²
 * ``max_dose``  (overdose):   w/N Σ max(0, (d_v − D)/d_rx)²
 * ``uniform``:                w/N Σ ((d_v − D)/d_rx)²
-* ``mean_max`` (mean dose):   w · max(0, (mean(d) − D)/d_rx)²
+* ``mean_max`` (mean dose):   w · max(0, (mean(d) − D)/d_rx)²   (``mean_min``: min(0, …)²)
 * ``dvh_max`` ("Dx ≤ D", Wu & Mohan dose–volume penalty): w/N Σ_{v: D < d_v ≤ Dx(d)} ((d_v − D)/d_rx)²,
   i.e. only the voxels between the constraint dose and the current Dx are pushed down;
 * ``dvh_min`` ("Dx ≥ D"):     w/N Σ_{v: Dx(d) ≤ d_v < D} ((D − d_v)/d_rx)².
@@ -55,6 +62,21 @@ class _Term:
     term: ObjectiveTerm
     rows: np.ndarray  # indices into the sub-dose vector
     weights: np.ndarray | None = None  # per-row sampling weights (None: all 1)
+    scale: float = 1.0  # multiplier of term.weight set by the goal re-weighting
+    shift: float = 0.0  # aim moved inside the goal by the re-weighting (Gy per fraction, ≥ 0)
+
+
+@dataclass
+class GoalStatus:
+    """A clinical goal evaluated on the objective's dose model (used rows, after scaling the
+    dose so that the prescription goal is exact). ``miss``: relative shortfall (> 0: fails)
+    = −margin / prescription dose; ``value`` per fraction (Gy, or % for V metrics)."""
+
+    index: int
+    priority: int
+    value: float
+    passed: bool
+    miss: float
 
 
 def masks_to_rows(dij: DoseInfluence, masks: dict) -> dict[str, np.ndarray]:
@@ -161,12 +183,18 @@ class Objective:
     def __init__(self, dij: DoseInfluence, masks: dict, goals: ClinicalGoals, *,
                  smoothness: float = 0.0, dtype=np.float32,
                  max_rows_per_structure: int | None = 20000, keep_near_target_mm: float = 6.0,
-                 half_resolution_mm: float = 20.0):
+                 half_resolution_mm: float = 20.0, goal_terms: bool = True):
         self.dij = dij
         self.goals = goals
         self.d_rx = float(goals.prescription.dose_per_fraction_gy)
+        self.fractions = int(goals.prescription.number_of_fractions)
         lower = {k.lower(): v for k, v in masks.items()}
-        needed = {t.structure.lower() for t in goals.objectives}
+        term_list = (goals.goal_terms() if goal_terms else []) + list(goals.objectives)
+        if not term_list:
+            raise OptimizationError("no objective terms: the goals file has no goals and no "
+                                    "[[objective]] entries")
+        needed = {t.structure.lower() for t in term_list}
+        needed |= {g.structure.lower() for g in goals.goals if g.structure.lower() in lower}
         missing = sorted(n for n in needed if n not in lower)
         if missing:
             raise OptimizationError(f"objectives reference ROI(s) {missing} that are not in the "
@@ -199,7 +227,11 @@ class Objective:
         self.rows_used = used
         self.op = SparseOperator(dij.matrix[used], dtype=dtype)
         self.terms = [_Term(t, remap[rows_of[t.structure.lower()]],
-                            weights_of.get(t.structure.lower())) for t in goals.objectives]
+                            weights_of.get(t.structure.lower())) for t in term_list]
+        # rows (and sampling weights) of each goal's structure, for goal_status()
+        self._goal_rows = [(remap[rows_of[g.structure.lower()]], weights_of.get(g.structure.lower()))
+                           if g.structure.lower() in rows_of else None for g in goals.goals]
+        self._target_rows = remap[rows_of[target]] if target in rows_of else None
         trows = (masks_to_rows(dij, {target: lower[target]})[target] if target in lower
                  else rows_of[next(iter(rows_of))])
         # uniform weight that delivers d_rx on average in the target
@@ -257,13 +289,15 @@ class Objective:
             dv = d64[t.rows]
             om = t.weights  # sampling weights (None: every voxel of the structure)
             n = dv.size if om is None else float(om.sum())
-            ref = t.term.dose_gy
-            wgt = t.term.weight
             typ = t.term.type
-            if typ == "mean_max":
+            # aim: the term's dose level, moved inside the goal by the re-weighting
+            ref = t.term.dose_gy + (t.shift if typ in ("min_dose", "dvh_min", "mean_min")
+                                    else -t.shift)
+            wgt = t.term.weight * t.scale
+            if typ in ("mean_max", "mean_min"):
                 mean = dv.mean() if om is None else float(om @ dv) / n
                 ex = (mean - ref) * s
-                if ex > 0:
+                if (ex > 0) == (typ == "mean_max") and ex != 0:
                     f += wgt * ex * ex
                     g[t.rows] += 2.0 * wgt * ex * s / n * (1.0 if om is None else om)
                 continue
@@ -287,6 +321,102 @@ class Objective:
             f += c * float(wd @ diff)
             g[t.rows] += 2.0 * c * wd
         return f, g
+
+    # --- goal evaluation on the dose model and automatic re-weighting ---------------------
+
+    def model_dose(self, w: np.ndarray) -> np.ndarray:
+        """Dose model on the used rows (Gy per fraction): D·w, with the dose correction."""
+        d = self.op.dot(w).astype(np.float64)
+        if self.ratio is not None:
+            d = d * self.ratio + self.offset
+        return d
+
+    def goal_status(self, d: np.ndarray, normalize: bool = True) -> list[GoalStatus]:
+        """Every clinical goal on the used-row dose ``d`` (Gy per fraction), after scaling
+        ``d`` so that the prescription goal is exact (as plan normalisation does) when
+        ``normalize``. Goals on structures without rows fail (miss = inf)."""
+        from adaptive.optimization.normalize import prescription_goal
+
+        d_raw = np.asarray(d, dtype=np.float64)
+        d = d_raw
+        pg = prescription_goal(self.goals)
+        if normalize and self._target_rows is not None and pg is not None:
+            have = self._metric(d, self._target_rows, None, pg.metric)
+            if np.isfinite(have) and have > 0:
+                d = d * (pg.value / have)
+        out = []
+        for i, g in enumerate(self.goals.goals):
+            gr = self._goal_rows[i]
+            if gr is None:
+                out.append(GoalStatus(i, g.priority, float("nan"), False, math.inf))
+                continue
+            # normalisation makes the prescription goal exact: judge it before scaling, so
+            # that a plan that only meets it by being scaled up (hot spots, OARs) has its
+            # target term re-weighted too
+            v = self._metric(d_raw if g is pg else d, gr[0], gr[1], g.metric)
+            tol = 1e-6 * max(abs(g.value), 1e-9)
+            margin = v - g.value if g.op == ">=" else g.value - v
+            if g.metric.startswith("V"):  # % volume: relative to 100 %, scaled like dose
+                miss = -margin / 100.0
+            else:
+                miss = -margin / self.d_rx
+            out.append(GoalStatus(i, g.priority, float(v), bool(margin >= -tol), float(miss)))
+        return out
+
+    def _metric(self, d, rows, om, metric: str) -> float:
+        dv = d[rows]
+        if dv.size == 0:
+            return float("nan")
+        m = metric.lower()
+        if m == "dmean":
+            return float(dv.mean() if om is None else (om @ dv) / om.sum())
+        if m == "dmax":
+            return float(dv.max())
+        if m == "dmin":
+            return float(dv.min())
+        if m.startswith("d"):
+            return _weighted_dx(dv, om, float(m[1:]))
+        thr = float(m[1:]) / self.fractions
+        hit = dv >= thr
+        return float(100.0 * (hit.mean() if om is None else om[hit].sum() / om.sum()))
+
+    def reweight(self, status: list[GoalStatus], gain: float = 50.0, max_factor: float = 8.0,
+                 max_shift: float = 0.05) -> int:
+        """Re-weight the terms of failing goals of the most important failing priority
+        (lower priorities wait until the higher ones pass). With miss = relative shortfall
+        (e.g. 0.02 = 2 % of the prescription): weight × clip(1 + gain × miss, 1.5,
+        ``max_factor``), and the term's aim moves inside the goal by miss × prescription
+        (cumulative, at most ``max_shift`` × prescription) — a quadratic penalty at the goal
+        level always leaves a residual violation; moving the aim by the observed violation
+        (as augmented-Lagrangian updates do) removes it in few rounds. Returns the number of
+        terms re-weighted."""
+        n = 0
+        failing = [st.priority for st in status if not st.passed]
+        if not failing:
+            return 0
+        top = min(failing)
+        for st in status:
+            if st.passed or st.priority != top:
+                continue
+            miss = st.miss if np.isfinite(st.miss) else 1.0
+            f = float(np.clip(1.0 + gain * miss, 1.5, max_factor))
+            g = self.goals.goals[st.index]
+            for t in self.terms:
+                if t.term.goal_index == st.index:
+                    t.scale *= f
+                    if not g.metric.startswith("V"):
+                        t.shift = min(t.shift + max(miss, 0.0) * self.d_rx, max_shift * self.d_rx)
+                    n += 1
+        return n
+
+    @property
+    def term_scales(self) -> list[tuple[float, float]]:
+        """(weight multiplier, aim shift in Gy per fraction) of every term."""
+        return [(t.scale, t.shift) for t in self.terms]
+
+    def set_term_scales(self, scales) -> None:
+        for t, (sc, sh) in zip(self.terms, scales):
+            t.scale, t.shift = float(sc), float(sh)
 
     def smooth_value_and_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
         grad = np.zeros(self.n_beamlets)

@@ -443,14 +443,20 @@ def segment_beamlet_matrix(dij: DoseInfluence, sequenced: list[SequencedBeam], m
 def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[SequencedBeam],
                              mlc: MlcGeometry, settings: SequencingSettings, *,
                              max_iter: int = 100, rounds: int = 4,
-                             deadline_s: float | None = None) -> list[SequencedBeam]:
+                             deadline_s: float | None = None, goal_rounds: int = 1,
+                             rounds_out: list | None = None) -> list[SequencedBeam]:
     """Re-optimise the segments' MU in dose space (the same objective as the fluence
     optimisation, through the apertures' beamlets), L-BFGS-B with m ≥ 0. Segments that end
     below ``min_mu_per_segment`` are dropped and the rest re-optimised (up to ``rounds``).
-    Returns new :class:`SequencedBeam` objects (beams left without segments keep none)."""
+    ``goal_rounds`` > 1: each optimisation runs inside the goal re-weighting loop
+    (:func:`adaptive.optimization.fluence.reweighting_loop`; rounds appended to
+    ``rounds_out``). Returns new :class:`SequencedBeam` objects (beams left without segments
+    keep none)."""
     import time as _time
 
     from scipy.optimize import minimize
+
+    from adaptive.optimization.fluence import reweighting_loop
 
     t0 = _time.perf_counter()
     seq = [SequencedBeam(sb.beam, list(sb.segments), sb.quantised_leaf_fluence_mu,
@@ -471,10 +477,20 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
         budget = None if deadline_s is None else max(0.0, deadline_s - (_time.perf_counter() - t0))
         if budget is not None and budget <= 0:
             break
-        res = minimize(fun, m0 / scale, jac=True, method="L-BFGS-B",
-                       bounds=[(0.0, None)] * m0.size,
-                       options={"maxiter": max_iter, "ftol": 1e-5})
-        m = np.maximum(res.x * scale, 0.0) if res.fun <= fun(m0 / scale)[0] else m0
+
+        def solve(x, _budget):
+            res = minimize(fun, x, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * x.size,
+                           options={"maxiter": max_iter, "ftol": 1e-5})
+            xn = res.x if res.fun <= fun(x)[0] else x
+            return np.maximum(xn, 0.0), int(res.nit), str(res.message), False
+
+        if goal_rounds > 1:
+            x, _st, _hit = reweighting_loop(
+                objective, solve, m0 / scale, lambda x: objective.model_dose(a @ (x * scale)),
+                deadline_s=budget, max_rounds=goal_rounds, rounds_out=rounds_out)
+        else:
+            x = solve(m0 / scale, budget)[0]
+        m = np.maximum(x * scale, 0.0)
         k = 0
         low = False
         for sb in seq:

@@ -34,7 +34,11 @@ from adaptive.model.identity import SeriesInfo
 from adaptive.model.plan import Beam, Plan
 from adaptive.model.structures import StructureSet
 from adaptive.optimization.checks import PlanCheckReport, check_plan
-from adaptive.optimization.fluence import FluenceResult, fluence_from_plan, optimize_fluence
+from adaptive.optimization.fluence import (
+    FluenceResult,
+    fluence_from_plan,
+    optimize_fluence_goals,
+)
 from adaptive.optimization.goals import ClinicalGoals, GoalResult, evaluate_goals
 from adaptive.optimization.normalize import normalization_factor
 from adaptive.optimization.objective import Objective
@@ -56,7 +60,9 @@ class PlanSettings:
     ``dose_grid_spacing_mm``, ``bixel_size_mm``: Dij resolution; ``n_beams``: beams of a
     plan from scratch; ``correction_rounds``: segment-weight re-optimisations with the
     plan-dose correction (each costs one more plan-dose calculation); ``ftol``: relative
-    objective decrease at which L-BFGS-B stops; ``normalize``: scale the optimised fluence and
+    objective decrease at which L-BFGS-B stops; ``goal_rounds``: maximum rounds of the
+    automatic goal re-weighting loop (fluence, and segment weights after the dose correction;
+    1 = no re-weighting); ``normalize``: scale the optimised fluence and
     the deliverable plan's MU so that the target's prescription goal (e.g. PTV D95 = Rx) is
     met exactly (:mod:`adaptive.optimization.normalize`), as clinical TPSs do."""
 
@@ -68,6 +74,7 @@ class PlanSettings:
     n_beams: int = 9
     correction_rounds: int = 1
     ftol: float = 1e-5
+    goal_rounds: int = 6
     normalize: bool = True
 
 
@@ -88,6 +95,7 @@ class PlanResult:
     def report(self) -> dict:
         return {"timings_s": self.timings_s, "info": self.info,
                 "fluence": {"iterations": self.fluence.iterations,
+                            "reweighting_rounds": self.fluence.rounds,
                             "objective": self.fluence.objective_value,
                             "stopped_early": self.fluence.stopped_early,
                             "reason": self.fluence.reason, "time_s": self.fluence.time_s},
@@ -184,8 +192,9 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
     info["objective_rows"] = int(obj.rows_used.size)
     info["subsampled"] = obj.subsampled
     with _Timer(T, "fluence_optimization"):
-        fr = optimize_fluence(dij, obj, w0=w0, deadline_s=s.deadline_s, max_iter=s.max_iter,
-                              ftol=s.ftol)
+        fr = optimize_fluence_goals(dij, obj, w0=w0, deadline_s=s.deadline_s,
+                                    max_iter=s.max_iter, ftol=s.ftol, max_rounds=s.goal_rounds)
+    info["reweighting_fluence"] = fr.rounds
     fluence_dose = dij.dose_volume(fr.weights_mu)
     target = goals.prescription.target_roi_name
     if s.normalize:
@@ -214,7 +223,10 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
             dij_d = np.asarray(dij.matrix @ (a @ m).astype(np.float32), dtype=np.float64)
             true_d = dose.array.ravel()[dij.voxel_indices]
             info[f"correction_{k + 1}"] = obj.set_dose_correction(dij_d, true_d)
-            seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings)
+            rw: list = []
+            seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings,
+                                           goal_rounds=s.goal_rounds, rounds_out=rw)
+            info[f"reweighting_segments_{k + 1}"] = [r.to_dict() for r in rw]
             obj.clear_dose_correction()
             plan = build_plan(seq, templates, mlc, **common)
             dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
