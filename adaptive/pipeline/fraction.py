@@ -98,6 +98,7 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.rtplan import read_rtplan
     from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.pipeline.safety import roi_volumes_cc
     from adaptive.registration.fraction import register_fraction
 
     progress = progress or _noop
@@ -134,6 +135,9 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
         "planning_ct_series_uid": ct_info.series_instance_uid,
         "scheduled_plan_uid": plan.sop_instance_uid,
         "quality": r.quality,
+        # for the hand-off contour sanity checks (adaptive.pipeline.safety)
+        "planning_roi_volumes_cc": roi_volumes_cc(ss, ct.grid),
+        "roi_interpreted_types": {roi.name: roi.interpreted_type for roi in ss.rois},
         "timings_s": T,
         "registration_timings_s": r.timings_s,
         "budget_s": budget_s,
@@ -211,6 +215,28 @@ def extend_synthetic_ct(sct: Volume, planning_ct: Volume, rigid_matrix, *,
     return Volume(out, grid, "HU")
 
 
+def handoff_safety_checks(registration: dict, today, grid, goals: ClinicalGoals,
+                          settings=None) -> list:
+    """Registration and contour checks (:mod:`adaptive.pipeline.safety`) for the adapted plan,
+    from the registration record and today's structures on the synthetic-CT ``grid``."""
+    from adaptive.pipeline.safety import SafetySettings, contour_checks, registration_checks
+
+    s = settings or SafetySettings.load()
+    items = registration_checks(registration.get("quality") or {}, registration.get("fallback"),
+                                s)
+    planning_vol = registration.get("planning_roi_volumes_cc")
+    if planning_vol is None:
+        from adaptive.optimization.checks import CheckItem
+
+        items.append(CheckItem("contour_volumes", False,
+                               "registration record has no planning ROI volumes"))
+        return items
+    items += contour_checks(planning_vol, today, grid, list(goals.structures),
+                            goals.prescription.target_roi_name,
+                            registration.get("roi_interpreted_types") or {}, s)
+    return items
+
+
 def optimizer_deadline(budget_s: float | None, elapsed_s: float) -> float | None:
     """Fluence optimisation deadline (s) from the stage budget and the time already used."""
     if not budget_s:
@@ -278,6 +304,8 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                         label="ADAPTED")
     T.update({f"plan.{k}": v for k, v in adapted.timings_s.items()})
     T["plan_total"] = round(time.perf_counter() - t, 3)
+    # what the adapted plan rests on: registration Jacobian and contour sanity (blocking)
+    adapted.checks.items.extend(handoff_safety_checks(registration, today, sct.grid, goals))
     progress("planning.scheduled_recalc", 0.8)
     t = time.perf_counter()
     sdose = plan_dose(dose_ct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
