@@ -15,6 +15,27 @@ import structlog
 _configured = False
 
 
+class _StderrLogger(structlog.PrintLogger):
+    """Writes to whatever ``sys.stderr`` is *now* (not the stream at configuration time), so
+    a redirected/replaced stderr (test capture, daemonised service) never breaks logging."""
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        try:
+            stream.write(message + "\n")
+            stream.flush()
+        except (ValueError, OSError):  # closed stream: logging must never crash the caller
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _StderrLoggerFactory:
+    def __call__(self, *args) -> _StderrLogger:
+        return _StderrLogger(sys.stderr)
+
+
 def configure_logging(json: bool | None = None, level: str | None = None, **context) -> None:
     """Configure structlog (idempotent). ``json=None`` picks JSON unless stderr is a TTY."""
     global _configured
@@ -34,7 +55,7 @@ def configure_logging(json: bool | None = None, level: str | None = None, **cont
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_StderrLoggerFactory(),
         cache_logger_on_first_use=False,
     )
     # Third-party loggers (pynetdicom at INFO costs ~50% receive time) stay at WARNING.

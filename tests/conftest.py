@@ -14,6 +14,12 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO / ".cache" / "numba"))
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
 os.environ.setdefault("TCP_NODELAY", "1")
 
+# A value we set that violates its VR (e.g. an LO longer than 64 characters) is an error in
+# the tests, not a warning: peers may reject or truncate such objects.
+import pydicom.config  # noqa: E402
+
+pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+
 
 def require_tool(name: str, package: str) -> str:
     """Path of an external tool. Missing: fail under CI (CI=true), skip on a dev machine."""

@@ -110,9 +110,9 @@ def apply_provenance(ds: pydicom.Dataset, prov: Provenance | None) -> None:
     ds.SeriesDescription = _prefix(str(ds.get("SeriesDescription", "") or ""), 64)
     attr = _RESEARCH_ATTRS.get(str(ds.get("SOPClassUID", "")))
     if attr is not None:
-        limit = 1024 if attr in ("StructureSetDescription", "RTPlanDescription", "DoseComment") else 10240
-        if attr == "ContentDescription":
-            limit = 64
+        # maximum lengths of the attributes' VRs: ST 1024, LT 10240, LO 64
+        limit = {"StructureSetDescription": 1024, "RTPlanDescription": 1024,
+                 "DoseComment": 64, "ContentDescription": 64}.get(attr, 10240)
         ds.__setattr__(attr, _prefix(str(ds.get(attr, "") or ""), limit))
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(PRIVATE_ELEMENT, "UT", prov.to_json())

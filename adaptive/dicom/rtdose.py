@@ -135,7 +135,7 @@ def write_rtdose(dose: Volume, path: str | Path, *, plan: Plan | None, series: S
     ds.FrameIncrementPointer = Tag(0x3004, 0x000C)
     ds.DoseUnits = "GY"
     ds.DoseType = "PHYSICAL"
-    ds.DoseComment = comment
+    ds.DoseComment = comment[:64]  # LO
     ds.DoseSummationType = st
     ds.GridFrameOffsetVector = ds_list(offsets)
     ds.DoseGridScaling = scaling_str

@@ -344,7 +344,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     prov = Provenance(input_uids=input_uids, parameters={"recalculated_on": "synthetic CT"},
                       description="scheduled plan recalculated on today's anatomy")
     write_rtdose(sdose, sd_dir / "RD.dcm", plan=sched_today, series=sct_info, provenance=prov,
-                 comment="scheduled plan recalculated on the synthetic CT (today's anatomy)")
+                 comment="scheduled plan recalculated on the synthetic CT")
     T["write"] = round(time.perf_counter() - t, 3)
     T["total"] = round(time.perf_counter() - t0, 3)
     metrics = {**comparison.to_dict(), "units": "total-course Gy (V: %)",
