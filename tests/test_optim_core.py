@@ -54,7 +54,9 @@ def test_goal_files_load_and_convert_to_per_fraction():
 def test_goal_file_unknown_key_names_file_and_key(tmp_path):
     src = config_path("goals", "tg119_cshape.toml").read_text()
     p = tmp_path / "bad.toml"
-    p.write_text(src.replace('weight = 5.0', 'weight = 5.0\nwieght = 3', 1))
+    typo = src.replace('dose_gy = 50.0', 'dose_gy = 50.0\nwieght = 3', 1)
+    assert typo != src, "the test needs the prescription line to insert its typo"
+    p.write_text(typo)
     with pytest.raises(ConfigError, match=r"bad\.toml.*wieght"):
         load_goals(p)
     p.write_text(src.replace('goal = "D95 >= 50 Gy"', 'goal = "D95 => 50 Gy"'))
