@@ -106,7 +106,8 @@ class ServiceStack:
                 self.poll()
                 try:
                     r = cl.request("ping")
-                    if all(r["workers"].get(s, 0) >= n for s, n in want.items()):
+                    if (all(r["workers"].get(s, 0) >= n for s, n in want.items())
+                            and self._gateway_listening()):
                         return r
                 except ConsoleError:
                     pass
@@ -114,6 +115,29 @@ class ServiceStack:
         finally:
             cl.close()
         raise ServiceError(f"services not ready within {timeout_s:g} s (logs: {self.log_dir})")
+
+    def _gateway_listening(self) -> bool:
+        """Whether the DICOM gateway answers a C-ECHO yet (it starts in its own process;
+        until it listens, an imaging system's association would be refused). A real
+        Verification association, so the gateway sees a normal release, not an abort."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        g = self.cfg.gateway
+        ae = AE(ae_title="ADAPTIVE_SUPERV")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 2.0
+        try:
+            assoc = ae.associate(g.host, g.port, ae_title=g.ae_title)
+        except OSError:
+            return False
+        if not assoc.is_established:
+            return False
+        try:
+            status = assoc.send_c_echo()
+            return bool(status) and status.Status == 0x0000
+        finally:
+            assoc.release()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for p in reversed(self.procs):
