@@ -80,6 +80,7 @@ class Inventory:
     root: str
     n_files: int = 0
     n_dicom: int = 0
+    other_files: list[str] = field(default_factory=list)  # known non-DICOM data (.json, .mha ...)
     patients: dict[str, str] = field(default_factory=dict)  # patient id → name
     studies: dict[str, dict] = field(default_factory=dict)  # study uid → {patient_id, date, id, description}
     series: list[SeriesEntry] = field(default_factory=list)
@@ -97,7 +98,8 @@ class Inventory:
         """Readable multi-line summary grouped by patient and study."""
         from adaptive import RESEARCH_USE_STATEMENT
 
-        lines = [(f"Folder {self.root}: {self.n_files} files, {self.n_dicom} DICOM "
+        lines = [(f"Folder {self.root}: {self.n_files} files, {self.n_dicom} DICOM, "
+                  f"{len(self.other_files)} other (json/mha/...) "
                  f"({RESEARCH_USE_STATEMENT})")]
         for pid, pname in sorted(self.patients.items()):
             lines.append(f"Patient {pid!r} {pname!r}")
@@ -244,6 +246,11 @@ def _check_geometry(entry: SeriesEntry, geo: list[tuple[str, np.ndarray, np.ndar
                                 f"(expected {dz:.2f} mm)"))
 
 
+#: Files of these types sit beside DICOM data in our folders (displacement fields, reports,
+#: manifests); they are listed as other files, not reported as broken DICOM.
+KNOWN_NON_DICOM_SUFFIXES = {".json", ".mha", ".mhd", ".nii", ".toml", ".md"}
+
+
 def inventory(folder: str | Path) -> Inventory:
     """Scan ``folder`` recursively (headers only) and return an :class:`Inventory`."""
     root = Path(folder)
@@ -257,6 +264,9 @@ def inventory(folder: str | Path) -> Inventory:
     series: dict[str, SeriesEntry] = {}
     geo: dict[str, list] = defaultdict(list)
     for f in files:
+        if f.suffix.lower() in KNOWN_NON_DICOM_SUFFIXES:
+            inv.other_files.append(str(f))
+            continue
         try:
             ds = read_dataset(f, stop_before_pixels=True)
         except DicomInputError as e:
