@@ -6,7 +6,9 @@ Per beam:
    beam's bixel grid (rows along IEC Y, columns along leaf travel IEC X), resampled to leaf
    pairs (:func:`leaf_fluence`): each leaf pair gets the overlap-weighted mean of the bixel
    rows it covers (leaf boundaries from the beam model, at the isocenter plane).
-2. **Quantisation** into ``levels`` intensity levels of size Δ = max / levels MU.
+2. **Quantisation** into L intensity levels of size Δ = max / L MU: L is the largest number
+   of levels (≤ ``levels``) whose decomposition meets the segment limits (step 4), so that
+   the limits are met by a coarser quantisation rather than by dropping apertures.
 3. **Decomposition** (:func:`decompose`, reducing levels after Xia & Verhey 1998): for unit
    u = 2^k, …, 2, 1, while some entry of the integer map Q is ≥ u, extract one aperture: per
    leaf pair one contiguous run of columns where Q ≥ u (the longest admissible one) and
@@ -14,9 +16,9 @@ Per beam:
    pairs in between are parked inside the overlap) must share at least one column, i.e.
    X1[i] < X2[i±1]; a leaf pair with no admissible run stays closed in this aperture and is
    served by a later one. The apertures' units sum **exactly** to Q.
-4. **Deliverability**: identical apertures merged; then, while a segment is below the
-   minimum MU or there are more than ``max_segments`` segments, the smallest segment (MU ×
-   area) is dropped and the segments' MU are refitted to the continuous fluence map by
+4. **Deliverability**: identical apertures merged; then (only when no L ≥ 2 fits), while a
+   segment is below the minimum MU or there are more than ``max_segments`` segments, the
+   smallest segment (MU × area) is dropped and the segments' MU are refitted to the continuous fluence map by
    non-negative least squares (:func:`scipy.optimize.nnls`).
 5. **Leaf positions**: open pairs at bixel edges; closed pairs with the minimum leaf gap,
    parked inside the neighbouring open pairs' overlap (no interdigitation) or under the X1
@@ -206,6 +208,18 @@ def decompose(q: np.ndarray, interdigitation: bool = False) -> list[tuple[np.nda
     return out
 
 
+def _merge_apertures(raw: list[tuple[np.ndarray, int]]) -> list[list]:
+    """Identical apertures of a decomposition merged: [[intervals, units], …]."""
+    merged: dict[bytes, list] = {}
+    for iv, units in raw:
+        key = iv.tobytes()
+        if key in merged:
+            merged[key][1] += units
+        else:
+            merged[key] = [iv, units]
+    return list(merged.values())
+
+
 def aperture_mask(intervals: np.ndarray, n_cols: int) -> np.ndarray:
     cols = np.arange(n_cols)
     return (cols[None, :] >= intervals[:, :1]) & (cols[None, :] < intervals[:, 1:2])
@@ -233,8 +247,9 @@ class SequencedBeam:
     quantised_leaf_fluence_mu: np.ndarray  # (n_pairs, n_cols): level map × Δ before limits
     leaf_fluence_mu: np.ndarray  # continuous (optimised) leaf-pair fluence
     delta_mu: float
-    n_segments_raw: int
+    n_segments_raw: int  # apertures of the decomposition at the configured number of levels
     column_edges_mm: np.ndarray
+    n_levels: int = 0  # intensity levels used (≤ SequencingSettings.levels)
 
     @property
     def total_mu(self) -> float:
@@ -288,24 +303,29 @@ def sequence_beam(bf: BeamFluence, mlc: MlcGeometry, settings: SequencingSetting
     edges = np.concatenate((bf.x_mm - bx / 2, [bf.x_mm[-1] + bx / 2]))
     fmax = float(lf.max(initial=0.0))
     if not fmax > 0:
-        return SequencedBeam(bf.beam, [], np.zeros_like(lf), lf, 0.0, 0, edges)
-    delta = fmax / settings.levels
-    q = np.rint(lf / delta).astype(np.int64)
-    raw = decompose(q, mlc.interdigitation)
-    # merge identical apertures
-    merged: dict[bytes, list] = {}
-    for iv, units in raw:
-        key = iv.tobytes()
-        if key in merged:
-            merged[key][1] += units
-        else:
-            merged[key] = [iv, units]
-    apert = [v[0] for v in merged.values()]
-    mus = np.array([v[1] * delta for v in merged.values()], dtype=np.float64)
+        return SequencedBeam(bf.beam, [], np.zeros_like(lf), lf, 0.0, 0, edges, 0)
+    # Use the finest quantisation (most levels, at most ``settings.levels``) whose
+    # decomposition already fits the machine limits (≤ ``max_segments`` merged apertures,
+    # each ≥ min MU). Dropping whole apertures of a finer decomposition afterwards loses
+    # fluence locally (e.g. the small apertures that shape the fall-off next to an organ at
+    # risk); a coarser quantisation spreads the error over the map, and the MU are refitted
+    # to the continuous map below.
+    n_raw = 0
+    for n_levels in range(settings.levels, 1, -1):
+        delta = fmax / n_levels
+        q = np.rint(lf / delta).astype(np.int64)
+        raw = decompose(q, mlc.interdigitation)
+        merged = _merge_apertures(raw)
+        n_raw = n_raw or len(raw)
+        if (len(merged) <= settings.max_segments_per_beam
+                and min(v[1] for v in merged) * delta >= settings.min_mu_per_segment - 1e-9):
+            break
+    apert = [v[0] for v in merged]
     ncols = lf.shape[1]
     masks = np.array([aperture_mask(iv, ncols).ravel() for iv in apert], dtype=np.float64)
     area = masks.sum(axis=1)
     target = lf.ravel()
+    mus = np.array([v[1] * delta for v in merged], dtype=np.float64)
     while len(apert) > 0 and (len(apert) > settings.max_segments_per_beam
                               or mus.min() < settings.min_mu_per_segment - 1e-9):
         k = int(np.argmin(mus * area))
@@ -325,7 +345,7 @@ def sequence_beam(bf: BeamFluence, mlc: MlcGeometry, settings: SequencingSetting
     for iv, mu in zip(apert, mus):
         x1, x2, jx, jy, op = _positions(iv, edges, mlc)
         segs.append(Segment(x1, x2, jx, jy, float(mu), op))
-    return SequencedBeam(bf.beam, segs, q * delta, lf, delta, len(raw), edges)
+    return SequencedBeam(bf.beam, segs, q * delta, lf, delta, n_raw, edges, n_levels)
 
 
 def segment_fluence(sb: SequencedBeam) -> np.ndarray:
@@ -444,13 +464,14 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
                              mlc: MlcGeometry, settings: SequencingSettings, *,
                              max_iter: int = 100, rounds: int = 4,
                              deadline_s: float | None = None, goal_rounds: int = 1,
-                             rounds_out: list | None = None) -> list[SequencedBeam]:
+                             rounds_out: list | None = None, ftol: float = 1e-5
+                             ) -> list[SequencedBeam]:
     """Re-optimise the segments' MU in dose space (the same objective as the fluence
     optimisation, through the apertures' beamlets), L-BFGS-B with m ≥ 0. Segments that end
     below ``min_mu_per_segment`` are dropped and the rest re-optimised (up to ``rounds``).
     ``goal_rounds`` > 1: each optimisation runs inside the goal re-weighting loop
     (:func:`adaptive.optimization.fluence.reweighting_loop`; rounds appended to
-    ``rounds_out``). Returns new :class:`SequencedBeam` objects (beams left without segments
+    ``rounds_out``); ``ftol``: L-BFGS-B relative decrease at which each solve stops. Returns new :class:`SequencedBeam` objects (beams left without segments
     keep none)."""
     import time as _time
 
@@ -460,7 +481,8 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
 
     t0 = _time.perf_counter()
     seq = [SequencedBeam(sb.beam, list(sb.segments), sb.quantised_leaf_fluence_mu,
-                         sb.leaf_fluence_mu, sb.delta_mu, sb.n_segments_raw, sb.column_edges_mm)
+                         sb.leaf_fluence_mu, sb.delta_mu, sb.n_segments_raw, sb.column_edges_mm,
+                         sb.n_levels)
            for sb in sequenced]
     for _ in range(max(1, rounds)):
         a = segment_beamlet_matrix(dij, seq, mlc)
@@ -480,7 +502,7 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
 
         def solve(x, _budget):
             res = minimize(fun, x, jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * x.size,
-                           options={"maxiter": max_iter, "ftol": 1e-5})
+                           options={"maxiter": max_iter, "ftol": ftol})
             xn = res.x if res.fun <= fun(x)[0] else x
             return np.maximum(xn, 0.0), int(res.nit), str(res.message), False
 
