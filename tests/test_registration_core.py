@@ -70,10 +70,33 @@ def test_rigid_shift_recovered(shifted):
     np.testing.assert_allclose(r.rigid_matrix[:3, 3], SHIFT, atol=0.5)
     np.testing.assert_allclose(r.rigid_matrix[:3, :3], np.eye(3), atol=0.01)
     err = tre(r.dvf_lps_mm, u, roi(cb, r), cb.grid)
-    # the B-spline stage adds some spurious deformation where the phantom has little
-    # texture (measured ~1.2 mm mean): bounded here, reported in the README/benchmark
-    assert err["mean_mm"] < 1.5, err
+    # KNOWN GAP: the full returned field (rigid + B-spline) does NOT meet the issue's 0.5 mm
+    # for a pure shift with the default config: the unregularised B-spline stage adds
+    # spurious deformation (measured 0.78 mm mean, 5.0 mm max). Regularisation strong
+    # enough to remove it costs accuracy on deformed held-out pelvis cases (see
+    # config/registration.toml and test_bending_energy_removes_spurious_deformation).
+    assert err["mean_mm"] < 1.0, err
     assert r.dvf_lps_mm.dtype == np.float32 and r.dvf_lps_mm.shape == cb.grid.shape + (3,)
+
+
+def test_bending_energy_removes_spurious_deformation(shifted, ct):
+    """Multi-metric (MI + bending energy) through the global thread count (number_of_threads=
+    with multi-metric segfaults): on a pure shift the FULL field comes back within 0.5 mm mean
+    in the body, without the B-spline noise of the unregularised default (measured 0.43 mm
+    mean, 1.2 mm max; default 0.78 / 5.0 mm)."""
+    cb, u, r0 = shifted
+    cfg = _config(bspline__Registration="MultiMetricMultiResolutionRegistration",
+                  bspline__Metric=["AdvancedMattesMutualInformation",
+                                   "TransformBendingEnergyPenalty"],
+                  bspline__Metric0Weight=1.0, bspline__Metric1Weight=10000.0)
+    r = register(cb, ct, config=cfg)
+    assert r.fallback is None
+    assert r.parameters["bspline_transform"]["Transform"] == ["BSplineTransform"]
+    err = tre(r.dvf_lps_mm, u, r.body_mask, cb.grid)
+    assert err["mean_mm"] < 0.5, err
+    assert err["max_mm"] < 2.0, err
+    assert err["max_mm"] < tre(r0.dvf_lps_mm, u, r0.body_mask, cb.grid)["max_mm"]
+    assert r.quality["jacobian_min"] > 0.9
 
 
 def test_smooth_deformation_with_cupping_and_truncated_fov(deformed, ct):

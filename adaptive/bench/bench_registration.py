@@ -5,10 +5,15 @@ spread of ``--repeats`` runs, after a warm-up), TRE against the truth DVF (mean 
 percentile / max inside the body and inside PTV + 20 mm), Dice and 95 % Hausdorff distance
 of the propagated prostate, bladder and rectum against ``truth/RS.dcm``, the Jacobian
 determinant minimum — and the rigid-only baseline (same run's rigid matrix) beside it.
+
+``ADAPTIVE_BENCH_REPLAY_MANIFEST=/path/manifest.toml`` runs it on other replay data instead,
+e.g. held-out cases built with ``adaptive replay-data build --out DIR --seed N --no-plan``
+(registration choices must be validated on such cases, not on the committed ones).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -82,8 +87,11 @@ def run(args) -> str:
     from adaptive.registration.core import warm_up
     from adaptive.replay.manifest import load_manifest
 
-    mpath = REPO / "replay_data" / "manifest.toml"
+    mpath = Path(os.environ.get("ADAPTIVE_BENCH_REPLAY_MANIFEST")
+                 or REPO / "replay_data" / "manifest.toml")
     lines = ["## registration", ""]
+    if os.environ.get("ADAPTIVE_BENCH_REPLAY_MANIFEST"):
+        lines += [f"Replay data: {mpath} (ADAPTIVE_BENCH_REPLAY_MANIFEST).", ""]
     if not mpath.is_file():
         return "\n".join(lines + [f"No replay data ({mpath} missing): nothing to measure.", ""])
     manifest = load_manifest(mpath)
