@@ -182,3 +182,33 @@ def test_reweighting_loop_meets_goals_and_keeps_deadline_contract():
                                 ftol=0.0, gtol=0.0)
     assert r2.stopped_early and r2.reason == "deadline" and len(r2.rounds) == 1
     assert np.all(np.isfinite(r2.weights_mu))
+
+
+def test_columns_dose_matches_products_and_lower_priorities_stay_below_higher():
+    import dataclasses
+
+    import scipy.sparse as sp
+
+    from adaptive.optimization.goals import PRIORITY_WEIGHT
+
+    dij, masks, goals = make_toy_case(n_xy=20, n_z=2, n_beams=3)
+    goals.goals[-1] = dataclasses.replace(goals.goals[-1], priority=3)
+    obj = Objective(dij, masks, goals, max_rows_per_structure=None, dtype=np.float64)
+    a = sp.random(dij.n_beamlets, 7, density=0.2, format="csr", random_state=3)
+    m = np.random.default_rng(0).random(7)
+    np.testing.assert_allclose(obj.columns_dose(a) @ m, obj.dose(a @ m), rtol=1e-10, atol=1e-12)
+    # value_and_grads on precomputed doses = __call__ (chain rule through A)
+    w = a @ m
+    f, gd, gw = obj.value_and_grads(obj.dose(w), w)
+    f2, g2 = obj(w)
+    assert f == pytest.approx(f2, rel=1e-12)
+    np.testing.assert_allclose(obj.op.tdot(gd) + gw, g2, rtol=1e-9, atol=1e-12)
+    # a failing priority-3 goal re-weighted many times never exceeds the priority-2 weight
+    from adaptive.optimization.objective import GoalStatus
+
+    low = len(goals.goals) - 1
+    st = [GoalStatus(i, g.priority, 0.0, i != low, 1.0 if i == low else 0.0)
+          for i, g in enumerate(goals.goals)]
+    for _ in range(10):
+        assert obj.reweight(st) >= 1
+    assert [t.scale for t in obj.terms if t.term.goal_index == low] == [PRIORITY_WEIGHT]

@@ -66,6 +66,23 @@ def _csr_rmatvec(indptr, indices, data, g, n_cols, nchunk, out):
         out[j] = s
 
 
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def _csr_spmm(indptr, indices, data, a_indptr, a_indices, a_data, out):
+    """out (rows × k, zeroed) = CSR(indptr, indices, data) @ A, A a CSR (n_cols × k) given by
+    (a_indptr, a_indices, a_data): work ∝ Σ_nnz (non-zeros of A's row), row-parallel."""
+    n = indptr.size - 1
+    nchunk = min(n, 256)
+    for c in prange(nchunk):
+        lo = c * n // nchunk
+        hi = (c + 1) * n // nchunk
+        for i in range(lo, hi):
+            for p in range(indptr[i], indptr[i + 1]):
+                b = indices[p]
+                v = data[p]
+                for q in range(a_indptr[b], a_indptr[b + 1]):
+                    out[i, a_indices[q]] += v * a_data[q]
+
+
 def _compact(m: sp.csr_matrix, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     idx_t = np.uint16 if m.shape[1] < 2**16 else np.uint32
     return (m.indptr.astype(np.int64), m.indices.astype(idx_t),
@@ -101,6 +118,16 @@ class SparseOperator:
         """D · w (rows = voxels)."""
         out = np.empty(self.shape[0], dtype=self.dtype)
         _csr_matvec(*self._m, np.ascontiguousarray(w, dtype=self.dtype), out)
+        return out
+
+    def matmat_sparse(self, a: sp.spmatrix) -> np.ndarray:
+        """D · A (dense rows × k, float64) for a sparse A (n_cols × k)."""
+        a = sp.csr_matrix(a)
+        if a.shape[0] != self.shape[1]:
+            raise ValueError(f"A has {a.shape[0]} rows, operator has {self.shape[1]} columns")
+        out = np.zeros((self.shape[0], a.shape[1]), dtype=np.float64)
+        _csr_spmm(*self._m, a.indptr.astype(np.int64), a.indices.astype(np.int64),
+                  a.data.astype(np.float64), out)
         return out
 
     def tdot(self, g: np.ndarray) -> np.ndarray:

@@ -388,8 +388,13 @@ class Objective:
         ``max_factor``), and the term's aim moves inside the goal by miss × prescription
         (cumulative, at most ``max_shift`` × prescription) — a quadratic penalty at the goal
         level always leaves a residual violation; moving the aim by the observed violation
-        (as augmented-Lagrangian updates do) removes it in few rounds. Returns the number of
-        terms re-weighted."""
+        (as augmented-Lagrangian updates do) removes it in few rounds. A term of priority p >
+        1 is never raised above the initial weight of priority p − 1 (multiplier ≤
+        ``PRIORITY_WEIGHT``): rounds spent on a "nice to have" goal (e.g. TG-119's hard core
+        goal) must not invert the priorities and trade away a "must" goal. Returns the number
+        of terms re-weighted."""
+        from adaptive.optimization.goals import PRIORITY_WEIGHT
+
         n = 0
         failing = [st.priority for st in status if not st.passed]
         if not failing:
@@ -404,6 +409,8 @@ class Objective:
             for t in self.terms:
                 if t.term.goal_index == st.index:
                     t.scale *= f
+                    if g.priority > 1:
+                        t.scale = min(t.scale, PRIORITY_WEIGHT)
                     if not g.metric.startswith("V"):
                         t.shift = min(t.shift + max(miss, 0.0) * self.d_rx, max_shift * self.d_rx)
                     n += 1
@@ -430,6 +437,28 @@ class Objective:
         grad += np.bincount(a, weights=gd, minlength=self.n_beamlets)
         grad -= np.bincount(b, weights=gd, minlength=self.n_beamlets)
         return f, grad
+
+    def apply_correction(self, d: np.ndarray) -> np.ndarray:
+        """Dose model of used-row Dij doses ``d`` (Gy): with the dose correction, if set."""
+        d = np.asarray(d, dtype=np.float64)
+        return d if self.ratio is None else d * self.ratio + self.offset
+
+    def value_and_grads(self, d: np.ndarray, w: np.ndarray
+                        ) -> tuple[float, np.ndarray, np.ndarray]:
+        """f and its gradients for used-row Dij doses ``d`` = D·w (Gy) computed elsewhere
+        (e.g. from a precomputed segment-dose matrix): (f, ∂f/∂d, ∂f/∂w of the smoothness
+        term). ∂f/∂w = Dᵀ·∂f/∂d + the last, as :meth:`__call__` returns it."""
+        self.n_evaluations += 1
+        f, gd = self.value_and_grad_dose(self.apply_correction(d))
+        if self.ratio is not None:
+            gd = gd * self.ratio
+        fs, gs = self.smooth_value_and_grad(np.asarray(w, dtype=np.float64))
+        return f + fs, gd, gs
+
+    def columns_dose(self, a) -> np.ndarray:
+        """Dense (used rows × k) matrix D·A for a sparse (beamlets × k) ``a`` (Gy per unit
+        column weight), e.g. the dose of each MLC segment per MU."""
+        return self.op.matmat_sparse(a)
 
     def __call__(self, w: np.ndarray) -> tuple[float, np.ndarray]:
         """(f, ∂f/∂w) at weights ``w`` (MU); gradient in float64."""

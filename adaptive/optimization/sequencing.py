@@ -467,7 +467,10 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
                              rounds_out: list | None = None, ftol: float = 1e-5
                              ) -> list[SequencedBeam]:
     """Re-optimise the segments' MU in dose space (the same objective as the fluence
-    optimisation, through the apertures' beamlets), L-BFGS-B with m ≥ 0. Segments that end
+    optimisation, through the apertures' beamlets), L-BFGS-B with m ≥ 0. The dose of each
+    segment per MU on the objective's rows (:meth:`Objective.columns_dose`) is computed once
+    per drop round, so an evaluation costs a dense (rows × segments) product, not two Dij
+    products. Segments that end
     below ``min_mu_per_segment`` are dropped and the rest re-optimised (up to ``rounds``).
     ``goal_rounds`` > 1: each optimisation runs inside the goal re-weighting loop
     (:func:`adaptive.optimization.fluence.reweighting_loop`; rounds appended to
@@ -491,10 +494,15 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
             break
         scale = max(float(m0.mean()), 1e-6)
         at = a.T.tocsr()
+        # dose of every segment per MU on the objective's rows, computed once: an evaluation
+        # is then a small dense product instead of two products with the Dij
+        ds = objective.columns_dose(a)
+        dst = np.ascontiguousarray(ds.T)
 
         def fun(x):
-            f, g = objective(a @ (x * scale))
-            return f, (at @ g) * scale
+            m = x * scale
+            f, gd, gw = objective.value_and_grads(ds @ m, a @ m)
+            return f, (dst @ gd + at @ gw) * scale
 
         budget = None if deadline_s is None else max(0.0, deadline_s - (_time.perf_counter() - t0))
         if budget is not None and budget <= 0:
@@ -508,7 +516,7 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
 
         if goal_rounds > 1:
             x, _st, _hit = reweighting_loop(
-                objective, solve, m0 / scale, lambda x: objective.model_dose(a @ (x * scale)),
+                objective, solve, m0 / scale, lambda x: objective.apply_correction(ds @ (x * scale)),
                 deadline_s=budget, max_rounds=goal_rounds, rounds_out=rounds_out)
         else:
             x = solve(m0 / scale, budget)[0]
