@@ -194,8 +194,8 @@ def reweighting_loop(objective: Objective, solve, x0: np.ndarray, dose_of, *,
     ``solve(x, budget_s)`` → (x_new, iterations, reason, stopped_by_deadline) optimises the
     current objective from ``x``; ``dose_of(x)`` → the used-row dose model. After each round
     the goals are evaluated (:meth:`Objective.goal_status`); the loop stops when every
-    priority-1 goal passes and nothing else fails, when the goal score stops improving, at
-    ``max_rounds`` or at the deadline. Failing goals' weights are multiplied before the next,
+    priority-1 goal passes and nothing else fails, when every priority-1 goal passes and the
+    goal score stops improving, at ``max_rounds`` or at the deadline. Failing goals' weights are multiplied before the next,
     warm-started, round. Returns (best x by :func:`goal_score`, its status, deadline_hit);
     the term weights are left at those that produced the best x."""
     t0 = time.perf_counter() if t0 is None else t0
@@ -225,9 +225,9 @@ def reweighting_loop(objective: Objective, solve, x0: np.ndarray, dose_of, *,
             break
         if score == (0, 0.0):
             break
-        # stop when all priority-1 goals pass and the lower priorities stopped improving, or
-        # when nothing improves any more
-        if not improved and (score[0] == 0 or k > 0):
+        # stop when all priority-1 goals pass and the lower priorities stopped improving;
+        # while a priority-1 goal fails, its weight keeps growing until max_rounds
+        if not improved and score[0] == 0:
             break
         objective.reweight(status)
     objective.set_term_scales(best[3])

@@ -63,7 +63,8 @@ class PlanSettings:
     objective decrease at which L-BFGS-B stops, in every (warm-started) round of the goal
     re-weighting loop — the loop is the outer iteration, so solving each round's weighted
     problem tightly is wasted work (C-shape, measured: ftol 1e-3 6 s and core D10 14 Gy,
-    1e-5 27 s and 21 Gy); ``goal_rounds``: maximum rounds of the
+    1e-5 27 s and 21 Gy; segment weights, a small dense problem, keep their own tighter
+    ftol); ``goal_rounds``: maximum rounds of the
     automatic goal re-weighting loop (fluence, and segment weights after the dose correction;
     1 = no re-weighting); ``normalize``: scale the optimised fluence and
     the deliverable plan's MU so that the target's prescription goal (e.g. PTV D95 = Rx) is
@@ -209,7 +210,7 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
     with _Timer(T, "sequencing"):
         seq = sequence_plan_beams(dij, fr.weights_mu, templates, mlc, seq_settings)
         info["segments_raw"] = [sb.n_segments_raw for sb in seq]
-        seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings, ftol=s.ftol)
+        seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings)
     common = dict(prescription=goals.prescription,
                   frame_of_reference_uid=series.frame_of_reference_uid, label=label,
                   referenced_structure_set_uid=ss.sop_instance_uid,
@@ -228,8 +229,7 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
             info[f"correction_{k + 1}"] = obj.set_dose_correction(dij_d, true_d)
             rw: list = []
             seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings,
-                                           goal_rounds=s.goal_rounds, rounds_out=rw,
-                                           ftol=s.ftol)
+                                           goal_rounds=s.goal_rounds, rounds_out=rw)
             info[f"reweighting_segments_{k + 1}"] = [r.to_dict() for r in rw]
             obj.clear_dose_correction()
             plan = build_plan(seq, templates, mlc, **common)
