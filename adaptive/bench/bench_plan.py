@@ -72,14 +72,15 @@ def _case(kind: str, repeats: int) -> list[str]:
                 f"#{x['round']} {x['iterations']} it {x['time_s']:.1f} s, failing "
                 f"{x['failing'] or 'none'}" for x in res.info.get("reweighting_fluence", [])),
             "- re-weighting rounds in plan_case (segment weights, corrected dose): " + "; ".join(
-                f"#{x['round']} {x['iterations']} it, failing {x['failing'] or 'none'}"
-                for x in res.info.get("reweighting_segments_1", [])),
+                f"#{x['round']} {x['iterations']} it {x['time_s']:.2f} s, failing "
+                f"{x['failing'] or 'none'}" for x in res.info.get("reweighting_segments_1", [])),
             (f"- normalisation factors (to {nfl.get('structure')} {nfl.get('metric')}): fluence "
             f"{nfl.get('factor', float('nan')):.4f}, deliverable {ndl.get('factor', float('nan')):.4f}"),
             f"- plan_case on this Dij: {total:.1f} s; stages: "
             + ", ".join(f"{k} {v:.1f}" for k, v in res.timings_s.items()),
             (f"- segments per beam {[len(b.segments()) for b in res.plan.beams]} "
-            f"(raw {res.info.get('segments_raw')}), total MU {res.plan.total_mu:.0f} "
+            f"(decomposition at the configured levels {res.info.get('segments_raw')}; "
+            f"levels used {res.info.get('intensity_levels')}), total MU {res.plan.total_mu:.0f} "
             f"({res.plan.total_mu / rx:.0f} MU/Gy)"),
             f"- plan checks: {'passed' if res.checks.passed else 'FAILED'}; "
             + "; ".join(f"{i.name}: {i.detail}" for i in res.checks.items if not i.passed),

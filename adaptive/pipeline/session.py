@@ -210,6 +210,7 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
     with _Timer(T, "sequencing"):
         seq = sequence_plan_beams(dij, fr.weights_mu, templates, mlc, seq_settings)
         info["segments_raw"] = [sb.n_segments_raw for sb in seq]
+        info["intensity_levels"] = [sb.n_levels for sb in seq]
         seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings)
     common = dict(prescription=goals.prescription,
                   frame_of_reference_uid=series.frame_of_reference_uid, label=label,
