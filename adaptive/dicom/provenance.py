@@ -17,12 +17,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
 import adaptive
 from adaptive import RESEARCH_USE_STATEMENT
+from adaptive.jsonable import to_jsonable
 
 PRIVATE_GROUP = 0x0071
 PRIVATE_CREATOR = "ADAPTIVE_PROVENANCE"
@@ -35,20 +35,6 @@ UID_PREFIX = pydicom.uid.PYDICOM_ROOT_UID
 def new_uid() -> str:
     """A new globally unique DICOM UID (pydicom.uid.generate_uid, random 2.25-like suffix)."""
     return str(generate_uid(prefix=UID_PREFIX))
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 @dataclass
@@ -69,7 +55,7 @@ class Provenance:
     description: str = ""
 
     def to_json(self) -> str:
-        d = _jsonable(asdict(self))
+        d = to_jsonable(asdict(self))
         d["research_use"] = RESEARCH_USE_STATEMENT
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 

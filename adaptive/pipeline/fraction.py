@@ -21,7 +21,6 @@ LPS mm. Times in seconds.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import numpy as np
 
 from adaptive.errors import OptimizationError, PlanCheckError
 from adaptive.geometry.volume import Volume
+from adaptive.jsonable import to_jsonable, write_json_atomic
 from adaptive.log import get_logger
 from adaptive.optimization.goals import ClinicalGoals
 
@@ -56,26 +56,6 @@ def _noop(stage: str, fraction: float) -> None:
     return None
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _jsonable(o.tolist())
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, float) and not np.isfinite(o):
-        return None
-    if isinstance(o, Path):
-        return str(o)
-    return o
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    tmp.replace(path)
 
 
 # --- registration ---------------------------------------------------------------------------
@@ -144,8 +124,8 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
         "deformable_budget_s": reg_budget,
         "fallback": r.fallback,
     }
-    record = _jsonable(record)
-    _write_json(Path(out_dir) / "registration_result.json", record)
+    record = to_jsonable(record)
+    write_json_atomic(Path(out_dir) / "registration_result.json", record)
     log.info("registration_stage_done", fallback=r.fallback, total_s=T["total"])
     return record
 
@@ -349,7 +329,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     T["total"] = round(time.perf_counter() - t0, 3)
     metrics = {**comparison.to_dict(), "units": "total-course Gy (V: %)",
                "on": "synthetic CT + propagated structures"}
-    result = _jsonable({
+    result = to_jsonable({
         "adapted": adapted_rec,
         "scheduled": {"rtplan": str(rtplan_path), "rtplan_uid": scheduled.sop_instance_uid,
                       # the dose on today's anatomy is in the CBCT frame, not the plan's:
@@ -363,7 +343,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
         "budget_s": budget_s,
     })
     (out / "comparison.json").write_text(comparison.to_json())
-    _write_json(out / "planning_result.json", result)
+    write_json_atomic(out / "planning_result.json", result)
     log.info("planning_stage_done", checks_passed=adapted.checks.passed, fallback=fallback,
              total_s=T["total"])
     return PlanningOutputs(adapted, sdose, comparison, result, T)
@@ -414,7 +394,7 @@ def run_fraction(case_dir: str | Path, fraction_dir: str | Path, goals: Clinical
                   for k, v in po.timings_s.items() if k != "total"})
         T["planning_total"] = round(time.perf_counter() - t - T["registration_total"], 3)
         T["total"] = round(time.perf_counter() - t, 3)
-        _write_json(out / "timings.json", T)
+        write_json_atomic(out / "timings.json", T)
         return FractionResult(po.adapted, po.scheduled_dose, po.comparison, T,
                               reg, po.result)
     finally:

@@ -6,14 +6,12 @@ Used by the ``adaptive register`` command and by the services' registration work
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from adaptive.geometry.volume import Volume
+from adaptive.jsonable import write_json_atomic
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.model.structures import StructureSet
@@ -36,18 +34,6 @@ class FractionRegistration:
     timings_s: dict
     out_dir: Path | None = None
     paths: dict[str, Path] = field(default_factory=dict)
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    return o
 
 
 def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=None,
@@ -136,9 +122,7 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
               "parameters": result.parameters,
               "dvf_convention": "CBCT point x (CBCT frame, LPS mm) <-> planning point x + u(x)",
               "outputs": {k: str(v) for k, v in out.paths.items()}}
-    tmp = od / ".registration.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True) + "\n")
-    tmp.replace(od / "registration.json")
+    write_json_atomic(od / "registration.json", record, sort_keys=True)
     out.paths["json"] = od / "registration.json"
     out.out_dir = od
     log.info("fraction_registered", out_dir=str(od), fallback=result.fallback,
