@@ -13,7 +13,7 @@ from adaptive.dose.beam_geometry import beam_geometry
 from adaptive.dose.beam_model import BeamModel, load_beam_model
 from adaptive.dose.density import hu_to_density
 from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid
-from adaptive.dose.kernel import fluence_dose, fluence_pyramid
+from adaptive.dose.kernel import beam_depths, fluence_dose, fluence_pyramid
 from adaptive.dose.raytrace import lps_to_grid_frame
 from adaptive.errors import DoseError
 from adaptive.geometry.volume import Volume
@@ -89,10 +89,48 @@ def beam_fluence(segments, leaf_boundaries_mm, bm: BeamModel, res_mm: float, mar
     return f, float(x0), float(y0)
 
 
+# dynamic scheduling of the parallel loops (the CPU is shared: a static split waits for the
+# slowest thread): points per work item of the depth loop, chunks per item of the kernel loop
+_DEPTH_CHUNK = 4096
+_KERNEL_CHUNK = 1
+
+
+def _depth_cache_get(cache, key, array, idx):
+    """Cached depths for ``key`` if they were computed on this very CT array (held by the
+    entry, so its identity cannot be reused) for the same dose points ``idx``."""
+    if cache is None:
+        return None
+    hit = cache.get(key)
+    if hit is None:
+        return None
+    arr, cidx, depths = hit
+    if arr is not array or len(cidx) != len(idx) or not np.array_equal(cidx, idx):
+        return None
+    return depths
+
+
+def beam_point_depths(density: Volume, geometry, pts: np.ndarray, gpts: np.ndarray, *,
+                      sad_mm: float, dens: np.ndarray | None = None) -> np.ndarray:
+    """Radiological depth (mm) of the points ``pts`` (LPS (n, 3); ``gpts`` the same in the
+    density-grid frame) for one beam geometry: one exact Siddon ray per point
+    (:func:`adaptive.dose.kernel.beam_depths`); -1 behind the source."""
+    if dens is None:
+        dens = np.ascontiguousarray(density.array, dtype=np.float32)
+    out = np.empty(len(pts), dtype=np.float64)
+    with numba.parallel_chunksize(_DEPTH_CHUNK):
+        beam_depths(pts, gpts, np.ascontiguousarray(lps_to_grid_frame(density,
+                                                                      geometry.source_lps_mm)),
+                    dens, np.ascontiguousarray(density.grid.spacing, dtype=np.float64),
+                    np.ascontiguousarray(geometry.rotation),
+                    np.ascontiguousarray(geometry.isocenter_lps_mm, dtype=np.float64), sad_mm,
+                    np.zeros((2, 2, 0), np.float32), 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, out)
+    return out
+
+
 def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = None,
               dose_grid_spacing_mm: float | None = 3.0, body_mask=None,
               cutoff_mm: float | None = None, fluence_resolution_mm: float | None = None,
-              patient_position: str = "HFS") -> Volume:
+              patient_position: str = "HFS", depth_cache=None, timings: dict | None = None) -> Volume:
     """Dose (Gy per fraction) of ``plan`` on the dose grid (CT grid at ``dose_grid_spacing_mm``).
 
     ``ct_or_density``: a CT in HU (``units == "HU"``, converted with :func:`hu_to_density`) or
@@ -102,22 +140,43 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
     with their own gantry/collimator/couch angles form separate fluence maps. Voxels outside the
     body (``body_mask`` or density threshold) get 0. ``cutoff_mm`` defaults to
     ``beam_model.plan_cutoff_mm``.
+
+    Radiological depths are traced once per (dose voxel, beam direction) (exact Siddon rays,
+    :func:`beam_point_depths`) and shared by all of that direction's segments.
+    ``depth_cache`` (optional, dict-like): depths are stored under (beam geometry, dose grid)
+    together with the input CT array and dose voxels they were computed for,
+    and reused by later calls on the same CT array object (e.g. the deliverable dose, its
+    correction round and the independent check of one session). The cache holds a reference
+    to the CT array; modifying that array in place invalidates nothing, so don't. ``timings``
+    (optional dict) receives per-stage seconds.
     """
     log = get_logger("adaptive.dose.plan_dose")
     t0 = time.perf_counter()
+    tm = {"density_s": 0.0, "body_s": 0.0, "points_s": 0.0, "depth_s": 0.0, "fluence_s": 0.0,
+          "kernel_s": 0.0}
     bm = beam_model or load_beam_model()
     density = hu_to_density(ct_or_density) if ct_or_density.units.upper() == "HU" else ct_or_density
     res = float(fluence_resolution_mm or bm.fluence_resolution_mm)
     cutoff = float(bm.plan_cutoff_mm if cutoff_mm is None else cutoff_mm)
+    t1 = time.perf_counter()
+    tm["density_s"] = t1 - t0
     dgrid = make_dose_grid(density, dose_grid_spacing_mm)
     body = body_on_dose_grid(density, dgrid, body_mask, bm.body_density_threshold)
     idx = np.flatnonzero(body.ravel())
+    t2 = time.perf_counter()
+    tm["body_s"] = t2 - t1
     pts, gpts = dose_points(dgrid, idx, density)
     out = np.zeros(len(idx), dtype=np.float64)
     dens = np.ascontiguousarray(density.array, dtype=np.float32)
     dsp = np.ascontiguousarray(density.grid.spacing)
     kp = bm.kernel_array()
+    tm["points_s"] = time.perf_counter() - t2
+    grid_key = (tuple(np.round(density.grid.origin, 6)), tuple(np.round(density.grid.spacing, 6)),
+                tuple(np.round(np.ravel(density.grid.direction), 9)),
+                tuple(np.round(dgrid.origin, 6)), tuple(np.round(dgrid.spacing, 6)),
+                tuple(np.round(np.ravel(dgrid.direction), 9)), tuple(dgrid.shape))
     n_maps = 0
+    n_cached = 0
     for beam in plan.beams:
         if abs(beam.sad_mm - bm.sad_mm) > 1e-6:
             raise DoseError(f"beam {beam.number} SAD {beam.sad_mm} mm != model {bm.sad_mm} mm")
@@ -131,15 +190,38 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
             groups.setdefault(key, []).append((cp, mu))
         for (ga, co, cu), segs in groups.items():
             g = beam_geometry(ga, co, cu, beam.isocenter_lps_mm, beam.sad_mm, patient_position)
+            ta = time.perf_counter()
             flu, fx0, fy0 = beam_fluence(segs, lb, bm, res, margin_mm=2 * res)
             pyr, pny, pnx = fluence_pyramid(flu)
+            tb = time.perf_counter()
+            ckey = ("plan_dose_depth", float(ga), float(co), float(cu),
+                    tuple(np.round(np.asarray(beam.isocenter_lps_mm, dtype=float), 6)),
+                    float(beam.sad_mm), patient_position, grid_key)
+            depths = _depth_cache_get(depth_cache, ckey, ct_or_density.array, idx)
+            if depths is None:
+                depths = beam_point_depths(density, g, pts, gpts, sad_mm=bm.sad_mm, dens=dens)
+                if depth_cache is not None:
+                    depth_cache[ckey] = (ct_or_density.array, idx, depths)
+            else:
+                n_cached += 1
+            tc = time.perf_counter()
             src = np.ascontiguousarray(lps_to_grid_frame(density, g.source_lps_mm))
-            fluence_dose(pts, gpts, src, dens, dsp, np.ascontiguousarray(g.rotation),
-                         g.isocenter_lps_mm, bm.sad_mm, pyr, pny, pnx, fx0, fy0, res, cutoff, kp,
-                         out, numba.get_num_threads(), np.empty(0))
+            with numba.parallel_chunksize(_KERNEL_CHUNK):
+                fluence_dose(pts, gpts, src, dens, dsp, np.ascontiguousarray(g.rotation),
+                             g.isocenter_lps_mm, bm.sad_mm, pyr, pny, pnx, fx0, fy0, res, cutoff,
+                             kp, out, numba.get_num_threads(), depths)
+            td = time.perf_counter()
+            tm["fluence_s"] += tb - ta
+            tm["depth_s"] += tc - tb
+            tm["kernel_s"] += td - tc
             n_maps += 1
     full = np.zeros(dgrid.n_voxels, dtype=np.float32)
     full[idx] = out
+    tm["total_s"] = time.perf_counter() - t0
+    if timings is not None:
+        timings.update(tm)
     log.info("plan_dose_computed", beams=len(plan.beams), fluence_maps=n_maps, voxels=len(idx),
-             max_gy=float(out.max(initial=0.0)), seconds=round(time.perf_counter() - t0, 3))
+             cached_depths=n_cached,
+             max_gy=float(out.max(initial=0.0)), seconds=round(tm["total_s"], 3),
+             **{k: round(v, 3) for k, v in tm.items()})
     return Volume(full.reshape(dgrid.shape), dgrid, "Gy")
