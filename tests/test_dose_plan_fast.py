@@ -130,13 +130,22 @@ def test_depth_cache_reuse_and_invalidation(phantom, plan, bm):
     assert len(cache) == 3
     ref_half = _reference_plan_dose(phantom, plan, bm, 4.0, 5.0)
     assert np.abs(half - ref_half).max() <= 0.005 * ref_half.max()
-    # another CT array (same values changed in place would be the caller's error): a new
-    # array object must not reuse the old depths
+    # other densities (a new array, or the same array changed in place) must not reuse the
+    # old depths
     denser = Volume(phantom.array * 1.1, phantom.grid, phantom.units)
     got = plan_dose(denser, plan, **kw).array
     ref_dense = _reference_plan_dose(denser, plan, bm, 4.0, 2.5)
     assert np.abs(got - ref_dense).max() <= 0.005 * ref_dense.max()
+    assert len(cache) == 6
+    mutable = Volume(phantom.array.copy(), phantom.grid, phantom.units)
+    plan_dose(mutable, plan, **kw)
+    mutable.array[mutable.array == 1.0] = 1.1  # in place: water -> denser tissue
+    got = plan_dose(mutable, plan, **kw).array
+    ref_mut = _reference_plan_dose(mutable, plan, bm, 4.0, 2.5)
+    assert np.abs(got - ref_mut).max() <= 0.005 * ref_mut.max()
+    cache.clear()
     # another dose grid: separate entries
+    plan_dose(phantom, plan, **kw)
     plan_dose(phantom, plan, beam_model=bm, dose_grid_spacing_mm=6.0, depth_cache=cache)
     assert len(cache) == 6
     # another body (dose voxels): not served from the entry of the full body

@@ -6,6 +6,11 @@ C-shape is absent, a private phantom is built instead (water elliptical cylinder
 200 mm, CT 2.5 mm, TG-119 C-shape PTV: annulus 15-37 mm open anteriorly, 80 mm long). Beams: 9
 coplanar (gantry 0, 40, ..., 320 deg) at the PTV centroid, 5 mm beamlets, 3 mm dose grid.
 
+Plan dose (:func:`adaptive.dose.plan_dose.plan_dose`, 3 mm grid) of the case's committed
+planning RT Plan (``RP.dcm`` next to its CT), if any: per-stage times of independent calls, and
+of a session-like sequence sharing one ``depth_cache`` (deliverable dose, a correction round,
+an independent check at half the fluence resolution).
+
 Each case runs in its own subprocess (``python -m adaptive.bench.bench_dose --case NAME``), so
 its peak RSS is its own. Numba compilation is measured separately: a subprocess with an empty
 temporary NUMBA_CACHE_DIR times its first (compiling) and second Dij call on a small phantom.
@@ -102,6 +107,51 @@ def load_case(name: str):
     return desc, rho, np.asarray(ptv, bool), np.asarray(body, bool), nine_beams(iso)
 
 
+def _case_dir(name: str) -> Path | None:
+    if name == "pelvis01":
+        from adaptive.config import load_toml
+
+        man = load_toml(REPLAY / "manifest.toml")
+        case = next(c for c in man["cases"] if c["name"] == name)
+        return REPLAY / case["path"]
+    d = REPLAY / name
+    return d if d.is_dir() else None
+
+
+def plan_dose_case(name: str, repeats: int) -> dict | None:
+    """Time plan_dose of the case's planning RP.dcm on its planning CT (HU): ``repeats``
+    independent calls (median per stage) and a 3-call sequence sharing a depth cache."""
+    from adaptive.dicom import read_ct_series, read_rtplan
+    from adaptive.dose.beam_model import load_beam_model
+    from adaptive.dose.plan_dose import plan_dose
+
+    case_dir = _case_dir(name)
+    rp = None if case_dir is None else next(iter(sorted(case_dir.rglob("RP.dcm"))), None)
+    if rp is None or not (rp.parent / "CT").is_dir():
+        return None
+    ct, _ = read_ct_series(rp.parent / "CT")
+    plan = read_rtplan(rp)
+    bm = load_beam_model()
+    plan_dose(ct, plan, beam_model=bm)  # numba cache load
+    indep, loads = [], []
+    for _ in range(repeats):
+        tm: dict = {}
+        loads.append(os.getloadavg()[0])
+        plan_dose(ct, plan, beam_model=bm, timings=tm)
+        indep.append(tm)
+    seq = []
+    cache: dict = {}
+    for res_mm in (None, None, 2.0 * bm.fluence_resolution_mm):
+        tm = {}
+        plan_dose(ct, plan, beam_model=bm, fluence_resolution_mm=res_mm, depth_cache=cache,
+                  timings=tm)
+        seq.append(tm)
+    med = {k: statistics.median(t[k] for t in indep) for k in indep[0]}
+    return {"rp": str(rp.relative_to(REPLAY)), "beams": len(plan.beams),
+            "shape": list(ct.grid.shape), "times": [t["total_s"] for t in indep],
+            "stages": med, "sequence": seq, "loadavg": loads}
+
+
 def run_case(name: str, repeats: int) -> dict:
     """Time the Dij of one case ``repeats`` times (after a first, cache-loading call) and check
     it against the full-kernel dose; returns a JSON-able dict."""
@@ -144,7 +194,8 @@ def run_case(name: str, repeats: int) -> dict:
         checks.append((label, float(r.mean()), float(r.min()), float(r.max()),
                        float(100 * e.max()), float(100 * np.percentile(e, 95))))
     med = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
-    return {"name": name, "desc": desc, "beamlets": dij.n_beamlets, "rows": dij.n_voxels,
+    pd = plan_dose_case(name, repeats)
+    return {"plan_dose": pd, "name": name, "desc": desc, "beamlets": dij.n_beamlets, "rows": dij.n_voxels,
             "nnz": dij.nnz, "mb": dij.nbytes / 2**20, "times": times, "stages": med,
             "first": t_first, "rss_mb": rss_mb, "load_s": t_load, "checks": checks,
             "loadavg": loads}
@@ -217,6 +268,21 @@ def run(args) -> str:
             lines.append(f"| Dij / full kernel, {label} weights: PTV mean ratio (min-max); "
                          f"outside PTV (> 20 % of max) max / 95th pct abs error, % of max | "
                          f"{mean:.3f} ({lo:.3f}-{hi:.3f}); {emax:.1f} / {e95:.1f} % |")
+        pd = r.get("plan_dose")
+        if pd:
+            ps = pd["stages"]
+            stage_keys = ("density_s", "body_s", "points_s", "depth_s", "fluence_s", "kernel_s")
+            lines += [(f"| plan dose of {pd['rp']} ({pd['beams']} beams, 3 mm grid): time "
+                       f"(median, min-max) | {summary(pd['times'])} |"),
+                      "| plan dose stages (median): density / body / points / depth (Siddon) / "
+                      "fluence rasterisation / kernel | "
+                      + " / ".join(f"{ps[k]:.2f}" for k in stage_keys) + " s |",
+                      "| plan dose, 3 calls sharing a depth cache (deliverable, correction, "
+                      "check at 2x fluence pixel): total (depth) per call | "
+                      + ", ".join(f"{t['total_s']:.2f} ({t['depth_s']:.2f})"
+                                  for t in pd["sequence"]) + " s |",
+                      (f"| load average (1 min) during the plan-dose runs | "
+                       f"{', '.join(f'{x:.1f}' for x in pd['loadavg'])} |")]
         lines.append("")
     return "\n".join(lines) + "\n"
 
