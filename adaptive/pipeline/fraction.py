@@ -280,15 +280,17 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
         s.deadline_s = optimizer_deadline(budget_s, time.perf_counter() - t0)
     progress("planning.optimise", 0.1)
     t = time.perf_counter()
+    depth_cache: dict = {}  # radiological depths on dose_ct, shared by all plan-dose calls
     adapted = plan_case(dose_ct, sct_info, today, goals, reference=sched_today, settings=s,
-                        label="ADAPTED")
+                        label="ADAPTED", depth_cache=depth_cache)
     T.update({f"plan.{k}": v for k, v in adapted.timings_s.items()})
     T["plan_total"] = round(time.perf_counter() - t, 3)
     # what the adapted plan rests on: registration Jacobian and contour sanity (blocking)
     adapted.checks.items.extend(handoff_safety_checks(registration, today, sct.grid, goals))
     progress("planning.scheduled_recalc", 0.8)
     t = time.perf_counter()
-    sdose = plan_dose(dose_ct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+    sdose = plan_dose(dose_ct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
+                      depth_cache=depth_cache)
     T["scheduled_recalc"] = round(time.perf_counter() - t, 3)
     comparison = compare_plans(sdose, adapted.dose, adapted.masks, goals)
 

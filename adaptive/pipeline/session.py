@@ -166,7 +166,8 @@ def stage_dij(density: Volume, beams: list[Beam], ct_masks: dict, goals: Clinica
 def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalGoals, *,
               reference: Plan | None = None, settings: PlanSettings | None = None,
               beam_model: BeamModel | None = None, label: str = "ADAPTIVE",
-              dij: DoseInfluence | None = None) -> PlanResult:
+              dij: DoseInfluence | None = None, depth_cache: dict | None = None
+              ) -> PlanResult:
     """Optimise, sequence, recalculate and check a plan on ``ct`` (HU) with ``ss``.
 
     ``dij``: a dose-influence matrix already computed for this CT, these beams and settings
@@ -174,7 +175,14 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
 
     ``reference``: the scheduled plan — its beam geometry is kept, its segments give the
     warm-start fluence, and the new plan references it as PREDECESSOR.
+
+    ``depth_cache``: a dict shared by every plan-dose calculation on this CT (radiological
+    depths per beam direction are traced once; see :func:`adaptive.dose.plan_dose.plan_dose`);
+    pass the same dict to later calculations on the same CT (e.g. the scheduled plan's
+    recalculation) to reuse it. Default: a cache local to this call.
     """
+    if depth_cache is None:
+        depth_cache = {}
     s = settings or PlanSettings()
     bm = beam_model or load_beam_model()
     mlc = MlcGeometry.from_beam_model(bm)
@@ -220,7 +228,8 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
                   study_instance_uid=series.study_instance_uid)
     plan = build_plan(seq, templates, mlc, **common)
     with _Timer(T, "deliverable_dose"):
-        dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+        dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
+                         depth_cache=depth_cache)
     for k in range(s.correction_rounds):
         with _Timer(T, f"dose_correction_{k + 1}"):
             a = segment_beamlet_matrix(dij, seq, mlc)
@@ -234,7 +243,8 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
             info[f"reweighting_segments_{k + 1}"] = [r.to_dict() for r in rw]
             obj.clear_dose_correction()
             plan = build_plan(seq, templates, mlc, **common)
-            dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+            dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
+                             depth_cache=depth_cache)
     if s.normalize:
         with _Timer(T, "normalization"):
             nf = normalization_factor(dose, masks[target], goals)
@@ -246,14 +256,15 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
             info["normalization_deliverable"] = nf.to_dict()
     with _Timer(T, "checks"):
         # independent recalculation: the plan as read back from DICOM, finer fluence raster
-        indep = _independent_dose(ct, plan, bm, s)
+        indep = _independent_dose(ct, plan, bm, s, depth_cache)
         checks = check_plan(plan, dose, indep, masks, goals, mlc, seq_settings)
     return PlanResult(plan=plan, dose=dose, fluence_dose=fluence_dose, fluence=fr,
                       goals_fluence=goals_fluence, goals_deliverable=checks.goal_results,
                       checks=checks, masks=masks, dij=dij, timings_s=T, info=info)
 
 
-def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings) -> Volume:
+def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings,
+                      depth_cache: dict | None = None) -> Volume:
     import tempfile
 
     from adaptive.dicom.rtplan import read_rtplan, write_rtplan
@@ -263,6 +274,7 @@ def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings) ->
         write_rtplan(_copy_plan(plan), p)
         back = read_rtplan(p)
     return plan_dose(ct, back, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
+                     depth_cache=depth_cache,
                      fluence_resolution_mm=0.5 * bm.fluence_resolution_mm)
 
 
