@@ -30,7 +30,10 @@ def run(args) -> int:
     from adaptive.pipeline.fraction import run_fraction
     from adaptive.pipeline.session import PlanSettings
 
+    from adaptive.log import bind
+
     fx = Path(args.fraction_dir)
+    bind(case_id=fx.resolve().parent.name, fraction=fx.name)
     goals = load_goals(args.goals or config_path("goals", "prostate.toml"))
     res = run_fraction(fx.parent, fx, goals, settings=PlanSettings(deadline_s=args.deadline),
                        out_dir=args.out, registration_budget_s=args.registration_budget)

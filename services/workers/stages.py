@@ -129,7 +129,16 @@ def run_in_child(name: str, kwargs: dict, ctx) -> dict:
         proc.join(5)
 
 
+def _bind_session(payload: dict, stage: str) -> None:
+    """Every log line of the stage carries the session (and the patient) it works for."""
+    from adaptive.log import bind
+
+    bind(session_id=payload.get("session_id"), patient_id=payload.get("patient_id"),
+         stage=stage)
+
+
 def run_registration(payload: dict, arrays: dict, ctx) -> dict:
+    _bind_session(payload, "registration")
     ctx.progress("registration", 0.0)
     result = run_in_child(REGISTRATION_FN, {
         "planning_ct_dir": payload["planning_ct_dir"], "rtstruct_path": payload["rtstruct_path"],
@@ -140,6 +149,7 @@ def run_registration(payload: dict, arrays: dict, ctx) -> dict:
 
 
 def run_planning(payload: dict, arrays: dict, ctx) -> dict:
+    _bind_session(payload, "planning")
     ctx.progress("planning", 0.0)
     result = run_in_child(PLANNING_FN, {
         "planning_ct_dir": payload["planning_ct_dir"], "rtstruct_path": payload["rtstruct_path"],
