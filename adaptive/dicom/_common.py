@@ -14,7 +14,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from adaptive.errors import MissingTagError, NotDicomError
-from adaptive.model.identity import PatientInfo, SeriesInfo
+from adaptive.model.identity import PatientInfo
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -121,9 +121,15 @@ def require(ds: Dataset, keyword: str, path, context: str = ""):
     return value
 
 
-def series_module(ds: Dataset, info: SeriesInfo | None, modality: str, series_uid: str,
-                  series_number: int, description: str) -> None:
+def new_series(ds: Dataset, modality: str, description: str, date: str, time: str, *,
+               series_number: int = 1) -> str:
+    """General Series of a new derived object: Modality, a new Series Instance UID,
+    number, date/time and description (LO, cut to 64). Returns the series UID."""
+    from adaptive.dicom.provenance import new_uid  # provenance imports this module
+
     ds.Modality = modality
-    ds.SeriesInstanceUID = series_uid
+    ds.SeriesInstanceUID = new_uid()
     ds.SeriesNumber = int(series_number)
+    ds.SeriesDate, ds.SeriesTime = date, time
     ds.SeriesDescription = description[:64]
+    return ds.SeriesInstanceUID

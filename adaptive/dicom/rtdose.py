@@ -24,6 +24,7 @@ from adaptive.dicom._common import (
     ds_list,
     ds_str,
     new_dataset,
+    new_series,
     patient_from_ds,
     read_dataset,
     require,
@@ -111,11 +112,7 @@ def write_rtdose(dose: Volume, path: str | Path, *, plan: Plan | None, series: S
     set_patient_study(ds, series.patient, series.study_instance_uid, study_id=series.study_id,
                       study_date=series.study_date, accession=series.accession_number,
                       referring=series.referring_physician_name)
-    ds.Modality = "RTDOSE"
-    ds.SeriesInstanceUID = new_uid()
-    ds.SeriesNumber = 1
-    ds.SeriesDate, ds.SeriesTime = date, tm
-    ds.SeriesDescription = f"dose {st.lower()}"
+    new_series(ds, "RTDOSE", f"dose {st.lower()}", date, tm)
     ds.OperatorsName = ""
     ds.FrameOfReferenceUID = series.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""

@@ -19,6 +19,7 @@ from adaptive.dicom._common import (
     ds_list,
     ds_str,
     new_dataset,
+    new_series,
     read_dataset,
     require,
     save_atomic,
@@ -143,11 +144,7 @@ def write_rtplan(plan: Plan, path: str | Path, *, provenance: Provenance | None 
 
     ds = new_dataset(RT_PLAN_STORAGE, sop_uid)
     set_patient_study(ds, patient, study_uid, study_date=date, study_time=tm)
-    ds.Modality = "RTPLAN"
-    ds.SeriesInstanceUID = new_uid()
-    ds.SeriesNumber = 1
-    ds.SeriesDate, ds.SeriesTime = date, tm
-    ds.SeriesDescription = (plan.name or plan.label)[:64]
+    new_series(ds, "RTPLAN", plan.name or plan.label, date, tm)
     ds.OperatorsName = ""
     ds.FrameOfReferenceUID = plan.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""

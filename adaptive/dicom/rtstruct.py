@@ -13,6 +13,7 @@ from adaptive.dicom._common import (
     RT_STRUCT_STORAGE,
     ds_list,
     new_dataset,
+    new_series,
     patient_from_ds,
     read_dataset,
     require,
@@ -79,11 +80,7 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, provenance: Provenance
     set_patient_study(ds, series.patient, series.study_instance_uid, study_id=series.study_id,
                       study_date=series.study_date, accession=series.accession_number,
                       referring=series.referring_physician_name)
-    ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = new_uid()
-    ds.SeriesNumber = 1
-    ds.SeriesDate, ds.SeriesTime = date, tm
-    ds.SeriesDescription = (ss.name or ss.label or "structures")[:64]
+    new_series(ds, "RTSTRUCT", ss.name or ss.label or "structures", date, tm)
     ds.OperatorsName = ""
     ds.FrameOfReferenceUID = series.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""

@@ -31,6 +31,7 @@ from adaptive.dicom._common import (
     DEFORMABLE_REG_STORAGE,
     ds_list,
     new_dataset,
+    new_series,
     read_dataset,
     require,
     save_atomic,
@@ -120,11 +121,8 @@ def write_deformable_registration(path: str | Path, result: RegistrationResult,
                       accession=cbct_info.accession_number,
                       referring=cbct_info.referring_physician_name)
     # General Series / Spatial Registration Series
-    ds.Modality = "REG"
-    ds.SeriesInstanceUID = new_uid()
-    ds.SeriesNumber = 900
-    ds.SeriesDescription = "Deformable registration CBCT to planning CT"
-    ds.SeriesDate, ds.SeriesTime = date, tm
+    new_series(ds, "REG", "Deformable registration CBCT to planning CT", date, tm,
+               series_number=900)
     ds.Laterality = ""  # Type 2C (General Series); the registration is of no paired organ
     # Frame of Reference (Registered RCS = CBCT)
     ds.FrameOfReferenceUID = cbct_info.frame_of_reference_uid
