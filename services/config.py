@@ -307,3 +307,19 @@ def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_local_config(workdir: str | Path, tms_port: int) -> tuple[Path, int]:
+    """A services config under ``workdir`` for one machine: every endpoint on a free
+    127.0.0.1 port, the store in ``workdir/var``, the TMS at ``tms_port`` (used by
+    ``adaptive demo`` and the session benchmark). Returns (config path, gateway port)."""
+    workdir = Path(workdir)
+    ports = [free_tcp_port() for _ in range(5)]
+    ep = [f"tcp://127.0.0.1:{p}" for p in ports[1:]]
+    cfg = write_config_variant(None, workdir / "services.toml", {
+        "paths": {"root": str(workdir / "var")},
+        "gateway": {"port": ports[0]},
+        "orchestrator": {"worker_endpoint": ep[0], "gateway_events_endpoint": ep[1],
+                         "console_endpoint": ep[2], "console_events_endpoint": ep[3]},
+        "tms": {"port": tms_port}})
+    return cfg, ports[0]

@@ -117,7 +117,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
     stand-in). p50/p95 per stage (orchestrator clocks: dispatch to result) and end to end
     (CBCT complete to plan stored, excluding the decision)."""
     from adaptive.commands.demo import Tms, _patient_id, find_fraction, push
-    from services.config import free_tcp_port, write_config_variant
+    from services.config import write_local_config
     from services.console import ConsoleClient
     from services.supervisor import ServiceStack
 
@@ -127,14 +127,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
     pid = _patient_id(planning / "RP.dcm")
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-sessions-"))
     tms = Tms(work)
-    ports = [free_tcp_port() for _ in range(5)]
-    cfg = write_config_variant(None, work / "services.toml", {
-        "paths": {"root": str(work / "var")}, "gateway": {"port": ports[0]},
-        "orchestrator": {"worker_endpoint": f"tcp://127.0.0.1:{ports[1]}",
-                         "gateway_events_endpoint": f"tcp://127.0.0.1:{ports[2]}",
-                         "console_endpoint": f"tcp://127.0.0.1:{ports[3]}",
-                         "console_events_endpoint": f"tcp://127.0.0.1:{ports[4]}"},
-        "tms": {"port": tms.port}})
+    cfg, gw_port = write_local_config(work, tms.port)
     stack = ServiceStack(cfg)
     cl = None
     rows = []
@@ -143,7 +136,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
         stack.wait_ready(240)
         oc = stack.cfg.orchestrator
         cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint)
-        push(ports[0], sorted((planning / "CT").glob("*.dcm")) +
+        push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
              [planning / "RS.dcm", planning / "RP.dcm"])
         end = time.monotonic() + 60
         while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
@@ -153,7 +146,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
         for i in range(n):
             fx = fractions[i % len(fractions)]
             s = cl.start("BENCH_ROOM", pid)
-            push(ports[0], sorted((fx / "CBCT").glob("*.dcm")))
+            push(gw_port, sorted((fx / "CBCT").glob("*.dcm")))
             s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
                                   900, poll_s=0.25)
             if s["state"] == "failed":

@@ -152,7 +152,7 @@ def push(port: int, files: list[Path]) -> str:
 
 
 def run(args) -> int:
-    from services.config import free_tcp_port, write_config_variant
+    from services.config import write_local_config
     from services.console import ConsoleClient
     from services.supervisor import ServiceStack
 
@@ -164,25 +164,17 @@ def run(args) -> int:
     print(f"adaptive demo (RESEARCH USE ONLY): fraction {fx}, patient {pid}, workdir {work}")
     tms = Tms(work)
     print(f"TMS: {tms.label}")
-    ports = [free_tcp_port() for _ in range(5)]
-    cfg = write_config_variant(None, work / "services.toml", {
-        "paths": {"root": str(work / "var")},
-        "gateway": {"port": ports[0]},
-        "orchestrator": {"worker_endpoint": f"tcp://127.0.0.1:{ports[1]}",
-                         "gateway_events_endpoint": f"tcp://127.0.0.1:{ports[2]}",
-                         "console_endpoint": f"tcp://127.0.0.1:{ports[3]}",
-                         "console_events_endpoint": f"tcp://127.0.0.1:{ports[4]}"},
-        "tms": {"port": tms.port}})
+    cfg, gw_port = write_local_config(work, tms.port)
     stack = ServiceStack(cfg)
     cl = None
     try:
         stack.start()
         stack.wait_ready(min(240.0, args.timeout))
         print(f"services up in {time.monotonic() - t_start:.1f} s "
-              f"(gateway ADAPTIVE_GW@127.0.0.1:{ports[0]}; logs {stack.log_dir})")
+              f"(gateway ADAPTIVE_GW@127.0.0.1:{gw_port}; logs {stack.log_dir})")
         oc = stack.cfg.orchestrator
         cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint)
-        how = push(ports[0], sorted((planning / "CT").glob("*.dcm")) +
+        how = push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
                    [planning / "RS.dcm", planning / "RP.dcm"])
         end = time.monotonic() + 60
         while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
@@ -192,7 +184,7 @@ def run(args) -> int:
         print(f"planning data received ({how})")
         s = cl.start("DEMO_ROOM", pid)
         print(f"session {s['session_id']} started; sending CBCT")
-        push(ports[0], sorted((fx / "CBCT").glob("*.dcm")))
+        push(gw_port, sorted((fx / "CBCT").glob("*.dcm")))
         left = max(10.0, args.timeout - (time.monotonic() - t_start))
         s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed",
                                                 "cancelled"}, left, poll_s=0.25)
