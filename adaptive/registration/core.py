@@ -43,7 +43,7 @@ from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.registration import elastix_backend as eb
-from adaptive.registration.masks import body_and_gas, valid_region_mask
+from adaptive.registration.masks import body_and_gas, soft_tissue_mode, valid_region_mask
 from adaptive.registration.quality import (
     affine_field,
     deformation_beyond_rigid,
@@ -52,6 +52,7 @@ from adaptive.registration.quality import (
     similarity,
 )
 from adaptive.registration.settings import RegistrationSettings, load_registration_settings
+from adaptive.registration.shading import apply_shading, estimate_shading
 
 log = get_logger("adaptive.registration")
 
@@ -121,6 +122,32 @@ def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 def _sub(mask: np.ndarray, step: int) -> tuple:
     return (slice(None, None, step),) * 3
+
+
+def _window(a: np.ndarray, tissue_mode_hu: float, s: RegistrationSettings) -> np.ndarray:
+    """The image as given to elastix: clipped to the intensity window about its tissue mode."""
+    if s.intensity_window_hu is None:
+        return a
+    lo, hi = s.intensity_window_hu
+    return np.clip(a, tissue_mode_hu + lo, tissue_mode_hu + hi)
+
+
+def _shading_corrected(fixed: np.ndarray, fgrid: Grid, planning_ct: Volume, m_rigid: np.ndarray,
+                       region: np.ndarray, cbct_mode: float, ct_mode: float,
+                       s: RegistrationSettings) -> tuple[np.ndarray, dict]:
+    """The CBCT for the deformable stage with its shading removed (see
+    :mod:`adaptive.registration.shading`), windowed, and the correction's report."""
+    ct_r = planning_ct.sample_lps(_apply(m_rigid, fgrid.voxel_centers_lps()), order=1,
+                                  fill=np.nan).astype(np.float32)
+    inside = np.isfinite(ct_r)
+    ct_r[~inside] = -1000.0
+    shading, rep = estimate_shading(fixed, ct_r, region & inside, fgrid, cbct_tissue_hu=cbct_mode,
+                                    ct_tissue_hu=ct_mode, settings=s.shading)
+    if not rep["applied"]:
+        return _window(fixed, cbct_mode, s), rep
+    corrected = apply_shading(fixed, shading)
+    # after correction the CBCT is on the planning CT's HU scale
+    return _window(corrected, ct_mode, s), rep
 
 
 # --- the B-spline worker ----------------------------------------------------------------
@@ -277,14 +304,10 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     except Exception as e:
         raise RegistrationError(f"CBCT does not overlap the planning CT: {e}") from e
     moving = np.asarray(crop.array, dtype=np.float32)
-    fixed_reg = fixed
-    if s.intensity_window_hu is not None:
-        lo, hi = s.intensity_window_hu
-        from adaptive.registration.masks import soft_tissue_mode
-        mm = soft_tissue_mode(moving[:: 2, :: 2, :: 2].ravel())
-        fixed_reg = np.clip(fixed, tissue_mode + lo, tissue_mode + hi)
-        moving = np.clip(moving, mm + lo, mm + hi)
-        q["planning_tissue_mode_hu"] = mm
+    mm = soft_tissue_mode(moving[:: 2, :: 2, :: 2].ravel())
+    q["planning_tissue_mode_hu"] = mm
+    fixed_reg = _window(fixed, tissue_mode, s)
+    moving = _window(moving, mm, s)
     timings["prepare"] = time.perf_counter() - t
 
     # --- rigid ----------------------------------------------------------------------------
@@ -301,6 +324,14 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
             f"rigid stage diverged: only {100 * q['overlap_rigid']:.1f}% of the CBCT maps inside "
             f"the planning CT (correction {q['rigid_correction_mm']:.1f} mm)")
     q["similarity_rigid"] = sim(m_rigid)
+
+    # --- CBCT shading correction (planning CT as prior), for the deformable stage -------------
+    if s.shading.enabled:
+        t_sh = time.perf_counter()
+        fixed_reg, q["shading"] = _shading_corrected(fixed, fgrid, planning_ct, m_rigid,
+                                                     fmask & body if body.any() else fmask,
+                                                     tissue_mode, q.get("planning_tissue_mode_hu"), s)
+        timings["shading"] = time.perf_counter() - t_sh
 
     # --- B-spline under the deadline ----------------------------------------------------------
     fallback = None

@@ -14,6 +14,7 @@ from typing import Any
 
 from adaptive.config import check_keys, config_path, get_number, load_toml
 from adaptive.errors import ConfigError
+from adaptive.registration.shading import ShadingSettings
 
 DEFAULT_CONFIG = config_path("registration.toml")
 
@@ -29,6 +30,8 @@ _SECTIONS = {
     "synthetic_ct": {"air_hu", "smoothing_mm", "gas_offset_hu", "min_gas_volume_mm3",
                      "body_offset_hu", "planned_gas_hu", "tissue_fill_hu"},
     "propagation": {"threshold"},
+    "shading": {"enabled", "sigma_mm", "tissue_window_hu", "max_gradient_hu_per_mm", "outlier_hu",
+                "iterations", "min_support_fraction"},
     "elastix": {"rigid", "bspline"},
 }
 # elastix parameters we set ourselves (per run); a config must not set them.
@@ -72,6 +75,7 @@ class RegistrationSettings:
     quality: dict = field(default_factory=dict)
     synthetic_ct: dict = field(default_factory=dict)
     propagation_threshold: float = 0.5
+    shading: ShadingSettings = field(default_factory=ShadingSettings)
     elastix: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def parameter_map(self, stage: str) -> dict[str, list[str]]:
@@ -165,6 +169,18 @@ def load_registration_settings(path: str | Path | dict | RegistrationSettings | 
     s.propagation_threshold = get_number(raw.get("propagation", {}), "threshold",
                                          f"{src} [propagation]", minimum=0.01, maximum=0.99,
                                          default=0.5)
+    sh = raw.get("shading", {})
+    wsh = f"{src} [shading]"
+    s.shading = ShadingSettings(
+        enabled=_bool(sh, "enabled", wsh, True),
+        sigma_mm=get_number(sh, "sigma_mm", wsh, minimum=1.0, default=20.0),
+        tissue_window_hu=get_number(sh, "tissue_window_hu", wsh, minimum=10.0, default=150.0),
+        max_gradient_hu_per_mm=get_number(sh, "max_gradient_hu_per_mm", wsh, minimum=0.1,
+                                          default=20.0),
+        outlier_hu=get_number(sh, "outlier_hu", wsh, minimum=1.0, default=40.0),
+        iterations=int(get_number(sh, "iterations", wsh, minimum=0, maximum=10, default=2)),
+        min_support_fraction=get_number(sh, "min_support_fraction", wsh, minimum=0.0, maximum=1.0,
+                                        default=0.05))
     el = raw["elastix"]
     for stage in ("rigid", "bspline"):
         if stage not in el:
