@@ -10,10 +10,10 @@ from registration_phantom import cbct_grid, phantom_hu
 
 from adaptive.config import load_toml
 from adaptive.errors import ConfigError
+from adaptive.geometry.volume import Volume
 from adaptive.registration.masks import body_and_gas, soft_tissue_mode, valid_region_mask
 from adaptive.registration.settings import DEFAULT_CONFIG, load_registration_settings
 from adaptive.registration.shading import ShadingSettings, apply_shading, estimate_shading
-from adaptive.geometry.volume import Volume
 
 
 def _case(cupping_hu=80.0, offset_hu=-30.0, noise_hu=20.0, seed=3):

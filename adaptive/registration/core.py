@@ -132,12 +132,13 @@ def _window(a: np.ndarray, tissue_mode_hu: float, s: RegistrationSettings) -> np
     return np.clip(a, tissue_mode_hu + lo, tissue_mode_hu + hi)
 
 
-def _shading_corrected(fixed: np.ndarray, fgrid: Grid, planning_ct: Volume, m_rigid: np.ndarray,
-                       region: np.ndarray, cbct_mode: float, ct_mode: float,
+def _shading_corrected(fixed: np.ndarray, fgrid: Grid, centres: np.ndarray, planning_ct: Volume,
+                       m_rigid: np.ndarray, region: np.ndarray, cbct_mode: float, ct_mode: float,
                        s: RegistrationSettings) -> tuple[np.ndarray, dict]:
     """The CBCT for the deformable stage with its shading removed (see
-    :mod:`adaptive.registration.shading`), windowed, and the correction's report."""
-    ct_r = planning_ct.sample_lps(_apply(m_rigid, fgrid.voxel_centers_lps()), order=1,
+    :mod:`adaptive.registration.shading`), windowed, and the correction's report.
+    ``centres``: the CBCT voxel centres (LPS mm)."""
+    ct_r = planning_ct.sample_lps(_apply(m_rigid, centres), order=1,
                                   fill=np.nan).astype(np.float32)
     inside = np.isfinite(ct_r)
     ct_r[~inside] = -1000.0
@@ -275,7 +276,8 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     m0, how = initial_alignment(cbct, planning_ct, s, initial_matrix, isocenter_lps_mm)
     step = s.quality["subsample"]
     sub = _sub(fmask, step)
-    pts_sub = fgrid.voxel_centers_lps()[sub]
+    centres = fgrid.voxel_centers_lps()  # CBCT voxel centres, LPS mm
+    pts_sub = centres[sub]
     fm_sub = fmask[sub]
     fvals = fixed[sub][fm_sub]
 
@@ -328,9 +330,9 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     # --- CBCT shading correction (planning CT as prior), for the deformable stage -------------
     if s.shading.enabled:
         t_sh = time.perf_counter()
-        fixed_reg, q["shading"] = _shading_corrected(fixed, fgrid, planning_ct, m_rigid,
+        fixed_reg, q["shading"] = _shading_corrected(fixed, fgrid, centres, planning_ct, m_rigid,
                                                      fmask & body if body.any() else fmask,
-                                                     tissue_mode, q.get("planning_tissue_mode_hu"), s)
+                                                     tissue_mode, mm, s)
         timings["shading"] = time.perf_counter() - t_sh
 
     # --- B-spline under the deadline ----------------------------------------------------------
@@ -353,7 +355,6 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
 
     # --- field --------------------------------------------------------------------------------
     t = time.perf_counter()
-    centres = fgrid.voxel_centers_lps()
     if bmaps is not None:
         ub = eb.bspline_field(bmaps[-1], fgrid) if len(bmaps) == 1 else None
         if ub is None:

@@ -171,16 +171,19 @@ def load_registration_settings(path: str | Path | dict | RegistrationSettings | 
                                          default=0.5)
     sh = raw.get("shading", {})
     wsh = f"{src} [shading]"
+    d = ShadingSettings()  # the defaults live in one place
     s.shading = ShadingSettings(
-        enabled=_bool(sh, "enabled", wsh, True),
-        sigma_mm=get_number(sh, "sigma_mm", wsh, minimum=1.0, default=20.0),
-        tissue_window_hu=get_number(sh, "tissue_window_hu", wsh, minimum=10.0, default=150.0),
+        enabled=_bool(sh, "enabled", wsh, d.enabled),
+        sigma_mm=get_number(sh, "sigma_mm", wsh, minimum=1.0, default=d.sigma_mm),
+        tissue_window_hu=get_number(sh, "tissue_window_hu", wsh, minimum=10.0,
+                                    default=d.tissue_window_hu),
         max_gradient_hu_per_mm=get_number(sh, "max_gradient_hu_per_mm", wsh, minimum=0.1,
-                                          default=20.0),
-        outlier_hu=get_number(sh, "outlier_hu", wsh, minimum=1.0, default=40.0),
-        iterations=int(get_number(sh, "iterations", wsh, minimum=0, maximum=10, default=2)),
-        min_support_fraction=get_number(sh, "min_support_fraction", wsh, minimum=0.0, maximum=1.0,
-                                        default=0.05))
+                                          default=d.max_gradient_hu_per_mm),
+        outlier_hu=get_number(sh, "outlier_hu", wsh, minimum=1.0, default=d.outlier_hu),
+        iterations=int(get_number(sh, "iterations", wsh, minimum=0, maximum=10,
+                                  default=d.iterations)),
+        min_support_fraction=get_number(sh, "min_support_fraction", wsh, minimum=0.0,
+                                        maximum=1.0, default=d.min_support_fraction))
     el = raw["elastix"]
     for stage in ("rigid", "bspline"):
         if stage not in el:

@@ -51,9 +51,11 @@ class ShadingSettings:
 
 
 def _smooth_normalised(values: np.ndarray, weights: np.ndarray, sigma_vox) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised convolution: Gaussian mean of ``values`` weighted by ``weights``, and the
+    smoothed weights (the estimate's support)."""
     num = ndimage.gaussian_filter(values * weights, sigma_vox, mode="nearest")
     den = ndimage.gaussian_filter(weights, sigma_vox, mode="nearest")
-    return num, den
+    return num / np.maximum(den, 1e-6), den
 
 
 def estimate_shading(cbct_hu: np.ndarray, ct_on_cbct_hu: np.ndarray, region: np.ndarray,
@@ -72,8 +74,10 @@ def estimate_shading(cbct_hu: np.ndarray, ct_on_cbct_hu: np.ndarray, region: np.
     ct = ct_on_cbct_hu.astype(np.float32)
     sp = np.asarray(grid.spacing, dtype=np.float64)[::-1]  # (z, y, x) mm
     sigma_vox = st.sigma_mm / sp
+    # edge strength of the planning CT after a 1 mm Gaussian (HU/mm)
     grad = np.sqrt(sum(g ** 2 for g in np.gradient(
-        ndimage.gaussian_filter(ct, 1.0 / sp * 1.0, mode="nearest"), *sp)))
+        ndimage.gaussian_filter(ct, 1.0 / sp, mode="nearest"), *sp)))
+    # the CBCT's window is 100 HU wider: its soft tissue is spread by the shading itself
     w = (region
          & (np.abs(ct - ct_tissue_hu) < st.tissue_window_hu)
          & (np.abs(cb - cbct_tissue_hu) < st.tissue_window_hu + 100.0)
@@ -84,15 +88,13 @@ def estimate_shading(cbct_hu: np.ndarray, ct_on_cbct_hu: np.ndarray, region: np.
         return np.zeros_like(cb), report
     d = np.where(w, cb - ct, 0.0).astype(np.float32)
     wf = w.astype(np.float32)
-    num, den = _smooth_normalised(d, wf, sigma_vox)
-    s = num / np.maximum(den, 1e-6)
+    s, den = _smooth_normalised(d, wf, sigma_vox)
     for _ in range(max(0, int(st.iterations))):
         keep = w & (np.abs(d - s) <= st.outlier_hu)
         if keep.sum() < 100:
             break
         wf = keep.astype(np.float32)
-        num, den = _smooth_normalised(d, wf, sigma_vox)
-        s = num / np.maximum(den, 1e-6)
+        s, den = _smooth_normalised(d, wf, sigma_vox)
         report["rounds"] += 1
     # far from any support the normalised convolution is ill-defined: blend to the median
     fallback = float(np.median(d[wf > 0])) if (wf > 0).any() else 0.0
