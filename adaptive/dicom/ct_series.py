@@ -55,6 +55,18 @@ SPACING_REL_TOL = 0.01
 SPACING_ABS_TOL_MM = 0.01
 
 
+def _single_uid(items, keyword: str, error, message: str, where) -> str:
+    """The one value of UID ``keyword`` shared by all ``items`` ((path, dataset) pairs); raises
+    ``error(message.format(n=...) + the UIDs with an example file each, where)`` otherwise."""
+    uids: dict[str, Path] = {}
+    for f, ds in items:
+        uids.setdefault(str(require(ds, keyword, f)), f)
+    if len(uids) > 1:
+        desc = ", ".join(f"{u} (e.g. {p.name})" for u, p in uids.items())
+        raise error(f"{message.format(n=len(uids))}: {desc}", where)
+    return next(iter(uids))
+
+
 def _list_files(source) -> list[Path]:
     if isinstance(source, (list, tuple)):
         files = [Path(p) for p in source]
@@ -156,21 +168,11 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
         raise EmptySeriesError(f"no {want or 'image'} instances found",
                                None if isinstance(source, (list, tuple)) else source)
 
-    # identity checks
-    series_uids = {}
-    for f, ds in items:
-        series_uids.setdefault(str(require(ds, "SeriesInstanceUID", f)), f)
-    if len(series_uids) > 1:
-        desc = ", ".join(f"{u} (e.g. {p.name})" for u, p in series_uids.items())
-        raise MixedSeriesError(f"{len(series_uids)} series mixed: {desc}",
-                               None if isinstance(source, (list, tuple)) else source)
-    for_uids = {}
-    for f, ds in items:
-        for_uids.setdefault(str(require(ds, "FrameOfReferenceUID", f)), f)
-    if len(for_uids) > 1:
-        desc = ", ".join(f"{u} (e.g. {p.name})" for u, p in for_uids.items())
-        raise MixedFrameOfReferenceError(f"series has {len(for_uids)} Frames of Reference: {desc}",
-                                         None if isinstance(source, (list, tuple)) else source)
+    # identity checks: one series, one Frame of Reference
+    where = None if isinstance(source, (list, tuple)) else source
+    series_uid = _single_uid(items, "SeriesInstanceUID", MixedSeriesError, "{n} series mixed", where)
+    for_uid = _single_uid(items, "FrameOfReferenceUID", MixedFrameOfReferenceError,
+                          "series has {n} Frames of Reference", where)
 
     # geometry
     f0, ds0 = items[0]
@@ -245,8 +247,8 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
     info = SeriesInfo(
         patient=patient_from_ds(ds0),
         study_instance_uid=str(require(ds0, "StudyInstanceUID", f0)),
-        series_instance_uid=next(iter(series_uids)),
-        frame_of_reference_uid=next(iter(for_uids)),
+        series_instance_uid=series_uid,
+        frame_of_reference_uid=for_uid,
         modality=str(ds0.get("Modality", "CT") or "CT"),
         sop_instance_uids=[str(require(ds, "SOPInstanceUID", f)) for f, ds in items],
         sop_class_uid=str(require(ds0, "SOPClassUID", f0)),
