@@ -87,3 +87,28 @@ def test_shading_config_errors_are_specific(key, value):
 def test_default_config_enables_shading():
     s = load_registration_settings()
     assert s.shading.enabled and s.shading.sigma_mm == 20.0
+
+
+def test_shading_estimate_on_blocks_matches_full_resolution():
+    """On fine voxels the normalised convolution runs on blocks of <= σ/4 and is interpolated
+    back: the same estimate as the full-resolution Gaussian (measured: 0.55 HU mean, 2 HU max
+    away from the edges) and as close to a known smooth field (2.57 vs 2.64 HU mean)."""
+    from scipy import ndimage
+
+    from adaptive.registration.shading import _smooth_normalised
+
+    shape, sp = (40, 90, 90), np.array([1.0, 0.9, 0.9])  # (z, y, x) mm
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, sp)), indexing="ij")
+    truth = (60 * np.cos(x / 80) * np.sin(y / 70) + 0.3 * z).astype(np.float32)
+    rng = np.random.default_rng(0)
+    vals = (truth + rng.normal(0, 30, shape)).astype(np.float32)
+    w = (rng.uniform(size=shape) < 0.6).astype(np.float32)
+    est, den = _smooth_normalised(vals, w, 20.0, sp)
+    sig = 20.0 / sp
+    full = (ndimage.gaussian_filter(vals * w, sig, mode="nearest")
+            / ndimage.gaussian_filter(w, sig, mode="nearest"))
+    inner = (slice(8, -8), slice(15, -15), slice(15, -15))
+    assert est.shape == shape and den.shape == shape
+    assert np.abs(est - full).mean() < 1.0
+    assert np.abs(est - full)[inner].max() < 3.0
+    assert np.abs(est - truth).mean() < 1.1 * np.abs(full - truth).mean()

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from adaptive.geometry.jacobian import jacobian_determinant  # noqa: F401 - part of this API
 from adaptive.geometry.volume import Grid
 from adaptive.phantoms import shapes as S
 from adaptive.phantoms.pelvis import GasPocket, PelvisAnatomy
@@ -200,18 +201,3 @@ def daily_dvf(cbct_grid: Grid, anatomy: PelvisAnatomy, variation: DailyVariation
         out[..., c] = ndimage.map_coordinates(uc[..., c], coords, order=1,
                                               mode="nearest").reshape(cbct_grid.shape)
     return out
-
-
-def jacobian_determinant(dvf: np.ndarray, grid: Grid) -> np.ndarray:
-    """det(d(x + u)/dx) on ``grid`` (central differences, numpy.gradient), for a DVF of shape
-    grid.shape + (3,) in LPS mm. Values ≤ 0 mean folding."""
-    m = grid.direction * grid.spacing[None, :]  # d lps / d ijk
-    minv = np.linalg.inv(m)
-    # d u_c / d ijk: numpy axes (k, j, i) → reorder to (i, j, k)
-    jac = np.empty(dvf.shape[:3] + (3, 3), dtype=np.float64)
-    for c in range(3):
-        gk, gj, gi = np.gradient(dvf[..., c].astype(np.float64))
-        d_ijk = np.stack([gi, gj, gk], axis=-1)  # (..., 3)
-        jac[..., c, :] = d_ijk @ minv  # d u_c / d lps
-    jac += np.eye(3)
-    return np.linalg.det(jac)

@@ -8,28 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from adaptive.geometry.jacobian import jacobian_determinant  # noqa: F401 - part of this API
 from adaptive.geometry.volume import Grid
-
-
-def jacobian_determinant(dvf_lps_mm: np.ndarray, grid: Grid) -> np.ndarray:
-    """det(∂(x + u)/∂x) at every voxel (central differences; one-sided at the edges).
-
-    Derivatives are taken along the index axes and converted to LPS with the grid's
-    spacing and direction, so the result is the Jacobian of the map in patient space
-    (1 = volume preserved, < 1 compression, ≤ 0 folding).
-    """
-    u = dvf_lps_mm.astype(np.float64)
-    # d u / d(index) for index axes (i, j, k) = numpy axes (2, 1, 0)
-    d_idx = np.empty(u.shape[:3] + (3, 3))  # [..., component, index axis]
-    for a, ax in enumerate((2, 1, 0)):
-        if u.shape[ax] > 1:
-            d_idx[..., :, a] = np.gradient(u, axis=ax)
-        else:
-            d_idx[..., :, a] = 0.0
-    # x = origin + D S idx  ->  d idx / dx = S^-1 D^T
-    didx_dx = np.diag(1.0 / grid.spacing) @ grid.direction.T
-    jac = d_idx @ didx_dx + np.eye(3)
-    return np.linalg.det(jac)
 
 
 def jacobian_stats(det: np.ndarray, mask: np.ndarray) -> dict:
