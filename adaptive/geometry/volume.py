@@ -118,9 +118,14 @@ class Grid:
     def voxel_centers_lps(self, dtype=np.float64) -> np.ndarray:
         """LPS mm of every voxel centre, shape (nz, ny, nx, 3)."""
         nz, ny, nx = self.shape
-        k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
-        ijk = np.stack([i, j, k], axis=-1).astype(np.float64)
-        return self.ijk_to_lps(ijk).astype(dtype)
+        m = self.direction * self.spacing[None, :]  # column a: LPS step of index axis a
+        # separable: origin + i m[:, 0] + j m[:, 1] + k m[:, 2], built by broadcasting
+        out = np.empty((nz, ny, nx, 3), dtype=np.float64)
+        out[...] = self.origin
+        out += np.arange(nx, dtype=np.float64)[None, None, :, None] * m[:, 0]
+        out += np.arange(ny, dtype=np.float64)[None, :, None, None] * m[:, 1]
+        out += np.arange(nz, dtype=np.float64)[:, None, None, None] * m[:, 2]
+        return out if dtype == np.float64 else out.astype(dtype)
 
     def bounds_lps(self) -> tuple[np.ndarray, np.ndarray]:
         """Axis-aligned LPS bounding box (min, max) of the voxel centres, mm."""

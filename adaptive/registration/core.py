@@ -43,7 +43,12 @@ from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.registration import elastix_backend as eb
-from adaptive.registration.masks import body_and_gas, soft_tissue_mode, valid_region_mask
+from adaptive.registration.masks import (
+    body_and_gas,
+    erode_mask,
+    soft_tissue_mode,
+    valid_region_mask,
+)
 from adaptive.registration.quality import (
     affine_field,
     deformation_beyond_rigid,
@@ -263,7 +268,7 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
             f"{float(fixed[valid].std()) if valid.any() else 0.0:.2f} HU)")
     if float(moving_all.std()) < min_std:
         raise RegistrationError(f"planning CT is constant (std {float(moving_all.std()):.2f} HU)")
-    fmask = valid_region_mask(cbct, erode_mm=s.mask_erode_mm)
+    fmask = erode_mask(valid, fgrid.spacing[::-1], s.mask_erode_mm)
     if fmask.mean() < s.min_valid_fraction:
         fmask = valid
     body, _, tissue_mode = body_and_gas(cbct, valid, smoothing_mm=s.body_smoothing_mm,

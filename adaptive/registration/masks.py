@@ -43,12 +43,18 @@ def valid_region_mask(vol: Volume, erode_mm: float = 0.0) -> np.ndarray:
         for k in range(a.shape[0]):
             if valid[k].any():
                 valid[k] = ndimage.binary_fill_holes(valid[k])
-    if erode_mm > 0 and valid.any():
-        r = np.maximum(1, np.round(erode_mm / vol.grid.spacing[::-1]).astype(int))  # (z, y, x)
-        zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
-        ball = (zz / r[0]) ** 2 + (yy / r[1]) ** 2 + (xx / r[2]) ** 2 <= 1.0
-        valid = ndimage.binary_erosion(valid, structure=ball, border_value=0)
-    return valid
+    return erode_mask(valid, vol.grid.spacing[::-1], erode_mm)
+
+
+def erode_mask(mask: np.ndarray, spacing_zyx, erode_mm: float) -> np.ndarray:
+    """``mask`` eroded by an ellipsoid of ``erode_mm`` (mm) radius (at least one voxel per
+    axis); the volume's border counts as outside."""
+    if erode_mm <= 0 or not mask.any():
+        return mask
+    r = np.maximum(1, np.round(erode_mm / np.asarray(spacing_zyx, dtype=float)).astype(int))
+    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    ball = (zz / r[0]) ** 2 + (yy / r[1]) ** 2 + (xx / r[2]) ** 2 <= 1.0
+    return ndimage.binary_erosion(mask, structure=ball, border_value=0)
 
 
 def _smooth(vol: Volume, sigma_mm: float) -> np.ndarray:
