@@ -152,7 +152,8 @@ def run(args) -> str:
 
 # (planning CT spacing, CBCT spacing) in mm (i, j, k); extents stay those of the replay case
 SHIFT_GEOMETRIES = (((3.0, 3.0, 3.0), (2.7, 2.7, 3.0)),    # the committed replay case
-                    ((1.0, 1.0, 3.0), (0.9, 0.9, 2.0)))    # clinically typical pelvis CT / CBCT
+                    ((1.0, 1.0, 3.0), (0.9, 0.9, 2.0)),    # clinically typical pelvis CT / CBCT
+                    ((1.0, 1.0, 3.0), (0.9, 0.9, 3.0)))    # the same with thick CBCT slices
 SHIFT_CASES = ((21, (4.0, 3.0, -5.0)), (22, (-3.0, 6.0, 2.0)))  # (phantom seed, setup shift mm)
 
 
