@@ -339,8 +339,9 @@ def test_warm_up_runs():
 def test_jacobian_in_slabs_matches_whole_volume(monkeypatch):
     """The slab-wise determinant (bounded memory) equals a whole-volume computation, also at
     slab boundaries and with an oblique grid, and a shear keeps det = 1."""
-    import adaptive.geometry.jacobian as jac
     from scipy.spatial.transform import Rotation
+
+    import adaptive.geometry.jacobian as jac
 
     g = cbct_grid(shape=(11, 9, 8), spacing=(0.9, 1.3, 2.0))
     g = type(g)(shape=g.shape, origin=g.origin, spacing=g.spacing,

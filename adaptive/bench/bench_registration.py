@@ -160,7 +160,7 @@ SHIFT_CASES = ((21, (4.0, 3.0, -5.0)), (22, (-3.0, 6.0, 2.0)))  # (phantom seed,
 def pure_shift_case(seed: int, shift_mm, ct_spacing_mm, cbct_spacing_mm) -> dict:
     """Register a pure setup shift of the pelvis phantom (seed ``seed``) at the given voxel
     sizes; returns the full-field and rigid errors (mm) and the timings (s)."""
-    from adaptive.phantoms.cbct import simulate_fraction
+    from adaptive.phantoms.cbct import CbctGeometry, simulate_fraction
     from adaptive.phantoms.deformation import DailyVariation
     from adaptive.phantoms.pelvis import (
         PelvisAnatomy,
@@ -176,13 +176,12 @@ def pure_shift_case(seed: int, shift_mm, ct_spacing_mm, cbct_spacing_mm) -> dict
     anat = PelvisAnatomy.sample(seed, ptv_margin_mm=cfg.ptv_margin_mm)
     ext = np.multiply(cfg.planning_size_ijk, cfg.planning_spacing_mm)
     grid = default_planning_grid(anat, tuple(ct_spacing_mm),
-                                 tuple(int(round(e / s)) for e, s in zip(ext, ct_spacing_mm)))
+                                 tuple(round(float(e / s)) for e, s in zip(ext, ct_spacing_mm)))
     ph = pelvis_phantom(grid, seed, anatomy=anat, noise_hu=cfg.planning_noise_hu)
     iso = isocenter_from_ptv(ph)
     cext = np.multiply(cfg.cbct_size_ijk, cfg.cbct_spacing_mm)
-    geo = cfg.cbct_geometry.__class__(
-        tuple(int(round(e / s)) for e, s in zip(cext, cbct_spacing_mm)), tuple(cbct_spacing_mm),
-        cfg.cbct_fov_diameter_mm)
+    geo = CbctGeometry(tuple(round(float(e / s)) for e, s in zip(cext, cbct_spacing_mm)),
+                       tuple(cbct_spacing_mm), cfg.cbct_fov_diameter_mm)
     sim = simulate_fraction(ph, anat, iso, 1, seed, geometry=geo,
                             variation=DailyVariation(setup_translation_mm=tuple(shift_mm)))
     r = register(sim.cbct, ph.ct, isocenter_lps_mm=iso)
@@ -200,8 +199,8 @@ def pure_shift_section() -> list[str]:
               " (not the committed case), setup translation only, CBCT with noise, cupping and "
               "truncated field of view; error of the full field (rigid + B-spline) inside the body "
               "and the field of view (eroded 4 mm). One run each."), "",
-             "| planning CT voxel (mm) | CBCT voxel (mm) | CBCT size | seed | rigid part error (mm) | "
-             "full field mean / p95 / max (mm) | registration time (s) |",
+             ("| planning CT voxel (mm) | CBCT voxel (mm) | CBCT size | seed | rigid part error (mm) | "
+              "full field mean / p95 / max (mm) | registration time (s) |"),
              "|---|---|---|---|---|---|---|"]
     for ct_sp, cb_sp in SHIFT_GEOMETRIES:
         for seed, t in SHIFT_CASES:
