@@ -9,13 +9,13 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid
 from adaptive.phantoms.cbct import CbctDegradation, CbctGeometry, simulate_fraction
 from adaptive.phantoms.deformation import (
     DailyVariation,
     OrganMotionField,
     daily_dvf,
-    jacobian_determinant,
 )
 from adaptive.phantoms.pelvis import (
     HU,

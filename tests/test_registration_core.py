@@ -19,11 +19,12 @@ from registration_phantom import (
 
 from adaptive.config import load_toml
 from adaptive.errors import ConfigError, PatientMismatchError, RegistrationError
+from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Volume
 from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.registration import register, synthetic_ct
 from adaptive.registration.evaluate import dice, dilate_mm, hausdorff95, tre
-from adaptive.registration.quality import affine_field, jacobian_determinant
+from adaptive.registration.quality import affine_field
 from adaptive.registration.settings import DEFAULT_CONFIG, load_registration_settings
 
 SHIFT = np.array([4.0, 3.0, -5.0])

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from adaptive.geometry.jacobian import jacobian_determinant  # noqa: F401 - part of this API
 from adaptive.geometry.volume import Grid
 from adaptive.phantoms import shapes as S
 from adaptive.phantoms.pelvis import GasPocket, PelvisAnatomy

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adaptive.errors import PatientMismatchError, RegistrationError
+from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
@@ -52,7 +53,6 @@ from adaptive.registration.masks import (
 from adaptive.registration.quality import (
     affine_field,
     deformation_beyond_rigid,
-    jacobian_determinant,
     jacobian_stats,
     similarity,
 )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from adaptive.geometry.jacobian import jacobian_determinant  # noqa: F401 - part of this API
 from adaptive.geometry.volume import Grid
 
 
