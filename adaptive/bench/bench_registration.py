@@ -151,6 +151,7 @@ def run(args) -> str:
 
 
 # (planning CT spacing, CBCT spacing) in mm (i, j, k); extents stay those of the replay case
+# (config/replay.toml [pelvis]); the first row is its own voxel size
 SHIFT_GEOMETRIES = (((3.0, 3.0, 3.0), (2.7, 2.7, 3.0)),    # the committed replay case
                     ((1.0, 1.0, 3.0), (0.9, 0.9, 2.0)),    # clinically typical pelvis CT / CBCT
                     ((1.0, 1.0, 3.0), (0.9, 0.9, 3.0)))    # the same with thick CBCT slices
@@ -170,9 +171,9 @@ def pure_shift_case(seed: int, shift_mm, ct_spacing_mm, cbct_spacing_mm) -> dict
     )
     from adaptive.registration.core import register
     from adaptive.registration.masks import valid_region_mask
-    from adaptive.replay.build import PelvisCaseConfig
+    from adaptive.replay.build import load_replay_config
 
-    cfg = PelvisCaseConfig()
+    cfg = load_replay_config().pelvis  # the committed case's generator parameters
     anat = PelvisAnatomy.sample(seed, ptv_margin_mm=cfg.ptv_margin_mm)
     ext = np.multiply(cfg.planning_size_ijk, cfg.planning_spacing_mm)
     grid = default_planning_grid(anat, tuple(ct_spacing_mm),

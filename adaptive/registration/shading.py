@@ -81,16 +81,13 @@ def _smooth_normalised(values: np.ndarray, weights: np.ndarray, sigma_mm: float,
     The shading is smooth on the scale of σ, so the sums are formed on blocks of at most σ/4
     (e.g. 5 × 5 × 5 voxels of a 0.9 mm CBCT for σ = 20 mm), smoothed there and interpolated
     back: the same estimate at a fraction of the cost on clinical-resolution images. The
-    block's own box blur is taken out of the Gaussian's variance."""
+    block's own box blur (variance (k² − 1)/12 voxels², none for k = 1) is taken out of the
+    Gaussian's variance; with blocks of one voxel this is the plain normalised convolution."""
     k = tuple(int(max(1, np.floor(sigma_mm / 4.0 / s))) for s in spacing_zyx)
-    if k == (1, 1, 1):
-        sig = sigma_mm / spacing_zyx
-        num = ndimage.gaussian_filter(values * weights, sig, mode="nearest")
-        den = ndimage.gaussian_filter(weights, sig, mode="nearest")
-        return num / np.maximum(den, 1e-6), den
-    block_mm = np.asarray(k) * spacing_zyx
-    sig = np.sqrt(np.maximum(sigma_mm ** 2 - block_mm ** 2 / 12.0, 1e-6)) / block_mm
-    n = np.prod(k)
+    kk = np.asarray(k, dtype=np.float64)
+    box_var_mm2 = (kk ** 2 - 1.0) / 12.0 * spacing_zyx ** 2
+    sig = np.sqrt(sigma_mm ** 2 - box_var_mm2) / (kk * spacing_zyx)  # in blocks
+    n = int(np.prod(k))
     num = ndimage.gaussian_filter(_block_sum(values * weights, k) / n, sig, mode="nearest")
     den = ndimage.gaussian_filter(_block_sum(weights, k) / n, sig, mode="nearest")
     est = num / np.maximum(den, 1e-6)
