@@ -125,7 +125,8 @@ def test_tracker_idle_abort_and_resend_rules():
     assert tr.due() == []                       # idle timeout not yet passed
     now[0] = 11.1
     done = tr.due()
-    assert len(done) == 1 and done[0][0]["count"] == 1 and done[0][0]["completions"] == 1
+    assert len(done) == 1 and done[0].event == "series_complete"
+    assert done[0].body["count"] == 1 and done[0].body["completions"] == 1
     assert tr.due() == []                       # reported once
 
 
@@ -168,7 +169,7 @@ def gateway(tmp_path):
 
 
 def _assoc(port, ae_title="ADAPTIVE_GW"):
-    ae = AE(ae_title="TESTSCU")
+    ae = AE(ae_title="IMAGER")
     ae.add_requested_context(CT_IMAGE, [ExplicitVRLittleEndian])
     ae.dimse_timeout = 10
     assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
@@ -278,19 +279,20 @@ def test_dcmtk_storescu_series(gateway, tmp_path):
     storescu = require_tool("storescu", "dcmtk")
     paths = write_ct_series(tmp_path / "in", 10, 64, 64, patient_id="PDCM", description="CBCT")
     env = dict(os.environ, TCP_NODELAY="1")
-    r = subprocess.run([storescu, "-aec", "ADAPTIVE_GW", "127.0.0.1", str(gateway.port),
+    r = subprocess.run([storescu, "-aet", "IMAGER", "-aec", "ADAPTIVE_GW", "127.0.0.1", str(gateway.port),
                         *map(str, paths)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     done = gateway.events.wait_for("series_complete")
     assert done[0]["count"] == 10 and done[0]["series_description"] == "CBCT"
-    assert done[0]["calling_ae_titles"] == ["STORESCU"]
+    assert done[0]["calling_ae_titles"] == ["IMAGER"]
 
 
 # --- SCU ---------------------------------------------------------------------------
 
 def test_scu_sends_and_confirms_each_instance(gateway, tmp_path):
     paths = write_ct_series(tmp_path / "out", 3, 16, 16, patient_id="PSCU")
-    cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=1, backoff_s=0.0)
+    cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=1, backoff_s=0.0,
+                    calling_ae_title="TPS")
     reports, batch = send_files(paths, cfg, outbox=tmp_path / "outbox", session_id="s1")
     assert all(r.ok and r.status == 0 for r in reports) and len(reports) == 3
     assert json.loads((batch / "report.json").read_text())["ok"] is True
@@ -322,8 +324,26 @@ def test_scu_permanent_refusal_is_not_retried(gateway, tmp_path):
     ds.Modality = "MR"                            # our gateway refuses: 0xA900
     p = tmp_path / "bad.dcm"
     ds.save_as(p, enforce_file_format=True)
-    cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=3, backoff_s=0.0)
+    cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=3, backoff_s=0.0,
+                    calling_ae_title="TPS")
     with pytest.raises(HandOffError) as ei:
         send_files([p], cfg, outbox=tmp_path / "outbox", session_id="s3", sleep=lambda s: None)
     r = ei.value.report[0]
     assert r["status"] == 0xA900 and r["attempts"] == 1
+
+
+def test_tracker_seeded_series_is_not_due_before_an_instance_arrives():
+    """Instances found in the store (before a restart) alone never make a series due: it
+    becomes due only after a new instance and the idle timeout (no race with seeding)."""
+    now = [100.0]
+    tr = SeriesTracker(1.0, clock=lambda: now[0])
+    old = [_validate(_slice(index=k)) for k in range(3)]
+    tr.seed([(h, Path(f"/x/{h.sop_instance_uid}.dcm")) for h in old])
+    now[0] = 200.0
+    assert tr.due() == []
+    new = _validate(_slice(index=3))
+    tr.instance_stored(1, new, Path("/x/new.dcm"))
+    tr.association_released(1)
+    now[0] = 201.5
+    done = tr.due()
+    assert [r.event for r in done] == ["series_complete"] and done[0].body["count"] == 4
