@@ -45,15 +45,23 @@ _ESC = "\x1b"
 Result = tuple[bool, str]
 
 
+def _text_within(value, max_len: int) -> str:
+    """Why ``value`` is not a non-empty string of at most ``max_len`` characters ("" if it is)."""
+    if not isinstance(value, str):
+        return "must be a string"
+    if not value:
+        return "must not be empty"
+    if len(value) > max_len:
+        return f"must not exceed {max_len} characters (has {len(value)})"
+    return ""
+
+
 def validate_uid(value) -> Result:
     """A DICOM UID (PS3.5 §9.1): digits and dots, <= 64 characters, no empty component,
     no leading zero in a component of more than one digit."""
-    if not isinstance(value, str):
-        return False, "must be a string"
-    if not value:
-        return False, "must not be empty"
-    if len(value) > UID_MAX_LEN:
-        return False, f"must not exceed {UID_MAX_LEN} characters (has {len(value)})"
+    why = _text_within(value, UID_MAX_LEN)
+    if why:
+        return False, why
     for i, comp in enumerate(value.split(".")):
         if not comp:
             return False, f"component {i + 1} is empty"
@@ -85,13 +93,10 @@ def validate_ae_title(value) -> Result:
 def validate_patient_id(value) -> Result:
     """A DICOM Patient ID (VR LO) after removing padding spaces: 1-64 characters, no
     backslash, no control characters except ESC."""
-    if not isinstance(value, str):
-        return False, "must be a string"
+    why = _text_within(value.strip(" ") if isinstance(value, str) else value, LO_MAX_LEN)
+    if why:
+        return False, why
     v = value.strip(" ")
-    if not v:
-        return False, "must not be empty"
-    if len(v) > LO_MAX_LEN:
-        return False, f"must not exceed {LO_MAX_LEN} characters (has {len(v)})"
     if "\\" in v:
         return False, "must not contain a backslash"
     if any((ord(c) < 0x20 and c != _ESC) or 0x7F <= ord(c) < 0xA0 for c in v):
@@ -100,12 +105,9 @@ def validate_patient_id(value) -> Result:
 
 
 def _validate_slug(value, max_len: int) -> Result:
-    if not isinstance(value, str):
-        return False, "must be a string"
-    if not value:
-        return False, "must not be empty"
-    if len(value) > max_len:
-        return False, f"must not exceed {max_len} characters (has {len(value)})"
+    why = _text_within(value, max_len)
+    if why:
+        return False, why
     if not _SLUG.fullmatch(value):
         return False, ("may contain only ASCII letters, digits, '.', '_' and '-', starting "
                        "with a letter or digit")

@@ -184,6 +184,24 @@ def test_uid_longer_than_64_characters_from_dcmtk_gets_a_failure_status(start, t
     assert intact_on_disk(rg.root / "store", {str(ok_ds.SOPInstanceUID): ok_ds}) == 1
 
 
+def test_affected_uid_longer_than_64_characters_gets_a_status_not_an_abort(start, lax_pydicom):
+    """A C-STORE request whose command set carries a 70-character Affected SOP Instance
+    UID (pynetdicom alone aborted the association: it could not build the primitive) is
+    answered 0xA900 invalid_uid; the association goes on and stores the next slice."""
+    rg = start()
+    bad, ok = stack(2)
+    bad.SOPInstanceUID = "1." + "2" * 68
+    a = associate(rg.port)
+    st = send_raw(a, CT_IMAGE, str(bad.SOPInstanceUID), encode_dataset(bad))
+    assert st.Status == 0xA900 and "64" in str(st.ErrorComment)
+    assert a.is_established and a.send_c_store(ok).Status == 0
+    a.release()
+    assert rg.events.wait_for("instance_rejected")[0]["reason"] == "invalid_uid"
+    assert rg.events.wait_for("series_complete")[0]["count"] == 1
+    assert "association_aborted" not in rg.events.names()
+    assert intact_on_disk(rg.root / "store", {str(ok.SOPInstanceUID): ok}) == 1
+
+
 def test_resent_instance_identical_is_success_different_is_refused(start):
     """Same SOP Instance UID again: identical content (also re-encoded in Implicit VR)
     -> Success, one file; different content -> 0xC000 sop_instance_conflict, the first

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 
 from adaptive.log import get_logger
@@ -66,6 +66,24 @@ from services.gateway.validation import (
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 EventSink = Callable[[str, dict], None]
 THROTTLE_S = 10.0
+
+
+MAX_RECEIVED_UID_CHARS = 1024
+
+
+def let_invalid_uids_reach_the_handler(value) -> tuple[bool, str]:
+    """pynetdicom's validator for UI values in DIMSE messages (``_config.VALIDATORS["UI"]``,
+    its documented hook), relaxed: pynetdicom 3.0.4 aborts the association when a received
+    C-STORE request's Affected SOP Instance UID is longer than 64 characters (it cannot
+    build the primitive), so the sender gets no status. Letting any non-empty string of
+    reasonable length through lets the C-STORE handler refuse the instance with 0xA900 and
+    the rule broken; every UID that could reach a path is validated there
+    (:func:`services.validators.validate_uid`)."""
+    if not isinstance(value, str) or not value:
+        return False, "must be a non-empty str"
+    if len(value) > MAX_RECEIVED_UID_CHARS:
+        return False, f"must not exceed {MAX_RECEIVED_UID_CHARS} characters"
+    return True, ""
 
 
 class EventThrottle:
@@ -114,6 +132,7 @@ class Gateway:
         self._assoc_lock = threading.Lock()
         self._passes = 0
         self._passes_cv = threading.Condition()
+        self._counters_lock = threading.Lock()
         self.counters = {"stored": 0, "resent_identical": 0, "rejected": 0,
                          "aborted_associations": 0, "rejected_associations": 0,
                          "dropped_connections": 0, "series_completed": 0,
@@ -121,6 +140,7 @@ class Gateway:
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
+        _config.VALIDATORS["UI"] = let_invalid_uids_reach_the_handler   # process-wide
         ae = AE(ae_title=self.cfg.ae_title)
         ae.maximum_pdu_size = self.cfg.max_pdu
         # our gates bound the connections; pynetdicom's own count is only a backstop
@@ -171,6 +191,10 @@ class Gateway:
     def __exit__(self, *exc):
         self.stop()
 
+    def _count(self, key: str) -> None:
+        with self._counters_lock:
+            self.counters[key] += 1
+
     def wait_for_passes(self, n: int, timeout_s: float) -> bool:
         """Block until the completion loop has made ``n`` more passes (each reports the
         series due at its time); for callers that must know a check happened."""
@@ -193,7 +217,7 @@ class Gateway:
             self._emit(event, dict(body, suppressed=suppressed))
 
     def _on_dropped(self, host: str, reason: str, age_s: float) -> None:
-        self.counters["dropped_connections"] += 1
+        self._count("dropped_connections")
         self._emit_throttled("connection_dropped", (reason, host),
                              {"peer_address": host, "reason": reason, "age_s": age_s})
 
@@ -207,7 +231,7 @@ class Gateway:
         if adm.peer is not None:
             self.guard.admitted(assoc.dul.socket.socket)
             return
-        self.counters["rejected_associations"] += 1
+        self._count("rejected_associations")
         self._emit_throttled("association_rejected", (adm.reason, address, calling), {
             "calling_ae_title": calling, "called_ae_title": called, "peer_address": address,
             "reason": adm.reason, "detail": adm.detail,
@@ -237,7 +261,7 @@ class Gateway:
                 return
             self._assoc_state[aid] = "aborted"
         series = self.tracker.association_aborted(aid)
-        self.counters["aborted_associations"] += 1
+        self._count("aborted_associations")
         req = event.assoc.requestor
         self._emit("association_aborted", {
             "how": how, "calling_ae_title": _ae_str(req.ae_title),
@@ -296,11 +320,11 @@ class Gateway:
                              received_sha256=result.received_sha256)
             return self._reject(f, req, meta, data, aid, calling)
         if result.outcome is StoreOutcome.IDENTICAL:
-            self.counters["resent_identical"] += 1
+            self._count("resent_identical")
             self.log.info("instance_resent_identical", sop_instance_uid=hdr.sop_instance_uid,
                           calling_ae_title=calling)
         else:
-            self.counters["stored"] += 1
+            self._count("stored")
         self.tracker.instance_stored(aid, hdr, path, calling)
         return STATUS_SUCCESS
 
@@ -321,7 +345,7 @@ class Gateway:
     def _refuse_unauthorized(self, req, calling: str, peer):
         sop_class = str(req.AffectedSOPClassUID or "")
         roles = list(peer.roles) if peer is not None else []
-        self.counters["rejected"] += 1
+        self._count("rejected")
         self._emit("instance_rejected", {
             "status": f"0x{STATUS_NOT_AUTHORIZED:04X}", "reason": "not_authorized",
             "message": f"{calling} (roles {roles}) may not store SOP class {sop_class}",
@@ -344,7 +368,7 @@ class Gateway:
         if c.get("patient_id") and c.get("study_uid") and c.get("series_uid"):
             self.tracker.instance_rejected(aid, (c["patient_id"], c["study_uid"],
                                                  c["series_uid"]))
-        self.counters["rejected"] += 1
+        self._count("rejected")
         self._emit("instance_rejected", dict(sidecar, quarantine_path=qpath))
         return _status(f.status, f.message)
 
@@ -362,7 +386,7 @@ class Gateway:
                                                     "error": str(e)})
                         continue
                 key = "series_completed" if rep.event == "series_complete" else rep.event
-                self.counters[key] += 1
+                self._count(key)
                 self._emit(rep.event, rep.body)
             with self._passes_cv:
                 self._passes += 1

@@ -243,7 +243,7 @@ def _check_identifiers(context: dict, for_uid: str) -> None:
         if v:
             ok, why = validate_uid(v)
             if not ok:
-                _fail("invalid_uid", f"{kw} {v[:40]!r} invalid: {why}")
+                _fail("invalid_uid", f"{kw} invalid: {why}; value {v[:40]!r}")
     if context["patient_id"]:
         ok, why = validate_patient_id(context["patient_id"])
         if not ok:
