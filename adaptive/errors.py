@@ -113,6 +113,20 @@ class ServiceError(AdaptiveError):
     """A real-time service could not do its job (messaging, worker, state machine)."""
 
 
+class InvalidIdentifierError(ServiceError):
+    """An identifier from outside (UID, AE title, patient ID, room, session id) breaks its
+    syntax rule; it is refused before any path or key is built from it."""
+
+    def __init__(self, field: str, value, reason: str):
+        self.field = field
+        self.value = value
+        self.reason = reason
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"invalid {field} {shown}: {reason}")
+
+
 class IllegalTransitionError(ServiceError):
     """A session state machine was asked for a transition its state does not allow."""
 

@@ -35,6 +35,7 @@ from services.gateway.scu import send_files
 from services.messaging import TaskOutcome, WorkerBroker
 from services.orchestrator import state as S
 from services.protocol import ProtocolError, decode, encode, split_routed
+from services.validators import require, validate_patient_id, validate_room
 
 CONSOLE_PROTOCOL = "adaptive-console/1"
 
@@ -223,7 +224,8 @@ class Orchestrator:
                              description=d.get("series_description"),
                              rejected=d.get("rejected", 0), completions=d.get("completions"))
                 self._maybe_start(s)
-        elif event in ("instance_rejected", "association_aborted", "store_failed"):
+        elif event in ("instance_rejected", "association_aborted", "store_failed",
+                       "series_incomplete"):
             pids = {pid} if pid else {x.get("patient_id") for x in d.get("series", [])}
             targets = [s for p in pids for s in self._active_for_patient(p)]
             for s in targets:
@@ -565,9 +567,9 @@ class Orchestrator:
         if cmd == "ping":
             return {"workers": self.broker.services(), "sessions": len(self.sessions)}
         if cmd == "start":
-            room, pid = str(h.get("room", "")).strip(), str(h.get("patient_id", "")).strip()
-            if not room or not pid:
-                raise ServiceError("start needs room and patient_id")
+            # both become parts of paths and topics (session_id): validated first
+            room = require(validate_room, h.get("room"), "room")
+            pid = require(validate_patient_id, h.get("patient_id"), "patient_id").strip(" ")
             for s in self.sessions.values():
                 if s.state in S.TERMINAL:
                     continue

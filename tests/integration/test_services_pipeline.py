@@ -55,7 +55,7 @@ def _start_session(tmp_path, orthanc, stack_factory, *, budgets=None, counts=Non
     rp = pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True)
     pid = str(rp.PatientID)
     r = storescu(st.cfg.gateway.port, sorted((planning / "CT").glob("*.dcm")) +
-                 [planning / "RS.dcm", planning / "RP.dcm"])
+                 [planning / "RS.dcm", planning / "RP.dcm"], aet="TPS")
     assert r.returncode == 0, r.stderr
     end = time.monotonic() + 60
     while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:

@@ -27,7 +27,7 @@ def _client(st):
 
 
 def _send_planning(st, data):
-    r = storescu(st.cfg.gateway.port, [*data["ct"], data["rs"], data["rp"]])
+    r = storescu(st.cfg.gateway.port, [*data["ct"], data["rs"], data["rp"]], aet="TPS")
     assert r.returncode == 0, r.stderr
 
 
