@@ -106,6 +106,15 @@ class DicomWriteError(AdaptiveError):
     """An object cannot be written as valid DICOM (inconsistent or missing content/references)."""
 
 
+class StudyMismatchError(DicomWriteError):
+    """Objects of one study (or one session) disagree on the patient or on study-level
+    attributes (Study Date/Time/ID, Accession Number, Referring Physician, patient module)."""
+
+
+class GridOutsideImageError(DicomWriteError):
+    """A grid (e.g. an RT Dose grid) is not inside the image it was computed on."""
+
+
 # --- real-time services ---------------------------------------------------------
 
 

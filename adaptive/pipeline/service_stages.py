@@ -39,13 +39,13 @@ def service_planning_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir
     "fallback": None | "best_iterate", ...}``. ``budget_s`` sets the optimiser deadline
     (:func:`adaptive.pipeline.fraction.optimizer_deadline`). The planning CT, planning RT
     Struct and CBCT are not re-read: the registration record carries everything derived from
-    them (synthetic CT, propagated structures, rigid matrix); the planning CT completes the
-    synthetic CT beyond the CBCT's volume for dose."""
+    them (synthetic CT covering the planning CT's extent, propagated structures, rigid
+    matrix)."""
     from adaptive.optimization.goals import load_goals
 
     t0 = time.perf_counter()
     goals = load_goals(goals_path())
     left = None if budget_s is None else budget_s - (time.perf_counter() - t0)
     po = planning_stage(rtplan_path, registration, out_dir, goals, budget_s=left,
-                        progress=progress, planning_ct_dir=planning_ct_dir)
+                        progress=progress)
     return po.result

@@ -30,6 +30,7 @@ import zmq
 
 from adaptive.errors import AdaptiveError, HandOffError, IllegalTransitionError, ServiceError
 from adaptive.log import get_logger
+from adaptive.pipeline.handoff import image_series_files
 from services.config import Budgets, ServicesConfig
 from services.gateway.scu import send_files
 from services.messaging import TaskOutcome, WorkerBroker
@@ -458,9 +459,10 @@ class Orchestrator:
     # -- decision and hand-off ---------------------------------------------------------
     def _handoff_files(self, s: Session, plan: str) -> list[str]:
         if plan == "adapted":
+            # the image the dose was computed on first, then what references it
             a = s.plans["adapted"]
-            keys = ("rtplan", "rtstruct", "rtdose", "registration")
-            return [a[k] for k in keys if a.get(k)]
+            keys = ("rtstruct", "registration", "rtplan", "rtdose")
+            return image_series_files(a["synthetic_ct_dir"]) + [a[k] for k in keys if a.get(k)]
         sched = (s.plans or {}).get("scheduled") or {}
         files = [sched.get("rtplan") or s.planning["rtplan"]]
         files += [sched[k] for k in ("rtdose",) if sched.get(k)]
