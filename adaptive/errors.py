@@ -17,6 +17,11 @@ class ConfigError(AdaptiveError):
     """A configuration file is missing, malformed, or has an unknown/invalid key."""
 
 
+class ClinicalProtocolError(ConfigError):
+    """A clinical protocol (the goals a patient is planned with) is unknown, invalid, or cannot
+    be determined for a session."""
+
+
 class GeometryError(AdaptiveError):
     """Inconsistent or invalid image geometry (spacing, direction, overlap)."""
 

@@ -191,7 +191,8 @@ def optimizer_deadline(budget_s: float | None, elapsed_s: float) -> float | None
 
 def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoals, *,
                    settings=None, budget_s: float | None = None,
-                   progress: Progress | None = None) -> PlanningOutputs:
+                   progress: Progress | None = None,
+                   protocol: dict | None = None) -> PlanningOutputs:
     """Re-optimise the scheduled plan on today's anatomy (see the module docstring).
 
     ``registration``: the record returned by :func:`registration_stage`. ``settings``:
@@ -203,7 +204,8 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     of the registration record, which covers the planning CT's extent (see
     :func:`adaptive.registration.synthetic_ct.extend_synthetic_ct`); what the written objects
     mean (one-session adapted plan, summation types, study) is in
-    :mod:`adaptive.pipeline.handoff`.
+    :mod:`adaptive.pipeline.handoff`. ``protocol``: the session's clinical protocol
+    (``{"name", "source"}``), recorded in the result and the written objects' provenance.
     """
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.provenance import Provenance
@@ -269,7 +271,8 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                   "predecessor_plan": scheduled.sop_instance_uid}
     params = {"goals": goals.to_dict(), "settings": s.__dict__, "budget_s": budget_s,
               "dose_ct": f"synthetic CT series {sct_info.series_instance_uid} {dose_ct.grid.shape}",
-              "plan_scope": "one session of the course (see adaptive.pipeline.handoff)"}
+              "plan_scope": "one session of the course (see adaptive.pipeline.handoff)",
+              "protocol": protocol}
     fallback = "best_iterate" if adapted.fluence.reason == "deadline" else None
     adapted_rec = {"rtplan": None, "rtdose": None, "rtstruct": registration["rtstruct"],
                    "registration": registration["reg"],
@@ -311,6 +314,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                       # reported, not handed off with the scheduled plan
                       "rtdose": None, "rtdose_today": str(sd_dir / "RD.dcm")},
         "metrics": metrics,
+        "protocol": protocol,
         "fallback": fallback,
         "optimizer": {"deadline_s": s.deadline_s, "iterations": adapted.fluence.iterations,
                       "reason": adapted.fluence.reason},
