@@ -184,8 +184,9 @@ def write_rtplan(plan: Plan, path: str | Path, *, study: StudyIdentity,
 
     rx = plan.prescription
     if rx is not None:
+        n = int(rx.number_of_fractions)
         ds.PrescriptionDescription = (f"{rx.target_roi_name}: {rx.total_dose_gy:g} Gy in "
-                                      f"{rx.number_of_fractions} fractions")
+                                      f"{n} fraction{'s' if n != 1 else ''}")
         dr = Dataset()
         dr.DoseReferenceNumber = 1
         dr.DoseReferenceUID = new_uid()
