@@ -59,7 +59,7 @@ def require_peer_python(module: str) -> str:
     import subprocess
 
     exe = REPO / ".venv-peers" / "bin" / "python"
-    ok = exe.is_file() and subprocess.run([str(exe), "-c", f"import {module}"],
+    ok = exe.is_file() and subprocess.run([str(exe), "-c", f"import {module}"], check=False,
                                           capture_output=True, timeout=120).returncode == 0
     if ok:
         return str(exe)

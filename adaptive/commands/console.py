@@ -49,6 +49,11 @@ def format_session(s: dict) -> str:
                      f"{ex['budget_s']:g} s -> {ex['action']}")
     for n in s.get("notes", []):
         lines.append(f"  note: {n}")
+    summary = (s.get("metrics") or {}).get("dose_summary")
+    if summary:
+        cells = [f"{roi} D95 {v['D95']:.3g} Dmean {v['Dmean']:.3g}"
+                 for roi, v in summary.get("adapted", {}).items() if v]
+        lines.append(f"  adapted dose, {summary['units']}: " + "; ".join(cells))
     if s.get("metrics"):
         lines.append("  metrics: " + json.dumps(s["metrics"])[:500])
     if s.get("handoff"):
