@@ -37,8 +37,6 @@ from tests.integration.test_services_pipeline import REAL, _require_stages
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-#: organs whose Dmean the console and plastimatch must agree on (and the target's D95)
-ORGANS = ("RECTUM", "BLADDER", "FEMUR_L", "FEMUR_R")
 #: budgets generous enough for two sessions sharing two cores with the other test work
 BUDGETS = {"end_to_end": {"budget_s": 1800.0}, "registration": {"budget_s": 600.0},
            "planning": {"budget_s": 900.0, "grace_s": 60.0}}
@@ -250,7 +248,9 @@ def test_plastimatch_dvh_of_the_handed_off_dose_matches_the_console(scenario):
         dvh = _plastimatch_dvh(dl["RTSTRUCT"][0], dl["RTDOSE"][0], work)
         console = s["metrics"]["dose_summary"]["adapted"]
         assert dvh["PTV"]["D95"] == pytest.approx(console["PTV"]["D95"], rel=0.02)
-        for organ in ORGANS:
+        organs = [r for r in console if r not in ("PTV", "BODY")]  # the protocol's organs
+        assert {"RECTUM", "BLADDER"} <= set(organs)
+        for organ in organs:
             assert dvh[organ]["Dmean"] == pytest.approx(console[organ]["Dmean"], rel=0.02), organ
 
 
