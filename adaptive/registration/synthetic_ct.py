@@ -3,8 +3,9 @@
 Body outline and internal gas come from the CBCT where the CBCT is reconstructed; where the
 CBCT's field of view truncates the patient, the deformed planning CT is kept (its body
 outline included); beyond the CBCT's grid, :func:`extend_synthetic_ct` completes it with the
-rigidly mapped planning CT so that it covers every voxel a dose is computed on. CBCT thresholds are relative to the CBCT's own soft-tissue mode (robust
-to offsets and cupping; see :mod:`adaptive.registration.masks`).
+rigidly mapped planning CT so that it covers every voxel a dose is computed on. CBCT
+thresholds are relative to the CBCT's own soft-tissue mode (robust to offsets and cupping;
+see :mod:`adaptive.registration.masks`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from adaptive.errors import GeometryError
-from adaptive.geometry.volume import Grid, Volume, displacement_warp
+from adaptive.geometry.volume import Grid, Volume, displacement_warp, resample_array
 from adaptive.model.identity import SeriesInfo, StudyIdentity
 from adaptive.registration.masks import body_and_gas, valid_region_mask
 from adaptive.registration.settings import load_registration_settings
@@ -83,9 +84,11 @@ def extend_synthetic_ct(sct: Volume, planning_ct: Volume, rigid_matrix, *,
     o = sct.grid.origin - np.ceil((sct.grid.origin - lo) / sp - 1e-6) * sp
     n = np.floor((hi - o) / sp + 1e-6).astype(int) + 1
     grid = Grid(shape=(n[2], n[1], n[0]), origin=o, spacing=sp)
-    pts = grid.voxel_centers_lps(dtype=np.float64).reshape(-1, 3)
-    vals = planning_ct.sample_lps(pts @ m[:3, :3].T + m[:3, 3], order=1, fill=air_hu)
-    out = vals.reshape(grid.shape).astype(np.float32)
+    # the same voxels seen from the planning frame (m is rigid): one affine resampling
+    moved = Grid(shape=grid.shape, origin=m[:3, :3] @ o + m[:3, 3], spacing=sp,
+                 direction=m[:3, :3] @ grid.direction)
+    out = resample_array(planning_ct.array, planning_ct.grid, moved, order=1,
+                         fill=air_hu).astype(np.float32)
     off = np.rint((sct.grid.origin - o) / sp).astype(int)  # (i, j, k) offset
     nz, ny, nx = sct.grid.shape
     out[off[2]:off[2] + nz, off[1]:off[1] + ny, off[0]:off[0] + nx] = sct.array
