@@ -138,7 +138,8 @@ def _run_scenario(tmp_path_factory, request) -> None:
     pid_a = str(pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True).PatientID)
     port = st.cfg.gateway.port
     for pl in (planning, b_planning):
-        r = storescu(port, sorted((pl / "CT").glob("*.dcm")) + [pl / "RS.dcm", pl / "RP.dcm"], aet="TPS")
+        r = storescu(port, sorted((pl / "CT").glob("*.dcm")) + [pl / "RS.dcm", pl / "RP.dcm"],
+                     aet="TPS")
         assert r.returncode == 0, r.stderr
     _wait_planning_data(cl, pid_a)
     _wait_planning_data(cl, pid_b)
