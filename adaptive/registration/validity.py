@@ -115,33 +115,37 @@ def residual_shift(samples: Samples, planning_ct: Volume, medges: np.ndarray, *,
                    ) -> dict:
     """Where the NMI of the region peaks around the result, per axis (LPS, mm).
 
-    The metric is evaluated at offsets 0, ±step, ±2·step along each axis (planning LPS) and a
-    parabola fitted by least squares; its vertex is the offset of the peak, clipped to
-    ±3·step (a parabola that opens upwards - no peak nearby - counts as the clip). The
-    residual is minus the vertex: how far the result sits from the peak. Returns
+    The metric is evaluated at offsets 0, ±step, ±2·step, ±3·step along each axis (planning
+    LPS); the peak is located by the parabola through the best offset and its two neighbours
+    (the similarity peak is cusp-like, so a least-squares parabola over all of them would
+    overshoot). A best offset at ±3·step means the peak lies beyond the probed range: it is
+    reported as ±4·step. The residual is minus the peak: how far the result sits from it. Returns
     ``{"residual_mm": [x, y, z], "residual_norm_mm", "nmi", "gain"}`` where ``gain`` is the
     best metric on the offsets minus the metric at the result (≥ 0)."""
     base = nmi_of_mapping(samples, planning_ct, medges, matrix=matrix, dvf=dvf, bins=bins)
-    offs = np.array([-2.0, -1.0, 1.0, 2.0]) * step_mm
-    lim = 3.0 * step_mm
+    xs = np.array([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0]) * step_mm
+    lim = 4.0 * step_mm
     vertex = np.zeros(3)
     best = base
     for axis in range(3):
-        vals = [base]
-        xs = [0.0]
-        for o in offs:
+        vals = []
+        for o in xs:
+            if o == 0.0:
+                vals.append(base)
+                continue
             e = np.zeros(3)
             e[axis] = o
-            v = nmi_of_mapping(samples, planning_ct, medges, matrix=matrix, dvf=dvf,
-                               offset_mm=e, bins=bins)
-            vals.append(v)
-            xs.append(o)
-            best = max(best, v)
-        a, b, _ = np.polyfit(np.asarray(xs), np.asarray(vals), 2)
-        if a < 0:
-            vertex[axis] = float(np.clip(-b / (2.0 * a), -lim, lim))
-        else:  # no maximum near: the side that is higher
-            vertex[axis] = lim if b > 0 else -lim
+            vals.append(nmi_of_mapping(samples, planning_ct, medges, matrix=matrix, dvf=dvf,
+                                       offset_mm=e, bins=bins))
+        f = np.asarray(vals)
+        best = max(best, float(f.max()))
+        i = int(np.argmax(f))
+        if i in (0, len(xs) - 1):
+            vertex[axis] = float(np.sign(xs[i])) * lim
+            continue
+        f0, f1, f2 = f[i - 1], f[i], f[i + 1]
+        curv = f2 - 2.0 * f1 + f0
+        vertex[axis] = xs[i] - (step_mm * (f2 - f0) / (2.0 * curv) if curv < 0 else 0.0)
     res = -vertex
     return {"residual_mm": [round(float(v), 3) for v in res],
             "residual_norm_mm": float(np.linalg.norm(res)), "nmi": float(base),
