@@ -43,7 +43,7 @@ from adaptive.phantoms.pelvis import (
 from adaptive.phantoms.phantom import Phantom
 from adaptive.phantoms.tg119 import tg119_cshape, tg119_prostate
 from adaptive.replay.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_manifest
-from adaptive.replay.truth import write_dvf, write_truth_json
+from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_dvf, write_truth_json
 
 log = get_logger(__name__)
 
@@ -281,7 +281,7 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
                                                      description="Simulated CBCT (phantom)"),
                                description="CBCT",
                                derivation="Simulated cone-beam CT of a deformed analytic pelvis phantom")
-        write_dvf(fx_dir / "truth" / "dvf.mha", fx.dvf, cgrid)
+        write_dvf(fx_dir / "truth" / "dvf.mha", fx.dvf, cgrid, quantum_mm=TRUTH_QUANTUM_MM)
         rois = [Roi(number=i, name=spec.name, color=spec.color, interpreted_type=spec.interpreted_type,
                     mask=Volume(fx.truth_masks[spec.name], cgrid, "mask"), generation_algorithm="AUTOMATIC")
                 for i, spec in enumerate(phantom.rois, start=1)]
