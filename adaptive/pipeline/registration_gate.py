@@ -51,8 +51,9 @@ def target_roi_name(plan, structures: StructureSet | None) -> str | None:
 
 def target_residual(result, cbct: Volume, planning_ct: Volume, structures: StructureSet,
                     target: str) -> dict | None:
-    """Residual shift (:func:`adaptive.registration.validity.residual_shift`) of the result in
-    the target region (today's target + ``TARGET_REGION_MARGIN_MM`` inside the field of view)."""
+    """Residual shift of the result in the target region (today's target +
+    ``TARGET_REGION_MARGIN_MM`` inside the field of view) with its measurement uncertainty
+    (:func:`adaptive.registration.validity.residual_shift_with_uncertainty`)."""
     pm = structures.mask(target, planning_ct.grid)
     if not pm.any():
         return None
@@ -63,7 +64,8 @@ def target_residual(result, cbct: Volume, planning_ct: Volume, structures: Struc
     if region.sum() < 200:
         return None
     smp = V.Samples.of(cbct, region)
-    r = V.residual_shift(smp, planning_ct, V.planning_edges(planning_ct), dvf=result.dvf_lps_mm)
+    r = V.residual_shift_with_uncertainty(smp, planning_ct, V.planning_edges(planning_ct),
+                                          dvf=result.dvf_lps_mm)
     r["name"] = target
     return r
 

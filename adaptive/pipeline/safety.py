@@ -263,10 +263,16 @@ def registration_gate(quality: dict, fallback: str | None, s: SafetySettings,
     ch.append(_max_check("registration_converged", "deformable", _residual(vf),
                          s.max_residual_mm, "residual shift of the result (body)", " mm"))
     if target is not None:
-        ch.append(_max_check("registration_converged_target", "deformable",
-                             target.get("residual_norm_mm"), s.max_target_residual_mm,
-                             f"residual shift of the result around {target.get('name', 'the target')}",
-                             " mm"))
+        lb = target.get("lower_bound_mm", target.get("residual_norm_mm"))
+        c = _max_check("registration_converged_target", "deformable", lb,
+                       s.max_target_residual_mm,
+                       f"residual shift of the result around {target.get('name', 'the target')} "
+                       f"(lower bound: {target.get('residual_norm_mm', float('nan')):.2f} mm "
+                       f"measured, uncertainty {target.get('uncertainty_mm', 0.0):.2f} mm)",
+                       " mm")
+        c.values.update(residual_mm=target.get("residual_norm_mm"),
+                        uncertainty_mm=target.get("uncertainty_mm"))
+        ch.append(c)
     dm, dx = quality.get("deformation_mean_mm"), quality.get("deformation_max_mm")
     if dm is None or dx is None:
         ch.append(GateCheck("registration_deformation", False,

@@ -110,6 +110,7 @@ def write_review_images(out_dir: str | Path, cbct: Volume, synthetic_ct: Volume,
             ax.set_yticks([])
             for txt, xy in zip(lab, ((0.01, 0.5), (0.99, 0.5), (0.5, 0.99), (0.5, 0.01))):
                 ax.text(*xy, txt, transform=ax.transAxes, color="yellow", fontsize=10,
+                        bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0},
                         ha="center" if xy[0] == 0.5 else ("left" if xy[0] < 0.5 else "right"),
                         va="center" if xy[1] == 0.5 else ("top" if xy[1] > 0.5 else "bottom"))
         ctr = g.ijk_to_lps(centre)
