@@ -184,7 +184,7 @@ def fault_cases(seed: int) -> Iterator[GateCase]:
         yield GateCase(f"result shifted {d} mm", "adversarial", sim.cbct, ph, iso, sim.dvf, ptv,
                        perturb=shift_field(d))
     centre = g.ijk_to_lps(np.argwhere(ptv).mean(0)[::-1])
-    for d in ((4.0, 0, 0), (0, 0, 5.0), (0, 6.0, 0), (7.0, 0, 0)):
+    for d in ((4.0, 0, 0), (0, 0, 5.0), (0, 6.0, 0), (7.0, 0, 0), (0, 0, 9.0), (0, 11.0, 0)):
         yield GateCase(f"result locally wrong at the target {d} mm", "adversarial", sim.cbct, ph,
                        iso, sim.dvf, ptv, perturb=bump_field(d, centre))
 

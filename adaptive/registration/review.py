@@ -62,15 +62,21 @@ def checkerboard(shape: tuple[int, int], extent, square_mm: float = CHECKER_MM) 
     return ((r[:, None] + c[None, :]) % 2).astype(bool)
 
 
+def preload_plotting() -> None:
+    """Import matplotlib with the Agg backend now (a long-lived worker pays it once)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+
 def write_review_images(out_dir: str | Path, cbct: Volume, synthetic_ct: Volume,
                         today=None, target: str | None = None, *, title: str = "",
                         verdict: str = "") -> list[Path]:
     """One PNG per plane (``review_axial.png``, ``review_coronal.png``,
     ``review_sagittal.png``) in ``out_dir``; returns their paths. ``today``: today's
     structures (the target is outlined); both volumes on the CBCT grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    preload_plotting()
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)

@@ -166,8 +166,10 @@ def run_planning(payload: dict, arrays: dict, ctx) -> dict:
 
 def _warm_up_registration() -> None:
     from adaptive.registration.core import warm_up
+    from adaptive.registration.review import preload_plotting
 
     warm_up()
+    preload_plotting()  # the review images' matplotlib import (~1 s), inherited by the fork
 
 
 run_registration.warm_up = _warm_up_registration
