@@ -289,15 +289,13 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
     import json
     import tempfile
 
+    from adaptive.bench.bench_services import session_stack
     from adaptive.commands.demo import Tms, _patient_id, push
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.rtstruct import read_rtstruct
     from adaptive.registration.evaluate import dilate_mm, tre
     from adaptive.replay.manifest import load_manifest
     from adaptive.replay.truth import read_dvf
-    from services.config import write_local_config
-    from services.console import ConsoleClient
-    from services.supervisor import ServiceStack
 
     mpath = REPO / "replay_data" / "manifest.toml"
     case = next(c for c in load_manifest(mpath).cases if c.fractions)
@@ -306,21 +304,9 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
     pid = _patient_id(planning / "RP.dcm")
     work = Path(tempfile.mkdtemp(prefix="bench-conventions-"))
     tms = Tms(work)
-    cfg, gw_port = write_local_config(work, tms.port)
-    stack = ServiceStack(cfg)
-    rows, cl = [], None
+    rows, cl, stack = [], None, None
     try:
-        stack.start()
-        stack.wait_ready(240)
-        oc = stack.cfg.orchestrator
-        cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint)
-        push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
-             [planning / "RS.dcm", planning / "RP.dcm"])
-        end = time.monotonic() + 60
-        while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
-            if time.monotonic() > end:
-                raise RuntimeError("planning data not registered by the orchestrator")
-            time.sleep(0.2)
+        stack, cl, gw_port = session_stack(work, tms, planning, pid)
         for fx in fxs:
             s = cl.start("BENCH_ROOM", pid)
             push(gw_port, sorted(fx.cbct_dir.glob("*.dcm")))
@@ -349,7 +335,8 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
     finally:
         if cl:
             cl.close()
-        stack.stop()
+        if stack:
+            stack.stop()
         tms.stop()
     lines = ["### CBCT frame conventions through the services", "",
              (f"Every fraction of {case.name} (fx01-03 isocenter-centred; the convention "

@@ -18,7 +18,6 @@ import numpy as np
 from adaptive.errors import ReplayDataError
 from adaptive.geometry.volume import Grid
 
-
 #: the replay truth fields are stored rounded to this (mm): ≤ 0.0005 mm from the computed
 #: field, 1/5000 of a voxel, and compressed to ~60 % of the size (the repository carries them)
 TRUTH_QUANTUM_MM = 1.0 / 1024.0
