@@ -227,6 +227,52 @@ def _f(v, nd=2):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+GATE_HEAD = [("Correct registrations: the pelvis phantom and the abdomen phantom (liver lesion, "
+              "another anatomy) in four CBCT conventions - (a) isocenter-centred, (b) planning "
+              "coordinates with its own Frame of Reference, (c) a 3-8 cm setup error, (d) a 5-8 "
+              "deg couch rotation. Faults and adversarial results on the pelvis. NMI: "
+              "normalised mutual information (rigid / final); Dice: body outline (rigid / "
+              "final); residual: residual shift mm (rigid / body / target region, the target's "
+              "lower bound in brackets); deformation beyond rigid mean / max mm. Verdict: "
+              "deformable = an adapted plan may be offered, rigid = only the rigid match is "
+              "valid, none = no valid registration."), ""]
+
+
+def gate_table(label: str, sel: dict, rows: list[dict]) -> tuple[list[str], list[str]]:
+    """Markdown rows of the gate cases' results and the list of problems (a correct
+    registration not offered, a fault offered, a mean TRE > 3 mm offered)."""
+    lines = [(f"**{label}** (pelvis seeds {', '.join(map(str, sel['pelvis']))}, abdomen "
+              f"{', '.join(map(str, sel['abdomen']))}, faults on "
+              f"{', '.join(map(str, sel['faults']))})"), "",
+             ("| case | TRE mean / max mm | NMI | Dice | residual mm | deformation mm | "
+              "setup mm / deg | verdict | failed checks | reviews |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    bad = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | - | - | - | - | - | - | none | registration "
+                         f"refused: {r['error'][:80]} | - |")
+            if r["kind"] == "normal":
+                bad.append(f"{r['case']}: correct registration refused")
+            continue
+        lines.append(
+            f"| {r['case']} | {_f(r.get('tre_mean'))} / {_f(r.get('tre_max'), 1)} | "
+            f"{r['nmi_rigid']:.3f} / {r['nmi']:.3f} | {r['dice_rigid']:.3f} / {r['dice']:.3f} |"
+            f" {r['residual_rigid']:.2f} / {r['residual']:.2f} / {_f(r['residual_target'])} "
+            f"({_f(r.get('residual_target_lb'))}) |"
+            f" {r['deformation_mean']:.1f} / {r['deformation_max']:.1f} | "
+            f"{_f(r['setup_mm'], 1)} / {_f(r['setup_deg'], 1)} | {r['verdict']} | "
+            f"{', '.join(r['failed']) or '-'} | {', '.join(r['reviews']) or '-'} |")
+        offered = r["verdict"] == "deformable"
+        if r["kind"] == "normal" and not offered:
+            bad.append(f"{r['case']}: correct registration not offered")
+        if r["kind"] == "fault" and offered:
+            bad.append(f"{r['case']}: fault offered")
+        if offered and (r.get("tre_mean") or 0.0) > 3.0:
+            bad.append(f"{r['case']}: mean TRE {r['tre_mean']:.2f} mm > 3 mm offered")
+    return lines + [""], bad
+
+
 def gate_section(sets=(("calibration", GATE_CALIBRATION),
                        ("confirmation (held out)", GATE_CONFIRMATION))) -> list[str]:
     """Every gate case (adaptive/bench/gate_cases.py): its figures and the gate's verdict;
@@ -234,47 +280,15 @@ def gate_section(sets=(("calibration", GATE_CALIBRATION),
     result with a mean TRE > 3 mm in PTV + 20 mm may pass."""
     from adaptive.bench.gate_cases import evaluate, fault_cases, normal_cases
 
-    lines = ["### registration safety gate (config/safety.toml)", "",
-             ("Correct registrations: the pelvis phantom and the abdomen phantom (liver lesion, "
-              "another anatomy) in four CBCT conventions - (a) isocenter-centred, (b) planning "
-              "coordinates with its own Frame of Reference, (c) a 3-8 cm setup error, (d) a 5-8 "
-              "deg couch rotation. Faults and adversarial results on the pelvis. NMI: "
-              "normalised mutual information (rigid / final); Dice: body outline (rigid / final); "
-              "residual: residual shift mm (rigid / body / target region); deformation beyond "
-              "rigid mean / max mm. Verdict: deformable = an adapted plan may be offered, rigid = "
-              "only the rigid match is valid, none = no valid registration."), ""]
+    lines = ["### registration safety gate (config/safety.toml)", "", *GATE_HEAD]
     bad = []
     for label, sel in sets:
         cases = list(normal_cases(sel["pelvis"], sel["abdomen"]))
         for s in sel["faults"]:
             cases += list(fault_cases(s))
-        lines += [(f"**{label}** (pelvis seeds {', '.join(map(str, sel['pelvis']))}, abdomen "
-                   f"{', '.join(map(str, sel['abdomen']))}, faults on "
-                   f"{', '.join(map(str, sel['faults']))})"), "",
-                  ("| case | TRE mean / max mm | NMI | Dice | residual mm | deformation mm | "
-                   "setup mm / deg | verdict | failed checks | reviews |"),
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for c in cases:
-            r = evaluate(c)
-            if "error" in r:
-                lines.append(f"| {r['case']} | - | - | - | - | - | - | none | registration "
-                             f"refused: {r['error'][:80]} | - |")
-                continue
-            lines.append(
-                f"| {r['case']} | {_f(r.get('tre_mean'))} / {_f(r.get('tre_max'), 1)} | "
-                f"{r['nmi_rigid']:.3f} / {r['nmi']:.3f} | {r['dice_rigid']:.3f} / {r['dice']:.3f} |"
-                f" {r['residual_rigid']:.2f} / {r['residual']:.2f} / {_f(r['residual_target'])} |"
-                f" {r['deformation_mean']:.1f} / {r['deformation_max']:.1f} | "
-                f"{_f(r['setup_mm'], 1)} / {_f(r['setup_deg'], 1)} | {r['verdict']} | "
-                f"{', '.join(r['failed']) or '-'} | {', '.join(r['reviews']) or '-'} |")
-            offered = r["verdict"] == "deformable"
-            if c.kind == "normal" and not offered:
-                bad.append(f"{r['case']}: correct registration not offered")
-            if c.kind == "fault" and offered:
-                bad.append(f"{r['case']}: fault offered")
-            if offered and (r.get("tre_mean") or 0.0) > 3.0:
-                bad.append(f"{r['case']}: mean TRE {r['tre_mean']:.2f} mm > 3 mm offered")
-        lines.append("")
+        t, b = gate_table(label, sel, [evaluate(c) for c in cases])
+        lines += t
+        bad += b
     lines += ["Gate outcome: " + ("every correct registration offered, every fault caught, no "
                                  "result with mean TRE > 3 mm offered." if not bad else
                                  "PROBLEMS: " + "; ".join(bad)), ""]
