@@ -214,7 +214,7 @@ FAILS = [
     ("registration_body_outline", DEFORMABLE, {"validity_final__body_dice": 0.97}),
     ("registration_converged", DEFORMABLE,
      {"validity_final__residual": {"residual_norm_mm": 3.0}}),
-    ("registration_converged_target", DEFORMABLE, {"target": 4.0}),
+    ("registration_converged_target", DEFORMABLE, {"target": 2.0}),
     ("registration_deformation", DEFORMABLE, {"deformation_mean_mm": 4.5}),
     ("registration_deformation", DEFORMABLE, {"deformation_max_mm": 30.0}),
     ("registration_jacobian", DEFORMABLE, {"jacobian_min": -0.1,

@@ -66,7 +66,7 @@ class SafetySettings:
     min_nmi: float = 1.23
     min_body_dice: float = 0.99
     max_residual_mm: float = 1.0
-    max_target_residual_mm: float = 2.5
+    max_target_residual_mm: float = 1.5
     max_deformation_mean_mm: float = 3.5
     max_deformation_mm: float = 25.0
     # rigid match
