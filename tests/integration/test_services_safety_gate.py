@@ -157,6 +157,12 @@ def _run_fault(st, cl, orthanc, pid: str, room: str, files: list[Path], schedule
     assert names & EXPECTED[case], (case, names, s["notes"])
     for d in failed:  # every failed check names itself and carries its numbers
         assert d["message"] and d["check"]
+    # the review images of the session are retrievable through the console protocol
+    rv = cl.review(s["session_id"])
+    assert [i["name"] for i in rv["images"]] == ["review_axial.png", "review_coronal.png",
+                                                 "review_sagittal.png"]
+    assert all(i["png"].startswith(b"\x89PNG\r\n\x1a\n") for i in rv["images"])
+    assert rv["validity"] == s["registration"]["validity"]
     with pytest.raises(Exception, match="not offered"):
         cl.choose(s["session_id"], "adapted")
     cl.choose(s["session_id"], "scheduled")
