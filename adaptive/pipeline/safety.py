@@ -64,7 +64,7 @@ class SafetySettings:
     max_fraction_folded: float = 0.0
     allow_rigid_fallback: bool = True
     min_nmi: float = 1.23
-    min_body_dice: float = 0.99
+    min_body_dice: float = 0.98
     max_residual_mm: float = 1.0
     max_target_residual_mm: float = 1.5
     max_deformation_mean_mm: float = 3.5
@@ -72,7 +72,7 @@ class SafetySettings:
     # rigid match
     min_tissue_fraction: float = 0.25
     min_nmi_rigid: float = 1.20
-    min_body_dice_rigid: float = 0.99
+    min_body_dice_rigid: float = 0.98
     max_residual_rigid_mm: float = 0.75
     # setup correction relative to the nearest frame convention
     review_translation_mm: float = 20.0

@@ -194,16 +194,19 @@ def fill_slices(mask: np.ndarray) -> np.ndarray:
 
 def mapped_planning_body(planning_ct: Volume, grid: Grid, region: np.ndarray, *, matrix=None,
                          dvf: np.ndarray | None = None, threshold_hu: float = -500.0
-                         ) -> np.ndarray:
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """The planning body (> ``threshold_hu``, holes filled per slice) mapped onto the CBCT
-    ``grid`` inside ``region`` (the planning CT sampled at the mapped voxel centres)."""
+    ``grid`` inside ``region`` (the planning CT sampled at the mapped voxel centres), and the
+    part of ``region`` that maps inside the planning CT at all."""
     idx = np.nonzero(region)
     pts = grid.voxel_centers_lps()[idx]
     p = map_points(pts, matrix, None if dvf is None else dvf[idx])
     v = planning_ct.sample_lps(p, order=1, fill=-1000.0)
     body = np.zeros(grid.shape, bool)
     body[idx] = v > threshold_hu
-    return fill_slices(body) & region
+    covered = np.zeros(grid.shape, bool)
+    covered[idx] = planning_ct.grid.contains_lps(p)
+    return fill_slices(body) & region, covered
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -213,9 +216,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def body_dice(cbct_body: np.ndarray, planning_ct: Volume, grid: Grid, region: np.ndarray, *,
               matrix=None, dvf: np.ndarray | None = None) -> float:
-    """Dice of the CBCT body and the mapped planning body, both inside ``region``."""
-    pb = mapped_planning_body(planning_ct, grid, region, matrix=matrix, dvf=dvf)
-    return dice(cbct_body & region, pb)
+    """Dice of the CBCT body and the mapped planning body, both inside ``region`` and where
+    the mapping lands inside the planning CT (a CBCT that reaches beyond the planning CT's
+    scan - a large setup error - must not count as a body-outline mismatch there)."""
+    pb, covered = mapped_planning_body(planning_ct, grid, region, matrix=matrix, dvf=dvf)
+    return dice(cbct_body & region & covered, pb & covered)
 
 
 def roi_field_of_view(structures, planning_grid: Grid, dvf: np.ndarray, grid: Grid,
