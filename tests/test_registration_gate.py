@@ -200,7 +200,7 @@ def _quality(**kw):
     return q
 
 
-TARGET_OK = {"name": "PTV", "residual_norm_mm": 0.4}
+TARGET_OK = {"name": "PTV", "residual_norm_mm": 0.4, "nmi": 1.10}
 
 # (check, level, failing change of the quality record or target)
 FAILS = [
@@ -247,6 +247,18 @@ def test_large_setup_correction_asks_for_review_without_blocking():
     assert v.validity == DEFORMABLE
     assert {c.name for c in v.reviews} == {"setup_translation", "setup_rotation"}
     assert all("REVIEW" in c.message for c in v.reviews)
+
+
+def test_target_region_without_image_information_asks_for_review():
+    s = SafetySettings.load()
+    flat = dict(TARGET_OK, nmi=1.012, residual_norm_mm=11.8, lower_bound_mm=9.2)
+    v = registration_gate(_quality(), None, s, flat)
+    assert v.validity == DEFORMABLE
+    c = {c.name: c for c in v.checks}["registration_converged_target"]
+    assert c.review and c.passed and "too little image information" in c.message
+    # with enough information the same residual blocks
+    v = registration_gate(_quality(), None, s, dict(flat, nmi=1.08))
+    assert v.validity == RIGID
 
 
 def test_rigid_fallback_is_flagged_and_blocks_only_when_configured():

@@ -246,6 +246,7 @@ def evaluate(case: GateCase) -> dict:
                residual_target=None if tr is None else tr["residual_norm_mm"],
                residual_target_lb=None if tr is None else tr["lower_bound_mm"],
                residual_target_u=None if tr is None else tr["uncertainty_mm"],
+               target_nmi=None if tr is None else tr["nmi"],
                deformation_mean=q["deformation_mean_mm"], deformation_max=q["deformation_max_mm"],
                tissue=q["tissue_fraction_fov"],
                setup_mm=(q.get("setup_correction") or {}).get("translation_norm_mm"),

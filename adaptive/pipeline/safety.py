@@ -67,6 +67,7 @@ class SafetySettings:
     min_body_dice: float = 0.98
     max_residual_mm: float = 1.0
     max_target_residual_mm: float = 1.5
+    min_target_information: float = 0.03
     max_deformation_mean_mm: float = 3.5
     max_deformation_mm: float = 25.0
     # rigid match
@@ -88,7 +89,8 @@ class SafetySettings:
     _SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "registration": ("min_jacobian", "max_fraction_folded", "allow_rigid_fallback",
                          "min_nmi", "min_body_dice", "max_residual_mm",
-                         "max_target_residual_mm", "max_deformation_mean_mm",
+                         "max_target_residual_mm", "min_target_information",
+                         "max_deformation_mean_mm",
                          "max_deformation_mm"),
         "rigid_match": ("min_tissue_fraction", "min_nmi_rigid", "min_body_dice_rigid",
                         "max_residual_rigid_mm"),
@@ -262,7 +264,18 @@ def registration_gate(quality: dict, fallback: str | None, s: SafetySettings,
                          s.min_body_dice, "body-outline Dice after registration"))
     ch.append(_max_check("registration_converged", "deformable", _residual(vf),
                          s.max_residual_mm, "residual shift of the result (body)", " mm"))
-    if target is not None:
+    if target is not None and target.get("nmi", 2.0) - 1.0 < s.min_target_information:
+        # too little shared image information around the target to measure an offset there
+        # (a low-contrast lesion): not verifiable from the images - the clinician must look
+        ch.append(GateCheck(
+            "registration_converged_target", True,
+            f"REVIEW: the region around {target.get('name', 'the target')} shows too little "
+            f"image information to verify the registration there (NMI "
+            f"{target.get('nmi', float('nan')):.3f} < {1.0 + s.min_target_information:.3f}): "
+            f"check the review images", "deformable",
+            {"nmi": target.get("nmi"), "min_information": s.min_target_information,
+             "residual_mm": target.get("residual_norm_mm")}, review=True))
+    elif target is not None:
         lb = target.get("lower_bound_mm", target.get("residual_norm_mm"))
         c = _max_check("registration_converged_target", "deformable", lb,
                        s.max_target_residual_mm,
