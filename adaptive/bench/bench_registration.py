@@ -329,8 +329,15 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
             push(gw_port, sorted(fx.cbct_dir.glob("*.dcm")))
             s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
                                   900, poll_s=0.25)
-            reg = json.loads((stack.cfg.paths.sessions / s["session_id"] / "registration" /
-                              "registration_result.json").read_text())
+            rpath = (stack.cfg.paths.sessions / s["session_id"] / "registration" /
+                     "registration_result.json")
+            if not rpath.is_file():  # the registration stage failed: said in the notes
+                cl.choose(s["session_id"], "scheduled")
+                cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
+                rows.append({"fx": fx.label, "convention": fx.convention, "failed_stage":
+                             "; ".join(s.get("notes", []))[:200]})
+                continue
+            reg = json.loads(rpath.read_text())
             cbct, _ = read_ct_series(fx.cbct_dir)
             truth, _ = read_dvf(fx.truth_dvf)
             got, _ = read_dvf(reg["dvf"])
@@ -367,6 +374,11 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
               "registration stage s |"), "|---|---|---|---|---|---|---|---|---|"]
     ok = True
     for r in rows:
+        if "failed_stage" in r:
+            ok = False
+            lines.append(f"| {r['fx']} | {r['convention']} | - | - | - | none | NO: "
+                         f"{r['failed_stage']} | - | - |")
+            continue
         e, sc = r["tre"], r["setup"]
         met = e["mean_mm"] <= 1.5 and e["max_mm"] <= 5.0 and r["offered"]
         ok &= met
