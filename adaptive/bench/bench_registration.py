@@ -349,13 +349,16 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
             s2 = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
             ia = reg.get("initial_alignment") or {}
             sc = reg.get("setup_correction") or {}
+            plan_failed = [c["name"] + ": " + c["message"] for c in
+                           ((s.get("plans") or {}).get("adapted") or {}).get("checks", [])
+                           if not c.get("passed", True) and c.get("blocking", True)]
             rows.append({"fx": fx.label, "convention": fx.convention, "tre": e,
                          "validity": reg.get("validity"), "offered": offered,
                          "handed_off": s2["state"], "winner": ia.get("winner"),
                          "init_s": ia.get("time_s"), "setup": sc,
                          "reviews": [r["name"] for r in s.get("reviews", [])],
                          "registration_s": s["stages"].get("registration", {}).get("duration_s"),
-                         "failed": reg.get("registration_failed")})
+                         "failed": (reg.get("registration_failed") or []) + plan_failed})
     finally:
         if cl:
             cl.close()
@@ -380,8 +383,8 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
                          f"{r['failed_stage']} | - | - |")
             continue
         e, sc = r["tre"], r["setup"]
-        met = e["mean_mm"] <= 1.5 and e["max_mm"] <= 5.0 and r["offered"]
-        ok &= met
+        met = e["mean_mm"] <= 1.5 and e["max_mm"] <= 5.0
+        ok &= met and r["offered"]
         lines.append(
             f"| {r['fx']} | {r['convention']} | {r['winner']} ({_f(r['init_s'], 1)}) | "
             f"{_f(sc.get('translation_norm_mm'), 1)} / {_f(sc.get('rotation_deg'), 1)} "
