@@ -247,14 +247,20 @@ def test_constant_image_refused(ct):
 
 
 def test_non_overlapping_refused(ct):
+    """A received matrix or an isocenter that puts the CBCT nowhere near the planning CT is
+    one candidate among others (identity, image centres, body centroids find the overlap);
+    with only such candidates and no search the registration is refused."""
     g = cbct_grid()
     cb = simulate_cbct(g, np.zeros(g.shape + (3,), np.float32))
     m = np.eye(4)
     m[:3, 3] = (0.0, 0.0, 800.0)
-    with pytest.raises(RegistrationError, match="do not overlap"):
-        register(cb, ct, initial_matrix=m)
-    with pytest.raises(RegistrationError, match="do not overlap"):
-        register(cb, ct, isocenter_lps_mm=(500.0, 0.0, 0.0))
+    only = _config(initial_alignment__search=False, initial_alignment__use_identity=False,
+                   initial_alignment__use_image_centres=False,
+                   initial_alignment__use_body_centroids=False)
+    with pytest.raises(RegistrationError, match="no initial alignment brings the CBCT"):
+        register(cb, ct, initial_matrix=m, config=only)
+    with pytest.raises(RegistrationError, match="no initial alignment brings the CBCT"):
+        register(cb, ct, isocenter_lps_mm=(500.0, 0.0, 0.0), config=only)
 
 
 def test_other_patient_refused(ct):
