@@ -28,6 +28,7 @@ from services.gateway.validation import (
 )
 from services.sample_data import ct_slice, write_ct_series
 from tests.conftest import require_tool
+from tests.waiting import wait_until
 
 
 def _encode(ds) -> bytes:
@@ -140,7 +141,7 @@ class Events:
             self.items.append((time.monotonic(), event, body))
             self.cv.notify_all()
 
-    def wait_for(self, event, n=1, timeout=10.0):
+    def wait_for(self, event, n=1, timeout=30.0):
         end = time.monotonic() + timeout
         with self.cv:
             while True:
@@ -182,6 +183,25 @@ def _series(n, **kw):
     return [ct_slice(patient_id="PGW", index=k, rows=16, cols=12, **uids) for k in range(n)]
 
 
+def _idle_deadline_passed(gateway) -> str:
+    """Positive signal for "this series did not complete": a one-instance probe series,
+    sent and released now, completes only after its own idle timeout, and every pass of
+    the completion loop checks every series; so once the probe's series_complete is
+    reported, any series whose last instance arrived earlier and that could complete has
+    been reported before it. Returns the probe's series UID."""
+    probe = _series(1)[0]
+    assoc = _assoc(gateway.port)
+    assert assoc.send_c_store(probe).Status == 0
+    assoc.release()
+    uid = probe.SeriesInstanceUID
+    wait_until(lambda: uid in _completed(gateway), 30, "the probe series to complete")
+    return uid
+
+
+def _completed(gateway) -> list[str]:
+    return [b["series_uid"] for _, e, b in gateway.events.items if e == "series_complete"]
+
+
 def test_store_writes_exact_dataset_then_completes_after_idle(gateway):
     slices = _series(5)
     assoc = _assoc(gateway.port)
@@ -190,13 +210,15 @@ def test_store_writes_exact_dataset_then_completes_after_idle(gateway):
         p = gateway.store.instance_path("PGW", ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                         ds.SOPInstanceUID)
         assert p.is_file()                       # on disk before Success returned
-    time.sleep(1.0)                              # > idle timeout, association still open
-    assert "series_complete" not in gateway.events.names()
+    probe = _idle_deadline_passed(gateway)       # > idle timeout, association still open
+    assert _completed(gateway) == [probe]
     t_release = time.monotonic()
     assoc.release()
-    done = gateway.events.wait_for("series_complete")
+    done = [b for b in gateway.events.wait_for("series_complete", n=2)
+            if b["series_uid"] != probe]
     assert len(done) == 1 and done[0]["count"] == 5
-    t_done = [t for t, e, _ in gateway.events.items if e == "series_complete"][0]
+    t_done = next(t for t, e, b in gateway.events.items
+                  if e == "series_complete" and b["series_uid"] != probe)
     assert t_done - t_release >= 0.6 - 0.05
     folder = Path(done[0]["path"])
     files = sorted(folder.glob("*.dcm"))
@@ -237,13 +259,14 @@ def test_aborted_association_keeps_series_incomplete_until_resent(gateway):
     assoc.abort()
     ab = gateway.events.wait_for("association_aborted")
     assert ab and ab[0]["series"][0]["count"] == 3
-    time.sleep(1.2)                               # two idle timeouts
-    assert "series_complete" not in gateway.events.names()
+    probe = _idle_deadline_passed(gateway)        # > idle timeout after the abort
+    assert _completed(gateway) == [probe]
     assoc = _assoc(gateway.port)                  # resend everything (overwrites 0..2)
     for ds in slices:
         assert assoc.send_c_store(ds).Status == 0
     assoc.release()
-    done = gateway.events.wait_for("series_complete")
+    done = [b for b in gateway.events.wait_for("series_complete", n=2)
+            if b["series_uid"] != probe]
     assert len(done) == 1 and done[0]["count"] == 6
     assert len(list(Path(done[0]["path"]).glob("*.dcm"))) == 6
 
@@ -256,8 +279,8 @@ def test_dropped_connection_counts_as_abort(gateway):
     assoc.kill()
     ab = gateway.events.wait_for("association_aborted")
     assert ab
-    time.sleep(1.0)
-    assert "series_complete" not in gateway.events.names()
+    probe = _idle_deadline_passed(gateway)        # > idle timeout after the drop
+    assert _completed(gateway) == [probe]
 
 
 def test_duplicate_series_is_idempotent_and_reported_again(gateway):
@@ -298,12 +321,8 @@ def test_scu_sends_and_confirms_each_instance(gateway, tmp_path):
     assert done[0]["count"] == 3
 
 
-def test_scu_tms_down_retries_then_fails_keeping_outbox(tmp_path):
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()                                     # nothing listens there
+def test_scu_tms_down_retries_then_fails_keeping_outbox(tmp_path, refused_port):
+    port = refused_port                           # nothing listens there
     paths = write_ct_series(tmp_path / "out", 2, 8, 8)
     delays = []
     cfg = TmsConfig(port=port, retries=3, backoff_s=0.25, acse_timeout_s=1,

@@ -118,7 +118,6 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
     (CBCT complete to plan stored, excluding the decision)."""
     from adaptive.commands.demo import Tms, _patient_id, find_fraction, push
     from services.config import write_local_config
-    from services.console import ConsoleClient
     from services.supervisor import ServiceStack
 
     fx0, planning = find_fraction(None)
@@ -127,22 +126,20 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
     pid = _patient_id(planning / "RP.dcm")
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-sessions-"))
     tms = Tms(work)
-    cfg, gw_port = write_local_config(work, tms.port)
-    stack = ServiceStack(cfg)
-    cl = None
+    stack = cl = None
     rows = []
     try:
-        stack.start()
+        stack = ServiceStack(write_local_config(work, tms.port))
+        gw_port = stack.start(120).gateway_port
         stack.wait_ready(240)
-        oc = stack.cfg.orchestrator
-        cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint)
+        cl = stack.console_client()
         push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
              [planning / "RS.dcm", planning / "RP.dcm"])
         end = time.monotonic() + 60
         while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
             if time.monotonic() > end:
                 raise RuntimeError("planning data not registered by the orchestrator")
-            time.sleep(0.2)
+            time.sleep(0.2)  # bounded poll (60 s)
         for i in range(n):
             fx = fractions[i % len(fractions)]
             s = cl.start("BENCH_ROOM", pid)
@@ -165,7 +162,8 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
     finally:
         if cl:
             cl.close()
-        stack.stop()
+        if stack:
+            stack.stop()
         tms.stop()
     out = [(f"Sessions: {n} online sessions through the services with the real stages "
             f"(replay case {fx0.parent.name}; registration + planning workers, 1 each; "
