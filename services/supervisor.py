@@ -6,7 +6,8 @@ Start order: the orchestrator first; once its ready record (:mod:`services.ready
 where it listens, the gateway and the workers, given the orchestrator's real endpoints on
 their command lines; then the gateway's ready record gives its DICOM port. So a config
 may ask for port 0 everywhere (tests, ``adaptive demo``, benchmarks): every process binds
-an ephemeral port itself and :attr:`ServiceStack.endpoints` reports the real ones.
+an ephemeral port itself and :attr:`ServiceStack.endpoints` reports the real ones (once
+started, :attr:`ServiceStack.cfg` holds them too).
 A worker that dies is restarted (at most ``max_restarts`` times per slot); the
 orchestrator re-issues its task. ``stop()`` sends SIGTERM, waits, then SIGKILLs.
 """
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from adaptive.errors import ServiceError
@@ -146,7 +147,14 @@ class ServiceStack:
         except BaseException:
             self.stop()                          # nothing started here outlives a failed start
             raise
-        self._endpoints = ServiceEndpoints.from_records(orch, gw)
+        self._endpoints = e = ServiceEndpoints.from_records(orch, gw)
+        # from now on cfg describes the running services: the endpoints as bound
+        self.cfg = replace(self.cfg, gateway=replace(self.cfg.gateway, port=e.gateway_port),
+                           orchestrator=replace(
+                               self.cfg.orchestrator, worker_endpoint=e.worker,
+                               gateway_events_endpoint=e.gateway_events,
+                               console_endpoint=e.console,
+                               console_events_endpoint=e.console_events))
         self.log.info("services_listening", **{k: str(v) for k, v in
                                                 vars(self._endpoints).items()})
         return self._endpoints

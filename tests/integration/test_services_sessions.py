@@ -45,6 +45,10 @@ def _wait_planning(cl, pid, timeout=60):
 def test_normal_session_end_to_end_to_orthanc(tmp_path, orthanc, stack_factory):
     cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port)
     st = stack_factory(cfg, bud)
+    # configured port 0 everywhere; the stack reports (and its cfg now holds) real ones
+    e = st.endpoints
+    assert e.gateway_port > 0 and st.cfg.gateway.port == e.gateway_port
+    assert st.cfg.orchestrator.console_endpoint == e.console != "tcp://127.0.0.1:0"
     cl = _client(st)
     data = write_planning_data(tmp_path / "P1", "PAT-E2E")
     _send_planning(st, data)
