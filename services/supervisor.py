@@ -26,7 +26,14 @@ from adaptive.errors import ServiceError
 from adaptive.log import get_logger
 from services.config import load_services_config
 from services.console import ConsoleClient, ConsoleError
-from services.ready import ReadyRecord, clear_ready, wait_for_ready
+from services.ready import (
+    ReadyRecord,
+    clear_ready,
+    pid_alive,
+    read_ready,
+    ready_path,
+    wait_for_ready,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,6 +140,10 @@ class ServiceStack:
         if self.orchestrator.popen is not None:
             raise ServiceError("services already started")
         for name in ("orchestrator", "gateway"):
+            rec = read_ready(self.root, name)
+            if rec is not None and pid_alive(rec.pid):
+                raise ServiceError(f"a {name} (pid {rec.pid}) is already running with "
+                                   f"{ready_path(self.root, name)}; stop it first")
             clear_ready(self.root, name)        # a record left by a killed earlier run
         try:
             self._spawn(self.orchestrator)

@@ -206,3 +206,18 @@ def test_explicit_port_is_bound_and_reported_as_configured(tmp_path):
         assert not o.endpoints["console_endpoint"].endswith(":0")
         return
     pytest.fail("three explicit ports in a row were taken")
+
+
+def test_stack_refuses_a_root_whose_orchestrator_is_running(tmp_path):
+    """Two stacks on one var root would overwrite each other's ready records: the second
+    start is refused while the first's process lives; a dead one's record is replaced."""
+    from services.supervisor import ServiceStack
+
+    cfg_path = C.write_local_config(tmp_path, tms_port=4242)
+    root = C.load_services_config(cfg_path).paths.root
+    write_ready(root, "orchestrator", {"console_endpoint": "tcp://127.0.0.1:41000"})  # alive
+    st = ServiceStack(cfg_path)
+    with pytest.raises(ServiceError, match="already running"):
+        st.start(timeout_s=60)
+    assert st.orchestrator.popen is None                        # nothing was started
+    assert read_ready(root, "orchestrator").pid == os.getpid()   # and nothing removed
