@@ -157,3 +157,13 @@ def orchestrator_endpoint(cfg, key: str) -> str:
         return str(rec.endpoints[key])
     except KeyError:
         raise ServiceError(f"{where}: no endpoint {key!r}") from None
+
+
+def endpoint_argument(parser, cfg, key: str, given: str | None) -> str:
+    """For a service's command line: ``given`` (its endpoint option), else
+    :func:`orchestrator_endpoint`; an unresolvable one ends the process through
+    ``parser.error`` (exit status 2, the reason on stderr)."""
+    try:
+        return given or orchestrator_endpoint(cfg, key)
+    except ServiceError as e:
+        parser.error(str(e))

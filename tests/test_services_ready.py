@@ -128,6 +128,10 @@ def test_orchestrator_and_gateway_bind_port_zero_and_report_real_endpoints(tmp_p
     records on SIGTERM."""
     cfg_path = C.write_local_config(tmp_path, tms_port=4242)
     cfg = C.load_services_config(cfg_path)
+    # a gateway started first cannot know where to send its events: a clear refusal
+    early = _spawn(["services.gateway", "--config", str(cfg_path)], tmp_path, "early")
+    assert early.wait(120) == 2
+    assert "no orchestrator is running" in (tmp_path / "early.log").read_text()
     orch = _spawn(["services.orchestrator", "--config", str(cfg_path)], tmp_path, "orch")
     gw = None
     try:

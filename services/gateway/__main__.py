@@ -15,12 +15,11 @@ import signal
 import sys
 import threading
 
-from adaptive.errors import ServiceError
 from adaptive.log import bind, configure_logging
 from services.config import load_services_config
 from services.events import EventPusher
 from services.gateway.scp import Gateway
-from services.ready import clear_ready, orchestrator_endpoint, write_ready
+from services.ready import clear_ready, endpoint_argument, write_ready
 
 
 def main(argv=None) -> int:
@@ -32,11 +31,7 @@ def main(argv=None) -> int:
     configure_logging()
     bind(process="gateway")
     cfg = load_services_config(args.config)
-    try:
-        events = args.events_endpoint or orchestrator_endpoint(cfg, "gateway_events_endpoint")
-    except ServiceError as e:
-        print(f"gateway: {e}", file=sys.stderr)
-        return 2
+    events = endpoint_argument(p, cfg, "gateway_events_endpoint", args.events_endpoint)
     pusher = EventPusher(events)
     gw = Gateway(cfg.gateway, cfg.paths.store, cfg.paths.quarantine, pusher)
     stop = threading.Event()

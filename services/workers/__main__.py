@@ -10,11 +10,10 @@ import signal
 import sys
 import threading
 
-from adaptive.errors import ServiceError
 from adaptive.log import bind, configure_logging, get_logger
 from services.config import load_services_config
 from services.messaging import Worker
-from services.ready import orchestrator_endpoint
+from services.ready import endpoint_argument
 from services.workers import load_handler
 
 
@@ -35,11 +34,7 @@ def main(argv=None) -> int:
     if not spec:
         print(f"no handler configured for service {args.service!r}", file=sys.stderr)
         return 2
-    try:
-        endpoint = args.endpoint or orchestrator_endpoint(cfg, "worker_endpoint")
-    except ServiceError as e:
-        print(f"worker: {e}", file=sys.stderr)
-        return 2
+    endpoint = endpoint_argument(p, cfg, "worker_endpoint", args.endpoint)
     handler = load_handler(spec)
     warm = getattr(handler, "warm_up", None)
     if warm is not None and not args.no_warm_up:
