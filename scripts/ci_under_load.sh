@@ -17,6 +17,7 @@ head="$(git -C "$repo" rev-parse HEAD)"
 logs="$(mktemp -d /tmp/ci-under-load-logs.XXXXXX)"
 hogs=()
 work=""
+cipid=""
 
 stop_hogs() {
   for p in "${hogs[@]}"; do kill "$p" 2>/dev/null; done
@@ -24,6 +25,8 @@ stop_hogs() {
   hogs=()
 }
 cleanup() {
+  # timeout(1) leads its own process group: .ci/run and everything it started
+  [[ -n "$cipid" ]] && kill -TERM -- "-$cipid" 2>/dev/null
   stop_hogs
   [[ -n "$work" && -d "$work" ]] && rm -rf "$work"
 }
@@ -41,8 +44,11 @@ for i in $(seq 1 "$runs"); do
   python3 -c 'while True: pass' & hogs+=($!)
   python3 -c 'while True: pass' & hogs+=($!)
   t0=$(date +%s)
-  (cd "$work/repo" && timeout --kill-after=60 "$limit_s" bash .ci/run) >"$log" 2>&1
+  (cd "$work/repo" && exec timeout --kill-after=60 "$limit_s" bash .ci/run) >"$log" 2>&1 &
+  cipid=$!
+  wait "$cipid"
   rc=$?
+  cipid=""
   t1=$(date +%s)
   stop_hogs
   summary="$(grep -aE '[0-9]+ (passed|failed|error)' "$log" | tail -1)"
