@@ -193,9 +193,9 @@ class ServiceStack:
             self._spawn(p)
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
-        """Bounded wait until the orchestrator answers and every configured worker
-        service has its workers connected (the gateway listens once :meth:`start`
-        returned); returns the ping reply."""
+        """Bounded wait until the orchestrator answers, every configured worker service
+        has its workers connected and the gateway answers a C-ECHO at its real port;
+        returns the ping reply."""
         want = {s: n for s, n in self.worker_counts.items() if n}
         cl = ConsoleClient(self.endpoints.console, timeout_s=1.0)
         end = time.monotonic() + timeout_s
@@ -204,7 +204,8 @@ class ServiceStack:
                 self.poll()
                 try:
                     r = cl.request("ping")
-                    if all(r["workers"].get(s, 0) >= n for s, n in want.items()):
+                    if (all(r["workers"].get(s, 0) >= n for s, n in want.items())
+                            and self._gateway_answers()):
                         return r
                 except ConsoleError:
                     pass
@@ -212,6 +213,29 @@ class ServiceStack:
         finally:
             cl.close()
         raise ServiceError(f"services not ready within {timeout_s:g} s (logs: {self.log_dir})")
+
+    def _gateway_answers(self) -> bool:
+        """Whether the DICOM gateway answers a C-ECHO from ``ADAPTIVE_SUPERV`` (its ready
+        record says it listens; this checks the whole DICOM stack end to end). A real
+        Verification association, so the gateway sees a normal release, not an abort."""
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification
+
+        e = self.endpoints
+        ae = AE(ae_title="ADAPTIVE_SUPERV")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5.0
+        try:
+            assoc = ae.associate(e.gateway_host, e.gateway_port, ae_title=e.gateway_ae_title)
+        except OSError:
+            return False
+        if not assoc.is_established:
+            return False
+        try:
+            status = assoc.send_c_echo()
+            return bool(status) and status.Status == 0x0000
+        finally:
+            assoc.release()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for p in reversed(self.procs):
