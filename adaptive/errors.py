@@ -17,6 +17,11 @@ class ConfigError(AdaptiveError):
     """A configuration file is missing, malformed, or has an unknown/invalid key."""
 
 
+class ClinicalProtocolError(ConfigError):
+    """A clinical protocol (the goals a patient is planned with) is unknown, invalid, or cannot
+    be determined for a session."""
+
+
 class GeometryError(AdaptiveError):
     """Inconsistent or invalid image geometry (spacing, direction, overlap)."""
 
@@ -106,11 +111,34 @@ class DicomWriteError(AdaptiveError):
     """An object cannot be written as valid DICOM (inconsistent or missing content/references)."""
 
 
+class StudyMismatchError(DicomWriteError):
+    """Objects of one study (or one session) disagree on the patient or on study-level
+    attributes (Study Date/Time/ID, Accession Number, Referring Physician, patient module)."""
+
+
+class GridOutsideImageError(DicomWriteError):
+    """A grid (e.g. an RT Dose grid) is not inside the image it was computed on."""
+
+
 # --- real-time services ---------------------------------------------------------
 
 
 class ServiceError(AdaptiveError):
     """A real-time service could not do its job (messaging, worker, state machine)."""
+
+
+class InvalidIdentifierError(ServiceError):
+    """An identifier from outside (UID, AE title, patient ID, room, session id) breaks its
+    syntax rule; it is refused before any path or key is built from it."""
+
+    def __init__(self, field: str, value, reason: str):
+        self.field = field
+        self.value = value
+        self.reason = reason
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"invalid {field} {shown}: {reason}")
 
 
 class IllegalTransitionError(ServiceError):

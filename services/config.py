@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adaptive.config import check_keys, config_path, get_number, load_toml
 from adaptive.errors import ConfigError
+from services.validators import validate_ae_title
 
 FSYNC_POLICIES = ("instance", "series", "none")
 
@@ -25,8 +28,9 @@ def _str(section: dict, key: str, where: str, default: str | None = None) -> str
 
 def _ae(section: dict, key: str, where: str, default: str | None = None) -> str:
     v = _str(section, key, where, default)
-    if len(v) > 16 or not v.isascii() or "\\" in v:
-        raise ConfigError(f"{where}.{key}: {v!r} is not a valid AE title (1-16 ASCII chars)")
+    ok, why = validate_ae_title(v)
+    if not ok:
+        raise ConfigError(f"{where}.{key}: {v!r} is not a valid AE title: {why}")
     return v
 
 
@@ -46,6 +50,56 @@ class PathsConfig:
     sessions: Path
 
 
+#: Roles a DICOM peer of the gateway can have (what each may store: services.gateway.access).
+DICOM_ROLES = ("imaging", "planning", "verification")
+
+
+@dataclass(frozen=True)
+class DicomPeer:
+    """An application entity allowed to associate with the gateway: its calling AE title,
+    its roles (:data:`DICOM_ROLES`) and the addresses it may connect from (IP addresses
+    or networks in CIDR notation)."""
+
+    ae_title: str
+    roles: tuple[str, ...]
+    hosts: tuple[str, ...] = ("127.0.0.1",)
+
+
+def default_dicom_peers() -> dict[str, DicomPeer]:
+    """The loopback peers of ``config/services.toml``: the imaging system, the planning
+    system and the supervisor's health check."""
+    return {p.ae_title: p for p in (DicomPeer("IMAGER", ("imaging",)),
+                                    DicomPeer("TPS", ("planning",)),
+                                    DicomPeer("ADAPTIVE_SUPERV", ("verification",)))}
+
+
+@dataclass
+class GatewayAccessConfig:
+    """Who may associate with the gateway and how many connections each may hold
+    (``[gateway.access]``; see docs/dicom-gateway.md)."""
+
+    peers: dict[str, DicomPeer] = field(default_factory=default_dicom_peers)
+    check_called_ae_title: bool = True
+    max_associations_per_peer: int = 4      # established associations per calling AE title
+    reserved_for_imaging: int = 2           # of max_associations, usable by imaging peers only
+    max_pending_connections: int = 16       # connections without an accepted association
+    max_pending_per_host: int = 8           # the same, per peer address
+
+
+@dataclass
+class GatewayTlsConfig:
+    """Optional TLS for the gateway (``[gateway.tls]``): PEM certificate and key; with
+    ``client_ca`` set, peers must present a certificate signed by that CA."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    client_ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
 @dataclass
 class GatewayConfig:
     ae_title: str = "ADAPTIVE_GW"
@@ -58,6 +112,8 @@ class GatewayConfig:
     acse_timeout_s: float = 10.0
     dimse_timeout_s: float = 30.0
     network_timeout_s: float = 30.0
+    access: GatewayAccessConfig = field(default_factory=GatewayAccessConfig)
+    tls: GatewayTlsConfig = field(default_factory=GatewayTlsConfig)
 
 
 @dataclass
@@ -145,7 +201,7 @@ def load_services_config(path: str | Path | None = None) -> ServicesConfig:
     wg = f"{w}[gateway]"
     check_keys(g, {"ae_title", "host", "port", "max_pdu", "idle_timeout_s", "fsync",
                    "max_associations", "acse_timeout_s", "dimse_timeout_s",
-                   "network_timeout_s"}, wg)
+                   "network_timeout_s", "access", "tls"}, wg)
     fsync = _str(g, "fsync", wg, "instance")
     if fsync not in FSYNC_POLICIES:
         raise ConfigError(f"{wg}.fsync: {fsync!r} is not one of {FSYNC_POLICIES}")
@@ -157,6 +213,9 @@ def load_services_config(path: str | Path | None = None) -> ServicesConfig:
         acse_timeout_s=get_number(g, "acse_timeout_s", wg, minimum=0.1, default=10.0),
         dimse_timeout_s=get_number(g, "dimse_timeout_s", wg, minimum=0.1, default=30.0),
         network_timeout_s=get_number(g, "network_timeout_s", wg, minimum=0.1, default=30.0))
+    gateway.access = _gateway_access(g.get("access", {}), f"{wg}.access",
+                                     gateway.max_associations)
+    gateway.tls = _gateway_tls(g.get("tls", {}), f"{wg}.tls", path.parent)
 
     o = d.get("orchestrator", {})
     wo = f"{w}[orchestrator]"
@@ -214,6 +273,79 @@ def load_services_config(path: str | Path | None = None) -> ServicesConfig:
                           tms=tms, source=path)
 
 
+def _gateway_access(a, where: str, max_associations: int) -> GatewayAccessConfig:
+    """``[gateway.access]`` and its ``[gateway.access.peers.<AE title>]`` tables."""
+    if not isinstance(a, dict):
+        raise ConfigError(f"{where}: expected a table")
+    check_keys(a, {"check_called_ae_title", "max_associations_per_peer",
+                   "reserved_for_imaging", "max_pending_connections", "max_pending_per_host",
+                   "peers"}, where)
+    peers = default_dicom_peers()
+    if "peers" in a:
+        if not isinstance(a["peers"], dict):
+            raise ConfigError(f"{where}.peers: expected a table of AE titles")
+        peers = {}
+        for aet, t in a["peers"].items():
+            wp = f"{where}.peers.{aet}"
+            ok, why = validate_ae_title(aet)
+            if not ok:
+                raise ConfigError(f"{wp}: {aet!r} is not a valid AE title: {why}")
+            if not isinstance(t, dict):
+                raise ConfigError(f"{wp}: expected a table")
+            check_keys(t, {"roles", "hosts"}, wp, {"roles"})
+            roles = t["roles"]
+            if (not isinstance(roles, list) or not roles
+                    or any(r not in DICOM_ROLES for r in roles)):
+                raise ConfigError(f"{wp}.roles: expected a non-empty list of {DICOM_ROLES}, "
+                                  f"got {roles!r}")
+            hosts = t.get("hosts", ["127.0.0.1"])
+            if not isinstance(hosts, list) or not hosts:
+                raise ConfigError(f"{wp}.hosts: expected a non-empty list of addresses")
+            for h in hosts:
+                try:
+                    ipaddress.ip_network(h, strict=False)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{wp}.hosts: {h!r} is not an IP address or network "
+                                      f"(host names are not accepted)") from None
+            peers[aet.strip()] = DicomPeer(aet.strip(), tuple(roles), tuple(hosts))
+    called = a.get("check_called_ae_title", True)
+    if not isinstance(called, bool):
+        raise ConfigError(f"{where}.check_called_ae_title: expected true/false")
+    acc = GatewayAccessConfig(
+        peers=peers, check_called_ae_title=called,
+        max_associations_per_peer=_int(a, "max_associations_per_peer", where, 1, 4),
+        reserved_for_imaging=_int(a, "reserved_for_imaging", where, 0, 2),
+        max_pending_connections=_int(a, "max_pending_connections", where, 1, 16),
+        max_pending_per_host=_int(a, "max_pending_per_host", where, 1, 8))
+    if acc.reserved_for_imaging >= max_associations:
+        raise ConfigError(f"{where}.reserved_for_imaging: {acc.reserved_for_imaging} must be "
+                          f"below max_associations ({max_associations})")
+    return acc
+
+
+def _gateway_tls(t, where: str, base: Path) -> GatewayTlsConfig:
+    """``[gateway.tls]``: certificate and private_key (both or neither), client_ca
+    optional; relative paths are relative to the config file's folder."""
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: expected a table")
+    check_keys(t, {"certificate", "private_key", "client_ca"}, where)
+    files = {}
+    for key in ("certificate", "private_key", "client_ca"):
+        v = t.get(key, "")
+        if not isinstance(v, str):
+            raise ConfigError(f"{where}.{key}: expected a path string")
+        if v:
+            p = Path(v) if Path(v).is_absolute() else base / v
+            if not p.is_file():
+                raise ConfigError(f"{where}.{key}: file not found: {p}")
+            files[key] = p
+    if ("certificate" in files) != ("private_key" in files):
+        raise ConfigError(f"{where}: certificate and private_key go together")
+    if "client_ca" in files and "certificate" not in files:
+        raise ConfigError(f"{where}.client_ca needs certificate and private_key")
+    return GatewayTlsConfig(**files)
+
+
 def load_budgets(path: str | Path | None = None) -> Budgets:
     """Read ``config/budgets.toml`` (or ``path``)."""
     path = Path(path) if path else config_path("budgets.toml")
@@ -246,8 +378,12 @@ def load_budgets(path: str | Path | None = None) -> Budgets:
 
 
 __all__ = [
+    "DICOM_ROLES",
     "Budgets",
+    "DicomPeer",
+    "GatewayAccessConfig",
     "GatewayConfig",
+    "GatewayTlsConfig",
     "OrchestratorConfig",
     "PathsConfig",
     "ServicesConfig",
@@ -272,12 +408,20 @@ def _toml_value(v) -> str:
     raise ConfigError(f"cannot write {type(v).__name__} to TOML")
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.fullmatch(k) else _toml_value(k)
+
+
 def dump_toml(d: dict, prefix: str = "") -> str:
     """TOML text of a nested dict of scalars, lists and tables (enough for our configs)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d.items()
+             if not isinstance(v, dict)]
     for k, v in d.items():
         if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
+            name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
             lines += ["", f"[{name}]", dump_toml(v, name)]
     return "\n".join(lines)
 

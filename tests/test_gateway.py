@@ -28,27 +28,18 @@ from services.gateway.validation import (
 )
 from services.sample_data import ct_slice, write_ct_series
 from tests.conftest import require_tool
-from tests.waiting import wait_until
-
-
-def _encode(ds) -> bytes:
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return fp.getvalue()
+from tests.gateway_helpers import encode_dataset, wait_until_checked
 
 
 def _slice(**kw):
-    args = dict(patient_id="P1", study_uid="1.2.3", series_uid="1.2.3.4", for_uid="1.2.3.5",
-                index=0, rows=8, cols=6)
+    args = {"patient_id": "P1", "study_uid": "1.2.3", "series_uid": "1.2.3.4",
+            "for_uid": "1.2.3.5", "index": 0, "rows": 8, "cols": 6}
     args.update(kw)
     return ct_slice(**args)
 
 
 def _validate(ds):
-    return validate_dataset_bytes(_encode(ds), ExplicitVRLittleEndian,
+    return validate_dataset_bytes(encode_dataset(ds), ExplicitVRLittleEndian,
                                   expected_sop_class=CT_IMAGE,
                                   expected_sop_instance=str(ds.SOPInstanceUID))
 
@@ -85,18 +76,18 @@ def test_invalid_ct_is_rejected_with_reason(mutate, reason):
 def test_sop_instance_must_match_request():
     ds = _slice()
     with pytest.raises(ValidationFailure) as ei:
-        validate_dataset_bytes(_encode(ds), ExplicitVRLittleEndian, expected_sop_class=CT_IMAGE,
+        validate_dataset_bytes(encode_dataset(ds), ExplicitVRLittleEndian, expected_sop_class=CT_IMAGE,
                                expected_sop_instance="1.2.999")
     assert ei.value.reason == "sop_instance_mismatch"
     with pytest.raises(ValidationFailure) as ei:
-        validate_dataset_bytes(_encode(ds), ExplicitVRLittleEndian,
+        validate_dataset_bytes(encode_dataset(ds), ExplicitVRLittleEndian,
                                expected_sop_class="1.2.840.10008.5.1.4.1.1.481.5",
                                expected_sop_instance=str(ds.SOPInstanceUID))
     assert ei.value.reason == "sop_class_mismatch"
 
 
 def test_truncated_stream_cannot_be_understood_or_is_short():
-    data = _encode(_slice())
+    data = encode_dataset(_slice())
     with pytest.raises(ValidationFailure) as ei:
         validate_dataset_bytes(data[: len(data) - 40], ExplicitVRLittleEndian,
                                expected_sop_class=CT_IMAGE,
@@ -126,7 +117,8 @@ def test_tracker_idle_abort_and_resend_rules():
     assert tr.due() == []                       # idle timeout not yet passed
     now[0] = 11.1
     done = tr.due()
-    assert len(done) == 1 and done[0][0]["count"] == 1 and done[0][0]["completions"] == 1
+    assert len(done) == 1 and done[0].event == "series_complete"
+    assert done[0].body["count"] == 1 and done[0].body["completions"] == 1
     assert tr.due() == []                       # reported once
 
 
@@ -169,7 +161,7 @@ def gateway(tmp_path):
 
 
 def _assoc(port, ae_title="ADAPTIVE_GW"):
-    ae = AE(ae_title="TESTSCU")
+    ae = AE(ae_title="IMAGER")
     ae.add_requested_context(CT_IMAGE, [ExplicitVRLittleEndian])
     ae.dimse_timeout = 10
     assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
@@ -178,28 +170,9 @@ def _assoc(port, ae_title="ADAPTIVE_GW"):
 
 
 def _series(n, **kw):
-    uids = dict(study_uid=generate_uid(), series_uid=generate_uid(), for_uid=generate_uid())
+    uids = {"study_uid": generate_uid(), "series_uid": generate_uid(), "for_uid": generate_uid()}
     uids.update(kw)
     return [ct_slice(patient_id="PGW", index=k, rows=16, cols=12, **uids) for k in range(n)]
-
-
-def _idle_deadline_passed(gateway) -> str:
-    """Positive signal for "this series did not complete": a one-instance probe series,
-    sent and released now, completes only after its own idle timeout, and every pass of
-    the completion loop checks every series; so once the probe's series_complete is
-    reported, any series whose last instance arrived earlier and that could complete has
-    been reported before it. Returns the probe's series UID."""
-    probe = _series(1)[0]
-    assoc = _assoc(gateway.port)
-    assert assoc.send_c_store(probe).Status == 0
-    assoc.release()
-    uid = probe.SeriesInstanceUID
-    wait_until(lambda: uid in _completed(gateway), 30, "the probe series to complete")
-    return uid
-
-
-def _completed(gateway) -> list[str]:
-    return [b["series_uid"] for _, e, b in gateway.events.items if e == "series_complete"]
 
 
 def test_store_writes_exact_dataset_then_completes_after_idle(gateway):
@@ -210,15 +183,13 @@ def test_store_writes_exact_dataset_then_completes_after_idle(gateway):
         p = gateway.store.instance_path("PGW", ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                         ds.SOPInstanceUID)
         assert p.is_file()                       # on disk before Success returned
-    probe = _idle_deadline_passed(gateway)       # > idle timeout, association still open
-    assert _completed(gateway) == [probe]
+    wait_until_checked(gateway, time.monotonic() + 1.0)   # > idle timeout, still open
+    assert "series_complete" not in gateway.events.names()
     t_release = time.monotonic()
     assoc.release()
-    done = [b for b in gateway.events.wait_for("series_complete", n=2)
-            if b["series_uid"] != probe]
+    done = gateway.events.wait_for("series_complete")
     assert len(done) == 1 and done[0]["count"] == 5
-    t_done = next(t for t, e, b in gateway.events.items
-                  if e == "series_complete" and b["series_uid"] != probe)
+    t_done = next(t for t, e, _ in gateway.events.items if e == "series_complete")
     assert t_done - t_release >= 0.6 - 0.05
     folder = Path(done[0]["path"])
     files = sorted(folder.glob("*.dcm"))
@@ -259,14 +230,13 @@ def test_aborted_association_keeps_series_incomplete_until_resent(gateway):
     assoc.abort()
     ab = gateway.events.wait_for("association_aborted")
     assert ab and ab[0]["series"][0]["count"] == 3
-    probe = _idle_deadline_passed(gateway)        # > idle timeout after the abort
-    assert _completed(gateway) == [probe]
+    wait_until_checked(gateway, time.monotonic() + 1.2)   # two idle timeouts
+    assert "series_complete" not in gateway.events.names()
     assoc = _assoc(gateway.port)                  # resend everything (overwrites 0..2)
     for ds in slices:
         assert assoc.send_c_store(ds).Status == 0
     assoc.release()
-    done = [b for b in gateway.events.wait_for("series_complete", n=2)
-            if b["series_uid"] != probe]
+    done = gateway.events.wait_for("series_complete")
     assert len(done) == 1 and done[0]["count"] == 6
     assert len(list(Path(done[0]["path"]).glob("*.dcm"))) == 6
 
@@ -279,8 +249,8 @@ def test_dropped_connection_counts_as_abort(gateway):
     assoc.kill()
     ab = gateway.events.wait_for("association_aborted")
     assert ab
-    probe = _idle_deadline_passed(gateway)        # > idle timeout after the drop
-    assert _completed(gateway) == [probe]
+    wait_until_checked(gateway, time.monotonic() + 1.0)
+    assert "series_complete" not in gateway.events.names()
 
 
 def test_duplicate_series_is_idempotent_and_reported_again(gateway):
@@ -301,19 +271,21 @@ def test_dcmtk_storescu_series(gateway, tmp_path):
     storescu = require_tool("storescu", "dcmtk")
     paths = write_ct_series(tmp_path / "in", 10, 64, 64, patient_id="PDCM", description="CBCT")
     env = dict(os.environ, TCP_NODELAY="1")
-    r = subprocess.run([storescu, "-aec", "ADAPTIVE_GW", "127.0.0.1", str(gateway.port),
-                        *map(str, paths)], env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([storescu, "-aet", "IMAGER", "-aec", "ADAPTIVE_GW", "127.0.0.1",
+                        str(gateway.port), *map(str, paths)], env=env, capture_output=True,
+                       text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     done = gateway.events.wait_for("series_complete")
     assert done[0]["count"] == 10 and done[0]["series_description"] == "CBCT"
-    assert done[0]["calling_ae_titles"] == ["STORESCU"]
+    assert done[0]["calling_ae_titles"] == ["IMAGER"]
 
 
 # --- SCU ---------------------------------------------------------------------------
 
 def test_scu_sends_and_confirms_each_instance(gateway, tmp_path):
     paths = write_ct_series(tmp_path / "out", 3, 16, 16, patient_id="PSCU")
-    cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=1, backoff_s=0.0)
+    cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=1, backoff_s=0.0,
+                    calling_ae_title="TPS")
     reports, batch = send_files(paths, cfg, outbox=tmp_path / "outbox", session_id="s1")
     assert all(r.ok and r.status == 0 for r in reports) and len(reports) == 3
     assert json.loads((batch / "report.json").read_text())["ok"] is True
@@ -341,8 +313,26 @@ def test_scu_permanent_refusal_is_not_retried(gateway, tmp_path):
     ds.Modality = "MR"                            # our gateway refuses: 0xA900
     p = tmp_path / "bad.dcm"
     ds.save_as(p, enforce_file_format=True)
-    cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=3, backoff_s=0.0)
+    cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=3, backoff_s=0.0,
+                    calling_ae_title="TPS")
     with pytest.raises(HandOffError) as ei:
         send_files([p], cfg, outbox=tmp_path / "outbox", session_id="s3", sleep=lambda s: None)
     r = ei.value.report[0]
     assert r["status"] == 0xA900 and r["attempts"] == 1
+
+
+def test_tracker_seeded_series_is_not_due_before_an_instance_arrives():
+    """Instances found in the store (before a restart) alone never make a series due: it
+    becomes due only after a new instance and the idle timeout (no race with seeding)."""
+    now = [100.0]
+    tr = SeriesTracker(1.0, clock=lambda: now[0])
+    old = [_validate(_slice(index=k)) for k in range(3)]
+    tr.seed([(h, Path(f"/x/{h.sop_instance_uid}.dcm")) for h in old])
+    now[0] = 200.0
+    assert tr.due() == []
+    new = _validate(_slice(index=3))
+    tr.instance_stored(1, new, Path("/x/new.dcm"))
+    tr.association_released(1)
+    now[0] = 201.5
+    done = tr.due()
+    assert [r.event for r in done] == ["series_complete"] and done[0].body["count"] == 4

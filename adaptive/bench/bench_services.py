@@ -42,10 +42,10 @@ def _receive_once(paths, root: Path, fsync: str, idle_s: float) -> tuple[float, 
     gw.start()
     try:
         t0 = time.perf_counter()
-        r = subprocess.run([shutil.which("storescu"), "-aec", "ADAPTIVE_GW", "127.0.0.1",
-                            str(gw.port), *map(str, paths)],
+        r = subprocess.run([shutil.which("storescu"), "-aet", "IMAGER", "-aec", "ADAPTIVE_GW",
+                            "127.0.0.1", str(gw.port), *map(str, paths)],
                            env=dict(os.environ, TCP_NODELAY="1"), capture_output=True,
-                           text=True, timeout=120)
+                           text=True, timeout=120, check=False)
         t1 = time.perf_counter()
         if r.returncode != 0:
             raise RuntimeError(f"storescu failed: {r.stderr[-300:]}")
@@ -134,7 +134,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
         stack.wait_ready(240)
         cl = stack.console_client()
         push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
-             [planning / "RS.dcm", planning / "RP.dcm"])
+             [planning / "RS.dcm", planning / "RP.dcm"], "TPS")
         end = time.monotonic() + 60
         while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
             if time.monotonic() > end:
@@ -142,8 +142,8 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
             time.sleep(0.2)  # bounded poll (60 s)
         for i in range(n):
             fx = fractions[i % len(fractions)]
-            s = cl.start("BENCH_ROOM", pid)
-            push(gw_port, sorted((fx / "CBCT").glob("*.dcm")))
+            s = cl.start("BENCH_ROOM", pid, protocol="prostate")
+            push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
             s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
                                   900, poll_s=0.25)
             if s["state"] == "failed":

@@ -69,12 +69,19 @@ class Tms:
             self.label = (f"Orthanc (TMS) DICOM 127.0.0.1:{self.port}, REST "
                           f"127.0.0.1:{self.orthanc.http_port}")
         else:
-            from services.config import GatewayConfig
+            from services.config import (
+                DicomPeer,
+                GatewayAccessConfig,
+                GatewayConfig,
+                load_services_config,
+            )
             from services.gateway.scp import Gateway
 
+            scu = load_services_config().tms.calling_ae_title   # our hand-off SCU
+            access = GatewayAccessConfig(peers={scu: DicomPeer(scu, ("planning",))})
             self.scp = Gateway(GatewayConfig(ae_title="TMS", host="127.0.0.1", port=0,
-                                             idle_timeout_s=1.0), self.workdir / "store",
-                               self.workdir / "quarantine")
+                                             idle_timeout_s=1.0, access=access),
+                               self.workdir / "store", self.workdir / "quarantine")
             self.scp.start()
             self.port = self.scp.port
             self.label = (f"pynetdicom Storage SCP standing in for the TMS (Orthanc not "
@@ -100,20 +107,23 @@ class Tms:
             self.scp.stop()
 
 
-def push(port: int, files: list[Path]) -> str:
-    """Send files to the gateway: storescu (TCP_NODELAY=1) if present, else pynetdicom."""
+def push(port: int, files: list[Path], calling_ae_title: str) -> str:
+    """Send files to the gateway as ``calling_ae_title`` (a peer of the services config:
+    "TPS" for planning data, "IMAGER" for the CBCT): storescu (TCP_NODELAY=1) if present,
+    else pynetdicom."""
     exe = shutil.which("storescu")
     if exe:
-        r = subprocess.run([exe, "-aec", "ADAPTIVE_GW", "127.0.0.1", str(port),
-                            *map(str, files)], env=dict(os.environ, TCP_NODELAY="1"),
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run([exe, "-aet", calling_ae_title, "-aec", "ADAPTIVE_GW", "127.0.0.1",
+                            str(port), *map(str, files)], env=dict(os.environ, TCP_NODELAY="1"),
+                           capture_output=True, text=True, timeout=300, check=False)
         if r.returncode != 0:
             raise ServiceError(f"storescu failed: {r.stderr[-500:]}")
         return "DCMTK storescu"
     from services.config import TmsConfig
     from services.gateway.scu import send_files
 
-    send_files(files, TmsConfig(ae_title="ADAPTIVE_GW", port=port, calling_ae_title="IMAGER"),
+    send_files(files, TmsConfig(ae_title="ADAPTIVE_GW", port=port,
+                                calling_ae_title=calling_ae_title),
                outbox=Path(tempfile.mkdtemp()), session_id="demo-push")
     return "pynetdicom SCU"
 
@@ -141,16 +151,16 @@ def run(args) -> int:
               f"{stack.log_dir})")
         cl = stack.console_client()
         how = push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
-                   [planning / "RS.dcm", planning / "RP.dcm"])
+                   [planning / "RS.dcm", planning / "RP.dcm"], "TPS")
         end = time.monotonic() + 60
         while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
             if time.monotonic() > end:
                 raise ServiceError("planning data not registered by the orchestrator")
             time.sleep(0.2)  # bounded poll (60 s)
         print(f"planning data received ({how})")
-        s = cl.start("DEMO_ROOM", pid)
+        s = cl.start("DEMO_ROOM", pid, protocol="prostate")
         print(f"session {s['session_id']} started; sending CBCT")
-        push(gw_port, sorted((fx / "CBCT").glob("*.dcm")))
+        push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
         left = max(10.0, args.timeout - (time.monotonic() - t_start))
         s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed",
                                                 "cancelled"}, left, poll_s=0.25)

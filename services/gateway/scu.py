@@ -92,7 +92,7 @@ def send_files(paths, cfg: TmsConfig, *, outbox: str | Path, session_id: str = "
             sleep(delay)
         try:
             assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.ae_title)
-        except Exception as e:  # socket errors are reported like a refused association
+        except Exception as e:  # noqa: BLE001 - socket errors: reported like a refusal
             for r in pending:
                 r.attempts += 1
                 r.error = f"association failed: {e}"
@@ -113,7 +113,7 @@ def send_files(paths, cfg: TmsConfig, *, outbox: str | Path, session_id: str = "
                 t0 = time.perf_counter()
                 try:
                     status = assoc.send_c_store(Path(r.path))
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - reported per instance, retried
                     r.error = f"C-STORE error: {type(e).__name__}: {e}"
                     continue
                 r.seconds = round(time.perf_counter() - t0, 4)

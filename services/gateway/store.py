@@ -1,27 +1,80 @@
 """On-disk store of received instances, written atomically, plus the quarantine.
 
-Layout: ``<store>/<patient>/<study UID>/<series UID>/<SOP Instance UID>.dcm`` (patient ID
-made filesystem-safe). Every file is written to a temporary name in the target folder,
-optionally fsync'ed, then renamed with :func:`os.replace`, so a reader never sees a
-partial file and a resend of the same SOP Instance UID overwrites the earlier copy.
+Layout: ``<store>/<patient folder>/<study UID>/<series UID>/<SOP Instance UID>.dcm``.
+Only identifiers that passed :mod:`services.validators` reach here: a valid UID (digits
+and dots, no empty component) is used as the file or folder name as it is, so distinct
+UIDs give distinct names; the Patient ID, which may hold any character but backslash and
+control characters, is percent-encoded (:func:`patient_folder_name`), which is injective.
+Nothing is sanitised by mapping characters together.
+
+An instance is written to a temporary file in the target folder (fsync'ed per policy)
+and then *linked* to its final name, which fails if that name exists: a file never
+appears partially written and is never overwritten. A SOP Instance UID received again
+is compared with the stored copy: identical content (same dataset bytes, or the same
+elements after decoding when the encoding differs) is an idempotent success; different
+content is a :attr:`StoreOutcome.CONFLICT` and the stored copy stays (the gateway refuses
+the new one and quarantines it). The first copy acknowledged is the one the pipeline may
+already have used, so it is never replaced silently.
+
+Ownership (:meth:`InstanceStore.claim`): a Study Instance UID belongs to one patient
+and a Series Instance UID to one patient and study, as first received (rebuilt from
+the store's folders at start-up); an instance claiming otherwise is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
-import re
+import struct
+import threading
 import time
+import urllib.parse
 import uuid
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+import pydicom
+
+from adaptive.log import get_logger
+
 PREAMBLE = b"\x00" * 128 + b"DICM"
+_MAX_NAME_BYTES = 240   # below NAME_MAX (255) with room for ".dcm"
 
 
-def safe_name(text: str, fallback: str = "UNKNOWN") -> str:
-    """A filesystem-safe single path component for ``text`` (max 64 chars)."""
-    s = _SAFE.sub("_", text.strip())[:64].strip(".")
+class StoreOutcome(Enum):
+    STORED = "stored"          # new instance written
+    IDENTICAL = "identical"    # already stored with the same content: nothing written
+    CONFLICT = "conflict"      # already stored with different content: nothing written
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: StoreOutcome
+    path: Path
+    stored_sha256: str = ""    # of the stored file's dataset bytes (CONFLICT only)
+    received_sha256: str = ""  # of the received dataset bytes (CONFLICT only)
+
+
+def patient_folder_name(patient_id: str) -> str:
+    """One path component for a (validated) Patient ID, injective: UTF-8 percent-encoding
+    of every character outside ``A-Z a-z 0-9 _ -`` ("." and "~" included, so the name is
+    never "." or ".." and "%" only starts an escape). A name that would be longer than
+    240 bytes becomes ``~`` + the SHA-256 of the ID (no encoded name starts with "~")."""
+    name = urllib.parse.quote(patient_id.strip(" "), safe="").replace(".", "%2E") \
+        .replace("~", "%7E")
+    if len(name) > _MAX_NAME_BYTES:
+        name = "~" + hashlib.sha256(patient_id.strip(" ").encode()).hexdigest()
+    return name
+
+
+def _safe_label(text: str, fallback: str) -> str:
+    """A short, readable, filesystem-safe label for quarantine file names (uniqueness
+    comes from the time stamp and a random suffix, not from the label)."""
+    s = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
+                for c in text.strip())[:40].strip(".")
     return s or fallback
 
 
@@ -33,26 +86,59 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, chunks, *, fsync: bool) -> Path:
-    """Write the byte ``chunks`` to ``path`` atomically (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex}"
+def _write_temp(folder: Path, chunks, fsync: bool) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
             f.writelines(chunks)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if fsync:
-            fsync_dir(path.parent)
     except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
+    return tmp
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        p.unlink()
+    except OSError:
+        pass
+
+
+def write_atomic(path: Path, chunks, *, fsync: bool) -> Path:
+    """Write the byte ``chunks`` to ``path`` atomically (temp file + os.replace)."""
+    tmp = _write_temp(path.parent, chunks, fsync)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
     return path
+
+
+def _dataset_bytes(file_bytes: bytes) -> bytes | None:
+    """The dataset part of a Part 10 file whose meta group starts with its group length
+    (as every file we write does); None if the file does not look like that."""
+    if file_bytes[128:132] != b"DICM" or file_bytes[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    (group_len,) = struct.unpack("<I", file_bytes[140:144])
+    return file_bytes[144 + group_len:]
+
+
+def _same_elements(stored: Path, meta: bytes, dataset: bytes) -> bool:
+    """Whether the stored file and the received instance hold the same data elements
+    (both decoded; used when their encodings differ)."""
+    try:
+        a = pydicom.dcmread(stored)
+        b = pydicom.dcmread(io.BytesIO(PREAMBLE + meta + dataset))
+    except Exception:  # noqa: BLE001 - undecodable means "not shown identical"
+        return False
+    return a == b
 
 
 class InstanceStore:
@@ -62,17 +148,79 @@ class InstanceStore:
         self.fsync = fsync
         self.root.mkdir(parents=True, exist_ok=True)
         self.quarantine_root.mkdir(parents=True, exist_ok=True)
+        self.log = get_logger("services.gateway.store")
+        self._claims_lock = threading.Lock()
+        self._study_patient: dict[str, str] = {}
+        self._series_owner: dict[str, tuple[str, str]] = {}
+        self._index_existing()
 
+    # -- paths ------------------------------------------------------------------------
     def series_dir(self, patient_id: str, study_uid: str, series_uid: str) -> Path:
-        return self.root / safe_name(patient_id) / safe_name(study_uid) / safe_name(series_uid)
+        """Folder of a series; the UIDs must be valid (see module docstring)."""
+        return self.root / patient_folder_name(patient_id) / study_uid / series_uid
 
     def instance_path(self, patient_id, study_uid, series_uid, sop_instance_uid) -> Path:
-        return (self.series_dir(patient_id, study_uid, series_uid)
-                / f"{safe_name(sop_instance_uid)}.dcm")
+        return self.series_dir(patient_id, study_uid, series_uid) / f"{sop_instance_uid}.dcm"
 
-    def write(self, path: Path, meta: bytes, dataset: bytes) -> Path:
-        """Write a Part 10 file (preamble, ``meta`` = encoded file meta group, dataset)."""
-        return write_atomic(path, (PREAMBLE, meta, dataset), fsync=self.fsync == "instance")
+    # -- ownership of study and series UIDs ---------------------------------------------
+    def _index_existing(self) -> None:
+        """Rebuild the study -> patient and series -> (patient, study) index from one
+        file of each series folder already in the store."""
+        for series in sorted(self.root.glob("*/*/*")):
+            first = next(iter(sorted(series.glob("*.dcm"))), None)
+            if first is None:
+                continue
+            try:
+                ds = pydicom.dcmread(first, stop_before_pixels=True,
+                                     specific_tags=["PatientID", "StudyInstanceUID",
+                                                    "SeriesInstanceUID"])
+                pid = str(ds.PatientID).strip(" ")
+                study, uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            except Exception as e:  # noqa: BLE001 - a damaged file must not stop start-up
+                self.log.warning("store_index_skipped", path=str(first), error=repr(e))
+                continue
+            self._study_patient.setdefault(study, pid)
+            self._series_owner.setdefault(uid, (pid, study))
+
+    def claim(self, patient_id: str, study_uid: str, series_uid: str) -> str:
+        """Record that ``series_uid`` belongs to (``patient_id``, ``study_uid``) and
+        ``study_uid`` to ``patient_id``, unless either was first received for another
+        patient or study: then return a message naming the conflict ("" when fine)."""
+        with self._claims_lock:
+            owner = self._study_patient.get(study_uid)
+            if owner is not None and owner != patient_id:
+                return (f"Study {study_uid} belongs to patient {owner!r}, not "
+                        f"{patient_id!r}")
+            s_owner = self._series_owner.get(series_uid)
+            if s_owner is not None and s_owner != (patient_id, study_uid):
+                return (f"Series {series_uid} belongs to patient {s_owner[0]!r} study "
+                        f"{s_owner[1]}, not patient {patient_id!r} study {study_uid}")
+            self._study_patient[study_uid] = patient_id
+            self._series_owner[series_uid] = (patient_id, study_uid)
+            return ""
+
+    # -- instances ----------------------------------------------------------------------
+    def store_instance(self, path: Path, meta: bytes, dataset: bytes) -> StoreResult:
+        """Store a Part 10 file (preamble, ``meta`` = encoded file meta group, ``dataset``)
+        at ``path`` unless it exists; then compare (see module docstring)."""
+        tmp = _write_temp(path.parent, (PREAMBLE, meta, dataset), self.fsync == "instance")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return self._compare(path, meta, dataset)
+        finally:
+            _unlink_quietly(tmp)
+        if self.fsync == "instance":
+            fsync_dir(path.parent)
+        return StoreResult(StoreOutcome.STORED, path)
+
+    def _compare(self, path: Path, meta: bytes, dataset: bytes) -> StoreResult:
+        stored = _dataset_bytes(path.read_bytes())
+        if stored == dataset or _same_elements(path, meta, dataset):
+            return StoreResult(StoreOutcome.IDENTICAL, path)
+        return StoreResult(StoreOutcome.CONFLICT, path,
+                           stored_sha256=hashlib.sha256(stored or b"").hexdigest(),
+                           received_sha256=hashlib.sha256(dataset).hexdigest())
 
     def sync_series(self, series_dir: Path) -> None:
         """fsync every file of a series and its folder (fsync policy "series")."""
@@ -88,8 +236,8 @@ class InstanceStore:
                    sidecar: dict) -> Path:
         """Keep a rejected instance under ``quarantine/<reason>/`` with a JSON sidecar
         naming why (and who sent it); never overwrites an earlier quarantined file."""
-        folder = self.quarantine_root / safe_name(reason)
-        stem = f"{time.strftime('%Y%m%dT%H%M%S')}_{safe_name(name, 'noname')[:40]}_" \
+        folder = self.quarantine_root / _safe_label(reason, "unknown")
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}_{_safe_label(name, 'noname')}_" \
                f"{uuid.uuid4().hex[:8]}"
         path = write_atomic(folder / f"{stem}.dcm", (PREAMBLE, meta, dataset), fsync=True)
         write_atomic(folder / f"{stem}.json",

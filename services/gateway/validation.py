@@ -4,8 +4,13 @@ header attributes needed (never the pixel data).
 The checks, in order (first failure wins):
 
 * the bytes parse as a dataset in the negotiated transfer syntax (else 0xC000);
-* SOP Class UID and SOP Instance UID are present and equal the C-STORE request's
-  Affected SOP Class/Instance UID (else 0xA900);
+* SOP Class UID and SOP Instance UID are present (else 0xA900);
+* every UID that is present (SOP Class, SOP Instance, Study, Series, Frame of Reference)
+  is a valid UID (PS3.5 §9.1) and the Patient ID a valid LO value
+  (:mod:`services.validators`; else 0xA900 ``invalid_uid`` / ``invalid_patient_id``):
+  these become folder and file names;
+* SOP Class and SOP Instance UID equal the C-STORE request's Affected SOP Class/Instance
+  UID (else 0xA900);
 * Patient ID, Study Instance UID, Series Instance UID are present (else 0xA900);
 * Modality matches the SOP class (CT image -> CT, RT Dose -> RTDOSE, ...; else 0xA900);
 * images (CT, RT Dose): Frame of Reference UID, Image Position (3 values), Image
@@ -23,9 +28,12 @@ import io
 import math
 from dataclasses import dataclass, field
 
+import pydicom
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
+
+from services.validators import validate_patient_id, validate_uid
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
@@ -70,6 +78,18 @@ class InstanceHeader:
     image_type: list[str] = field(default_factory=list)
     instance_number: int | None = None
     pixel_data_bytes: int | None = None
+    image_position: tuple[float, ...] | None = None      # Image Position (Patient), LPS mm
+    image_orientation: tuple[float, ...] | None = None   # Image Orientation (Patient)
+    expected_count: int | None = None        # images the sender says the acquisition has
+    expected_count_source: str = ""          # the attribute that said so
+
+
+#: Attributes in which an imager may state how many images its acquisition produced, in
+#: order of preference: Images in Acquisition (0020,1002), "number of images that resulted
+#: from this acquisition of data" (General Image module, type 3), and Number of Slices
+#: (0054,0081) (NM/PET, seen in some exports). DCMTK's storescu sends files unchanged, so
+#: whatever the exporting system wrote arrives here.
+EXPECTED_COUNT_KEYWORDS = ("ImagesInAcquisition", "NumberOfSlices")
 
 
 class ValidationFailure(Exception):
@@ -146,43 +166,101 @@ def validate_dataset_bytes(data: bytes, transfer_syntax: str, *, expected_sop_cl
         fp = io.BytesIO(data)
         ds = read_dataset(fp, ts.is_implicit_VR, True, stop_when=stop)
         pixel_element_start = fp.tell()
-        sop_class = _text(ds, "SOPClassUID")
-        sop_inst = _text(ds, "SOPInstanceUID")
-        patient_id = _text(ds, "PatientID")
-        study = _text(ds, "StudyInstanceUID")
-        series = _text(ds, "SeriesInstanceUID")
-        modality = _text(ds, "Modality").upper()
-        for_uid = _text(ds, "FrameOfReferenceUID")
-        description = _text(ds, "SeriesDescription")
-        image_type = [str(x).upper() for x in (ds.get("ImageType", None) or [])]
-        inst_no = ds.get("InstanceNumber", None)
-        inst_no = int(inst_no) if inst_no not in (None, "") else None
+        context = _identity(ds)
+        extra = _descriptive(ds)
     except ValidationFailure:
         raise
-    except Exception as e:  # any decoding problem: the dataset cannot be understood
+    except Exception as e:  # noqa: BLE001 - any decoding problem: cannot be understood
         _fail("undecodable", f"cannot decode dataset: {type(e).__name__}: {e}",
               STATUS_CANNOT_UNDERSTAND)
 
-    context = {"sop_class_uid": sop_class, "sop_instance_uid": sop_inst,
-               "patient_id": patient_id, "study_uid": study, "series_uid": series,
-               "modality": modality}
     try:
-        return _check(ds, data, ts, pixel, pixel_element_start, context, expected_sop_class,
-                      expected_sop_instance, for_uid, description, image_type, inst_no)
+        return _check(ds, data, ts, pixel, pixel_element_start, context, extra,
+                      expected_sop_class, expected_sop_instance)
     except ValidationFailure as f:
         f.context = context
         raise
 
 
-def _check(ds, data, ts, pixel, pixel_element_start, context, expected_sop_class,
-           expected_sop_instance, for_uid, description, image_type, inst_no):
+def _identity(ds) -> dict:
+    """The identifying attributes (also the context of a rejection)."""
+    return {"sop_class_uid": _text(ds, "SOPClassUID"),
+            "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+            "patient_id": _text(ds, "PatientID"), "study_uid": _text(ds, "StudyInstanceUID"),
+            "series_uid": _text(ds, "SeriesInstanceUID"),
+            "modality": _text(ds, "Modality").upper()}
+
+
+def _descriptive(ds) -> dict:
+    inst_no = ds.get("InstanceNumber", None)
+    return {"frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+            "series_description": _text(ds, "SeriesDescription"),
+            "image_type": [str(x).upper() for x in (ds.get("ImageType", None) or [])],
+            "instance_number": int(inst_no) if inst_no not in (None, "") else None,
+            "patient_name": _text(ds, "PatientName")}
+
+
+def _expected_count(ds) -> tuple[int | None, str]:
+    for kw in EXPECTED_COUNT_KEYWORDS:
+        v = ds.get(kw, None)
+        try:
+            n = int(v) if v not in (None, "") else 0
+        except (TypeError, ValueError):
+            continue  # a malformed optional attribute states nothing
+        if n > 0:
+            return n, kw
+    return None, ""
+
+
+def _optional_numbers(ds, keyword: str, n: int) -> tuple[float, ...] | None:
+    try:
+        return tuple(_numbers(ds, keyword, n))
+    except ValidationFailure:
+        return None
+
+
+def read_instance_header(path) -> InstanceHeader:
+    """The header of an instance already in the store (written by the gateway after
+    validation, so not validated again)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    idc, extra = _identity(ds), _descriptive(ds)
+    count, source = _expected_count(ds)
+    return InstanceHeader(
+        sop_class_uid=idc["sop_class_uid"], sop_instance_uid=idc["sop_instance_uid"],
+        patient_id=idc["patient_id"], study_uid=idc["study_uid"],
+        series_uid=idc["series_uid"], modality=idc["modality"], **extra,
+        image_position=_optional_numbers(ds, "ImagePositionPatient", 3),
+        image_orientation=_optional_numbers(ds, "ImageOrientationPatient", 6),
+        expected_count=count, expected_count_source=source)
+
+
+def _check_identifiers(context: dict, for_uid: str) -> None:
+    for kw, v in (("SOPClassUID", context["sop_class_uid"]),
+                  ("SOPInstanceUID", context["sop_instance_uid"]),
+                  ("StudyInstanceUID", context["study_uid"]),
+                  ("SeriesInstanceUID", context["series_uid"]),
+                  ("FrameOfReferenceUID", for_uid)):
+        if v:
+            ok, why = validate_uid(v)
+            if not ok:
+                _fail("invalid_uid", f"{kw} invalid: {why}; value {v[:40]!r}")
+    if context["patient_id"]:
+        ok, why = validate_patient_id(context["patient_id"])
+        if not ok:
+            _fail("invalid_patient_id", f"PatientID invalid: {why}")
+
+
+def _check(ds, data, ts, pixel, pixel_element_start, context, extra, expected_sop_class,
+           expected_sop_instance):
     sop_class, sop_inst = context["sop_class_uid"], context["sop_instance_uid"]
     patient_id, study = context["patient_id"], context["study_uid"]
     series, modality = context["series_uid"], context["modality"]
+    for_uid = extra["frame_of_reference_uid"]
     if not sop_class:
         _fail("missing_uid", "SOPClassUID is missing")
     if not sop_inst:
         _fail("missing_uid", "SOPInstanceUID is missing")
+    _check_identifiers(context, for_uid)
     if sop_class != expected_sop_class:
         _fail("sop_class_mismatch",
               f"SOPClassUID {sop_class} != affected SOP class {expected_sop_class}")
@@ -202,11 +280,12 @@ def _check(ds, data, ts, pixel, pixel_element_start, context, expected_sop_class
               f"Modality {modality or '(empty)'} does not match SOP class (expected "
               f"{want_modality})")
 
+    ipp = iop = None
     try:
         if sop_class in IMAGE_CLASSES:
             if not for_uid:
                 _fail("missing_uid", "FrameOfReferenceUID is missing")
-            _numbers(ds, "ImagePositionPatient", 3)
+            ipp = _numbers(ds, "ImagePositionPatient", 3)
             iop = _numbers(ds, "ImageOrientationPatient", 6)
             r, c = iop[:3], iop[3:]
             nr = math.sqrt(sum(x * x for x in r))
@@ -247,18 +326,24 @@ def _check(ds, data, ts, pixel, pixel_element_start, context, expected_sop_class
                 _fail("missing_reference", "ReferencedFrameOfReferenceSequence is missing")
             if not for_uid:
                 for_uid = _text(seq[0], "FrameOfReferenceUID")
+                ok, why = validate_uid(for_uid) if for_uid else (True, "")
+                if not ok:
+                    _fail("invalid_uid", f"referenced FrameOfReferenceUID invalid: {why}")
+        count, count_source = _expected_count(ds)
     except ValidationFailure:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a header that breaks the decoder
         _fail("undecodable", f"cannot decode header: {type(e).__name__}: {e}",
               STATUS_CANNOT_UNDERSTAND)
 
     return InstanceHeader(
         sop_class_uid=sop_class, sop_instance_uid=sop_inst, patient_id=patient_id,
-        patient_name=_text(ds, "PatientName"), study_uid=study, series_uid=series, modality=modality,
-        frame_of_reference_uid=for_uid, series_description=description,
-        image_type=image_type, instance_number=inst_no,
-        pixel_data_bytes=pixel.get("length"))
+        study_uid=study, series_uid=series, modality=modality,
+        **dict(extra, frame_of_reference_uid=for_uid),
+        pixel_data_bytes=pixel.get("length"),
+        image_position=tuple(ipp) if ipp else None,
+        image_orientation=tuple(iop) if iop else None,
+        expected_count=count, expected_count_source=count_source)
 
 
 def _value_offset(data: bytes, element_start: int, implicit: bool) -> int:

@@ -88,11 +88,15 @@ def write_planning_data(folder: Path, patient_id: str, *, slices: int = 8, size:
             "cbct": cbct, "rs_uid": rs_uid, "rp_uid": rp_uid, "for_uid": for_uid}
 
 
-def storescu(port: int, files, aec: str = "ADAPTIVE_GW", timeout: float = 60.0):
+def storescu(port: int, files, aet: str = "IMAGER", aec: str = "ADAPTIVE_GW",
+             timeout: float = 60.0):
+    """DCMTK storescu as ``aet``: "IMAGER" (imaging system, the default) or "TPS"
+    (planning system), the peers of config/services.toml."""
     exe = require_tool("storescu", "dcmtk")
-    r = subprocess.run([exe, "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+    r = subprocess.run([exe, "-aet", aet, "-aec", aec, "127.0.0.1", str(port),
+                        *map(str, files)],
                        env=dict(os.environ, TCP_NODELAY="1"), capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, check=False)
     return r
 
 

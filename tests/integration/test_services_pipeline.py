@@ -74,11 +74,11 @@ def _start_session(tmp_path, orthanc, stack_factory, *, budgets=None, counts=Non
     pid = str(rp.PatientID)
     port = st.endpoints.gateway_port
     r = storescu(port, sorted((planning / "CT").glob("*.dcm")) +
-                 [planning / "RS.dcm", planning / "RP.dcm"])
+                 [planning / "RS.dcm", planning / "RP.dcm"], aet="TPS")
     assert r.returncode == 0, r.stderr
     wait_until(lambda: not cl.request("planning_data", patient_id=pid)["planning"]["missing"],
                120, "planning data registered", interval_s=0.2)
-    s = cl.start("ROOM1", pid)
+    s = cl.start("ROOM1", pid, protocol="prostate")
     watch = EventWatch(cl, ["ROOM1"])
     assert storescu(port, sorted((fx / "CBCT").glob("*.dcm"))).returncode == 0
     return st, cl, s, rp, watch
