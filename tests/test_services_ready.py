@@ -147,7 +147,7 @@ def test_orchestrator_and_gateway_bind_port_zero_and_report_real_endpoints(tmp_p
         g = wait_for_ready(cfg.paths.root, "gateway", gw.pid, 120,
                            alive=lambda: gw.poll() is None)
         assert g.endpoints["host"] == "127.0.0.1" and g.endpoints["port"] > 0
-        ae = AE(ae_title="TESTSCU")
+        ae = AE(ae_title="ADAPTIVE_SUPERV")          # a verification peer of the config
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", g.endpoints["port"], ae_title="ADAPTIVE_GW")
         assert assoc.is_established and assoc.send_c_echo().Status == 0
