@@ -170,10 +170,10 @@ class HandOffError(ServiceError):
         super().__init__(message + (f" (objects kept in {outbox})" if outbox else ""))
 
 
-class ForgedResultError(ServiceError):
-    """A worker's result does not belong to the task it answers (another worker's task, another
-    patient, session or series, files outside the session folder, content hashes that do not
-    match): refused, never used."""
+class ResultRefusedError(ServiceError):
+    """A worker's result does not belong to the task it answers (another patient, session or
+    series, files outside the session folder, content hashes that do not match) or does not
+    follow its record schema: refused, never used."""
 
 
 class AuthenticationError(ServiceError):

@@ -107,11 +107,15 @@ class WorkerBroker:
     """The orchestrator side. Not thread-safe: call from the owner's poll loop."""
 
     def __init__(self, endpoint: str, *, heartbeat_interval_s: float = 0.5, liveness: int = 6,
-                 max_attempts: int = 3, context: zmq.Context | None = None):
+                 max_attempts: int = 3, context: zmq.Context | None = None, secure=None):
+        """``secure(sock)``: applied to the ROUTER socket before it binds (CURVE server
+        settings, :func:`services.auth.secure_server`)."""
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if secure is not None:
+            secure(self.sock)
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.interval = heartbeat_interval_s

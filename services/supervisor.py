@@ -24,6 +24,7 @@ from pathlib import Path
 
 from adaptive.errors import ServiceError
 from adaptive.log import get_logger
+from services.auth import KeyStore
 from services.config import load_services_config
 from services.console import ConsoleClient, ConsoleError
 from services.ready import (
@@ -81,6 +82,7 @@ class ServiceStack:
         self.env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO)] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.root = self.cfg.paths.root
+        self.keys = KeyStore(self.root)
         self.log_dir = self.root / "logs"
         self.log = get_logger("services.supervisor")
         self._endpoints: ServiceEndpoints | None = None
@@ -106,10 +108,12 @@ class ServiceStack:
             raise ServiceError("services not started: no endpoints yet")
         return self._endpoints
 
-    def console_client(self, timeout_s: float = 5.0) -> ConsoleClient:
-        """A console client connected to the running orchestrator's real endpoints."""
+    def console_client(self, timeout_s: float = 5.0, key: str = "console") -> ConsoleClient:
+        """A console client connected to the running orchestrator's real endpoints, with
+        the key named ``key`` (default ``console``: a therapist)."""
         e = self.endpoints
-        return ConsoleClient(e.console, e.console_events, timeout_s=timeout_s)
+        return ConsoleClient(e.console, e.console_events, timeout_s=timeout_s,
+                             keys=self.keys.client_keys(key))
 
     def _spawn(self, p: Proc) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +149,7 @@ class ServiceStack:
                 raise ServiceError(f"a {name} (pid {rec.pid}) is already running with "
                                    f"{ready_path(self.root, name)}; stop it first")
             clear_ready(self.root, name)        # a record left by a killed earlier run
+        self.keys.ensure_defaults()             # CURVE keys of every process (services.auth)
         try:
             self._spawn(self.orchestrator)
             orch = self._await_record(self.orchestrator, timeout_s)
@@ -197,7 +202,8 @@ class ServiceStack:
         has its workers connected and the gateway answers a C-ECHO at its real port;
         returns the ping reply."""
         want = {s: n for s, n in self.worker_counts.items() if n}
-        cl = ConsoleClient(self.endpoints.console, timeout_s=1.0)
+        cl = ConsoleClient(self.endpoints.console, timeout_s=1.0,
+                           keys=self.keys.client_keys("viewer"))
         end = time.monotonic() + timeout_s
         try:
             while time.monotonic() < end:

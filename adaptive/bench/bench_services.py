@@ -167,7 +167,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
                 raise RuntimeError(f"session {i + 1} failed: {s['error']}")
             plan = "adapted" if "adapted" in s["offered"] else "scheduled"
             cl.choose(s["session_id"], plan)
-            s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
+            s = cl.wait_for_state(s["session_id"], {"handed_off", "handoff_failed", "failed"}, 120, poll_s=0.25)
             st = s["stages"]
             rows.append({"fraction": fx.name, "plan": plan, "state": s["state"],
                          "registration": st.get("registration", {}).get("duration_s"),

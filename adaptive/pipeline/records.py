@@ -13,6 +13,7 @@ doses in the metrics are total-course Gy (see :mod:`adaptive.pipeline.fraction`)
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,15 @@ REGISTRATION_RECORD = "registration/1"
 PLANNING_RECORD = "planning/1"
 
 Validity = Literal["deformable", "rigid", "none"]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's content (the hashes in a record's ``files``)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class _Record(BaseModel):

@@ -44,7 +44,6 @@ again before hand-off.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from pydantic import ValidationError
 import adaptive.errors as aerr
 from adaptive.errors import StageUnavailableError
 from adaptive.forked import ChildError, call_in_child
-from adaptive.pipeline.records import RECORDS
+from adaptive.pipeline.records import RECORDS, sha256_file
 
 REGISTRATION_FN = "service_registration_stage"
 PLANNING_FN = "service_planning_stage"
@@ -93,14 +92,6 @@ def run_in_child(name: str, kwargs: dict, ctx) -> dict:
             if err is not None:
                 raise err from None
         raise aerr.AdaptiveError(f"{name}: {e.type_name}: {e.message}\n{e.tb}") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def seal(stage: str, record: dict, payload: dict) -> dict:

@@ -158,7 +158,7 @@ def _run_scenario(tmp_path_factory, request) -> None:
     for sid in sessions:
         cl.choose(sid, "adapted")
     for sid in list(sessions):
-        s = cl.wait_for_state(sid, {"handed_off", "failed"}, 300)
+        s = cl.wait_for_state(sid, {"handed_off", "handoff_failed", "failed"}, 300)
         assert s["state"] == "handed_off", s["error"]
         sessions[sid] = s
     cl.close()

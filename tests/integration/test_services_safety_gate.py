@@ -163,7 +163,7 @@ def _run_fault(st, cl, orthanc, pid: str, room: str, files: list[Path], schedule
     with pytest.raises(Exception, match="not offered"):
         cl.choose(s["session_id"], "adapted")
     cl.choose(s["session_id"], "scheduled")
-    s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120)
+    s = cl.wait_for_state(s["session_id"], {"handed_off", "handoff_failed", "failed"}, 120)
     assert s["state"] == "handed_off", s["error"]
     plans = [t for t in orthanc.instances_tags() if t.get("Modality") == "RTPLAN"]
     assert {p["SOPInstanceUID"] for p in plans} == {scheduled_uid}, case
