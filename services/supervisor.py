@@ -8,8 +8,14 @@ their command lines; then the gateway's ready record gives its DICOM port. So a 
 may ask for port 0 everywhere (tests, ``adaptive demo``, benchmarks): every process binds
 an ephemeral port itself and :attr:`ServiceStack.endpoints` reports the real ones (once
 started, :attr:`ServiceStack.cfg` holds them too).
-A worker that dies is restarted (at most ``max_restarts`` times per slot); the
-orchestrator re-issues its task. ``stop()`` sends SIGTERM, waits, then SIGKILLs.
+Any process that dies is restarted by :meth:`ServiceStack.poll` (``adaptive serve`` calls it
+twice a second), at most ``[workers].max_restarts`` times per process, after a backoff that
+doubles from :data:`RESTART_BACKOFF_S` (logged ``process_restarting``): a worker (the
+orchestrator re-issues its task), the gateway (on the same DICOM port; every acknowledged
+instance is on disk), the orchestrator (on the same endpoints, so the gateway, the workers
+and the consoles reconnect by themselves; it recovers its sessions from its store). Only
+when a process has used up its restarts does ``poll`` raise and ``serve`` stop.
+``stop()`` sends SIGTERM, waits, then SIGKILLs.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adaptive.errors import ServiceError
@@ -39,13 +45,18 @@ from services.ready import (
 REPO = Path(__file__).resolve().parent.parent
 
 
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 8.0
+
+
 @dataclass
 class Proc:
     name: str
     argv: list[str]
     popen: subprocess.Popen | None = None
     restarts: int = 0
-    restartable: bool = False
+    restart_at: float | None = None      # monotonic time of the pending restart
+    extra: list[str] = field(default_factory=list)   # arguments added for restarts
 
 
 @dataclass(frozen=True)
@@ -97,8 +108,7 @@ class ServiceStack:
             for i in range(n):
                 self.workers.append(Proc(f"worker-{service}-{i}",
                                          [sys.executable, "-m", "services.workers", *cfgargs,
-                                          "--service", service, "--name", f"{service}-{i}"],
-                                         restartable=True))
+                                          "--service", service, "--name", f"{service}-{i}"]))
         self.procs: list[Proc] = [self.orchestrator, self.gateway, *self.workers]
 
     @property
@@ -118,8 +128,8 @@ class ServiceStack:
     def _spawn(self, p: Proc) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_dir / f"{p.name}.log", "ab")
-        p.popen = subprocess.Popen(p.argv, cwd=os.getcwd(), env=self.env, stdout=logf,
-                                   stderr=logf, start_new_session=True)
+        p.popen = subprocess.Popen(p.argv + p.extra, cwd=os.getcwd(), env=self.env,
+                                   stdout=logf, stderr=logf, start_new_session=True)
         logf.close()
         self.log.info("process_started", name=p.name, pid=p.popen.pid)
 
@@ -164,6 +174,10 @@ class ServiceStack:
             self.stop()                          # nothing started here outlives a failed start
             raise
         self._endpoints = e = ServiceEndpoints.from_records(orch, gw)
+        # a restarted orchestrator binds the same endpoints, a restarted gateway the same port
+        self.orchestrator.extra = [a for k, v in orch.endpoints.items()
+                                   for a in ("--bind", f"{k}={v}")]
+        self.gateway.extra = ["--port", str(e.gateway_port)]
         # from now on cfg describes the running services: the endpoints as bound
         self.cfg = replace(self.cfg, gateway=replace(self.cfg.gateway, port=e.gateway_port),
                            orchestrator=replace(
@@ -182,19 +196,28 @@ class ServiceStack:
         raise ServiceError(f"no process {name!r}")
 
     def poll(self) -> None:
-        """Restart dead workers; raise if the gateway or the orchestrator died."""
+        """Restart dead processes (bounded, with backoff); raise :class:`ServiceError` when
+        one has used up its ``max_restarts``."""
+        now = time.monotonic()
         for p in self.procs:
             rc = p.popen.poll() if p.popen else None
             if rc is None:
                 continue
-            if not p.restartable:
-                raise ServiceError(f"{p.name} exited with code {rc}; see "
-                                   f"{self.log_dir / (p.name + '.log')}")
             if p.restarts >= self.cfg.workers.max_restarts:
+                raise ServiceError(f"{p.name} exited with code {rc} after {p.restarts} "
+                                   f"restart(s); see {self.log_dir / (p.name + '.log')}")
+            if p.restart_at is None:
+                delay = min(RESTART_BACKOFF_S * 2 ** p.restarts, RESTART_BACKOFF_MAX_S)
+                p.restart_at = now + delay
+                self.log.warning("process_restarting", name=p.name, exit_code=rc,
+                                 restart=p.restarts + 1, in_s=delay)
+                continue
+            if now < p.restart_at:
                 continue
             p.restarts += 1
-            self.log.warning("worker_restarting", name=p.name, exit_code=rc,
-                             restart=p.restarts)
+            p.restart_at = None
+            if p in (self.orchestrator, self.gateway):
+                clear_ready(self.root, p.name, pid=p.popen.pid)
             self._spawn(p)
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:

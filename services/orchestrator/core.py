@@ -74,7 +74,9 @@ __all__ = ["CONSOLE_PROTOCOL", "Orchestrator", "PatientData", "Session"]
 
 
 class Orchestrator:
-    def __init__(self, cfg: ServicesConfig, budgets: Budgets, *, context=None):
+    def __init__(self, cfg: ServicesConfig, budgets: Budgets, *, context=None, broker=None):
+        """``broker``: a stand-in for the :class:`WorkerBroker` (unit tests drive the
+        session flow with a fake one); by default the real one on ``worker_endpoint``."""
         self.cfg = cfg
         self.budgets = budgets
         self.log = get_logger("services.orchestrator")
@@ -85,10 +87,10 @@ class Orchestrator:
         server = self.keys.server_keys()
         self.auth = Authenticator(self.ctx, self.keys)
         self.auth.start()
-        self.broker = WorkerBroker(oc.worker_endpoint, heartbeat_interval_s=oc.heartbeat_interval_s,
-                                   liveness=oc.heartbeat_liveness,
-                                   max_attempts=oc.max_task_attempts, context=self.ctx,
-                                   secure=lambda s: secure_server(s, server, "workers"))
+        self.broker = broker or WorkerBroker(
+            oc.worker_endpoint, heartbeat_interval_s=oc.heartbeat_interval_s,
+            liveness=oc.heartbeat_liveness, max_attempts=oc.max_task_attempts,
+            context=self.ctx, secure=lambda s: secure_server(s, server, "workers"))
         self.gw_sock = self._bind(zmq.PULL, oc.gateway_events_endpoint, server, "gateway", 0)
         self.console = self._bind(zmq.ROUTER, oc.console_endpoint, server, "console", 0)
         self.pub = self._bind(zmq.PUB, oc.console_events_endpoint, server, "console", 500)
@@ -124,24 +126,29 @@ class Orchestrator:
         active = [s for s in self.sessions.values() if not s.terminal]
         self.log.info("orchestrator_recovered", sessions=len(self.sessions), active=len(active),
                       series=n)
+        self.publish(None, "orchestrator_started", sessions=len(self.sessions),
+                     active=len(active), series=n)
         for s in active:
             self._safe(self._resume, s)
 
     def _resume(self, s: Session) -> None:
         why = "orchestrator restarted"
         s.task_id = None
-        if s.state == S.REGISTERING:
-            self.publish(s, "stage_rerun", stage="registration", reason=why)
-            self._dispatch_registration(s, transition=False)
-        elif s.state == S.PLANNING:
-            self.publish(s, "stage_rerun", stage="planning", reason=why)
-            self._dispatch_planning(s, transition=False)
+        if s.state in (S.REGISTERING, S.PLANNING):
+            stage = "registration" if s.state == S.REGISTERING else "planning"
+            s.notes.append(f"{stage} interrupted ({why}): run again")
+            self.publish(s, "stage_rerun", stage=stage, reason=why)
+            if stage == "registration":
+                self._dispatch_registration(s, transition=False)
+            else:
+                self._dispatch_planning(s, transition=False)
         elif s.state == S.HANDING_OFF:
             items = [(i["sop_instance_uid"], i["path"], i["sha256"])
                      for i in self.store.handoff_instances(s.session_id)]
             if not items:
                 self._fail(s, "hand-off interrupted by a restart before it was recorded")
                 return
+            s.notes.append(f"hand-off interrupted ({why}): resumed with the same instances")
             self.publish(s, "handoff_resumed", reason=why, instances=len(items))
             self.handoff.start(s, items, batch=(s.handoff or {}).get("outbox"))
         elif s.state == S.WAITING:
