@@ -175,3 +175,36 @@ def planning_double(payload, arrays, ctx):
            "metrics": {"translation_mm": reg["quality"]["translation_mm"]},
            "protocol": payload.get("protocol")}
     return seal("planning", rec, payload)
+
+
+# --- process hygiene (tests/test_services_process_hygiene.py) -------------------------
+
+
+def _sleeper(seconds: float, pid_file: str) -> float:
+    from pathlib import Path
+
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)  # deliberate: simulated compute of a set length (killed earlier)
+    return seconds
+
+
+def _forked_tree(seconds: float, pid_dir: str) -> float:
+    from pathlib import Path
+
+    from adaptive.forked import call_in_child
+
+    Path(pid_dir, "child").write_text(str(os.getpid()))
+    return call_in_child(_sleeper, (seconds, str(Path(pid_dir, "grandchild"))))
+
+
+def forked_tree(payload, arrays, ctx):
+    """Service 'tree': like the registration stage, a forked stage child (the worker's)
+    that forks its own grandchild (like the B-spline stage), both through
+    :func:`adaptive.forked.call_in_child`; both write their pids to ``payload['pid_dir']``
+    and sleep ``payload['seconds']``. Cancellable (``ctx.cancelled``)."""
+    from adaptive.forked import call_in_child
+
+    ctx.progress("forking", 0.0)
+    value = call_in_child(_forked_tree, (float(payload["seconds"]), payload["pid_dir"]),
+                          cancelled=ctx.cancelled)
+    return {"slept_s": value, "attempt": ctx.attempt}
