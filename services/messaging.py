@@ -126,6 +126,7 @@ class WorkerBroker:
         self.queues: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.log = get_logger("services.broker")
         self._ids = itertools.count(1)
+        self.bad_messages = 0           # malformed messages received (and dropped)
 
     def close(self):
         for w in list(self.workers.values()):
@@ -176,6 +177,7 @@ class WorkerBroker:
                 header, arrays = decode(rest)
                 msg = M.parse(header, M.WORKER_TO_BROKER)
             except ProtocolError as e:
+                self.bad_messages += 1
                 self.log.warning("bad_worker_message", error=str(e)[:500])
                 continue
             out.extend(self._on_message(ident, msg, arrays, frame_user_id(frames[-1])))
@@ -362,6 +364,7 @@ class Worker:
         self._ctx: TaskContext | None = None   # the task being run
         self.reconnects = 0          # times the broker was declared lost and reconnected
         self.cancelled: list[str] = []          # task ids cancelled by the broker
+        self.bad_messages = 0                   # malformed messages received (and dropped)
         self.curve: dict | None = None          # CURVE client keys (services.auth)
 
     def _connect(self):
@@ -426,6 +429,7 @@ class Worker:
                             h, arrays = decode(frames)
                             m = M.parse(h, M.BROKER_TO_WORKER)
                         except ProtocolError as e:
+                            self.bad_messages += 1
                             self.log.warning("bad_broker_message", error=str(e)[:500])
                             continue
                         broker_expiry = now + self.interval * self.liveness

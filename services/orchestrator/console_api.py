@@ -31,6 +31,8 @@ class ConsoleApi:
     def __init__(self, orch):
         self.o = orch
         self.log = get_logger("services.console_api")
+        self.requests = 0               # console messages answered
+        self.unroutable = 0             # console messages without an identity (dropped)
 
     # -- the socket ---------------------------------------------------------------------
     def on_frames(self, frames) -> None:
@@ -39,6 +41,7 @@ class ConsoleApi:
         try:
             ident, rest = split_routed(frames)
         except ProtocolError as e:
+            self.unroutable += 1
             self.log.warning("bad_console_message", error=str(e))
             return
         req_delim = len(frames) > 2 and frames[1].bytes == b""
@@ -59,7 +62,15 @@ class ConsoleApi:
             reply = {"ok": False, "protocol": M.CONSOLE_PROTOCOL, "error": repr(e)[:2000],
                      "error_type": "InternalError"}
         reply["request_id"] = request_id
-        out = [ident] + ([b""] if req_delim else []) + encode("reply", reply)
+        try:
+            body = encode("reply", reply)
+        except (TypeError, ValueError) as e:   # a reply we cannot encode is a bug: say so
+            self.log.error("console_reply_unencodable", error=repr(e))
+            body = encode("reply", {"ok": False, "protocol": M.CONSOLE_PROTOCOL,
+                                    "error": f"reply not encodable: {e!r}"[:2000],
+                                    "error_type": "InternalError", "request_id": None})
+        out = [ident] + ([b""] if req_delim else []) + body
+        self.requests += 1
         self.o.console.send_multipart(out)
 
     # -- requests -------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class Orchestrator:
         self.api = ConsoleApi(self)
         self.sessions: dict[str, Session] = {}
         self.used_cbcts: set[str] = set()
+        self.bad_gateway_messages = 0
+        self.gateway_events = 0
         self.protocols = ProtocolTable.load()
         self.recover()
 
@@ -258,8 +260,10 @@ class Orchestrator:
             h, _ = decode(frames)
             m = M.parse(h, M.GATEWAY_TO_ORCHESTRATOR)
         except ProtocolError as e:
+            self.bad_gateway_messages += 1
             self.log.warning("bad_gateway_message", error=str(e)[:500])
             return
+        self.gateway_events += 1
         self._on_gateway_event(m.event, dict(m.data))
 
     def _on_gateway_event(self, event: str, d: dict) -> None:
@@ -267,6 +271,7 @@ class Orchestrator:
             try:
                 body = M.parse_body(M.SeriesComplete, d, "series_complete")
             except ProtocolError as e:
+                self.bad_gateway_messages += 1
                 self.log.warning("bad_gateway_event", error=str(e)[:500])
                 return
             d = dict(body.model_dump(), completed_at=body.t or time.time())
