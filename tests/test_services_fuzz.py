@@ -72,10 +72,10 @@ frames = st.one_of(
 DEEP = b'{"v":1,"type":"request","cmd":"status","x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
 ISSUE_MESSAGES = [  # what ended the orchestrator before (issue 13 item 2)
     [b'{"v":1,"type":"request","cmd":"status","arrays":5}'],
-    [b'{"v":1,"type":"RESULT","task_id":"t1","ok":true,"arrays":[{"name":"a","dtype":"O",'
-     b'"shape":[1]}]}', b"\x00" * 8],
-    [b'{"v":1,"type":"gateway_event","event":"series_complete","data":{"patient_id":null,'
-     b'"series_uid":7},"arrays":[{"name":"a","dtype":"not-a-dtype","shape":[2]}]}', b"12"],
+    [(b'{"v":1,"type":"RESULT","task_id":"t1","ok":true,"arrays":[{"name":"a","dtype":"O",'
+      b'"shape":[1]}]}'), b"\x00" * 8],
+    [(b'{"v":1,"type":"gateway_event","event":"series_complete","data":{"patient_id":null,'
+      b'"series_uid":7},"arrays":[{"name":"a","dtype":"not-a-dtype","shape":[2]}]}'), b"12"],
     [DEEP],
     [b'{"v":1,"type":"request","cmd":"start","room":{"a":1},"patient_id":null}'],
     [b'["not", "an", "object"]'],
@@ -332,7 +332,7 @@ def test_worker_survives_malformed_messages_from_its_broker(tmp_path):
         end = time.monotonic() + 30
         while True:
             assert router.poll(max(1, int((end - time.monotonic()) * 1000)))
-            h, arrays = decode(router.recv_multipart()[1:])
+            h, _ = decode(router.recv_multipart()[1:])
             if h["type"] == "RESULT":
                 break
         assert h["ok"] and h["result"]["sums"]["x"] == 15.0

@@ -173,6 +173,7 @@ def send_files(paths, cfg: TmsConfig, *, outbox: str | Path, session_id: str = "
     for r in reports:
         if r.state in ("pending", "sending"):   # never sent by any attempt
             r.state = "not_stored"
+            on_state(r)
     (batch / "report.json").write_text(json.dumps(
         {"tms": f"{cfg.ae_title}@{cfg.host}:{cfg.port}", "session_id": session_id,
          "ok": all(r.ok for r in reports), "instances": [asdict(r) for r in reports]},
