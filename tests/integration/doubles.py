@@ -63,6 +63,26 @@ def _hold_first_attempt(ctx, out_dir: str) -> None:
     raise TimeoutError(f"held task not killed within {HOLD_LIMIT_S:g} s")
 
 
+def _hold_until_released(ctx, out_dir: str) -> None:
+    """With ADAPTIVE_TEST_PLAN_RELEASE=<file>, every planning task announces itself (file
+    ``held-by-<pid>`` in ``out_dir``) and waits until ``<file>`` exists, so a test can act
+    (e.g. kill the orchestrator) while the stage certainly runs. Bounded: HOLD_LIMIT_S."""
+    from pathlib import Path
+
+    release = os.environ.get("ADAPTIVE_TEST_PLAN_RELEASE")
+    if not release:
+        return
+    (Path(out_dir) / f"held-by-{os.getpid()}").touch()
+    end = time.monotonic() + HOLD_LIMIT_S
+    while not Path(release).exists():
+        if time.monotonic() > end:
+            raise TimeoutError(f"{release} not created within {HOLD_LIMIT_S:g} s")
+        if ctx.cancelled.wait(0.05):  # deliberate: held until the test releases it
+            from adaptive.errors import ChildCancelledError
+
+            raise ChildCancelledError("held planning task cancelled")
+
+
 def _first_slice(folder):
     from pathlib import Path
 
@@ -143,6 +163,7 @@ def planning_double(payload, arrays, ctx):
 
     ctx.progress("optimising", 0.0)
     _hold_first_attempt(ctx, payload["out_dir"])
+    _hold_until_released(ctx, payload["out_dir"])
     _sleep_env("ADAPTIVE_TEST_PLAN_SLEEP_S", ctx)
     reg = payload["registration"]
     rp = pydicom.dcmread(payload["rtplan_path"])
