@@ -263,7 +263,7 @@ def test_sessions_and_planning_data_survive_a_restart(world):
 
 
 def test_registry_is_rebuilt_from_the_gateway_store(world, tmp_path):
-    o, data, make = world
+    o, _, make = world
     store = o.cfg.paths.store
     # series the gateway stored while no orchestrator listened (no event was ever handled)
     d = write_planning_data(tmp_path / "C", "PAT-C")

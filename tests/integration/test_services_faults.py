@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from services.auth import apply_client_keys
-from services.console import ConsoleClient, ConsoleError
+from services.console import ConsoleError
 from services.protocol import decode, encode
 from services.ready import pid_alive
 from tests.integration.conftest import make_config, storescu, write_planning_data
@@ -32,10 +32,10 @@ pytestmark = pytest.mark.integration
 
 DEEP = b'{"v":1,"type":"request","cmd":"status","x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
 KILLERS = [[b'{"v":1,"type":"request","cmd":"status","arrays":5}'],
-           [b'{"v":1,"type":"RESULT","task_id":"t1","ok":true,"arrays":[{"name":"a",'
-            b'"dtype":"O","shape":[1]}]}', b"\x00" * 8],
-           [b'{"v":1,"type":"gateway_event","event":"series_complete","data":{"patient_id":'
-            b'null}}'],
+           [(b'{"v":1,"type":"RESULT","task_id":"t1","ok":true,"arrays":[{"name":"a",'
+             b'"dtype":"O","shape":[1]}]}'), b"\x00" * 8],
+           [(b'{"v":1,"type":"gateway_event","event":"series_complete","data":{"patient_id":'
+             b'null}}')],
            [b'{"v":1,"type":"request","cmd":"start","room":"R","patient_id":null}'],
            [DEEP]]
 
@@ -71,7 +71,7 @@ def test_orchestrator_killed_mid_planning_is_restarted_and_the_session_ends_hand
     release = tmp_path / "release-planning"
     cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port)
     st = stack_factory(cfg, bud, env={"ADAPTIVE_TEST_PLAN_RELEASE": str(release)})
-    cl, d, s, held = _session_to_planning(st, tmp_path, "PAT-K9", "ROOM-K9")
+    cl, d, s, _ = _session_to_planning(st, tmp_path, "PAT-K9", "ROOM-K9")
     old = st.pid("orchestrator")
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: not pid_alive(old), 10, "the orchestrator to die")
@@ -103,7 +103,7 @@ def test_forged_result_for_another_workers_task_is_refused(tmp_path, orthanc, st
     release = tmp_path / "release-planning"
     cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port)
     st = stack_factory(cfg, bud, env={"ADAPTIVE_TEST_PLAN_RELEASE": str(release)})
-    cl, d, s, held = _session_to_planning(st, tmp_path, "PAT-FG", "ROOM-FG")
+    cl, d, s, _ = _session_to_planning(st, tmp_path, "PAT-FG", "ROOM-FG")
     watch = EventWatch(cl, ["ROOM-FG"])
     task = cl.session(s["session_id"])["stages"]["planning"]["task_id"]   # visible, as said
     # a process that stole the worker key: announces itself, answers the task it was not
