@@ -17,8 +17,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from adaptive.errors import ServiceError
 from services import config as C
-from services.orchestrator import state as S
 from services.auth import apply_client_keys
+from services.orchestrator import state as S
 from services.orchestrator.core import Orchestrator, Session
 from services.protocol import ProtocolError, decode
 

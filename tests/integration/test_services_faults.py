@@ -31,11 +31,13 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.integration
 
 DEEP = b'{"v":1,"type":"request","cmd":"status","x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+RESULT_OBJECT_DTYPE = (b'{"v":1,"type":"RESULT","task_id":"t1","ok":true,"arrays":'
+                      b'[{"name":"a","dtype":"O","shape":[1]}]}')
+EVENT_NULL_PATIENT = (b'{"v":1,"type":"gateway_event","event":"series_complete",'
+                      b'"data":{"patient_id":null}}')
 KILLERS = [[b'{"v":1,"type":"request","cmd":"status","arrays":5}'],
-           [(b'{"v":1,"type":"RESULT","task_id":"t1","ok":true,"arrays":[{"name":"a",'
-             b'"dtype":"O","shape":[1]}]}'), b"\x00" * 8],
-           [(b'{"v":1,"type":"gateway_event","event":"series_complete","data":{"patient_id":'
-             b'null}}')],
+           [RESULT_OBJECT_DTYPE, b"\x00" * 8],
+           [EVENT_NULL_PATIENT],
            [b'{"v":1,"type":"request","cmd":"start","room":"R","patient_id":null}'],
            [DEEP]]
 
