@@ -140,7 +140,10 @@ class ConsoleClient:
                     return
                 continue
             frames = sub.recv_multipart()
-            h, _ = decode(frames[1:])
+            try:
+                h, _ = decode(frames[1:])
+            except ProtocolError:
+                continue            # not an event of ours: skipped, the stream goes on
             yield h
 
     def wait_for_state(self, session_id: str, states, timeout_s: float = 60.0,

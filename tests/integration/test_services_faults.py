@@ -98,6 +98,13 @@ def test_orchestrator_killed_mid_planning_is_restarted_and_the_session_ends_hand
     plans = [t for t in orthanc.instances_tags() if t.get("Modality") == "RTPLAN"]
     assert [p["RTPlanLabel"] for p in plans] == ["ADAPTED"]
     assert plans[0]["PatientID"] == "PAT-K9"
+    # the gateway too: restarted on the same DICOM port, answering C-ECHO again
+    gw = st.pid("gateway")
+    os.kill(gw, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(gw), 10, "the gateway to die")
+    wait_until(lambda: (st.poll(), st.pid("gateway") != gw and st._gateway_answers())[1],
+               120, "the gateway restarted on its port")
+    assert st.gateway.restarts == 1 and st.endpoints.gateway_port == st.cfg.gateway.port
     cl.close()
 
 

@@ -156,6 +156,7 @@ def test_real_planning_worker_killed_mid_plan_is_reissued(tmp_path, orthanc, sta
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 900)
     assert s["state"] == "awaiting_decision", s["notes"]
     assert s["stages"]["planning"]["ok"]
+    assert s["stages"]["planning"]["worker_timings"]["attempt"] == 2  # re-issued, completed
     re = watch.wait_for(lambda e: e["event"] == "task_reissued", 10, "task_reissued")
     assert re["details"]["stage"] == "planning" and re["details"]["attempt"] == 2
     assert ev["t"] < re["t"]
