@@ -342,3 +342,27 @@ def test_worker_survives_malformed_messages_from_its_broker(tmp_path):
         th.join(10)
         router.close(0)
         ctx.term()
+
+
+def test_malformed_messages_are_reported_as_an_event(running):
+    r = running
+    sub = r.client(zmq.SUB, "viewer", "console_events_endpoint")
+    sub.setsockopt(zmq.SUBSCRIBE, b"service")
+    end = time.monotonic() + 30
+    while not sub.poll(50):                          # subscription live (slow joiner)
+        assert time.monotonic() < end
+        r.o.publish(None, "probe")
+    while sub.poll(200):
+        sub.recv_multipart()
+    r.o._bad_reported.clear()                        # a fresh reporting period
+    for name in ("worker", "gateway"):
+        getattr(r, name).send_multipart(ISSUE_MESSAGES[0])
+    seen = {}
+    end = time.monotonic() + 30
+    while len(seen) < 2 and time.monotonic() < end:
+        if sub.poll(100):
+            h, _ = decode(sub.recv_multipart()[1:])
+            if h["event"] == "message_refused":
+                seen[h["details"]["socket"]] = h["details"]
+    assert set(seen) == {"workers", "gateway"} and all(d["count"] >= 1 for d in seen.values())
+    sub.close(0)

@@ -102,6 +102,7 @@ class Orchestrator:
         self.used_cbcts: set[str] = set()
         self.bad_gateway_messages = 0
         self.gateway_events = 0
+        self._bad_reported: dict[str, tuple[float, int]] = {}   # socket -> (when, count)
         self.protocols = ProtocolTable.load()
         self.recover()
 
@@ -176,6 +177,7 @@ class Orchestrator:
         if self.broker.sock in ready:
             for o in self.broker.handle_incoming():
                 self._safe(self._on_task_outcome, o)
+            self._report_bad("workers", getattr(self.broker, "bad_messages", 0))
         for o in self.broker.tick():
             self._safe(self._on_task_outcome, o)
         if self.gw_sock in ready:
@@ -185,6 +187,7 @@ class Orchestrator:
                 except zmq.Again:
                     break
                 self._safe(self._on_gateway_frames, frames)
+            self._report_bad("gateway", self.bad_gateway_messages)
         if self.console in ready:
             for _ in range(100):
                 try:
@@ -199,6 +202,18 @@ class Orchestrator:
                 break
             self._safe(self._on_handoff_done, sid, ok, info)
         self._safe(self._check_deadlines)
+
+    def _report_bad(self, sock: str, count: int, period_s: float = 10.0) -> None:
+        """A ``message_refused`` service event when malformed messages arrived on ``sock``
+        (each is logged; the event says how many, at most once per ``period_s``, so a
+        stranger looping garbage cannot flood the consoles)."""
+        last_t, last_n = self._bad_reported.get(sock, (0.0, 0))
+        now = time.monotonic()
+        if count > last_n and now - last_t >= period_s:
+            self._bad_reported[sock] = (now, count)
+            self.publish(None, "message_refused", socket=sock, count=count - last_n,
+                         total=count, action="dropped (malformed or not of its schema); "
+                                             "see the orchestrator log")
 
     def close(self):
         self.broker.close()
