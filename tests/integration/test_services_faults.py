@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pydicom
 import pytest
 import zmq
 
@@ -24,6 +25,7 @@ from services.auth import apply_client_keys
 from services.console import ConsoleError
 from services.protocol import decode, encode
 from services.ready import pid_alive
+from tests.gateway_helpers import intact_on_disk
 from tests.integration.conftest import make_config, storescu, write_planning_data
 from tests.integration.events import EventWatch
 from tests.waiting import wait_until
@@ -55,6 +57,19 @@ def _session_to_planning(st, tmp_path, pid, room):
     out = st.cfg.paths.sessions / s["session_id"] / "planning"
     held = wait_until(lambda: list(out.glob("held-by-*")), 60, "the held planning task")
     return cl, d, s, held
+
+
+def _acknowledged(files) -> dict:
+    """SOP Instance UID -> dataset of files storescu sent with success (exit status 0)."""
+    out = {}
+    for f in files:
+        ds = pydicom.dcmread(f)
+        out[str(ds.SOPInstanceUID)] = ds
+    return out
+
+
+def _all_files(d) -> list:
+    return [*d["ct"], d["rs"], d["rp"], *d["cbct"]]
 
 
 def _answers(st) -> bool:
@@ -98,6 +113,8 @@ def test_orchestrator_killed_mid_planning_is_restarted_and_the_session_ends_hand
     plans = [t for t in orthanc.instances_tags() if t.get("Modality") == "RTPLAN"]
     assert [p["RTPlanLabel"] for p in plans] == ["ADAPTED"]
     assert plans[0]["PatientID"] == "PAT-K9"
+    ack = _acknowledged(_all_files(d))                      # every acknowledged instance
+    assert intact_on_disk(st.cfg.paths.store, ack) == len(ack) == 8 + 2 + 8
     # the gateway too: restarted on the same DICOM port, answering C-ECHO again
     gw = st.pid("gateway")
     os.kill(gw, signal.SIGKILL)
@@ -134,6 +151,8 @@ def test_forged_result_for_another_workers_task_is_refused(tmp_path, orthanc, st
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 60)
     assert s["state"] == "awaiting_decision"
     assert s["stages"]["planning"]["worker_timings"]["worker"] != "rogue"
+    ack = _acknowledged(_all_files(d))
+    assert intact_on_disk(st.cfg.paths.store, ack) == len(ack) == 8 + 2 + 8
     rogue.close(0)
     ctx.term()
     cl.close()
@@ -176,5 +195,7 @@ def test_killing_messages_on_every_socket_end_no_process(tmp_path, orthanc, stac
     assert s["state"] == "handed_off", s["error"]
     assert all(p.popen.poll() is None and p.restarts == 0 for p in st.procs)
     assert {t["PatientID"] for t in orthanc.instances_tags()} == {"PAT-OK"}
+    ack = _acknowledged(_all_files(d))
+    assert intact_on_disk(st.cfg.paths.store, ack) == len(ack) == 8 + 2 + 8
     ctx.destroy(0)
     cl.close()
