@@ -13,6 +13,7 @@ from adaptive.errors import ServiceError
 from services.auth import KeyStore, apply_client_keys
 from services.protocol import ProtocolError, decode, encode
 from services.ready import orchestrator_endpoint
+from services.schemas import ConsoleEvent, ConsoleReply, parse
 
 
 class ConsoleError(ServiceError):
@@ -76,6 +77,7 @@ class ConsoleClient:
             frames = sock.recv_multipart()
             try:
                 h, _ = decode(frames[1:] if frames and frames[0] == b"" else frames)
+                parse(h, {"reply": ConsoleReply})
             except ProtocolError as e:
                 raise ConsoleError(f"malformed reply from {self.endpoint}: {e}") from None
             if h.get("request_id") != rid:
@@ -142,6 +144,7 @@ class ConsoleClient:
             frames = sub.recv_multipart()
             try:
                 h, _ = decode(frames[1:])
+                parse(h, {"event": ConsoleEvent})
             except ProtocolError:
                 continue            # not an event of ours: skipped, the stream goes on
             yield h

@@ -191,6 +191,32 @@ class PlanningDataRequest(ConsoleRequest):
     patient_id: Annotated[str, StringConstraints(max_length=64)]
 
 
+class ConsoleReply(Message):
+    """The orchestrator's answer to every console request; the command's reply fields
+    (``session``, ``sessions``, ``images``, ...) follow as further keys."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    type: Literal["reply"] = "reply"
+    ok: bool
+    protocol: Literal["adaptive-console/1"] = CONSOLE_PROTOCOL
+    request_id: int | str | None = None
+    error: str = ""
+    error_type: str = ""
+
+
+class ConsoleEvent(Message):
+    """A published event (topic ``session.<room>`` or ``service``)."""
+
+    type: Literal["event"] = "event"
+    event: Name
+    t: float
+    details: dict[str, Any] = Field(default_factory=dict)
+    session_id: str | None = None
+    room: str | None = None
+    patient_id: str | None = None
+    state: str | None = None
+
+
 CONSOLE_REQUESTS: dict[str, type[ConsoleRequest]] = {
     "ping": PingRequest, "start": StartRequest, "status": StatusRequest,
     "attach": StatusRequest, "choose": ChooseRequest, "review": ReviewRequest,

@@ -233,12 +233,13 @@ class Orchestrator:
     def publish(self, s: Session | None, event: str, **details) -> None:
         """Persist ``s`` (so no event ever describes a state the store does not have),
         then publish ``event`` on ``session.<room>`` (or ``service``)."""
-        body = {"event": event, "t": time.time(), "details": details}
+        ev = M.ConsoleEvent(event=event, t=time.time(), details=details)
         if s is not None:
             self.store.save_session(s)
-            body.update(session_id=s.session_id, room=s.room, patient_id=s.patient_id,
-                        state=s.state)
+            ev = ev.model_copy(update={"session_id": s.session_id, "room": s.room,
+                                       "patient_id": s.patient_id, "state": s.state})
         topic = f"session.{s.room}" if s is not None else "service"
+        body = ev.model_dump(exclude={"v", "type"}, exclude_none=True)
         self.pub.send_multipart([topic.encode(), *encode("event", body)])
         self.log.info("console_event", console_event=event,
                       session_id=s.session_id if s else None, **{
