@@ -44,7 +44,7 @@ import zmq
 from adaptive.errors import AdaptiveError
 from adaptive.log import get_logger
 from services import schemas as M
-from services.protocol import ProtocolError, decode, encode, split_routed
+from services.protocol import ProtocolError, encode, split_routed
 
 
 def frame_user_id(frame) -> str | None:
@@ -174,8 +174,7 @@ class WorkerBroker:
                 break
             try:
                 ident, rest = split_routed(frames)
-                header, arrays = decode(rest)
-                msg = M.parse(header, M.WORKER_TO_BROKER)
+                msg, arrays = M.decode_message(rest, M.WORKER_TO_BROKER)
             except ProtocolError as e:
                 self.bad_messages += 1
                 self.log.warning("bad_worker_message", error=str(e)[:500])
@@ -426,8 +425,7 @@ class Worker:
                         except zmq.Again:
                             break
                         try:
-                            h, arrays = decode(frames)
-                            m = M.parse(h, M.BROKER_TO_WORKER)
+                            m, arrays = M.decode_message(frames, M.BROKER_TO_WORKER)
                         except ProtocolError as e:
                             self.bad_messages += 1
                             self.log.warning("bad_broker_message", error=str(e)[:500])

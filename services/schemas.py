@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from services.protocol import ProtocolError
+from services.protocol import ProtocolError, decode
 
 CONSOLE_PROTOCOL = "adaptive-console/1"
 
@@ -242,6 +242,13 @@ def parse(header: dict, models: dict[str, type[Message]]) -> Message:
         return model.model_validate(header)
     except ValidationError as e:
         raise ProtocolError(f"{model.__name__}: {_why(e)}") from None
+
+
+def decode_message(frames, models: dict[str, type[Message]]) -> tuple[Message, dict]:
+    """(typed message, arrays) of received frames: :func:`services.protocol.decode` then
+    :func:`parse`; any malformed message is a :class:`ProtocolError`."""
+    h, arrays = decode(frames)
+    return parse(h, models), arrays
 
 
 def parse_console(header: dict) -> ConsoleRequest:

@@ -67,7 +67,7 @@ from services.orchestrator.registry import PatientData, PlanningRegistry
 from services.orchestrator.results import verify_result
 from services.orchestrator.session import Session
 from services.orchestrator.store import OrchestratorStore
-from services.protocol import ProtocolError, decode, encode
+from services.protocol import ProtocolError, encode
 
 CONSOLE_PROTOCOL = M.CONSOLE_PROTOCOL
 __all__ = ["CONSOLE_PROTOCOL", "Orchestrator", "PatientData", "Session"]
@@ -273,8 +273,7 @@ class Orchestrator:
     # -- gateway events -------------------------------------------------------------
     def _on_gateway_frames(self, frames) -> None:
         try:
-            h, _ = decode(frames)
-            m = M.parse(h, M.GATEWAY_TO_ORCHESTRATOR)
+            m, _ = M.decode_message(frames, M.GATEWAY_TO_ORCHESTRATOR)
         except ProtocolError as e:
             self.bad_gateway_messages += 1
             self.log.warning("bad_gateway_message", error=str(e)[:500])
