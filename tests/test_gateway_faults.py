@@ -506,7 +506,9 @@ def test_strangers_are_rejected_with_the_proper_reason(start, tmp_path):
              (associate(rg.port, "IMAGER", bind_address=("127.0.0.2", 0)), 3)]
     for assoc, diag in cases:
         p = assoc.acceptor.primitive
-        assert assoc.is_rejected and (p.result, p.result_source, p.diagnostic) == (1, 1, diag)
+        state = {k: getattr(assoc, k) for k in ("is_rejected", "is_aborted", "is_established")}
+        assert assoc.is_rejected, (diag, state)
+        assert (p.result, p.result_source, p.diagnostic) == (1, 1, diag)
     rej = rg.events.wait_for("association_rejected", n=3)
     assert [r["reason"] for r in rej] == ["calling_ae_not_recognized",
                                           "called_ae_not_recognized",
