@@ -32,8 +32,8 @@ permissions are refused)::
 serve``, ``adaptive demo``, the tests and the benchmarks call it, so a fresh clone works
 with no manual step. ``adaptive keys create NAME --role ROLE`` adds a client, ``adaptive
 keys list`` lists them; a worker on another host needs its ``.key_secret`` and the server's
-public ``orchestrator.key``. Keys added while the orchestrator runs are accepted at once
-(the allow-list is re-read when an unknown key connects).
+public ``orchestrator.key``. Keys added while the orchestrator runs are accepted within a
+second (the allow-list is re-read when an unknown key connects, at most once a second).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ CONSOLE_PERMISSIONS: dict[str, frozenset[str]] = {
 DEFAULT_CLIENTS = (("worker", "worker"), ("gateway", "gateway"), ("console", "therapist"),
                    ("viewer", "viewer"))
 SERVER_NAME = "orchestrator"
+RELOAD_MIN_S = 1.0        # the allow-list is re-read for an unknown key at most this often
 
 
 @dataclass(frozen=True)
@@ -226,12 +228,17 @@ class _AllowList:
         self.keys = keys
         self._lock = threading.Lock()
         self._by_key: dict[bytes, ClientKey] = {}
+        self._read_at = -RELOAD_MIN_S
         self.log = get_logger("services.auth")
 
     def lookup(self, z85_key: bytes) -> ClientKey | None:
         with self._lock:
             c = self._by_key.get(z85_key)
-            if c is None:                       # a key added since: re-read the allow-list
+            now = time.monotonic()
+            if c is None and now - self._read_at >= RELOAD_MIN_S:
+                # a key added since: re-read the allow-list (at most every RELOAD_MIN_S, so
+                # strangers trying random keys cannot keep the thread scanning the folder)
+                self._read_at = now
                 self._by_key = {k.public_key.encode(): k for k in self.keys.clients()}
                 c = self._by_key.get(z85_key)
             return c

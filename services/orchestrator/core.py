@@ -46,6 +46,7 @@ from pathlib import Path
 import zmq
 
 from adaptive.errors import (
+    AdaptiveError,
     ClinicalProtocolError,
     HandOffError,
     IllegalTransitionError,
@@ -614,7 +615,12 @@ class Orchestrator:
 
     def _start_handoff(self, s: Session, items, batch) -> None:
         self._stage_start(s, "handoff")
-        batch = self.handoff.start(s, items, batch=batch)
+        try:
+            batch = self.handoff.start(s, items, batch=batch)
+        except (OSError, AdaptiveError) as e:    # e.g. the outbox cannot be written
+            self._on_handoff_done(s.session_id, False, {
+                "error": f"hand-off could not start: {e}", "outbox": batch})
+            return
         s.handoff = dict(s.handoff or {}, plan=s.chosen, outbox=batch, outcome="sending")
         self.store.save_session(s)
 
