@@ -99,6 +99,7 @@ def world(tmp_path):
         made.append(o)
         return o
 
+    make.config_path = cfg
     o = make()
     data = {}
     for pid in ("PAT-A", "PAT-B"):
@@ -394,3 +395,27 @@ def test_tms_down_is_not_stored(world, tms):
     _handoff_done(o, s)
     assert s.state == S.HANDOFF_FAILED and s.handoff["outcome"] == "not_stored"
     assert [r["status"] for r in o.store.handoff_instances(s.session_id)] == ["not_stored"]
+
+
+def test_interrupted_handoff_resumes_after_a_restart_with_the_same_instances(world, tms):
+    o, data, make = world
+    s = _to_awaiting(o, data)
+    items = o.handoff.prepare(s, "adapted")
+    # as if the orchestrator died mid-transfer: the instances recorded, one already stored
+    o.store.handoff_plan(s.session_id, items)
+    o.store.handoff_status(s.session_id, items[0][0], "stored", dimse_status=0)
+    o.store.handoff_status(s.session_id, items[1][0], "sending", attempt=True)
+    s.chosen, s.state = "adapted", S.HANDING_OFF
+    o.store.save_session(s)
+    o.close()
+    C.write_config_variant(make.config_path, make.config_path, {"tms": {
+        "port": tms.port, "retries": 0, "dimse_timeout_s": 2.0}})
+    o2 = make()
+    s2 = o2.sessions[s.session_id]
+    assert "hand-off interrupted" in s2.notes[-1]
+    _handoff_done(o2, s2)
+    assert s2.state == S.HANDED_OFF, s2.error
+    uids = [u for u, _, _ in items]
+    assert [r["status"] for r in o2.store.handoff_instances(s.session_id)] == \
+        ["stored"] * len(uids)
+    assert sorted(tms.received) == sorted(uids[1:])     # the stored one was not sent again

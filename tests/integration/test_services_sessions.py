@@ -6,6 +6,7 @@ with the real stages is in test_services_pipeline.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -204,6 +205,18 @@ def test_budget_overrun_forces_scheduled_only_fallback(tmp_path, orthanc, stack_
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 60)
     assert s["state"] == "fallback" and s["offered"] == ["scheduled"]
     assert s["budgets_exceeded"][0]["stage"] == "planning"
+    # CANCEL reached the worker: its 4 s stage stopped early and it became idle
+    task = s["stages"]["planning"]["task_id"]
+    log = st.log_dir / "worker-planning-0.log"
+
+    def done_line():
+        for line in log.read_text().splitlines():
+            if line.startswith("{") and task in line and '"task_done"' in line:
+                return json.loads(line)
+        return None
+    done = wait_until(done_line, 30, f"the worker to end the cancelled {task}")
+    assert done["ok"] is False and done["run_s"] < 4.0, done
+    assert '"task_cancelled"' in log.read_text()
     with pytest.raises(ConsoleError):
         cl.choose(s["session_id"], "adapted")
     cl.choose(s["session_id"], "scheduled")
