@@ -44,6 +44,7 @@ import zmq
 from adaptive.errors import AdaptiveError
 from adaptive.log import get_logger
 from services import schemas as M
+from services.auth import apply_client_keys
 from services.protocol import ProtocolError, encode, split_routed
 
 
@@ -370,8 +371,6 @@ class Worker:
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         if self.curve is not None:
-            from services.auth import apply_client_keys
-
             apply_client_keys(s, self.curve)
         s.setsockopt_string(zmq.IDENTITY, f"{self.name}-{uuid.uuid4().hex[:6]}")
         s.connect(self.endpoint)
