@@ -35,6 +35,8 @@ CANCELLED = "cancelled"
 STATES = (WAITING, REGISTERING, PLANNING, AWAITING, FALLBACK, HANDING_OFF, HANDED_OFF,
           HANDOFF_FAILED, FAILED, CANCELLED)
 TERMINAL = frozenset({HANDED_OFF, FAILED, CANCELLED})
+#: where a chosen plan's hand-off ends (for clients waiting on it)
+HANDOFF_ENDS = frozenset({HANDED_OFF, HANDOFF_FAILED, FAILED})
 
 ALLOWED: dict[str, frozenset[str]] = {
     WAITING: frozenset({REGISTERING, FAILED, CANCELLED}),
