@@ -686,7 +686,7 @@ def test_killed_gateway_keeps_every_acknowledged_instance(tmp_path):
     """kill -9 of the gateway process after the 15th acknowledged slice of 40: every
     acknowledged slice is on disk intact; a restarted gateway takes the resend and
     reports one complete series of 40."""
-    events = EventCapture()
+    events = EventCapture(keys_root=tmp_path / "var")   # the gateway process's keys
     try:
         proc, port, store = _gateway_process(tmp_path, events.endpoint)
         slices = stack(40, rows=32, cols=32)
@@ -728,7 +728,7 @@ def test_disk_full_gets_out_of_resources_and_leaves_no_partial_file(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
-    events = EventCapture()
+    events = EventCapture(keys_root=tmp_path / "var")   # the gateway process's keys
     try:
         proc, port, store = _gateway_process(tmp_path, events.endpoint, preexec_fn=limit)
         small = stack(2)

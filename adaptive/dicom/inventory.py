@@ -73,6 +73,7 @@ class RtObject:
     patient_id: str
     frame_of_reference_uid: str = ""
     details: dict = field(default_factory=dict)
+    sop_class_uid: str = ""
 
 
 @dataclass
@@ -174,6 +175,7 @@ def _rt_details(kind: str, ds) -> tuple[dict, str]:
                     d["referenced_series_uid"] = d["referenced_series_uid"] or str(se.get("SeriesInstanceUID", ""))
     elif kind == "RTPLAN":
         d["label"] = _s(ds, "RTPlanLabel")
+        d["treatment_protocols"] = _s(ds, "TreatmentProtocols")
         d["intent"] = _s(ds, "PlanIntent")
         d["n_beams"] = len(ds.get("BeamSequence") or [])
         mu, nfx = 0.0, None
@@ -291,7 +293,7 @@ def inventory(folder: str | Path) -> Inventory:
         if kind is not None:
             details, for_uid = _rt_details(kind, ds)
             inv.rt_objects.append(RtObject(kind, str(f), sop_uid, _s(ds, "SeriesInstanceUID"), study, pid,
-                                           for_uid, details))
+                                           for_uid, details, sop_class))
             continue
         suid = _s(ds, "SeriesInstanceUID")
         if not suid:

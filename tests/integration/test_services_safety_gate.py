@@ -30,7 +30,6 @@ from adaptive.config import config_path, load_toml
 from adaptive.dicom.ct_series import read_ct_series, write_ct_series
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.model.identity import PatientInfo, SeriesInfo, StudyIdentity
-from services.console import ConsoleClient
 from tests.integration.conftest import make_config, storescu
 from tests.integration.events import EventWatch
 from tests.waiting import wait_until
@@ -166,7 +165,7 @@ def _run_fault(st, cl, orthanc, pid: str, room: str, files: list[Path], schedule
     with pytest.raises(Exception, match="not offered"):
         cl.choose(s["session_id"], "adapted")
     cl.choose(s["session_id"], "scheduled")
-    s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120)
+    s = cl.wait_for_state(s["session_id"], {"handed_off", "handoff_failed", "failed"}, 120)
     assert s["state"] == "handed_off", s["error"]
     plans = [t for t in orthanc.instances_tags() if t.get("Modality") == "RTPLAN"]
     assert {p["SOPInstanceUID"] for p in plans} == {scheduled_uid}, case
@@ -180,8 +179,7 @@ def test_fault_cbcts_never_offer_an_adapted_plan(tmp_path, orthanc, stack_factor
     cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port, handlers=REAL,
                            budgets=BUDGETS)
     st = stack_factory(cfg, bud)
-    oc = st.cfg.orchestrator
-    cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint, timeout_s=10)
+    cl = st.console_client(timeout_s=10)          # with the therapist's key (CURVE)
     pid = _push_planning(st, cl, planning)
     rp = pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True)
     sched = str(rp.SOPInstanceUID)
@@ -214,8 +212,7 @@ def test_registration_stopped_after_one_iteration(tmp_path, orthanc, stack_facto
     cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port, handlers=REAL,
                            budgets=BUDGETS)
     st = stack_factory(cfg, bud, env={"ADAPTIVE_REGISTRATION_CONFIG": str(one)})
-    oc = st.cfg.orchestrator
-    cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint, timeout_s=10)
+    cl = st.console_client(timeout_s=10)          # with the therapist's key (CURVE)
     pid = _push_planning(st, cl, planning)
     sched = str(pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True).SOPInstanceUID)
     r = _run_fault(st, cl, orthanc, pid, "ROOM1", sorted((fx / "CBCT").glob("*.dcm")), sched,
