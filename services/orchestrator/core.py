@@ -28,6 +28,7 @@ from pathlib import Path
 import pydicom
 import zmq
 
+from adaptive.dicom.daily_image import is_daily_image
 from adaptive.errors import AdaptiveError, HandOffError, IllegalTransitionError, ServiceError
 from adaptive.log import get_logger
 from services.config import Budgets, ServicesConfig
@@ -296,16 +297,14 @@ class Orchestrator:
         return out
 
     def _is_cbct(self, series: dict, planning_ct: dict | None) -> bool:
-        if series.get("modality") != "CT":
-            return False
-        if planning_ct is not None and series["series_uid"] == planning_ct["series_uid"]:
-            return False
-        text = " ".join([series.get("series_description", "")] +
-                        list(series.get("image_type", []))).upper()
-        if any(m in text for m in self.cfg.orchestrator.cbct_markers):
-            return True
-        return planning_ct is not None and (series.get("frame_of_reference_uid") !=
-                                            planning_ct.get("frame_of_reference_uid"))
+        # the rule the archive replay uses too (adaptive.dicom.daily_image)
+        return is_daily_image(series.get("modality", ""), series["series_uid"],
+                              series.get("series_description", ""),
+                              series.get("image_type", []),
+                              series.get("frame_of_reference_uid", ""),
+                              planning_ct["series_uid"] if planning_ct else None,
+                              planning_ct.get("frame_of_reference_uid") if planning_ct else None,
+                              self.cfg.orchestrator.cbct_markers)
 
     def _maybe_start(self, s: Session) -> None:
         if s.state != S.WAITING:

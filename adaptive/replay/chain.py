@@ -1,0 +1,97 @@
+"""One archived fraction through the services' chain: :func:`registration_stage` then
+:func:`planning_stage` of :mod:`adaptive.pipeline.fraction`, called as the services' workers
+call them (:mod:`adaptive.pipeline.service_stages`: the planning CT completes the synthetic
+CT for dose, the same safety checks), so a replayed fraction means what a live session
+would have done. Used by ``adaptive replay`` for one fraction and by every Dask task of an
+archive replay (:mod:`adaptive.replay.archive`).
+
+Outputs in ``out_dir`` are those of the two stages (``registration_result.json``,
+``planning_result.json``, ``dvf.mha``, ``synthetic_ct/``, ``RS.dcm``, ``REG.dcm``, the adapted
+``RP.dcm``/``RD.dcm`` when it passed its checks, ``scheduled_today/RD.dcm``,
+``comparison.json``) and ``timings.json`` (s, wall clock).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from adaptive.config import config_path
+from adaptive.jsonable import write_json_atomic
+from adaptive.optimization.goals import ClinicalGoals, load_goals
+from adaptive.pipeline.fraction import Progress, planning_stage, registration_stage
+from adaptive.pipeline.session import PlanSettings
+from adaptive.replay.discover import FractionInputs
+
+#: goals used when neither ``--goals`` nor a protocol mapping names one (the services'
+#: default, :func:`adaptive.pipeline.service_stages.goals_path`)
+DEFAULT_GOALS = ("goals", "prostate.toml")
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    """What a replay may change in the chain. ``deadline_s``: optimiser budget (s, None = run
+    to convergence: reproducible); ``registration_budget_s``: registration stage budget (s);
+    ``dose_grid_spacing_mm`` / ``bixel_size_mm``: None keeps :class:`PlanSettings`' defaults
+    (3 mm / 5 mm)."""
+
+    deadline_s: float | None = None
+    registration_budget_s: float | None = None
+    dose_grid_spacing_mm: float | None = None
+    bixel_size_mm: float | None = None
+
+    def plan_settings(self) -> PlanSettings:
+        s = PlanSettings(deadline_s=self.deadline_s)
+        if self.dose_grid_spacing_mm is not None:
+            s.dose_grid_spacing_mm = float(self.dose_grid_spacing_mm)
+        if self.bixel_size_mm is not None:
+            s.bixel_size_mm = float(self.bixel_size_mm)
+        return s
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "plan": asdict(self.plan_settings())}
+
+
+@dataclass(frozen=True)
+class GoalsChoice:
+    """The clinical goals a patient is replayed with and why."""
+
+    path: str
+    source: str
+
+    def load(self) -> ClinicalGoals:
+        return load_goals(self.path)
+
+
+def goals_for(inputs: FractionInputs, override: str | Path | None = None) -> GoalsChoice:
+    """``override`` (``--goals``) when given, else the services' default goals file."""
+    if override is not None:
+        return GoalsChoice(str(Path(override).resolve()), "--goals")
+    return GoalsChoice(str(config_path(*DEFAULT_GOALS)), "default goals of the services")
+
+
+def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: ClinicalGoals,
+                    settings: ChainSettings, progress: Progress | None = None) -> dict:
+    """Run the chain on one fraction (module docstring). Returns ``{"registration": record,
+    "planning": record, "timings_s": {...}}`` (the stages' JSON-able records)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ct_files = [Path(f) for f in inputs.planning.planning_ct.files]
+    cbct_files = [Path(f) for f in inputs.cbct.files]
+    T: dict[str, float] = {}
+    t = time.perf_counter()
+    reg = registration_stage(ct_files, inputs.planning.rtstruct, inputs.planning.rtplan,
+                             cbct_files, out, budget_s=settings.registration_budget_s,
+                             progress=progress)
+    T.update({f"registration.{k}": v for k, v in reg["timings_s"].items() if k != "total"})
+    T["registration_total"] = round(time.perf_counter() - t, 3)
+    po = planning_stage(inputs.planning.rtplan, reg, out, goals,
+                        settings=settings.plan_settings(), progress=progress,
+                        planning_ct_dir=ct_files)
+    T.update({k if k.startswith("plan") else f"planning.{k}": v
+              for k, v in po.timings_s.items() if k != "total"})
+    T["planning_total"] = round(time.perf_counter() - t - T["registration_total"], 3)
+    T["total"] = round(time.perf_counter() - t, 3)
+    write_json_atomic(out / "timings.json", T)
+    return {"registration": reg, "planning": po.result, "timings_s": T}
