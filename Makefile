@@ -11,7 +11,7 @@ export TCP_NODELAY := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup system-deps test demo bench lint clean replay-data
+.PHONY: setup system-deps peers test demo bench lint clean replay-data
 
 setup: $(STAMP)
 
@@ -22,9 +22,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Independent DICOM tools the tests compare our objects with, in their own venv: rt-utils
+# ships a top-level `tests` package that would shadow this repository's `tests` in .venv.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+PEER_PACKAGES := rt-utils==1.2.7 pydicom==3.0.2 numpy==2.4.6 opencv-python==5.1.0.95
+peers: $(PEERS_STAMP)
+$(PEERS_STAMP): Makefile
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q $(PEER_PACKAGES)
+	touch $(PEERS_STAMP)
+
 # Debian tools the tests use as real DICOM peers/validators. Installed when
 # missing and running as root; otherwise the tests that need them fail naming the tool.
-SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl chromium:chromium
+SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl plastimatch:plastimatch chromium:chromium
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do cmd=$${t%%:*}; pkg=$${t##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
@@ -36,7 +47,7 @@ system-deps:
 	  else echo "WARNING: missing Debian packages:$$missing (not root; tests needing them will fail)"; fi; \
 	fi
 
-test: setup system-deps
+test: setup system-deps peers
 	$(PY) -m pytest -q -ra
 
 demo: setup
@@ -52,4 +63,4 @@ lint: setup
 	$(VENV)/bin/ruff check adaptive services tests
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(PEERS) .cache .pytest_cache

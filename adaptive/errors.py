@@ -17,6 +17,11 @@ class ConfigError(AdaptiveError):
     """A configuration file is missing, malformed, or has an unknown/invalid key."""
 
 
+class ClinicalProtocolError(ConfigError):
+    """A clinical protocol (the goals a patient is planned with) is unknown, invalid, or cannot
+    be determined for a session."""
+
+
 class GeometryError(AdaptiveError):
     """Inconsistent or invalid image geometry (spacing, direction, overlap)."""
 
@@ -104,6 +109,15 @@ class PlanCheckError(AdaptiveError):
 
 class DicomWriteError(AdaptiveError):
     """An object cannot be written as valid DICOM (inconsistent or missing content/references)."""
+
+
+class StudyMismatchError(DicomWriteError):
+    """Objects of one study (or one session) disagree on the patient or on study-level
+    attributes (Study Date/Time/ID, Accession Number, Referring Physician, patient module)."""
+
+
+class GridOutsideImageError(DicomWriteError):
+    """A grid (e.g. an RT Dose grid) is not inside the image it was computed on."""
 
 
 # --- real-time services ---------------------------------------------------------

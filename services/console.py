@@ -58,8 +58,11 @@ class ConsoleClient:
             return h
 
     # convenience
-    def start(self, room: str, patient_id: str) -> dict:
-        return self.request("start", room=room, patient_id=patient_id)["session"]
+    def start(self, room: str, patient_id: str, protocol: str | None = None) -> dict:
+        """Start (or attach to) a session; ``protocol``: the clinical protocol (goals file
+        stem under config/goals) or None to map it from the scheduled plan."""
+        args = {"protocol": protocol} if protocol else {}
+        return self.request("start", room=room, patient_id=patient_id, **args)["session"]
 
     def status(self, session_id: str | None = None, room: str | None = None) -> dict:
         return self.request("status", session_id=session_id, room=room)

@@ -51,3 +51,19 @@ def dciodvfy():
         return errors, out
 
     return run
+
+
+def require_peer_python(module: str) -> str:
+    """Python of the independent-tools venv (``.venv-peers``, Makefile ``peers``) that can
+    import ``module``. Missing: fail under CI, skip elsewhere (like :func:`require_tool`)."""
+    import subprocess
+
+    exe = REPO / ".venv-peers" / "bin" / "python"
+    ok = exe.is_file() and subprocess.run([str(exe), "-c", f"import {module}"], check=False,
+                                          capture_output=True, timeout=120).returncode == 0
+    if ok:
+        return str(exe)
+    msg = f"{module} not importable in {exe} (run `make peers`; `make test` does)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg)
+    pytest.skip(msg)

@@ -11,6 +11,7 @@ import pytest
 
 from adaptive import RESEARCH_USE_STATEMENT
 from adaptive.dicom import Provenance, read_ct_series, read_provenance, write_ct_series
+from adaptive.dicom.study import new_study
 from adaptive.errors import (
     EmptySeriesError,
     GeometryError,
@@ -39,7 +40,8 @@ def make_ct(tmp_path: Path, name="ct", direction=None, seed=0, nz=20, **kw):
     info = SeriesInfo(PatientInfo("PAT1", "Test^Patient", "19700101", "O"), "", "", "",
                       study_id="S1", series_number=3)
     out = tmp_path / name
-    done = write_ct_series(Volume(a, g, "HU"), info, out, **kw)
+    study = kw.pop("study", None) or new_study(info.patient, study_id="S1")
+    done = write_ct_series(Volume(a, g, "HU"), info, out, study=study, **kw)
     return out, a, g, done
 
 
@@ -84,14 +86,15 @@ def test_file_list_shuffled_and_uids_kept(tmp_path):
     vol, info = read_ct_series(files, modality="CT")
     np.testing.assert_array_equal(vol.array, a)
     # writing again with the same info reuses the SOP UIDs
-    again = write_ct_series(vol, info, tmp_path / "again")
+    again = write_ct_series(vol, info, tmp_path / "again", study=info.study)
     assert again.sop_instance_uids == info.sop_instance_uids
 
 
 def test_rescale_for_large_range(tmp_path):
     g = Grid((3, 8, 9), origin=[0, 0, 0], spacing=[1, 1, 2])
     a = np.linspace(-5000.0, 90000.0, g.n_voxels).reshape(g.shape).astype(np.float32)
-    write_ct_series(Volume(a, g, "HU"), SeriesInfo(PatientInfo("P"), "", "", ""), tmp_path / "x")
+    write_ct_series(Volume(a, g, "HU"), SeriesInfo(PatientInfo("P"), "", "", ""), tmp_path / "x",
+                    study=new_study(PatientInfo("P")))
     vol, _ = read_ct_series(tmp_path / "x")
     slope = (a.max() - a.min()) / 65535
     assert np.abs(vol.array - a).max() <= slope * 0.51 + 1e-3
@@ -187,7 +190,8 @@ def test_non_finite_values_rejected(tmp_path):
     a = np.zeros(g.shape, np.float32)
     a[1, 2, 3] = np.nan
     with pytest.raises(GeometryError, match="non-finite"):
-        write_ct_series(Volume(a, g, "HU"), SeriesInfo(PatientInfo("P"), "", "", ""), tmp_path / "x")
+        write_ct_series(Volume(a, g, "HU"), SeriesInfo(PatientInfo("P"), "", "", ""), tmp_path / "x",
+                        study=new_study(PatientInfo("P")))
 
 
 def test_rt_objects_next_to_series_are_skipped(tmp_path):
@@ -195,7 +199,7 @@ def test_rt_objects_next_to_series_are_skipped(tmp_path):
     from adaptive.model import Roi, StructureSet
 
     out, a, _g, done = make_ct(tmp_path, nz=4)
-    write_rtstruct(StructureSet([Roi(1, "A")], done), out / "RS.dcm")
+    write_rtstruct(StructureSet([Roi(1, "A")], done), out / "RS.dcm", study=done.study)
     vol, info = read_ct_series(out)
     np.testing.assert_array_equal(vol.array, a)
     assert info.sop_instance_uids == done.sop_instance_uids

@@ -16,6 +16,8 @@ from adaptive.dicom import (
     write_rtplan,
     write_rtstruct,
 )
+from adaptive.dicom.enums import DoseSummationType
+from adaptive.dicom.study import new_study
 from adaptive.geometry import Grid, Volume
 from adaptive.model import Beam, ControlPoint, PatientInfo, Plan, Roi, SeriesInfo, StructureSet
 
@@ -26,21 +28,23 @@ def folder(tmp_path):
     g = Grid((10, 16, 20), origin=[-20.0, -15.0, -10.0], spacing=[2.0, 2.0, 3.0])
     info = write_ct_series(Volume(np.zeros(g.shape, np.float32), g, "HU"),
                            SeriesInfo(PatientInfo("PX1", "Inv^Test"), "", "", "", study_id="ST1"),
-                           root / "ct", description="planning CT")
+                           root / "ct", description="planning CT",
+                           study=new_study(PatientInfo("PX1", "Inv^Test"), study_id="ST1"))
     mask = np.zeros(g.shape, bool)
     mask[3:7, 4:10, 5:12] = True
     ss = StructureSet([Roi(1, "PTV", mask=Volume(mask, g, "mask"), interpreted_type="PTV"),
                        Roi(2, "Bladder", mask=Volume(np.roll(mask, 3, axis=2), g, "mask"))],
                       referenced_series=info, label="SS1")
-    ss_uid = write_rtstruct(ss, root / "RS.dcm")
+    ss_uid = write_rtstruct(ss, root / "RS.dcm", study=info.study)
     cps = [ControlPoint(0, 0.0), ControlPoint(1, 1.0)]
     plan = Plan("PLAN_A", [Beam(1, "AP", 0, 0, 0, [0, 0, 0], cps, 111.5),
                            Beam(2, "PA", 180, 0, 0, [0, 0, 0], cps, 100.0)],
                 info.frame_of_reference_uid, referenced_structure_set_uid=ss_uid,
                 predecessor_plan_uid=new_uid())
-    plan_uid = write_rtplan(plan, root / "RP.dcm", patient=info.patient,
-                            study_instance_uid=info.study_instance_uid)
-    write_rtdose(Volume(np.ones(g.shape, np.float32), g, "Gy"), root / "RD.dcm", plan=plan, series=info)
+    plan_uid = write_rtplan(plan, root / "RP.dcm", study=info.study)
+    write_rtdose(Volume(np.ones(g.shape, np.float32), g, "Gy"), root / "RD.dcm",
+                 summation=DoseSummationType.PLAN, plan=plan, series=info, image_grid=g,
+                 study=info.study)
     (root / "readme.txt").write_text("not a DICOM file")
     return root, info, ss_uid, plan_uid, plan.predecessor_plan_uid
 

@@ -7,8 +7,16 @@ import pydicom
 import pytest
 
 from adaptive import RESEARCH_USE_STATEMENT
-from adaptive.dicom import Provenance, new_uid, read_rtdose, write_rtdose
-from adaptive.errors import DicomWriteError, MissingPixelDataError, MissingTagError
+from adaptive.dicom import Provenance, new_uid, read_rtdose
+from adaptive.dicom import write_rtdose as _write_rtdose
+from adaptive.dicom.enums import DoseSummationType as DST
+from adaptive.errors import (
+    DicomWriteError,
+    GridOutsideImageError,
+    MissingPixelDataError,
+    MissingTagError,
+    StudyMismatchError,
+)
 from adaptive.geometry import Grid, Volume
 from adaptive.model import Beam, ControlPoint, PatientInfo, Plan, SeriesInfo
 
@@ -29,6 +37,15 @@ def _dose(direction=None):
     c = g.voxel_centers_lps()
     a = 2.0 * np.exp(-np.sum((c - g.center_lps()) ** 2, axis=-1) / 400.0)
     return Volume(a.astype(np.float32), g, "Gy")
+
+
+#: an image grid enclosing every dose grid of these tests (the dose was "computed on" it)
+IMAGE = Grid((40, 60, 60), origin=[-60.0, -60.0, -60.0], spacing=[2.0, 2.0, 3.0])
+
+
+def write_rtdose(d, path, *, series, summation=DST.PLAN, image_grid=IMAGE, study=None, **kw):
+    return _write_rtdose(d, path, series=series, summation=summation, image_grid=image_grid,
+                         study=study or series.study, **kw)
 
 
 def _rot():
@@ -61,7 +78,7 @@ def test_roundtrip_and_dciodvfy(tmp_path, dciodvfy, direction):
 def test_left_handed_grid_and_fraction_type(tmp_path, dciodvfy):
     s = _series()
     d = _dose(np.diag([1.0, 1.0, -1.0]))  # slices stacked towards −z (feet first)
-    write_rtdose(d, tmp_path / "RD.dcm", plan=_plan(s), series=s, dose_summation_type="FRACTION")
+    write_rtdose(d, tmp_path / "RD.dcm", plan=_plan(s), series=s, summation=DST.FRACTION)
     errors, text = dciodvfy(tmp_path / "RD.dcm")
     assert not errors and "RTDose" in text, text
     back, _info = read_rtdose(tmp_path / "RD.dcm")
@@ -111,7 +128,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(DicomWriteError, match="negative"):
         write_rtdose(neg, tmp_path / "RD.dcm", plan=_plan(s), series=s)
     assert not (tmp_path / "RD.dcm").exists()
-    write_rtdose(d, tmp_path / "RD.dcm", plan=None, series=s, dose_summation_type="RECORD")
+    write_rtdose(d, tmp_path / "RD.dcm", plan=None, series=s, summation=DST.RECORD)
     ds = pydicom.dcmread(tmp_path / "RD.dcm")
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
     ds.save_as(tmp_path / "RD_trunc.dcm")
@@ -123,3 +140,43 @@ def test_bad_input(tmp_path):
     with pytest.raises(MissingTagError, match="GridFrameOffsetVector") as e:
         read_rtdose(tmp_path / "RD_nogfov.dcm")
     assert "RD_nogfov.dcm" in str(e.value)
+
+
+def test_summation_type_is_stated_and_one_session_references_its_fraction_group(tmp_path, dciodvfy):
+    s = _series()
+    plan = _plan(s)  # fraction group 2
+    with pytest.raises(TypeError, match="summation"):
+        _write_rtdose(_dose(), tmp_path / "RD.dcm", plan=plan, series=s, image_grid=IMAGE,
+                      study=s.study)  # no silent default
+    with pytest.raises(DicomWriteError, match="DoseSummationType"):
+        write_rtdose(_dose(), tmp_path / "RD.dcm", plan=plan, series=s, summation="PLAN")
+    with pytest.raises(DicomWriteError, match="not supported"):
+        write_rtdose(_dose(), tmp_path / "RD.dcm", plan=plan, series=s, summation=DST.BEAM)
+    write_rtdose(_dose(), tmp_path / "RD.dcm", plan=plan, series=s,
+                 summation=DST.FRACTION_SESSION)
+    errors, text = dciodvfy(tmp_path / "RD.dcm")
+    assert not errors, text
+    ds = pydicom.dcmread(tmp_path / "RD.dcm")
+    assert ds.DoseSummationType == "FRACTION_SESSION"
+    ref = ds.ReferencedRTPlanSequence[0]
+    assert ref.ReferencedSOPInstanceUID == plan.sop_instance_uid
+    assert int(ref.ReferencedFractionGroupSequence[0].ReferencedFractionGroupNumber) == 2
+
+
+def test_refuses_dose_outside_its_image_other_frame_or_study(tmp_path):
+    s = _series()
+    d = _dose()
+    small = Grid((5, 10, 10), origin=[-5.0, -5.0, -5.0], spacing=[2.0, 2.0, 3.0])
+    with pytest.raises(GridOutsideImageError, match="outside the image"):
+        write_rtdose(d, tmp_path / "RD.dcm", plan=_plan(s), series=s, image_grid=small)
+    # a dose grid exactly on the image's voxel centres is inside
+    write_rtdose(d, tmp_path / "RD.dcm", plan=_plan(s), series=s, image_grid=d.grid)
+    other_frame = _plan(s)
+    other_frame.frame_of_reference_uid = new_uid()
+    with pytest.raises(DicomWriteError, match="Frame of Reference"):
+        write_rtdose(d, tmp_path / "RD2.dcm", plan=other_frame, series=s)
+    import dataclasses
+    with pytest.raises(StudyMismatchError, match="study_time"):
+        write_rtdose(d, tmp_path / "RD2.dcm", plan=_plan(s), series=s,
+                     study=dataclasses.replace(s.study, study_time="101010"))
+    assert not (tmp_path / "RD2.dcm").exists()

@@ -8,8 +8,11 @@ import pytest
 
 from adaptive import RESEARCH_USE_STATEMENT
 from adaptive.dicom import Provenance, new_uid, read_rtplan, write_rtplan
-from adaptive.errors import DicomWriteError, MissingTagError, NotDicomError
+from adaptive.errors import DicomWriteError, MissingTagError, NotDicomError, StudyMismatchError
 from adaptive.model import Beam, ControlPoint, PatientInfo, Plan, Prescription
+from adaptive.model.identity import StudyIdentity
+
+STUDY = StudyIdentity(PatientInfo("P9", "Doe^Jane"), "1.2.826.0.1.3680043.8.498.77", "20260101")
 
 
 def _plan(n_leaves=10, with_refs=True):
@@ -67,8 +70,10 @@ def _assert_same(a: Plan, b: Plan):
 
 def test_roundtrip_exact_and_dciodvfy(tmp_path, dciodvfy):
     plan = _plan()
+    study = StudyIdentity(PatientInfo("P9", "Doe^Jane", "19800101", "F"), "1.2.3.4", "20260102",
+                          "101112", "S9", "ACC9", "Ref^Doc")
     uid = write_rtplan(plan, tmp_path / "RP.dcm", provenance=Provenance(parameters={"goal": "x"}),
-                       patient=PatientInfo("P9", "Doe^Jane", "19800101", "F"), study_instance_uid="1.2.3.4")
+                       study=study)
     assert plan.sop_instance_uid == uid
     errors, text = dciodvfy(tmp_path / "RP.dcm")
     assert not errors and "RTPlan" in text, text  # IOD recognised, no crash
@@ -82,6 +87,12 @@ def test_roundtrip_exact_and_dciodvfy(tmp_path, dciodvfy):
     assert ds.ReferencedRTPlanSequence[0].RTPlanRelationship == "PREDECESSOR"
     assert float(ds.DoseReferenceSequence[0].TargetPrescriptionDose) == 60.0
     assert int(ds.FractionGroupSequence[0].NumberOfFractionsPlanned) == 30
+    # every study-level attribute comes from the one study identity
+    assert (ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber,
+            str(ds.ReferringPhysicianName), ds.PatientBirthDate, ds.PatientSex) == (
+        "20260102", "101112", "S9", "ACC9", "Ref^Doc", "19800101", "F")
+    with pytest.raises(StudyMismatchError, match="patient"):
+        write_rtplan(_plan(), tmp_path / "RP2.dcm", study=StudyIdentity(PatientInfo("P10"), "1.2.3.4"))
     # MLC positions: first N values bank X1, next N bank X2
     mlc = next(p for p in ds.BeamSequence[0].ControlPointSequence[0].BeamLimitingDevicePositionSequence
            if p.RTBeamLimitingDeviceType == "MLCX")
@@ -96,7 +107,7 @@ def test_plan_without_references_or_mlc(tmp_path, dciodvfy):
         b.leaf_boundaries_mm = None
         for c in b.control_points:
             c.mlc_x1_mm = c.mlc_x2_mm = None
-    write_rtplan(plan, tmp_path / "RP.dcm")
+    write_rtplan(plan, tmp_path / "RP.dcm", study=STUDY)
     errors, text = dciodvfy(tmp_path / "RP.dcm")
     assert not errors and "RTPlan" in text, text  # IOD recognised, no crash
     back = read_rtplan(tmp_path / "RP.dcm")
@@ -108,12 +119,12 @@ def test_write_rejects_inconsistent_plan(tmp_path):
     plan = _plan()
     plan.beams[0].control_points[2].mlc_x1_mm = np.zeros(4)
     with pytest.raises(DicomWriteError, match="leaf positions"):
-        write_rtplan(plan, tmp_path / "RP.dcm")
+        write_rtplan(plan, tmp_path / "RP.dcm", study=STUDY)
     assert not (tmp_path / "RP.dcm").exists()
 
 
 def test_missing_tags_named(tmp_path):
-    write_rtplan(_plan(), tmp_path / "RP.dcm")
+    write_rtplan(_plan(), tmp_path / "RP.dcm", study=STUDY)
     ds = pydicom.dcmread(tmp_path / "RP.dcm")
     del ds.BeamSequence[1].ControlPointSequence[0].GantryAngle
     ds.save_as(tmp_path / "RP_nogantry.dcm")

@@ -17,6 +17,7 @@ from adaptive.dicom import (
     write_rtstruct,
 )
 from adaptive.dicom.provenance import Provenance
+from adaptive.dicom.study import new_study
 from adaptive.errors import ContourOutsideImageError, MissingTagError, UnknownReferencedSeriesError
 from adaptive.geometry import Grid, Volume
 from adaptive.model import PatientInfo, Roi, SeriesInfo, StructureSet
@@ -32,7 +33,7 @@ def ct(tmp_path):
     g = Grid((20, 32, 40), origin=[-40.0, -30.0, -20.0], spacing=[2.0, 2.0, 2.5], direction=_oblique())
     a = np.full(g.shape, -1000, np.float32)
     info = write_ct_series(Volume(a, g, "HU"), SeriesInfo(PatientInfo("P7", "A^B"), "", "", ""),
-                           tmp_path / "ct")
+                           tmp_path / "ct", study=new_study(PatientInfo("P7", "A^B")))
     return g, info
 
 
@@ -61,7 +62,8 @@ def _ss(g, info):
 def test_roundtrip_and_dciodvfy(tmp_path, ct, dciodvfy):
     g, info = ct
     ss = _ss(g, info)
-    uid = write_rtstruct(ss, tmp_path / "RS.dcm", provenance=Provenance(input_uids={"ct": info.series_instance_uid}))
+    uid = write_rtstruct(ss, tmp_path / "RS.dcm", study=info.study,
+                         provenance=Provenance(input_uids={"ct": info.series_instance_uid}))
     assert ss.sop_instance_uid == uid
     errors, text = dciodvfy(tmp_path / "RS.dcm")
     assert not errors and "RTStructureSet" in text, text  # IOD recognised, no crash
@@ -78,7 +80,7 @@ def test_roundtrip_and_dciodvfy(tmp_path, ct, dciodvfy):
     assert _dice(back.get("Ring").mask.array, ring) >= 0.98
     assert not back.get("Ring").mask.array[10, 16, 20]  # hole survives
     np.testing.assert_allclose(back.get("Box").contours[0], ss.rois[2].contours[0], atol=1e-6)
-    assert back.get("Box").mask.array.sum() == 24
+    assert back.get("Box").mask.array.sum() == 7 * 5  # vertices on voxel centres: boundary in
     assert back.get("Empty").contours == [] and not back.get("Empty").mask.array.any()
     assert back.referenced_series.series_instance_uid == info.series_instance_uid
 
@@ -100,7 +102,7 @@ def test_roundtrip_and_dciodvfy(tmp_path, ct, dciodvfy):
 
 def test_without_series_reads_references(tmp_path, ct):
     g, info = ct
-    write_rtstruct(_ss(g, info), tmp_path / "RS.dcm")
+    write_rtstruct(_ss(g, info), tmp_path / "RS.dcm", study=info.study)
     back = read_rtstruct(tmp_path / "RS.dcm")
     r = back.referenced_series
     assert (r.series_instance_uid, r.frame_of_reference_uid, r.study_instance_uid) == (
@@ -111,15 +113,15 @@ def test_without_series_reads_references(tmp_path, ct):
 
 def test_with_real_ct_read_back(tmp_path, ct):
     g, info = ct
-    write_rtstruct(_ss(g, info), tmp_path / "RS.dcm")
+    write_rtstruct(_ss(g, info), tmp_path / "RS.dcm", study=info.study)
     vol, info2 = read_ct_series(tmp_path / "ct")
     back = read_rtstruct(tmp_path / "RS.dcm", series=info2, grid=vol.grid)
-    assert back.get("Box").mask.array.sum() == 24
+    assert back.get("Box").mask.array.sum() == 7 * 5  # vertices on voxel centres: boundary in
 
 
 def test_unknown_referenced_series(tmp_path, ct):
     g, info = ct
-    write_rtstruct(_ss(g, info), tmp_path / "RS.dcm")
+    write_rtstruct(_ss(g, info), tmp_path / "RS.dcm", study=info.study)
     other = dataclasses.replace(info, series_instance_uid="1.2.3.4.999")
     with pytest.raises(UnknownReferencedSeriesError, match="RS.dcm") as e:
         read_rtstruct(tmp_path / "RS.dcm", series=other)
@@ -132,7 +134,7 @@ def test_unknown_referenced_series(tmp_path, ct):
 def test_contour_outside_image(tmp_path, ct):
     g, info = ct
     ss = _ss(g, info)
-    write_rtstruct(ss, tmp_path / "RS.dcm")
+    write_rtstruct(ss, tmp_path / "RS.dcm", study=ss.referenced_series.study)
     small = Grid((10, 32, 40), origin=g.origin, spacing=g.spacing, direction=g.direction)
     with pytest.raises(ContourOutsideImageError, match="RS.dcm") as e:
         read_rtstruct(tmp_path / "RS.dcm", grid=small)
@@ -141,15 +143,29 @@ def test_contour_outside_image(tmp_path, ct):
     off = g.ijk_to_lps(np.array([[2, 2, 30], [8, 2, 30], [8, 6, 30]], float))
     ss.rois.append(Roi(9, "Off", contours=[off]))
     with pytest.raises(ContourOutsideImageError, match="Off"):
-        write_rtstruct(ss, tmp_path / "RS2.dcm", grid=g)
+        write_rtstruct(ss, tmp_path / "RS2.dcm", study=ss.referenced_series.study, grid=g)
 
 
 def test_missing_required_tag(tmp_path, ct):
     g, info = ct
-    write_rtstruct(_ss(g, info), tmp_path / "RS.dcm")
+    write_rtstruct(_ss(g, info), tmp_path / "RS.dcm", study=info.study)
     ds = pydicom.dcmread(tmp_path / "RS.dcm")
     del ds.StructureSetROISequence
     ds.save_as(tmp_path / "RS_bad.dcm")
     with pytest.raises(MissingTagError, match="StructureSetROISequence") as e:
         read_rtstruct(tmp_path / "RS_bad.dcm")
     assert "RS_bad.dcm" in str(e.value)
+
+
+def test_refuses_other_patient_or_contradicting_study(ct, tmp_path):
+    from adaptive.errors import StudyMismatchError
+
+    g, info = ct
+    other = new_study(PatientInfo("P8", "C^D"))
+    with pytest.raises(StudyMismatchError, match="another patient"):
+        write_rtstruct(_ss(g, info), tmp_path / "RS.dcm", study=other)
+    # same Study Instance UID, other Study Date: what dcentvfy reports as an error
+    moved = dataclasses.replace(info.study, study_date="19990101")
+    with pytest.raises(StudyMismatchError, match="study_date"):
+        write_rtstruct(_ss(g, info), tmp_path / "RS.dcm", study=moved)
+    assert not (tmp_path / "RS.dcm").exists()

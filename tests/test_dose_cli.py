@@ -18,14 +18,14 @@ def test_dose_command_writes_rtdose(tmp_path, dciodvfy):
     hu = np.full(g.shape, -1000.0, np.float32)
     hu[:, 10:, :] = 0.0  # water from y = -40 mm (anterior surface) downwards
     info = SeriesInfo(PatientInfo("DOSE1", "Test^Dose"), new_uid(), new_uid(), new_uid())
-    info = write_ct_series(Volume(hu, g, "HU"), info, tmp_path / "ct")
+    info = write_ct_series(Volume(hu, g, "HU"), info, tmp_path / "ct",
+                           study=info.study)
     cps = [ControlPoint(0, 0.0, (-30.0, 30.0), (-30.0, 30.0)),
            ControlPoint(1, 1.0, (-30.0, 30.0), (-30.0, 30.0))]
     beam = Beam(1, "AP", 0.0, 0.0, 0.0, np.zeros(3), cps, 200.0)
     plan = Plan("DOSE", [beam], info.frame_of_reference_uid, patient_id="DOSE1",
                 study_instance_uid=info.study_instance_uid)
-    write_rtplan(plan, tmp_path / "rp.dcm", patient=info.patient,
-                 study_instance_uid=info.study_instance_uid)
+    write_rtplan(plan, tmp_path / "rp.dcm", study=info.study)
     out = tmp_path / "rd.dcm"
     assert main(["dose", str(tmp_path / "ct"), str(tmp_path / "rp.dcm"), "-o", str(out),
                  "--grid-mm", "4"]) == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from adaptive.config import config_path
+from adaptive.dicom.enums import DoseSummationType
 from adaptive.optimization.goals import load_goals
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,9 @@ def test_tg119_cshape_plan_meets_goals(tmp_path, dciodvfy):
     assert blocking["dose_recalculation"].passed, blocking["dose_recalculation"].detail
     assert blocking["mu_sanity"].passed, blocking["mu_sanity"].detail
     assert blocking["deliverability"].passed, blocking["deliverability"].detail
-    rep = write_plan_outputs(res, series, tmp_path, input_uids={}, parameters={})
+    rep = write_plan_outputs(res, series, tmp_path, study=series.study, image_grid=ct.grid,
+                             summation=DoseSummationType.FRACTION_SESSION, input_uids={},
+                             parameters={})
     assert rep["written"] == ["RP.dcm", "RD.dcm", "plan_report.json"]
     errors, out = dciodvfy(tmp_path / "RP.dcm")
     assert not errors, out

@@ -7,7 +7,12 @@ import pytest
 
 from adaptive.errors import ContourOutsideImageError
 from adaptive.geometry import Grid
-from adaptive.geometry.rasterize import contour_slice_index, mask_to_contours, rasterize_contours
+from adaptive.geometry.rasterize import (
+    EDGE_TOL_MM,
+    contour_slice_index,
+    mask_to_contours,
+    rasterize_contours,
+)
 
 
 def _grid(direction=None):
@@ -45,17 +50,23 @@ def _dice(a, b):
 @pytest.mark.parametrize("direction", [None, "oblique"])
 def test_rectangle_exact_area(direction):
     g = _grid(_oblique() if direction else None)
-    # edges on voxel centres (half-open rule) and on half-voxel positions: exact counts
-    for (i0, i1, j0, j1) in [(3, 13, 5, 12), (2.5, 9.5, 4.5, 20.5)]:
-        poly = g.ijk_to_lps(_rect_ijk(i0, i1, j0, j1, 7))
-        m = rasterize_contours([poly], g)
-        assert m.sum() == round(i1 - i0) * round(j1 - j0)
-        assert m[7].sum() == m.sum()
-        _ks, js, is_ = np.nonzero(m)
-        assert is_.min() == int(np.ceil(i0)) and js.min() == int(np.ceil(j0))
-        # physical area: voxel count × in-plane voxel area equals the polygon area
-        assert m.sum() * g.spacing[0] * g.spacing[1] == pytest.approx(
-            (i1 - i0) * (j1 - j0) * g.spacing[0] * g.spacing[1])
+    # edges on voxel centres: the boundary belongs to the ROI, every centre on it counts
+    poly = g.ijk_to_lps(_rect_ijk(3, 13, 5, 12, 7))
+    m = rasterize_contours([poly], g)
+    assert m.sum() == m[7].sum() == 11 * 8
+    assert m[7, 5:13, 3:14].all()
+    # edges on half-voxel positions (voxel edges): exact area, voxel count × voxel area
+    i0, i1, j0, j1 = 2.5, 9.5, 4.5, 20.5
+    m = rasterize_contours([g.ijk_to_lps(_rect_ijk(i0, i1, j0, j1, 7))], g)
+    assert m.sum() == m[7].sum() == 7 * 16
+    _ks, js, is_ = np.nonzero(m)
+    assert is_.min() == 3 and js.min() == 5
+    assert m.sum() * g.spacing[0] * g.spacing[1] == pytest.approx(
+        (i1 - i0) * (j1 - j0) * g.spacing[0] * g.spacing[1])
+    # a centre a little more than the tolerance off the edge is outside
+    off = 2 * EDGE_TOL_MM / g.spacing[0]
+    m = rasterize_contours([g.ijk_to_lps(_rect_ijk(3 + off, 13 - off, 5, 12, 7))], g)
+    assert m.sum() == 9 * 8
 
 
 def test_annulus_nested_polygons_are_holes():
@@ -76,8 +87,8 @@ def test_two_polygons_on_one_slice_and_other_slices():
     b = g.ijk_to_lps(_rect_ijk(20, 30, 10, 14, 3))
     c = g.ijk_to_lps(_rect_ijk(5, 8, 5, 8, 4))
     m = rasterize_contours([a, b, c], g)
-    assert m[3].sum() == 25 + 40 and m[4].sum() == 9 and m.sum() == 74
-    assert m[3, 1:6, 1:6].all() and m[3, 10:14, 20:30].all()
+    assert m[3].sum() == 36 + 55 and m[4].sum() == 16 and m.sum() == 107
+    assert m[3, 1:7, 1:7].all() and m[3, 10:15, 20:31].all()
 
 
 def test_oblique_direction_matches_index_space_truth():
@@ -102,7 +113,7 @@ def test_contour_outside_raises():
     with pytest.raises(ContourOutsideImageError, match="parallel"):
         rasterize_contours([g.ijk_to_lps(tilted)], g)
     # vertices within half a slice of a plane are assigned to it
-    assert rasterize_contours([g.ijk_to_lps(_rect_ijk(1, 5, 1, 5, 2.7))], g)[3].sum() == 16
+    assert rasterize_contours([g.ijk_to_lps(_rect_ijk(1, 5, 1, 5, 2.7))], g)[3].sum() == 25
     # within half a voxel of the edge centres is accepted
     m = rasterize_contours([g.ijk_to_lps(_rect_ijk(-0.5, 39.5, -0.5, 31.5, 0))], g)
     assert m[0].all()

@@ -49,7 +49,7 @@ def test_reg_dciodvfy_clean_and_round_trip(tmp_path, dciodvfy):
         cb, ct = _infos(same)
         r = _result()
         p = tmp_path / f"REG{same}.dcm"
-        uid = write_deformable_registration(p, r, cb, ct)
+        uid = write_deformable_registration(p, r, cb, ct, study=cb.study)
         errors, out = dciodvfy(p)
         assert not errors, out
         ds = pydicom.dcmread(p)
@@ -66,6 +66,71 @@ def test_reg_dciodvfy_clean_and_round_trip(tmp_path, dciodvfy):
         # the stored vectors are the non-rigid residual: small, unlike the full DVF
         v = np.frombuffer(item.DeformableRegistrationGridSequence[0].VectorGridData, "<f4")
         assert np.abs(v).max() < 2.6 < np.abs(r.dvf_lps_mm).max()
+
+
+def _standard_source_points(reg: dict) -> np.ndarray:
+    """Source RCS point of every grid point, written here from PS3.3 C.20.3 (not our reader):
+    "First, transform the coordinates using the matrix described in the Pre Deformation Matrix
+    Registration Sequence. Next apply the deformation offsets to the resulting coordinates.
+    Finally, transform those coordinates using the matrix described in the Post Deformation
+    Matrix Registration Sequence. The resulting coordinate addresses the sample point within
+    the Source RCS." Grid point (i, j, k) is at Image Position + i·Δx·X + j·Δy·Y + k·Δz·(X×Y)
+    in the Registered RCS (X, Y: row / column direction cosines), vectors x fastest."""
+    nx, ny, nz = (int(v) for v in reg["dims"])
+    dx, dy, dz = (float(v) for v in reg["res"])
+    iop = np.asarray(reg["iop"], float)
+    row, col = iop[:3], iop[3:]
+    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    p = (np.asarray(reg["ipp"], float) + i[..., None] * dx * row + j[..., None] * dy * col
+         + k[..., None] * dz * np.cross(row, col))
+    hom = np.concatenate([p, np.ones(p.shape[:-1] + (1,))], axis=-1)
+    pre = np.asarray(reg["pre"], float).reshape(4, 4)
+    post = np.asarray(reg["post"], float).reshape(4, 4)
+    v = np.asarray(reg["vectors"], float).reshape(nz, ny, nx, 3)
+    q = hom @ pre.T
+    q[..., :3] += v
+    return (q @ post.T)[..., :3]
+
+
+def test_reg_applied_as_the_standard_says_reaches_the_planning_points(tmp_path):
+    """The REG read with pydicom attributes and applied with the standard's formula maps every
+    CBCT grid point to its planning point x + u(x); pydicomrt (an independent parser) finds
+    the same matrices and vectors and accepts the object's IOD."""
+    from pydicomrt.reg.check import check_deformable_reg_iod
+    from pydicomrt.reg.parser import get_deformable_registrations
+
+    cb, ct = _infos()
+    r = _result()
+    p = tmp_path / "REG.dcm"
+    write_deformable_registration(p, r, cb, ct, study=cb.study)
+    ds = pydicom.dcmread(p)
+    item = ds.DeformableRegistrationSequence[0]
+    gi = item.DeformableRegistrationGridSequence[0]
+    raw = {"dims": gi.GridDimensions, "res": gi.GridResolution,
+           "iop": gi.ImageOrientationPatient, "ipp": gi.ImagePositionPatient,
+           "pre": item.PreDeformationMatrixRegistrationSequence[0].FrameOfReferenceTransformationMatrix,
+           "post": item.PostDeformationMatrixRegistrationSequence[0].FrameOfReferenceTransformationMatrix,
+           "vectors": np.frombuffer(gi.VectorGridData, "<f4")}
+    truth = r.fixed_grid.voxel_centers_lps() + r.dvf_lps_mm
+    np.testing.assert_allclose(_standard_source_points(raw), truth, atol=1e-3)
+    # the old writer's direction (Pre = planning -> CBCT) lands far away: the test can fail
+    wrong = dict(raw, pre=np.linalg.inv(np.asarray(raw["pre"], float).reshape(4, 4)))
+    assert np.abs(_standard_source_points(wrong) - truth).max() > 10.0
+
+    check = check_deformable_reg_iod(ds)
+    assert check["result"], check["content"]
+    regs = get_deformable_registrations(ds)
+    assert len(regs) == 1 and regs[0]["SourceFrameOfReferenceUID"] == ct.frame_of_reference_uid
+    g = regs[0]["DeformableRegistrationGrid"]
+    parsed = {"dims": g["GridDimensions"], "res": g["GridResolution"],
+              "iop": g["ImageOrientationPatient"], "ipp": g["ImagePositionPatient"],
+              "pre": regs[0]["PreDeformationMatrixRegistration"],
+              "post": regs[0]["PostDeformationMatrixRegistration"],
+              "vectors": g["VectorGridData"]}
+    np.testing.assert_allclose(_standard_source_points(parsed), truth, atol=1e-3)
+    # our reader agrees with the standard's formula
+    back = read_deformable_registration(p)
+    np.testing.assert_allclose(back.grid.voxel_centers_lps() + back.dvf_lps_mm, truth, atol=1e-3)
 
 
 def _spatial_reg(path, own_for, other_for, matrix):

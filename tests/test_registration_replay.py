@@ -59,16 +59,22 @@ def test_register_command_outputs_match_truth(cli_out):
     assert rec["fallback"] is None
     assert rec["quality"]["jacobian_fraction_nonpositive"] == 0.0
     assert set(rec["timings_s"]["registration_stages"]) >= {"rigid", "deformable", "total"}
-    # propagated structures reference the CBCT and agree with the truth contours
-    prop = read_rtstruct(out / "RS.dcm", series=cb_info, grid=grid)
-    for organ in ("PROSTATE", "BLADDER", "RECTUM"):
-        assert dice(prop.mask(organ, grid), truth_ss.mask(organ, grid)) > 0.85, organ
-    # synthetic CT: CBCT grid and Frame of Reference, new series
-    sct, sct_info = read_ct_series(out / "synthetic_ct")
-    assert sct.grid.same_as(cbct.grid)
+    # synthetic CT: the CBCT's Frame of Reference and study, a new series whose grid holds the
+    # CBCT's voxel lattice and extends beyond it (the rigidly mapped planning CT)
+    sct_full, sct_info = read_ct_series(out / "synthetic_ct")
     assert sct_info.frame_of_reference_uid == cb_info.frame_of_reference_uid
     assert sct_info.series_instance_uid != cb_info.series_instance_uid
-    assert sct_info.study_instance_uid == cb_info.study_instance_uid
+    assert sct_info.study == cb_info.study  # every study-level attribute, not only the UID
+    assert np.allclose(sct_full.grid.spacing, cbct.grid.spacing)
+    lo, hi = sct_full.grid.bounds_lps()
+    clo, chi = cbct.grid.bounds_lps()
+    assert np.all(lo <= clo + 1e-3) and np.all(hi >= chi - 1e-3) and sct_full.grid.n_voxels > \
+        cbct.grid.n_voxels
+    sct = sct_full.resample_to(cbct.grid, order=0)  # the lattices coincide: an exact copy
+    # propagated structures reference the synthetic CT and agree with the truth contours
+    prop = read_rtstruct(out / "RS.dcm", series=sct_info, grid=grid)
+    for organ in ("PROSTATE", "BLADDER", "RECTUM"):
+        assert dice(prop.mask(organ, grid), truth_ss.mask(organ, grid)) > 0.85, organ
     near_body = dilate_mm(truth_ss.mask("BODY", grid), grid, 6.0)  # edge voxels: partial volume
     assert np.mean(sct.array[~near_body] < -900) > 0.95
 

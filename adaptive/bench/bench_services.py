@@ -145,7 +145,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
             time.sleep(0.2)
         for i in range(n):
             fx = fractions[i % len(fractions)]
-            s = cl.start("BENCH_ROOM", pid)
+            s = cl.start("BENCH_ROOM", pid, protocol="prostate")
             push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
             s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
                                   900, poll_s=0.25)

@@ -15,6 +15,9 @@ def register(subparsers) -> None:
     s = sub.add_parser("start", help="start (or attach to) a session")
     s.add_argument("room")
     s.add_argument("patient_id")
+    s.add_argument("--protocol", default=None,
+                   help="clinical protocol (a goals file stem in config/goals, e.g. prostate); "
+                        "default: mapped from the scheduled plan (config/protocols.toml)")
     s = sub.add_parser("status", help="status of a session (by id or room) or of all")
     s.add_argument("--session", default=None)
     s.add_argument("--room", default=None)
@@ -33,6 +36,8 @@ def register(subparsers) -> None:
 def format_session(s: dict) -> str:
     lines = [f"session {s['session_id']}  room {s['room']}  patient {s['patient_id']}  "
              f"state {s['state']}"]
+    if s.get("protocol"):
+        lines.append(f"  protocol: {s['protocol']['name']} ({s['protocol']['source']})")
     if s.get("offered"):
         lines.append(f"  offered: {', '.join(s['offered'])}")
     for name, st in s.get("stages", {}).items():
@@ -44,6 +49,11 @@ def format_session(s: dict) -> str:
                      f"{ex['budget_s']:g} s -> {ex['action']}")
     for n in s.get("notes", []):
         lines.append(f"  note: {n}")
+    summary = (s.get("metrics") or {}).get("dose_summary")
+    if summary:
+        cells = [f"{roi} D95 {v['D95']:.3g} Dmean {v['Dmean']:.3g}"
+                 for roi, v in summary.get("adapted", {}).items() if v]
+        lines.append(f"  adapted dose, {summary['units']}: " + "; ".join(cells))
     if s.get("metrics"):
         lines.append("  metrics: " + json.dumps(s["metrics"])[:500])
     if s.get("handoff"):
@@ -65,7 +75,7 @@ def run(args) -> int:
     try:
         c = args.console_cmd
         if c == "start":
-            out = cl.start(args.room, args.patient_id)
+            out = cl.start(args.room, args.patient_id, args.protocol)
         elif c == "status":
             r = cl.status(args.session, args.room)
             out = r.get("session") or r.get("sessions")

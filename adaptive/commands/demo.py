@@ -192,7 +192,7 @@ def run(args) -> int:
                 raise ServiceError("planning data not registered by the orchestrator")
             time.sleep(0.2)
         print(f"planning data received ({how})")
-        s = cl.start("DEMO_ROOM", pid)
+        s = cl.start("DEMO_ROOM", pid, protocol="prostate")
         print(f"session {s['session_id']} started; sending CBCT")
         push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
         left = max(10.0, args.timeout - (time.monotonic() - t_start))

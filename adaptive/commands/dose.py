@@ -29,6 +29,7 @@ def run(args) -> int:
     import time
 
     from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.enums import DoseSummationType
     from adaptive.dicom.provenance import Provenance
     from adaptive.dicom.rtdose import write_rtdose
     from adaptive.dicom.rtplan import read_rtplan
@@ -62,7 +63,9 @@ def run(args) -> int:
                     "fluence_resolution_mm": bm.fluence_resolution_mm,
                     "calibration_gy_per_mu": bm.calibration_gy_per_mu},
         timings_s=t, description="adaptive pencil-beam dose")
-    uid = write_rtdose(dose, args.output, plan=plan, series=series, provenance=prov)
+    # the plan's beam metersets are per fraction: the dose is one session of its fraction group
+    uid = write_rtdose(dose, args.output, summation=DoseSummationType.FRACTION_SESSION, plan=plan,
+                       series=series, image_grid=ct.grid, study=series.study, provenance=prov)
     log.info("rtdose_written", path=args.output, sop_instance_uid=uid,
              max_gy=float(dose.array.max()), **{k: round(v, 3) for k, v in t.items()})
     print(f"wrote {args.output} (max {float(dose.array.max()):.3f} Gy, {t['dose_s']:.1f} s)")

@@ -23,6 +23,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from adaptive.dicom.ct_series import read_ct_series
+    from adaptive.dicom.enums import DoseSummationType
     from adaptive.dicom.rtplan import read_rtplan
     from adaptive.dicom.rtstruct import read_rtstruct
     from adaptive.optimization.goals import goal_table, load_goals
@@ -48,6 +49,9 @@ def run(args) -> int:
         uids["predecessor_plan"] = ref.sop_instance_uid
     params = {"goals_file": str(args.goals), "goals": goals.to_dict(),
               "settings": settings.__dict__, "n_beams": args.beams}
-    write_plan_outputs(res, series, args.out, input_uids=uids, parameters=params)
+    # MU per fraction of an N-fraction plan: the RT Dose holds one session of its fraction group
+    write_plan_outputs(res, series, args.out, study=series.study, image_grid=ct.grid,
+                       summation=DoseSummationType.FRACTION_SESSION, input_uids=uids,
+                       parameters=params)
     print(f"wrote {args.out}/RP.dcm, RD.dcm, plan_report.json")
     return 0

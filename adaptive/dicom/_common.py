@@ -14,7 +14,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from adaptive.errors import MissingTagError, NotDicomError
-from adaptive.model.identity import PatientInfo
+from adaptive.model.identity import PatientInfo, StudyIdentity
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -54,20 +54,34 @@ def new_dataset(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
     return ds
 
 
-def set_patient_study(ds: Dataset, patient: PatientInfo, study_uid: str, *, study_id: str = "",
-                      study_date: str = "", study_time: str = "", accession: str = "",
-                      referring: str = "") -> None:
-    """Patient and General Study modules (Type 2 attributes present, possibly empty)."""
-    ds.PatientName = patient.patient_name or ""
-    ds.PatientID = patient.patient_id or ""
-    ds.PatientBirthDate = patient.birth_date or ""
-    ds.PatientSex = patient.sex or ""
-    ds.StudyInstanceUID = study_uid
-    ds.StudyDate = study_date or ""
-    ds.StudyTime = study_time or ""
-    ds.ReferringPhysicianName = referring or ""
-    ds.StudyID = (study_id or "")[:16]
-    ds.AccessionNumber = (accession or "")[:16]
+def set_patient_study(ds: Dataset, study: StudyIdentity) -> None:
+    """Patient and General Study modules from the one study identity of a session (Type 2
+    attributes present, possibly empty). Every writer calls this, so objects sharing a Study
+    Instance UID cannot disagree on study-level attributes."""
+    if not isinstance(study, StudyIdentity):
+        raise TypeError(f"study must be a StudyIdentity, got {type(study).__name__}")
+    p = study.patient
+    ds.PatientName = p.patient_name or ""
+    ds.PatientID = p.patient_id or ""
+    ds.PatientBirthDate = p.birth_date or ""
+    ds.PatientSex = p.sex or ""
+    ds.StudyInstanceUID = study.study_instance_uid
+    ds.StudyDate = study.study_date or ""
+    ds.StudyTime = study.study_time or ""
+    ds.ReferringPhysicianName = study.referring_physician_name or ""
+    ds.StudyID = (study.study_id or "")[:16]
+    ds.AccessionNumber = (study.accession_number or "")[:16]
+
+
+def study_from_ds(ds: Dataset) -> StudyIdentity:
+    """The study identity (patient + General Study attributes) an object carries."""
+    return StudyIdentity(patient=patient_from_ds(ds),
+                         study_instance_uid=str(ds.get("StudyInstanceUID", "") or ""),
+                         study_date=str(ds.get("StudyDate", "") or ""),
+                         study_time=str(ds.get("StudyTime", "") or ""),
+                         study_id=str(ds.get("StudyID", "") or ""),
+                         accession_number=str(ds.get("AccessionNumber", "") or ""),
+                         referring_physician_name=str(ds.get("ReferringPhysicianName", "") or ""))
 
 
 def patient_from_ds(ds: Dataset) -> PatientInfo:

@@ -36,11 +36,12 @@ from adaptive.errors import (
     MixedFrameOfReferenceError,
     MixedSeriesError,
     SeriesGapError,
+    StudyMismatchError,
     UnsupportedObjectError,
 )
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
-from adaptive.model.identity import SeriesInfo
+from adaptive.model.identity import SeriesInfo, StudyIdentity
 
 log = get_logger(__name__)
 
@@ -258,6 +259,7 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
         series_number=int(ds0.get("SeriesNumber", 0) or 0),
         accession_number=str(ds0.get("AccessionNumber", "") or ""),
         referring_physician_name=str(ds0.get("ReferringPhysicianName", "") or ""),
+        study_time=str(ds0.get("StudyTime", "") or ""),
     )
     return Volume(vol, grid, "HU"), info
 
@@ -286,15 +288,17 @@ def _stored_slice(sl: np.ndarray, slope: float, intercept: float) -> bytes:
 
 
 def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
-                    provenance: Provenance | None = None, description: str = "",
-                    derivation: str = "") -> SeriesInfo:
+                    study: StudyIdentity, provenance: Provenance | None = None,
+                    description: str = "", derivation: str = "") -> SeriesInfo:
     """Write ``volume`` (HU) as CT Image Storage, one file ``CT.<SOPInstanceUID>.dcm`` per slice.
 
     Slice k gets Image Position (Patient) = grid.ijk_to_lps((0, 0, k)), Image Orientation
     (Patient) = direction columns 0 and 1, Pixel Spacing = [spacing_j, spacing_i] (mm).
     Values are rounded to integer HU (int16, slope 1) when they fit, otherwise rescaled.
-    Missing study/series/FoR/SOP UIDs in ``info`` are generated (SOP UIDs are reused when
-    ``info.sop_instance_uids`` has one per slice). Files are written atomically.
+    Patient and study come from ``study`` (``info`` must not name another patient or study:
+    :class:`StudyMismatchError`). Missing series/FoR/SOP UIDs in ``info`` are generated (SOP
+    UIDs are reused when ``info.sop_instance_uids`` has one per slice). Files are written
+    atomically.
     Returns the completed :class:`SeriesInfo` (a copy; ``info`` is not modified).
 
     Note: a left-handed grid (direction k = −(row × column)) is written faithfully but is
@@ -305,9 +309,19 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sops = list(info.sop_instance_uids) if len(info.sop_instance_uids) == nz else [new_uid() for _ in range(nz)]
+    if info.study_instance_uid and info.study_instance_uid != study.study_instance_uid:
+        raise StudyMismatchError(f"series info names study {info.study_instance_uid}, the "
+                                 f"study identity is {study.study_instance_uid} [{out_dir}]")
+    if info.study_instance_uid:
+        study.check_series(info, f"CT series [{out_dir}]")
+    else:
+        study.check_patient(info.patient, f"CT series [{out_dir}]")
     done = dataclasses.replace(
         info,
-        study_instance_uid=info.study_instance_uid or new_uid(),
+        patient=study.patient, study_date=study.study_date, study_time=study.study_time,
+        study_id=study.study_id, accession_number=study.accession_number,
+        referring_physician_name=study.referring_physician_name,
+        study_instance_uid=study.study_instance_uid,
         series_instance_uid=info.series_instance_uid or new_uid(),
         frame_of_reference_uid=info.frame_of_reference_uid or new_uid(),
         sop_instance_uids=sops,
@@ -317,8 +331,6 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     )
     slope, intercept = _rescale(volume.array)
     date, tm = dicom_date_time()
-    if not done.study_date:
-        done.study_date = date
     row, col = grid.direction[:, 0], grid.direction[:, 1]
     normal = np.cross(row, col)
     iop = ds_list(np.concatenate([row, col]))
@@ -327,9 +339,7 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     wl_center, wl_width = "40", "400"
     for k in range(nz):
         ds = new_dataset(CT_IMAGE_STORAGE, sops[k])
-        set_patient_study(ds, done.patient, done.study_instance_uid, study_id=done.study_id,
-                          study_date=done.study_date, study_time=tm,
-                          accession=done.accession_number, referring=done.referring_physician_name)
+        set_patient_study(ds, study)
         ds.Modality = done.modality if done.modality in ("CT",) else "CT"
         ds.SeriesInstanceUID = done.series_instance_uid
         ds.SeriesNumber = int(done.series_number)

@@ -31,6 +31,7 @@ from adaptive.dicom._common import (
     save_atomic,
     set_patient_study,
 )
+from adaptive.dicom.enums import WRITABLE_SUMMATION_TYPES, DoseSummationType
 from adaptive.dicom.provenance import (
     Provenance,
     apply_provenance,
@@ -41,50 +42,78 @@ from adaptive.dicom.provenance import (
 from adaptive.errors import (
     DicomWriteError,
     GeometryError,
+    GridOutsideImageError,
     MissingPixelDataError,
+    StudyMismatchError,
     UnsupportedObjectError,
 )
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
-from adaptive.model.identity import SeriesInfo
+from adaptive.model.identity import SeriesInfo, StudyIdentity
 from adaptive.model.plan import Plan
 
 log = get_logger(__name__)
 
-SUMMATION_TYPES_WITH_PLAN = {"PLAN", "MULTI_PLAN", "FRACTION"}
-SUMMATION_TYPES = SUMMATION_TYPES_WITH_PLAN | {"RECORD"}
+def dose_grid_outside_image(dose_grid: Grid, image_grid: Grid, tol_mm: float = 0.01) -> list:
+    """Corners (LPS mm) of ``dose_grid``'s voxel-centre box that lie outside ``image_grid``'s
+    voxel-centre box (empty: the dose grid is inside the image; both boxes are convex)."""
+    nx, ny, nz = dose_grid.size_ijk
+    corners = dose_grid.ijk_to_lps(np.array([[i, j, k] for i in (0, nx - 1) for j in (0, ny - 1)
+                                             for k in (0, nz - 1)], dtype=np.float64))
+    margin = tol_mm / float(np.min(image_grid.spacing))
+    return [c for c, ok in zip(corners, image_grid.contains_lps(corners, margin_vox=margin))
+            if not ok]
 
 
-def write_rtdose(dose: Volume, path: str | Path, *, plan: Plan | None, series: SeriesInfo,
-                 provenance: Provenance | None = None, dose_summation_type: str = "PLAN",
-                 comment: str = "", bits: int = 16) -> str:
+def write_rtdose(dose: Volume, path: str | Path, *, summation: DoseSummationType,
+                 plan: Plan | None, series: SeriesInfo, image_grid: Grid, study: StudyIdentity,
+                 provenance: Provenance | None = None, comment: str = "",
+                 bits: int = 16) -> str:
     """Write ``dose`` (Gy, any grid) as RT Dose Storage in ``series``' Frame of Reference.
 
-    ``plan``: referenced in Referenced RT Plan Sequence (its ``sop_instance_uid`` must be
-    set, i.e. the plan has been written); required for summation types PLAN, MULTI_PLAN
-    and FRACTION (FRACTION also references ``plan.fraction_group_number``); RECORD may
-    have no plan. Patient/study identity come from ``series``. Returns the new SOP
-    Instance UID. Raises DicomWriteError for negative/non-finite doses, a missing plan
+    ``summation`` (no default: the caller states what the values mean, see
+    :class:`~adaptive.dicom.enums.DoseSummationType`): e.g. PLAN for the dose of every
+    fraction of ``plan`` together, FRACTION_SESSION for the dose of one session of its
+    fraction group ``plan.fraction_group_number``. ``plan``: referenced in Referenced RT Plan
+    Sequence (its ``sop_instance_uid`` must be set, i.e. the plan has been written) and must
+    be in ``series``' Frame of Reference; required for every summation type but RECORD.
+    ``series`` / ``image_grid``: the image series the dose was computed on and its grid: the
+    dose grid must lie inside it (:class:`GridOutsideImageError`), so a receiver holding that
+    series can recompute and check the dose. ``study``: the session's study identity
+    (:class:`StudyMismatchError` if ``series`` or ``plan`` contradict it). Returns the new
+    SOP Instance UID. Raises DicomWriteError for negative/non-finite doses, a missing plan
     reference or an unsupported summation type. ``bits``: 16 or 32 (stored integer size).
     Atomic write.
     """
     path = Path(path)
-    st = dose_summation_type.upper()
-    if st not in SUMMATION_TYPES:
-        raise DicomWriteError(f"dose summation type {dose_summation_type!r} not supported "
-                              f"(use one of {sorted(SUMMATION_TYPES)}) [{path}]")
-    if st in SUMMATION_TYPES_WITH_PLAN:
+    if not isinstance(summation, DoseSummationType):
+        raise DicomWriteError(f"summation must be a DoseSummationType, got {summation!r} [{path}]")
+    st = summation
+    if st not in WRITABLE_SUMMATION_TYPES:
+        raise DicomWriteError(f"dose summation type {st.value} not supported (use one of "
+                              f"{[t.value for t in WRITABLE_SUMMATION_TYPES]}) [{path}]")
+    if st.needs_plan:
         if plan is None:
-            raise DicomWriteError(f"dose summation type {st} requires the plan it belongs to [{path}]")
+            raise DicomWriteError(f"dose summation type {st.value} requires the plan it belongs "
+                                  f"to [{path}]")
         if not plan.sop_instance_uid:
             raise DicomWriteError(f"plan {plan.label!r} has no SOP Instance UID: write the plan "
                                   f"before its dose [{path}]")
     if not series.frame_of_reference_uid:
         raise DicomWriteError(f"series {series.series_instance_uid} has no Frame of Reference UID [{path}]")
-    if plan is not None and plan.frame_of_reference_uid and \
-            plan.frame_of_reference_uid != series.frame_of_reference_uid:
-        log.warning("rtdose_plan_for_mismatch", plan_for=plan.frame_of_reference_uid,
-                    series_for=series.frame_of_reference_uid, path=str(path))
+    if plan is not None and plan.frame_of_reference_uid != series.frame_of_reference_uid:
+        raise DicomWriteError(f"plan {plan.label!r} is in Frame of Reference "
+                              f"{plan.frame_of_reference_uid or '(none)'}, the dose's image series "
+                              f"in {series.frame_of_reference_uid} [{path}]")
+    study.check_series(series, f"image series {series.series_instance_uid} of the dose")
+    if plan is not None and plan.patient_id and plan.patient_id != study.patient.patient_id:
+        raise StudyMismatchError(f"plan {plan.label!r} is for patient {plan.patient_id!r}, the "
+                                 f"study's patient is {study.patient.patient_id!r} [{path}]")
+    outside = dose_grid_outside_image(dose.grid, image_grid)
+    if outside:
+        raise GridOutsideImageError(f"the dose grid reaches outside the image it was computed on "
+                                    f"(e.g. {np.round(outside[0], 2).tolist()} LPS mm; image "
+                                    f"voxel centres span {[np.round(b, 2).tolist() for b in image_grid.bounds_lps()]}) [{path}]")
     if bits not in (16, 32):
         raise DicomWriteError(f"bits must be 16 or 32, got {bits} [{path}]")
     umax = 2**bits - 1
@@ -109,10 +138,8 @@ def write_rtdose(dose: Volume, path: str | Path, *, plan: Plan | None, series: S
     sop_uid = new_uid()
     date, tm = dicom_date_time()
     ds = new_dataset(RT_DOSE_STORAGE, sop_uid)
-    set_patient_study(ds, series.patient, series.study_instance_uid, study_id=series.study_id,
-                      study_date=series.study_date, accession=series.accession_number,
-                      referring=series.referring_physician_name)
-    new_series(ds, "RTDOSE", f"dose {st.lower()}", date, tm)
+    set_patient_study(ds, study)
+    new_series(ds, "RTDOSE", f"dose {st.value.lower()}", date, tm)
     ds.OperatorsName = ""
     ds.FrameOfReferenceUID = series.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
@@ -133,14 +160,14 @@ def write_rtdose(dose: Volume, path: str | Path, *, plan: Plan | None, series: S
     ds.DoseUnits = "GY"
     ds.DoseType = "PHYSICAL"
     ds.DoseComment = comment[:64]  # LO
-    ds.DoseSummationType = st
+    ds.DoseSummationType = st.value
     ds.GridFrameOffsetVector = ds_list(offsets)
     ds.DoseGridScaling = scaling_str
     if plan is not None and plan.sop_instance_uid:
         r = Dataset()
         r.ReferencedSOPClassUID = RT_PLAN_STORAGE
         r.ReferencedSOPInstanceUID = plan.sop_instance_uid
-        if st == "FRACTION":
+        if st.needs_fraction_group:
             f = Dataset()
             f.ReferencedFractionGroupNumber = int(plan.fraction_group_number)
             r.ReferencedFractionGroupSequence = Sequence([f])

@@ -36,10 +36,11 @@ from adaptive.errors import (
     DicomInputError,
     DicomWriteError,
     MissingTagError,
+    StudyMismatchError,
     UnsupportedObjectError,
 )
 from adaptive.log import get_logger
-from adaptive.model.identity import PatientInfo
+from adaptive.model.identity import StudyIdentity
 from adaptive.model.plan import Beam, ControlPoint, Plan, Prescription
 
 log = get_logger(__name__)
@@ -112,17 +113,21 @@ def _control_point(beam: Beam, cp: ControlPoint, idx: int, n_leaves: int) -> Dat
     return c
 
 
-def write_rtplan(plan: Plan, path: str | Path, *, provenance: Provenance | None = None,
-                 patient: PatientInfo | None = None, study_instance_uid: str = "") -> str:
-    """Write ``plan`` as RT Plan Storage; returns (and sets) ``plan.sop_instance_uid``.
+def write_rtplan(plan: Plan, path: str | Path, *, study: StudyIdentity,
+                 provenance: Provenance | None = None) -> str:
+    """Write ``plan`` as RT Plan Storage in ``study``; returns (and sets)
+    ``plan.sop_instance_uid``.
 
-    Patient identity: ``patient`` or (plan.patient_id, plan.patient_name); study:
-    ``study_instance_uid`` or plan.study_instance_uid (generated when both are empty).
+    Patient and study attributes come from ``study``; a plan naming another patient
+    (``plan.patient_id`` / ``patient_name`` when set) or another study
+    (``plan.study_instance_uid`` when set) raises :class:`StudyMismatchError`.
     RT Plan Geometry is PATIENT when the plan references a structure set, else
     TREATMENT_DEVICE (the standard requires the structure set reference for PATIENT).
     The predecessor plan (if any) is referenced with RT Plan Relationship PREDECESSOR; the
     prescription (if any) becomes a TARGET dose reference (Target Prescription Dose = total
-    Gy, Dose Reference Description = target ROI name) and Number of Fractions Planned.
+    Gy of this plan, i.e. of all its fractions, Dose Reference Description = target ROI
+    name) and Number of Fractions Planned; the fraction group references that dose reference. ``plan.extra["fraction_group_description"]``, when set,
+    becomes the Fraction Group Description (e.g. which course a one-session plan belongs to).
     Raises DicomWriteError for inconsistent content (no beams, MLC/leaf count mismatch,
     empty Frame of Reference, invalid intent). Atomic write.
     """
@@ -137,13 +142,20 @@ def write_rtplan(plan: Plan, path: str | Path, *, provenance: Provenance | None 
     numbers = [b.number for b in plan.beams]
     if len(set(numbers)) != len(numbers):
         raise DicomWriteError(f"duplicate beam numbers {numbers} [{path}]")
+    if plan.patient_id and plan.patient_id != study.patient.patient_id or \
+            plan.patient_name and plan.patient_name != study.patient.patient_name:
+        raise StudyMismatchError(f"plan {plan.label!r} is for patient {plan.patient_id!r} "
+                                 f"({plan.patient_name!r}), the study's patient is "
+                                 f"{study.patient.patient_id!r} ({study.patient.patient_name!r}) "
+                                 f"[{path}]")
+    if plan.study_instance_uid and plan.study_instance_uid != study.study_instance_uid:
+        raise StudyMismatchError(f"plan {plan.label!r} names study {plan.study_instance_uid}, "
+                                 f"written into study {study.study_instance_uid} [{path}]")
     sop_uid = plan.sop_instance_uid or new_uid()
-    patient = patient or PatientInfo(plan.patient_id, plan.patient_name)
-    study_uid = study_instance_uid or plan.study_instance_uid or new_uid()
     date, tm = dicom_date_time()
 
     ds = new_dataset(RT_PLAN_STORAGE, sop_uid)
-    set_patient_study(ds, patient, study_uid, study_date=date, study_time=tm)
+    set_patient_study(ds, study)
     new_series(ds, "RTPLAN", plan.name or plan.label, date, tm)
     ds.OperatorsName = ""
     ds.FrameOfReferenceUID = plan.frame_of_reference_uid
@@ -172,8 +184,9 @@ def write_rtplan(plan: Plan, path: str | Path, *, provenance: Provenance | None 
 
     rx = plan.prescription
     if rx is not None:
+        n = int(rx.number_of_fractions)
         ds.PrescriptionDescription = (f"{rx.target_roi_name}: {rx.total_dose_gy:g} Gy in "
-                                      f"{rx.number_of_fractions} fractions")
+                                      f"{n} fraction{'s' if n != 1 else ''}")
         dr = Dataset()
         dr.DoseReferenceNumber = 1
         dr.DoseReferenceUID = new_uid()
@@ -190,6 +203,12 @@ def write_rtplan(plan: Plan, path: str | Path, *, provenance: Provenance | None 
 
     fg = Dataset()
     fg.FractionGroupNumber = int(plan.fraction_group_number)
+    if plan.extra.get("fraction_group_description"):
+        fg.FractionGroupDescription = str(plan.extra["fraction_group_description"])[:64]
+    if rx is not None:
+        rdr = Dataset()
+        rdr.ReferencedDoseReferenceNumber = 1
+        fg.ReferencedDoseReferenceSequence = Sequence([rdr])
     fg.NumberOfFractionsPlanned = int(rx.number_of_fractions) if rx is not None else ""
     fg.NumberOfBeams = len(plan.beams)
     fg.NumberOfBrachyApplicationSetups = 0

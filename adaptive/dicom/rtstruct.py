@@ -30,7 +30,7 @@ from adaptive.errors import (
 from adaptive.geometry.rasterize import contour_slice_index, mask_to_contours, rasterize_contours
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
-from adaptive.model.identity import SeriesInfo
+from adaptive.model.identity import SeriesInfo, StudyIdentity
 from adaptive.model.structures import Roi, StructureSet
 
 log = get_logger(__name__)
@@ -47,9 +47,12 @@ def _roi_contours(roi: Roi) -> list[np.ndarray]:
     return []
 
 
-def write_rtstruct(ss: StructureSet, path: str | Path, *, provenance: Provenance | None = None,
-                   grid: Grid | None = None) -> str:
-    """Write ``ss`` as an RT Structure Set referencing ``ss.referenced_series``.
+def write_rtstruct(ss: StructureSet, path: str | Path, *, study: StudyIdentity,
+                   provenance: Provenance | None = None, grid: Grid | None = None) -> str:
+    """Write ``ss`` as an RT Structure Set in ``study`` referencing ``ss.referenced_series``
+    (the image series the contours were drawn on; it may be in another study, which is then
+    named in the RT Referenced Study Sequence). A referenced series of another patient, or one
+    claiming ``study``'s UID with other study attributes, raises :class:`StudyMismatchError`.
 
     ROIs with contours are written as they are (LPS mm); ROIs with only a mask get contours
     from :func:`~adaptive.geometry.rasterize.mask_to_contours`. Each contour references the
@@ -64,6 +67,7 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, provenance: Provenance
     series = ss.referenced_series
     if not series.frame_of_reference_uid:
         raise DicomInputError("structure set's referenced series has no Frame of Reference UID", path)
+    study.check_series(series, f"image series {series.series_instance_uid} of the structure set")
     sop_uid = ss.sop_instance_uid or new_uid()
     sops = list(series.sop_instance_uids)
     grid_explicit = grid is not None
@@ -77,9 +81,7 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, provenance: Provenance
                               f"{len(sops)} SOP instances", path)
     date, tm = dicom_date_time()
     ds = new_dataset(RT_STRUCT_STORAGE, sop_uid)
-    set_patient_study(ds, series.patient, series.study_instance_uid, study_id=series.study_id,
-                      study_date=series.study_date, accession=series.accession_number,
-                      referring=series.referring_physician_name)
+    set_patient_study(ds, study)
     new_series(ds, "RTSTRUCT", ss.name or ss.label or "structures", date, tm)
     ds.OperatorsName = ""
     ds.FrameOfReferenceUID = series.frame_of_reference_uid

@@ -171,6 +171,12 @@ class Grid:
         return {"shape_zyx": list(self.shape), "origin_lps_mm": self.origin.tolist(),
                 "spacing_ijk_mm": self.spacing.tolist(), "direction": self.direction.tolist()}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Grid:
+        """Inverse of :meth:`to_dict`."""
+        return cls(shape=tuple(d["shape_zyx"]), origin=d["origin_lps_mm"],
+                   spacing=d["spacing_ijk_mm"], direction=d["direction"])
+
 
 @dataclass(eq=False)
 class Volume:

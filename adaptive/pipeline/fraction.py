@@ -110,6 +110,8 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
         "registration_json": str(fr.paths["json"]),
         "rigid_matrix": r.rigid_matrix,
         "frame_of_reference_uid": cbct_info.frame_of_reference_uid,
+        "cbct_grid": r.fixed_grid.to_dict(),
+        "study": fr.synthetic_ct_info.study.to_dict(),  # the session's (the CBCT's)
         "cbct_series_uid": cbct_info.series_instance_uid,
         "synthetic_ct_series_uid": fr.synthetic_ct_info.series_instance_uid,
         "planning_ct_series_uid": ct_info.series_instance_uid,
@@ -158,43 +160,6 @@ def check_prescription(plan, goals: ClinicalGoals, where) -> None:
             f"({g.dose_per_fraction_gy:g} Gy x {g.number_of_fractions})")
 
 
-def extend_synthetic_ct(sct: Volume, planning_ct: Volume, rigid_matrix, *,
-                        air_hu: float = -1000.0) -> Volume:
-    """The synthetic CT (CBCT grid, CBCT frame) completed with the rigidly mapped planning CT
-    wherever the CBCT grid does not reach, on an axis-aligned grid of the synthetic CT's
-    spacing covering both (CBCT frame, LPS mm, HU).
-
-    Why: the CBCT's reconstructed volume is narrower than the pelvis (here 270 mm wide for a
-    ~360 mm wide patient), so a dose computed on the synthetic CT alone misses the tissue
-    the lateral beams cross outside it (measured: scheduled plan PTV D2 69 Gy instead of
-    63 Gy, i.e. MU ~5-10 % too low for the real patient). ``rigid_matrix``: 4×4 CBCT LPS →
-    planning LPS."""
-    from adaptive.geometry.volume import Grid
-
-    m = np.asarray(rigid_matrix, dtype=float)
-    inv = np.linalg.inv(m)
-    lo_p, hi_p = planning_ct.grid.bounds_lps()
-    corners = np.array([[x, y, z] for x in (lo_p[0], hi_p[0]) for y in (lo_p[1], hi_p[1])
-                        for z in (lo_p[2], hi_p[2])])
-    c = corners @ inv[:3, :3].T + inv[:3, 3]
-    lo_s, hi_s = sct.grid.bounds_lps()
-    lo, hi = np.minimum(c.min(axis=0), lo_s), np.maximum(c.max(axis=0), hi_s)
-    sp = np.asarray(sct.grid.spacing, dtype=float)
-    # keep the synthetic CT's voxel lattice (so its voxels are copied, not interpolated)
-    if not np.allclose(sct.grid.direction, np.eye(3), atol=1e-6):
-        raise OptimizationError("synthetic CT grid must be axis-aligned to be extended")
-    o = sct.grid.origin - np.ceil((sct.grid.origin - lo) / sp - 1e-6) * sp
-    n = np.floor((hi - o) / sp + 1e-6).astype(int) + 1
-    grid = Grid(shape=(n[2], n[1], n[0]), origin=o, spacing=sp)
-    pts = grid.voxel_centers_lps(dtype=np.float64).reshape(-1, 3)
-    vals = planning_ct.sample_lps(pts @ m[:3, :3].T + m[:3, 3], order=1, fill=air_hu)
-    out = vals.reshape(grid.shape).astype(np.float32)
-    off = np.rint((sct.grid.origin - o) / sp).astype(int)  # (i, j, k) offset
-    nz, ny, nx = sct.grid.shape
-    out[off[2]:off[2] + nz, off[1]:off[1] + ny, off[0]:off[0] + nx] = sct.array
-    return Volume(out, grid, "HU")
-
-
 def handoff_safety_checks(registration: dict, today, grid, goals: ClinicalGoals,
                           settings=None) -> list:
     """Registration and contour checks (:mod:`adaptive.pipeline.safety`) for the adapted plan,
@@ -226,7 +191,8 @@ def optimizer_deadline(budget_s: float | None, elapsed_s: float) -> float | None
 
 def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoals, *,
                    settings=None, budget_s: float | None = None,
-                   progress: Progress | None = None, planning_ct_dir=None) -> PlanningOutputs:
+                   progress: Progress | None = None,
+                   protocol: dict | None = None) -> PlanningOutputs:
     """Re-optimise the scheduled plan on today's anatomy (see the module docstring).
 
     ``registration``: the record returned by :func:`registration_stage`. ``settings``:
@@ -234,9 +200,12 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     ``settings.deadline_s`` is None the optimiser deadline comes from the budget
     (:func:`optimizer_deadline`). The adapted plan is written only when it passed its
     checks (``adapted.rtplan`` is None otherwise); ``fallback`` is ``"best_iterate"`` when
-    the optimiser was stopped by its deadline. ``planning_ct_dir``: when given, doses are
-    computed on the synthetic CT extended with the planning CT beyond the CBCT's volume
-    (:func:`extend_synthetic_ct`); without it on the synthetic CT alone.
+    the optimiser was stopped by its deadline. Doses are computed on the synthetic CT series
+    of the registration record, which covers the planning CT's extent (see
+    :func:`adaptive.registration.synthetic_ct.extend_synthetic_ct`); what the written objects
+    mean (one-session adapted plan, summation types, study) is in
+    :mod:`adaptive.pipeline.handoff`. ``protocol``: the session's clinical protocol
+    (``{"name", "source"}``), recorded in the result and the written objects' provenance.
     """
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.provenance import Provenance
@@ -245,6 +214,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     from adaptive.dicom.rtstruct import read_rtstruct
     from adaptive.dose.plan_dose import plan_dose
     from adaptive.optimization.compare import compare_plans
+    from adaptive.pipeline import handoff as H
     from adaptive.pipeline.session import PlanSettings, _moved_plan, plan_case, write_plan_outputs
 
     progress = progress or _noop
@@ -267,10 +237,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     # the synthetic CT lives in the CBCT frame: map the isocenters with the rigid part
     m = np.linalg.inv(np.asarray(registration["rigid_matrix"], dtype=float))
     sched_today = _moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
-    dose_ct = sct
-    if planning_ct_dir is not None:
-        ct, _ = read_ct_series(planning_ct_dir)
-        dose_ct = extend_synthetic_ct(sct, ct, registration["rigid_matrix"])
+    dose_ct = sct  # covers the planning CT's extent (extended at registration)
     T["load"] = round(time.perf_counter() - t0, 3)
 
     s = replace(settings) if settings is not None else PlanSettings()
@@ -286,7 +253,8 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     T.update({f"plan.{k}": v for k, v in adapted.timings_s.items()})
     T["plan_total"] = round(time.perf_counter() - t, 3)
     # what the adapted plan rests on: registration Jacobian and contour sanity (blocking)
-    adapted.checks.items.extend(handoff_safety_checks(registration, today, sct.grid, goals))
+    adapted.checks.items.extend(handoff_safety_checks(registration, today,
+                                                      H.cbct_grid(registration, sct.grid), goals))
     progress("planning.scheduled_recalc", 0.8)
     t = time.perf_counter()
     sdose = plan_dose(dose_ct, sched_today, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
@@ -302,8 +270,9 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                   "rtstruct": today.sop_instance_uid,
                   "predecessor_plan": scheduled.sop_instance_uid}
     params = {"goals": goals.to_dict(), "settings": s.__dict__, "budget_s": budget_s,
-              "dose_ct": ("synthetic CT extended with the rigidly mapped planning CT "
-                          f"{dose_ct.grid.shape}" if dose_ct is not sct else "synthetic CT")}
+              "dose_ct": f"synthetic CT series {sct_info.series_instance_uid} {dose_ct.grid.shape}",
+              "plan_scope": "one session of the course (see adaptive.pipeline.handoff)",
+              "protocol": protocol}
     fallback = "best_iterate" if adapted.fluence.reason == "deadline" else None
     adapted_rec = {"rtplan": None, "rtdose": None, "rtstruct": registration["rtstruct"],
                    "registration": registration["reg"],
@@ -311,9 +280,13 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                    "checks": [{"name": i.name, "passed": bool(i.passed),
                                "message": i.detail, "blocking": bool(i.blocking)}
                               for i in adapted.checks.items],
-                   "rtstruct_uid": today.sop_instance_uid}
+                   "rtstruct_uid": today.sop_instance_uid,
+                   "synthetic_ct_dir": registration["synthetic_ct_dir"]}
+    study = sct_info.study  # the session's: the CBCT's (adaptive.dicom.study)
+    H.make_session_plan(adapted.plan, goals.prescription)
     try:
-        rep = write_plan_outputs(adapted, sct_info, out, input_uids=input_uids,
+        rep = write_plan_outputs(adapted, sct_info, out, study=study, image_grid=dose_ct.grid,
+                                 summation=H.ADAPTED_DOSE_SUMMATION, input_uids=input_uids,
                                  parameters=params,
                                  extra_report={"comparison": comparison.to_dict(),
                                                "fallback": fallback})
@@ -325,12 +298,15 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     sd_dir.mkdir(exist_ok=True)
     prov = Provenance(input_uids=input_uids, parameters={"recalculated_on": "synthetic CT"},
                       description="scheduled plan recalculated on today's anatomy")
-    write_rtdose(sdose, sd_dir / "RD.dcm", plan=sched_today, series=sct_info, provenance=prov,
-                 comment="scheduled plan recalculated on the synthetic CT")
+    write_rtdose(sdose, sd_dir / "RD.dcm", summation=H.SCHEDULED_TODAY_SUMMATION,
+                 plan=sched_today, series=sct_info, image_grid=dose_ct.grid, study=study,
+                 provenance=prov, comment="scheduled plan recalculated on the synthetic CT")
     T["write"] = round(time.perf_counter() - t, 3)
     T["total"] = round(time.perf_counter() - t0, 3)
     metrics = {**comparison.to_dict(), "units": "total-course Gy (V: %)",
-               "on": "synthetic CT + propagated structures"}
+               "on": "synthetic CT + propagated structures",
+               "dose_summary": H.console_dose_summary(adapted.dose, sdose, adapted.masks,
+                                                      goals.prescription)}
     result = to_jsonable({
         "adapted": adapted_rec,
         "scheduled": {"rtplan": str(rtplan_path), "rtplan_uid": scheduled.sop_instance_uid,
@@ -338,6 +314,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                       # reported, not handed off with the scheduled plan
                       "rtdose": None, "rtdose_today": str(sd_dir / "RD.dcm")},
         "metrics": metrics,
+        "protocol": protocol,
         "fallback": fallback,
         "optimizer": {"deadline_s": s.deadline_s, "iterations": adapted.fluence.iterations,
                       "reason": adapted.fluence.reason},
@@ -390,8 +367,7 @@ def run_fraction(case_dir: str | Path, fraction_dir: str | Path, goals: Clinical
         T.update({f"registration.{k}": v for k, v in reg["timings_s"].items()
                   if k != "total"})
         T["registration_total"] = round(time.perf_counter() - t, 3)
-        po = planning_stage(rp, reg, out, goals, settings=settings,
-                            planning_ct_dir=case / "planning" / "CT")
+        po = planning_stage(rp, reg, out, goals, settings=settings)
         T.update({k if k.startswith("plan") else f"planning.{k}": v
                   for k, v in po.timings_s.items() if k != "total"})
         T["planning_total"] = round(time.perf_counter() - t - T["registration_total"], 3)

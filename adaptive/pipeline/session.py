@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import adaptive.optimization.kernels  # noqa: F401  (sets OMP_WAIT_POLICY before numba runs)
+from adaptive.dicom.enums import DoseSummationType
 from adaptive.dose.beam_model import BeamModel, load_beam_model
 from adaptive.dose.density import hu_to_density
 from adaptive.dose.dij import compute_dij
@@ -28,9 +29,9 @@ from adaptive.dose.dose_grid import make_dose_grid, mask_on_grid
 from adaptive.dose.influence import DoseInfluence
 from adaptive.dose.plan_dose import plan_dose
 from adaptive.errors import OptimizationError
-from adaptive.geometry.volume import Volume
+from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
-from adaptive.model.identity import SeriesInfo
+from adaptive.model.identity import PatientInfo, SeriesInfo, StudyIdentity
 from adaptive.model.plan import Beam, Plan
 from adaptive.model.structures import StructureSet
 from adaptive.optimization.checks import PlanCheckReport, check_plan
@@ -271,11 +272,21 @@ def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings,
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "RP.dcm"
-        write_rtplan(_copy_plan(plan), p)
+        write_rtplan(_copy_plan(plan), p, study=_plan_study(plan))
         back = read_rtplan(p)
     return plan_dose(ct, back, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
                      depth_cache=depth_cache,
                      fluence_resolution_mm=0.5 * bm.fluence_resolution_mm)
+
+
+def _plan_study(plan: Plan) -> StudyIdentity:
+    """The study a plan names (a new one when it names none)."""
+    from adaptive.dicom.study import new_study
+
+    patient = PatientInfo(plan.patient_id, plan.patient_name)
+    if plan.study_instance_uid:
+        return StudyIdentity(patient, plan.study_instance_uid)
+    return new_study(patient)
 
 
 def _copy_plan(plan: Plan) -> Plan:
@@ -287,10 +298,15 @@ def _copy_plan(plan: Plan) -> Plan:
 
 
 def write_plan_outputs(result: PlanResult, series: SeriesInfo, out_dir: str | Path, *,
+                       study: StudyIdentity, image_grid: Grid, summation: DoseSummationType,
                        input_uids: dict, parameters: dict, extra_report: dict | None = None
                        ) -> dict:
     """Write OUT/RP.dcm, OUT/RD.dcm and OUT/plan_report.json (only when the checks passed:
-    raises :class:`PlanCheckError` otherwise, after writing the report)."""
+    raises :class:`PlanCheckError` otherwise, after writing the report).
+
+    ``series`` / ``image_grid``: the image the dose was computed on; ``study``: the study the
+    objects belong to; ``summation``: what ``result.dose`` holds for ``result.plan`` (e.g.
+    FRACTION_SESSION for one session of a multi-fraction plan, PLAN for a one-session plan)."""
     from adaptive.dicom.provenance import Provenance
     from adaptive.dicom.rtdose import write_rtdose
     from adaptive.dicom.rtplan import write_rtplan
@@ -308,10 +324,10 @@ def write_plan_outputs(result: PlanResult, series: SeriesInfo, out_dir: str | Pa
         require_passed(result.checks)
     prov = Provenance(input_uids=input_uids, parameters=parameters, timings_s=result.timings_s,
                       description="adaptive plan optimisation")
-    rp = write_rtplan(result.plan, out / "RP.dcm", provenance=prov, patient=series.patient,
-                      study_instance_uid=series.study_instance_uid)
-    rd = write_rtdose(result.dose, out / "RD.dcm", plan=result.plan, series=series,
-                      provenance=prov)
+    rp = write_rtplan(result.plan, out / "RP.dcm", study=study, provenance=prov)
+    rd = write_rtdose(result.dose, out / "RD.dcm", summation=summation, plan=result.plan,
+                      series=series, image_grid=image_grid, study=study, provenance=prov)
+    report["rtdose_summation"] = summation.value
     report["plan"]["sop_instance_uid"] = rp
     report["rtdose_uid"] = rd
     report["written"] = ["RP.dcm", "RD.dcm", "plan_report.json"]
@@ -336,7 +352,9 @@ def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
     ct, series = read_ct_series(case / "planning" / "CT")
     ss = read_rtstruct(case / "planning" / "RS.dcm", series=series, grid=ct.grid)
     res = plan_case(ct, series, ss, goals, settings=settings, label="SCHEDULED")
-    return write_plan_outputs(res, series, case / "planning",
+    # the scheduled plan has the course's fractions; its dose is one session's
+    return write_plan_outputs(res, series, case / "planning", study=series.study,
+                              image_grid=ct.grid, summation=DoseSummationType.FRACTION_SESSION,
                               input_uids={"ct_series": series.series_instance_uid,
                                           "rtstruct": ss.sop_instance_uid},
                               parameters={"goals_file": str(goals_path)})

@@ -1,20 +1,29 @@
 """DICOM Deformable Spatial Registration (1.2.840.10008.5.1.4.1.1.66.3) for a CBCT ↔ planning CT
-registration result.
+registration result, written and read as PS3.3 C.20.3 (Deformable Spatial Registration Module)
+specifies it.
 
-Frames (PS3.3 C.20.3): the instance's own Frame of Reference (the *Registered RCS*) is the
-CBCT's; the Deformable Registration Sequence has one item whose Source Frame of Reference is
-the planning CT's. Spatial registration matrices map Source RCS points to the Registered RCS,
-so the Pre Deformation Matrix is ``inv(rigid_matrix)`` (planning LPS → CBCT LPS, rigid part).
-The Vector Grid Data are given on the CBCT grid (Image Position/Orientation (Patient), Grid
-Dimensions, Grid Resolution of the CBCT voxels, Registered RCS) as float32 (x, y, z) mm
-triplets, x fastest, then y, then z (slice order): at grid point x the vector v(x) is the
-non-rigid residual, i.e. the CBCT point x corresponds to the pre-matrix–mapped planning point
-x + v(x):
+Frames: the instance's own Frame of Reference (the *Registered RCS*) is the CBCT's; the
+Deformable Registration Sequence has one item whose Source Frame of Reference is the planning
+CT's. The standard applies the item to Registered RCS coordinates (PS3.3 C.20.3.1.1)::
 
-    planning point = rigid_matrix · (x + v(x)),   v(x) = inv(rigid_matrix)·(x + u(x)) − x
+    "The registrations in this module are applied to the Registered RCS coordinates in the
+    following order. First, transform the coordinates using the matrix described in the Pre
+    Deformation Matrix Registration Sequence (0064,000F). Next apply the deformation offsets to
+    the resulting coordinates. Finally, transform those coordinates using the matrix described
+    in the Post Deformation Matrix Registration Sequence (0064,0010). The resulting coordinate
+    addresses the sample point within the Source RCS."
 
-where u is the pipeline's DVF (CBCT x ↦ planning x + u(x)). The Post Deformation Matrix is
-the identity. :func:`read_deformable_registration` inverts this exactly.
+with the deformation offset of grid point (i, j, k) located at Image Position (Patient) +
+i·Δx·row + j·Δy·column + k·Δz·(row × column) of the Deformable Registration Grid (Registered
+RCS, Grid Resolution Δ), Vector Grid Data holding float32 (x, y, z) triplets, x fastest, then
+y, then z. So for a CBCT grid point x::
+
+    planning point = M_post · (M_pre · x + v(x))
+
+We write ``M_pre = rigid_matrix`` (CBCT LPS → planning LPS, the rigid stage),
+``v(x) = x + u(x) − rigid_matrix · x`` (the non-rigid residual, planning-frame mm) and
+``M_post`` = identity, where u is the pipeline's DVF (CBCT x ↦ planning x + u(x)), on the
+CBCT's grid. :func:`read_deformable_registration` applies the same formula (any Post matrix).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from adaptive.dicom._common import (
 from adaptive.dicom.provenance import Provenance, apply_provenance, dicom_date_time, new_uid
 from adaptive.errors import DicomInputError, UnsupportedObjectError
 from adaptive.geometry.volume import Grid
-from adaptive.model.identity import SeriesInfo
+from adaptive.model.identity import SeriesInfo, StudyIdentity
 from adaptive.registration.core import RegistrationResult
 
 
@@ -50,7 +59,7 @@ class DeformableRegistration:
 
     dvf_lps_mm: np.ndarray  # (nz, ny, nx, 3) float32: registered x ↦ source x + u(x)
     grid: Grid  # in the registered RCS
-    rigid_matrix: np.ndarray  # registered → source (inverse of the pre-deformation matrix)
+    rigid_matrix: np.ndarray  # registered → source: M_post · M_pre (the linear part)
     registered_frame_of_reference_uid: str
     source_frame_of_reference_uid: str
     sop_instance_uid: str
@@ -96,30 +105,43 @@ def _image_refs(info: SeriesInfo) -> Sequence:
 
 
 def residual_vectors(result: RegistrationResult) -> np.ndarray:
-    """v(x) = inv(rigid_matrix)·(x + u(x)) − x on the CBCT grid, float32 (nz, ny, nx, 3)."""
+    """v(x) = x + u(x) − rigid_matrix·x on the CBCT grid (planning-frame mm), float32
+    (nz, ny, nx, 3): the offsets added after the Pre Deformation Matrix (= rigid_matrix)."""
     x = result.fixed_grid.voxel_centers_lps()
+    m = np.asarray(result.rigid_matrix, dtype=np.float64)
     target = x + result.dvf_lps_mm.astype(np.float64)
-    inv = np.linalg.inv(result.rigid_matrix)
-    return (target @ inv[:3, :3].T + inv[:3, 3] - x).astype(np.float32)
+    return (target - (x @ m[:3, :3].T + m[:3, 3])).astype(np.float32)
 
 
 def write_deformable_registration(path: str | Path, result: RegistrationResult,
-                                  cbct_info: SeriesInfo, ct_info: SeriesInfo,
+                                  cbct_info: SeriesInfo, ct_info: SeriesInfo, *,
+                                  study: StudyIdentity,
+                                  registered_series: tuple[SeriesInfo, ...] = (),
                                   provenance: Provenance | None = None) -> str:
-    """Write ``result`` as a Deformable Spatial Registration in the CBCT's study and Frame of
-    Reference. Returns the SOP Instance UID. Atomic write."""
+    """Write ``result`` as a Deformable Spatial Registration in ``study`` (the session's) and
+    the CBCT's Frame of Reference (the Registered RCS), as the module doc describes.
+
+    ``registered_series``: further series in the CBCT's frame to list as referenced (e.g. the
+    synthetic CT made with this registration). A series of another patient, or one in the
+    study with other study attributes, raises :class:`StudyMismatchError`; a registered
+    series outside the CBCT's frame raises :class:`DicomInputError`. Returns the SOP Instance
+    UID. Atomic write."""
     path = Path(path)
     for what, info in (("CBCT", cbct_info), ("planning CT", ct_info)):
         if not info.frame_of_reference_uid or not info.series_instance_uid:
             raise DicomInputError(f"{what} series info lacks Frame of Reference / series UID", path)
+    study.check_series(cbct_info, "CBCT")
+    study.check_patient(ct_info.patient, "planning CT")
+    for info in registered_series:
+        study.check_series(info, f"series {info.series_instance_uid}")
+        if info.frame_of_reference_uid != cbct_info.frame_of_reference_uid:
+            raise DicomInputError(f"series {info.series_instance_uid} is not in the CBCT's Frame "
+                                  f"of Reference (the registered RCS)", path)
     g = result.fixed_grid
     sop = new_uid()
     date, tm = dicom_date_time()
     ds = new_dataset(DEFORMABLE_REG_STORAGE, sop)
-    set_patient_study(ds, cbct_info.patient, cbct_info.study_instance_uid,
-                      study_id=cbct_info.study_id, study_date=cbct_info.study_date or date,
-                      accession=cbct_info.accession_number,
-                      referring=cbct_info.referring_physician_name)
+    set_patient_study(ds, study)
     # General Series / Spatial Registration Series
     new_series(ds, "REG", "Deformable registration CBCT to planning CT", date, tm,
                series_number=900)
@@ -146,9 +168,9 @@ def write_deformable_registration(path: str | Path, result: RegistrationResult,
     kind = "rigid" if result.fallback else "deformable"
     item.RegistrationTypeCodeSequence = Sequence([
         _code("125024", "DCM", "Image Content-based Alignment")])
-    item.FrameOfReferenceTransformationComment = f"{kind}: CBCT x -> planning pre-matrix x+v(x)"[:64]
+    item.FrameOfReferenceTransformationComment = f"{kind}: planning = Mpre CBCT + v; Mpost = I"[:64]
     item.PreDeformationMatrixRegistrationSequence = Sequence([
-        _matrix_item(np.linalg.inv(result.rigid_matrix), "RIGID")])
+        _matrix_item(np.asarray(result.rigid_matrix, dtype=np.float64), "RIGID")])
     item.PostDeformationMatrixRegistrationSequence = Sequence([_matrix_item(np.eye(4), "RIGID")])
     grid_item = Dataset()
     grid_item.ImageOrientationPatient = ds_list(np.concatenate([g.direction[:, 0],
@@ -160,11 +182,13 @@ def write_deformable_registration(path: str | Path, result: RegistrationResult,
     item.DeformableRegistrationGridSequence = Sequence([grid_item])
     ds.DeformableRegistrationSequence = Sequence([item])
 
-    # Common Instance Reference: both series (CBCT in this study; planning CT maybe not)
-    if ct_info.study_instance_uid == cbct_info.study_instance_uid:
-        ds.ReferencedSeriesSequence = Sequence([_series_ref(cbct_info), _series_ref(ct_info)])
+    # Common Instance Reference: the series of this study (CBCT, synthetic CT, ...) and the
+    # planning CT (in its own study unless it shares this one)
+    same = [cbct_info, *registered_series]
+    if ct_info.study_instance_uid == study.study_instance_uid:
+        ds.ReferencedSeriesSequence = Sequence([_series_ref(i) for i in (*same, ct_info)])
     else:
-        ds.ReferencedSeriesSequence = Sequence([_series_ref(cbct_info)])
+        ds.ReferencedSeriesSequence = Sequence([_series_ref(i) for i in same])
         st = Dataset()
         st.StudyInstanceUID = ct_info.study_instance_uid
         st.ReferencedSeriesSequence = Sequence([_series_ref(ct_info)])
@@ -182,8 +206,8 @@ def write_deformable_registration(path: str | Path, result: RegistrationResult,
 
 
 def read_deformable_registration(path: str | Path) -> DeformableRegistration:
-    """Read a Deformable Spatial Registration written as described in the module doc (one
-    deformable item with a grid). Returns the DVF in the pipeline's convention."""
+    """Read a Deformable Spatial Registration (its first item with a grid) and apply it as
+    PS3.3 C.20.3 specifies (module doc). Returns the DVF in the pipeline's convention."""
     path = Path(path)
     ds = read_dataset(path)
     if str(ds.get("SOPClassUID", "")) != DEFORMABLE_REG_STORAGE:
@@ -215,11 +239,11 @@ def read_deformable_registration(path: str | Path) -> DeformableRegistration:
 
     pre, post = matrix("PreDeformationMatrixRegistrationSequence"), matrix(
         "PostDeformationMatrixRegistrationSequence")
-    if not np.allclose(post, np.eye(4), atol=1e-6):
-        raise DicomInputError("non-identity Post Deformation Matrix is not supported", path)
-    rigid = np.linalg.inv(pre)
+    # PS3.3 C.20.3: source = M_post · (M_pre · x + v(x)), x in the registered RCS
     x = grid.voxel_centers_lps()
-    target = (x + v) @ rigid[:3, :3].T + rigid[:3, 3]
+    y = x @ pre[:3, :3].T + pre[:3, 3] + v
+    target = y @ post[:3, :3].T + post[:3, 3]
+    rigid = post @ pre
     return DeformableRegistration(
         dvf_lps_mm=(target - x).astype(np.float32), grid=grid, rigid_matrix=rigid,
         registered_frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),

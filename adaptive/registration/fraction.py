@@ -18,7 +18,11 @@ from adaptive.model.structures import StructureSet
 from adaptive.registration.core import RegistrationResult, register
 from adaptive.registration.propagate import propagate_structures
 from adaptive.registration.settings import load_registration_settings
-from adaptive.registration.synthetic_ct import synthetic_ct, write_synthetic_ct
+from adaptive.registration.synthetic_ct import (
+    extend_synthetic_ct,
+    synthetic_ct,
+    write_synthetic_ct,
+)
 
 log = get_logger("adaptive.registration.fraction")
 
@@ -28,8 +32,8 @@ class FractionRegistration:
     """Outputs of :func:`register_fraction` (paths are None when not written)."""
 
     result: RegistrationResult
-    synthetic_ct: Volume
-    synthetic_ct_info: SeriesInfo | None
+    synthetic_ct: Volume  # on the CBCT grid
+    synthetic_ct_info: SeriesInfo | None  # the written series (extended, see register_fraction)
     structures: StructureSet | None
     timings_s: dict
     out_dir: Path | None = None
@@ -46,8 +50,12 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     ``plan``: RT Plan path (its first beam's isocenter is used when no isocenter is given).
     ``spatial_registration``: a rigid Spatial Registration file relating the CBCT and planning
     frames (takes precedence over the isocenter as initial alignment).
-    Writes ``dvf.mha`` (3-component float32, CBCT grid, LPS mm), ``synthetic_ct/``, ``RS.dcm``
-    (with structures), ``REG.dcm`` and ``registration.json``.
+    Writes ``dvf.mha`` (3-component float32, CBCT grid, LPS mm), ``synthetic_ct/`` (the
+    synthetic CT completed beyond the CBCT's volume with the rigidly mapped planning CT,
+    :func:`~adaptive.registration.synthetic_ct.extend_synthetic_ct`: the image doses are
+    computed on), ``RS.dcm`` (with structures; it references that synthetic CT series),
+    ``REG.dcm`` and ``registration.json``. Every object is written in the session's study,
+    the CBCT's (:func:`adaptive.dicom.study.session_study`), in the CBCT's Frame of Reference.
     """
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.provenance import Provenance
@@ -91,6 +99,7 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
         return out
 
     from adaptive.dicom.rtstruct import write_rtstruct
+    from adaptive.dicom.study import session_study
     from adaptive.registration.dicom_reg import write_deformable_registration
     from adaptive.replay.truth import write_dvf
 
@@ -104,14 +113,18 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     prov = Provenance(input_uids=inputs, parameters={"registration": result.parameters,
                                                      "fallback": result.fallback},
                       timings_s={**result.timings_s, **T}, description="adaptive register")
+    study = session_study(cb_info)
     out.paths["dvf"] = write_dvf(od / "dvf.mha", result.dvf_lps_mm, result.fixed_grid)
-    out.synthetic_ct_info = write_synthetic_ct(sct, cb_info, od / "synthetic_ct",
+    full = extend_synthetic_ct(sct, ct, result.rigid_matrix, air_hu=s.synthetic_ct["air_hu"])
+    out.synthetic_ct_info = write_synthetic_ct(full, cb_info, od / "synthetic_ct", study=study,
                                                provenance=prov, planning_ct_info=ct_info)
     out.paths["synthetic_ct"] = od / "synthetic_ct"
     if today is not None:
-        write_rtstruct(today, od / "RS.dcm", provenance=prov, grid=cb.grid)
+        today.referenced_series = out.synthetic_ct_info
+        write_rtstruct(today, od / "RS.dcm", study=study, provenance=prov, grid=full.grid)
         out.paths["rtstruct"] = od / "RS.dcm"
-    write_deformable_registration(od / "REG.dcm", result, cb_info, ct_info, provenance=prov)
+    write_deformable_registration(od / "REG.dcm", result, cb_info, ct_info, study=study,
+                                  registered_series=(out.synthetic_ct_info,), provenance=prov)
     out.paths["reg"] = od / "REG.dcm"
     T["write"] = time.perf_counter() - t
     record = {"research_use": "RESEARCH USE ONLY - NOT FOR CLINICAL USE",

@@ -2,8 +2,10 @@
 
 Body outline and internal gas come from the CBCT where the CBCT is reconstructed; where the
 CBCT's field of view truncates the patient, the deformed planning CT is kept (its body
-outline included). CBCT thresholds are relative to the CBCT's own soft-tissue mode (robust
-to offsets and cupping; see :mod:`adaptive.registration.masks`).
+outline included); beyond the CBCT's grid, :func:`extend_synthetic_ct` completes it with the
+rigidly mapped planning CT so that it covers every voxel a dose is computed on. CBCT
+thresholds are relative to the CBCT's own soft-tissue mode (robust to offsets and cupping;
+see :mod:`adaptive.registration.masks`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from adaptive.geometry.volume import Volume, displacement_warp
-from adaptive.model.identity import SeriesInfo
+from adaptive.errors import GeometryError
+from adaptive.geometry.volume import Grid, Volume, displacement_warp, resample_array
+from adaptive.model.identity import SeriesInfo, StudyIdentity
 from adaptive.registration.masks import body_and_gas, valid_region_mask
 from adaptive.registration.settings import load_registration_settings
 
@@ -53,10 +56,51 @@ def synthetic_ct(planning_ct: Volume, cbct: Volume, dvf_lps_mm: np.ndarray, *, c
     return vol
 
 
+def extend_synthetic_ct(sct: Volume, planning_ct: Volume, rigid_matrix, *,
+                        air_hu: float = -1000.0) -> Volume:
+    """The synthetic CT (CBCT grid, CBCT frame) completed with the rigidly mapped planning CT
+    wherever the CBCT grid does not reach, on an axis-aligned grid of the synthetic CT's
+    spacing covering both (CBCT frame, LPS mm, HU).
+
+    Why: the CBCT's reconstructed volume is narrower than the pelvis (here 270 mm wide for a
+    ~360 mm wide patient), so a dose computed on the synthetic CT alone misses the tissue
+    the lateral beams cross outside it (measured: scheduled plan PTV D2 69 Gy instead of
+    63 Gy, i.e. MU ~5-10 % too low for the real patient). This extended image is the one the
+    dose is computed on and the one handed off as the synthetic CT series. ``rigid_matrix``:
+    4×4 CBCT LPS → planning LPS. Raises :class:`GeometryError` for an oblique synthetic CT grid.
+    """
+    m = np.asarray(rigid_matrix, dtype=float)
+    inv = np.linalg.inv(m)
+    lo_p, hi_p = planning_ct.grid.bounds_lps()
+    corners = np.array([[x, y, z] for x in (lo_p[0], hi_p[0]) for y in (lo_p[1], hi_p[1])
+                        for z in (lo_p[2], hi_p[2])])
+    c = corners @ inv[:3, :3].T + inv[:3, 3]
+    lo_s, hi_s = sct.grid.bounds_lps()
+    lo, hi = np.minimum(c.min(axis=0), lo_s), np.maximum(c.max(axis=0), hi_s)
+    sp = np.asarray(sct.grid.spacing, dtype=float)
+    # keep the synthetic CT's voxel lattice (so its voxels are copied, not interpolated)
+    if not np.allclose(sct.grid.direction, np.eye(3), atol=1e-6):
+        raise GeometryError("synthetic CT grid must be axis-aligned to be extended")
+    o = sct.grid.origin - np.ceil((sct.grid.origin - lo) / sp - 1e-6) * sp
+    n = np.floor((hi - o) / sp + 1e-6).astype(int) + 1
+    grid = Grid(shape=(n[2], n[1], n[0]), origin=o, spacing=sp)
+    # the same voxels seen from the planning frame (m is rigid): one affine resampling
+    moved = Grid(shape=grid.shape, origin=m[:3, :3] @ o + m[:3, 3], spacing=sp,
+                 direction=m[:3, :3] @ grid.direction)
+    out = resample_array(planning_ct.array, planning_ct.grid, moved, order=1,
+                         fill=air_hu).astype(np.float32)
+    off = np.rint((sct.grid.origin - o) / sp).astype(int)  # (i, j, k) offset
+    nz, ny, nx = sct.grid.shape
+    out[off[2]:off[2] + nz, off[1]:off[1] + ny, off[0]:off[0] + nx] = sct.array
+    return Volume(out, grid, "HU")
+
+
 def write_synthetic_ct(sct: Volume, cbct_info: SeriesInfo, out_dir: str | Path, *,
-                       provenance=None, planning_ct_info: SeriesInfo | None = None) -> SeriesInfo:
-    """Write the synthetic CT as a CT series on the CBCT's grid, Frame of Reference, patient
-    and study, with a new series UID and a derivation description."""
+                       study: StudyIdentity, provenance=None,
+                       planning_ct_info: SeriesInfo | None = None) -> SeriesInfo:
+    """Write the synthetic CT (on its own grid, e.g. :func:`extend_synthetic_ct`'s) as a CT
+    series in the CBCT's Frame of Reference and in ``study`` (the session's: the CBCT's), with
+    a new series UID and a derivation description."""
     from adaptive.dicom.ct_series import write_ct_series
 
     info = dataclasses.replace(cbct_info, series_instance_uid="", sop_instance_uids=[],
@@ -64,7 +108,8 @@ def write_synthetic_ct(sct: Volume, cbct_info: SeriesInfo, out_dir: str | Path, 
                                series_description="")
     src = f" from CT {planning_ct_info.series_instance_uid}" if planning_ct_info else ""
     derivation = (f"Synthetic CT: planning CT{src} deformed onto CBCT "
-                  f"{cbct_info.series_instance_uid} (elastix B-spline); body and gas from CBCT")
-    return write_ct_series(sct, info, out_dir, provenance=provenance,
+                  f"{cbct_info.series_instance_uid} (elastix B-spline); body and gas from CBCT; "
+                  f"beyond the CBCT's volume the rigidly mapped planning CT")
+    return write_ct_series(sct, info, out_dir, study=study, provenance=provenance,
                            description="Synthetic CT (deformed planning CT)",
                            derivation=derivation[:1024])

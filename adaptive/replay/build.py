@@ -175,14 +175,14 @@ def _planning_series(phantom: Phantom, case: str, seed: int, patient: PatientInf
     prov = Provenance(parameters={"generator": "adaptive.replay.build", "case": case, "seed": seed,
                                   "phantom": phantom.meta},
                       description=description)
-    info = write_ct_series(phantom.ct, info, out / "CT", provenance=prov, description="Planning CT",
-                           derivation=f"Simulated CT: {description}")
+    info = write_ct_series(phantom.ct, info, out / "CT", study=info.study, provenance=prov,
+                           description="Planning CT", derivation=f"Simulated CT: {description}")
     ss = phantom.structure_set(info, label="PLANNING", name=f"{case} planning structures")
     ss.sop_instance_uid = det_uid(case, seed, "planning-rs")
     rs_prov = Provenance(input_uids={"planning_ct_series": info.series_instance_uid},
                          parameters={"generator": "adaptive.replay.build", "case": case, "seed": seed},
                          description=f"Phantom structures ({description})")
-    write_rtstruct(ss, out / "RS.dcm", provenance=rs_prov, grid=grid)
+    write_rtstruct(ss, out / "RS.dcm", study=info.study, provenance=rs_prov, grid=grid)
     return info, ss
 
 
@@ -224,7 +224,7 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
             series_description="CBCT")
         params = {"generator": "adaptive.replay.build", "case": cfg.name, "seed": seed, "fraction": f,
                   "variation": fx.variation.to_dict(), "degradation": fx.degradation.to_dict()}
-        info = write_ct_series(fx.cbct, info, fx_dir / "CBCT",
+        info = write_ct_series(fx.cbct, info, fx_dir / "CBCT", study=info.study,
                                provenance=Provenance(input_uids={"planning_ct_series": plan_info.series_instance_uid},
                                                      parameters=params,
                                                      description="Simulated CBCT (phantom)"),
@@ -237,7 +237,7 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
         tss = StructureSet(rois=rois, referenced_series=info, label="TRUTH",
                            name=f"{cfg.name} {label} truth structures",
                            sop_instance_uid=det_uid(cfg.name, seed, label, "truth-rs"))
-        write_rtstruct(tss, fx_dir / "truth" / "RS.dcm",
+        write_rtstruct(tss, fx_dir / "truth" / "RS.dcm", study=info.study,
                        provenance=Provenance(input_uids={"cbct_series": info.series_instance_uid,
                                                          "planning_ct_series": plan_info.series_instance_uid},
                                              parameters={"method": "planning masks pulled back through "

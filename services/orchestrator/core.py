@@ -29,12 +29,21 @@ import pydicom
 import zmq
 
 from adaptive.dicom.daily_image import is_daily_image
-from adaptive.errors import AdaptiveError, HandOffError, IllegalTransitionError, ServiceError
+from adaptive.errors import (
+    AdaptiveError,
+    ClinicalProtocolError,
+    HandOffError,
+    IllegalTransitionError,
+    ServiceError,
+)
 from adaptive.log import get_logger
+from adaptive.optimization.protocols import ProtocolTable
+from adaptive.pipeline.handoff import image_series_files
 from services.config import Budgets, ServicesConfig
 from services.gateway.scu import send_files
 from services.messaging import TaskOutcome, WorkerBroker
 from services.orchestrator import state as S
+from services.orchestrator.protocol import protocol_at_start, protocol_from_plan
 from services.protocol import ProtocolError, decode, encode, split_routed
 from services.validators import require, validate_patient_id, validate_room
 
@@ -56,6 +65,7 @@ class Session:
     session_id: str
     room: str
     patient_id: str
+    protocol: dict | None = None             # {"name", "source"}: the goals it is planned with
     state: str = S.WAITING
     created: float = field(default_factory=time.time)
     history: list[dict] = field(default_factory=list)
@@ -81,6 +91,7 @@ class Session:
         e2e = self.stages.get("end_to_end", {})
         return {"session_id": self.session_id, "room": self.room,
                 "patient_id": self.patient_id, "state": self.state, "created": self.created,
+                "protocol": self.protocol,
                 "history": self.history, "stages": self.stages, "planning": self.planning,
                 "cbct": self.cbct and {k: self.cbct.get(k) for k in (
                     "series_uid", "count", "path", "series_description",
@@ -113,6 +124,7 @@ class Orchestrator:
         self.patients: dict[str, PatientData] = {}
         self.used_cbcts: set[str] = set()
         self._handoff_results: queue.Queue = queue.Queue()
+        self.protocols = ProtocolTable.load()
         self.log = get_logger("services.orchestrator")
 
     # -- loop -----------------------------------------------------------------------
@@ -327,6 +339,15 @@ class Orchestrator:
                 s.notes.append(note)
                 self.publish(s, "waiting_for_planning_data", missing=plan["missing"])
             return
+        if s.protocol is None:
+            try:
+                s.protocol = protocol_from_plan(plan["rtplan"]["path"], self.protocols)
+            except ClinicalProtocolError as e:  # the CBCT stays free for a session with one
+                s.error = str(e)
+                self._transition(s, S.FAILED, s.error)
+                self.publish(s, "protocol_missing", error=str(e))
+                return
+            self.publish(s, "protocol", **s.protocol)
         self.used_cbcts.add(cbct["series_uid"])
         s.cbct = cbct
         s.cbct_complete_at = cbct["completed_at"]
@@ -370,7 +391,8 @@ class Orchestrator:
             "session_id": s.session_id, "patient_id": s.patient_id,
             "planning_ct_dir": s.planning["ct_dir"], "rtstruct_path": s.planning["rtstruct"],
             "rtplan_path": s.planning["rtplan"], "cbct_dir": s.cbct["path"],
-            "registration": s.registration, "out_dir": self._session_dir(s, "planning")})
+            "registration": s.registration, "protocol": s.protocol,
+            "out_dir": self._session_dir(s, "planning")})
 
     def _session_of(self, o: TaskOutcome) -> Session | None:
         if o.task is None:
@@ -459,9 +481,11 @@ class Orchestrator:
     # -- decision and hand-off ---------------------------------------------------------
     def _handoff_files(self, s: Session, plan: str) -> list[str]:
         if plan == "adapted":
+            # the image the dose was computed on first, then what references it
             a = s.plans["adapted"]
-            keys = ("rtplan", "rtstruct", "rtdose", "registration")
-            return [a[k] for k in keys if a.get(k)]
+            keys = ("rtstruct", "registration", "rtplan", "rtdose")
+            image = image_series_files(a["synthetic_ct_dir"]) if a.get("synthetic_ct_dir") else []
+            return image + [a[k] for k in keys if a.get(k)]
         sched = (s.plans or {}).get("scheduled") or {}
         files = [sched.get("rtplan") or s.planning["rtplan"]]
         files += [sched[k] for k in ("rtdose",) if sched.get(k)]
@@ -569,10 +593,14 @@ class Orchestrator:
             # both become parts of paths and topics (session_id): validated first
             room = require(validate_room, h.get("room"), "room")
             pid = require(validate_patient_id, h.get("patient_id"), "patient_id").strip(" ")
+            proto = protocol_at_start(h.get("protocol"))
             for s in self.sessions.values():
                 if s.state in S.TERMINAL:
                     continue
                 if s.room == room and s.patient_id == pid:
+                    if proto and s.protocol and proto["name"] != s.protocol["name"]:
+                        raise ServiceError(f"session {s.session_id} is planned with protocol "
+                                           f"{s.protocol['name']!r}, not {proto['name']!r}")
                     return {"session": s.public(), "attached": True}
                 if s.room == room:
                     raise ServiceError(f"room {room!r} has an active session {s.session_id} "
@@ -580,12 +608,16 @@ class Orchestrator:
                 if s.patient_id == pid:
                     raise ServiceError(f"patient {pid!r} has an active session in room "
                                        f"{s.room!r}")
+            planning = self.resolve_planning(pid)
+            if proto is None and "rtplan" in planning:  # known now: refuse at once if unmapped
+                proto = protocol_from_plan(planning["rtplan"]["path"], self.protocols)
             s = Session(session_id=f"{room}-{time.strftime('%Y%m%dT%H%M%S')}-"
-                                   f"{uuid.uuid4().hex[:6]}", room=room, patient_id=pid)
+                                   f"{uuid.uuid4().hex[:6]}", room=room, patient_id=pid,
+                        protocol=proto)
             s.history.append({"t": s.created, "from": None, "to": S.WAITING,
                               "note": "session started"})
             self.sessions[s.session_id] = s
-            self.publish(s, "session_started")
+            self.publish(s, "session_started", protocol=s.protocol)
             self._maybe_start(s)
             return {"session": s.public(), "attached": False}
         if cmd in ("status", "attach"):

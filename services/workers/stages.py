@@ -13,7 +13,8 @@ registration result
     ``fallback`` = None or ``"rigid"`` when the deadline forced the rigid result.
 
 planning payload
-    as above plus ``registration`` (the registration result).
+    as above plus ``registration`` (the registration result) and ``protocol`` (the
+    session's clinical protocol ``{"name", "source"}``: the goals it is planned with).
 planning result
     ``{"adapted": {"rtplan", "rtstruct", "rtdose", "registration", "checks_passed",
     "checks": [{"name", "passed", "message"}]}, "scheduled": {"rtplan", "rtdose", ...},
@@ -155,7 +156,7 @@ def run_planning(payload: dict, arrays: dict, ctx) -> dict:
         "planning_ct_dir": payload["planning_ct_dir"], "rtstruct_path": payload["rtstruct_path"],
         "rtplan_path": payload["rtplan_path"], "cbct_dir": payload["cbct_dir"],
         "registration": payload["registration"], "out_dir": payload["out_dir"],
-        "budget_s": ctx.remaining_s()}, ctx)
+        "protocol": payload["protocol"], "budget_s": ctx.remaining_s()}, ctx)
     ctx.progress("planning", 1.0)
     return result
 

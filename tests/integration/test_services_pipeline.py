@@ -61,7 +61,7 @@ def _start_session(tmp_path, orthanc, stack_factory, *, budgets=None, counts=Non
     while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
         assert time.monotonic() < end
         time.sleep(0.2)
-    s = cl.start("ROOM1", pid)
+    s = cl.start("ROOM1", pid, protocol="prostate")
     assert storescu(st.cfg.gateway.port, sorted((fx / "CBCT").glob("*.dcm"))).returncode == 0
     return st, cl, s, rp
 

@@ -48,7 +48,7 @@ def test_normal_session_end_to_end_to_orthanc(tmp_path, orthanc, stack_factory):
     data = write_planning_data(tmp_path / "P1", "PAT-E2E")
     _send_planning(st, data)
     _wait_planning(cl, "PAT-E2E")
-    s = cl.start("ROOM1", "PAT-E2E")
+    s = cl.start("ROOM1", "PAT-E2E", protocol="prostate")
     assert s["state"] == "waiting_for_image"
     r = storescu(st.cfg.gateway.port, data["cbct"])
     assert r.returncode == 0, r.stderr
@@ -88,10 +88,10 @@ def test_two_rooms_at_once_and_robust_reception(tmp_path, orthanc, stack_factory
     _send_planning(st, b)
     _wait_planning(cl, "PAT-A")
     _wait_planning(cl, "PAT-B")
-    sa = cl.start("ROOM-A", "PAT-A")
-    sb = cl.start("ROOM-B", "PAT-B")
+    sa = cl.start("ROOM-A", "PAT-A", protocol="prostate")
+    sb = cl.start("ROOM-B", "PAT-B", protocol="prostate")
     with pytest.raises(ConsoleError):
-        cl.start("ROOM-A", "PAT-B")                        # room busy / patient elsewhere
+        cl.start("ROOM-A", "PAT-B", protocol="prostate")  # room busy / patient elsewhere
     # room A: a malformed extra instance in the CBCT series -> refused and quarantined
     bad = pydicom.dcmread(a["cbct"][0])
     bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
@@ -131,7 +131,7 @@ def test_worker_killed_during_planning_is_reissued(tmp_path, orthanc, stack_fact
     d = write_planning_data(tmp_path / "K", "PAT-K")
     _send_planning(st, d)
     _wait_planning(cl, "PAT-K")
-    s = cl.start("ROOM-K", "PAT-K")
+    s = cl.start("ROOM-K", "PAT-K", protocol="prostate")
     assert storescu(st.cfg.gateway.port, d["cbct"]).returncode == 0
     s = cl.wait_for_state(s["session_id"], {"planning"}, 60)
     time.sleep(0.5)
@@ -159,7 +159,7 @@ def test_tms_down_at_handoff_fails_clearly_and_keeps_outbox(tmp_path, stack_fact
     d = write_planning_data(tmp_path / "T", "PAT-T")
     _send_planning(st, d)
     _wait_planning(cl, "PAT-T")
-    s = cl.start("ROOM-T", "PAT-T")
+    s = cl.start("ROOM-T", "PAT-T", protocol="prostate")
     assert storescu(st.cfg.gateway.port, d["cbct"]).returncode == 0
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision"}, 60)
     cl.choose(s["session_id"], "adapted")
@@ -180,7 +180,7 @@ def test_budget_overrun_forces_scheduled_only_fallback(tmp_path, orthanc, stack_
     d = write_planning_data(tmp_path / "O", "PAT-O")
     _send_planning(st, d)
     _wait_planning(cl, "PAT-O")
-    s = cl.start("ROOM-O", "PAT-O")
+    s = cl.start("ROOM-O", "PAT-O", protocol="prostate")
     assert storescu(st.cfg.gateway.port, d["cbct"]).returncode == 0
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 60)
     assert s["state"] == "fallback" and s["offered"] == ["scheduled"]
@@ -202,7 +202,7 @@ def test_failing_checks_are_never_handed_off(tmp_path, orthanc, stack_factory):
     d = write_planning_data(tmp_path / "F", "PAT-F")
     _send_planning(st, d)
     _wait_planning(cl, "PAT-F")
-    s = cl.start("ROOM-F", "PAT-F")
+    s = cl.start("ROOM-F", "PAT-F", protocol="prostate")
     assert storescu(st.cfg.gateway.port, d["cbct"]).returncode == 0
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 60)
     assert s["state"] == "fallback" and "forced failure" in " ".join(s["notes"])
@@ -225,7 +225,7 @@ def test_aborted_cbct_then_resent_and_duplicate_series(tmp_path, orthanc, stack_
     _send_planning(st, d)
     _send_planning(st, d)                                  # duplicate planning series
     _wait_planning(cl, "PAT-AB")
-    s = cl.start("ROOM-AB", "PAT-AB")
+    s = cl.start("ROOM-AB", "PAT-AB", protocol="prostate")
     ae = AE(ae_title="IMAGER")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", st.cfg.gateway.port, ae_title="ADAPTIVE_GW")
