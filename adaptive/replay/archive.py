@@ -165,11 +165,10 @@ def run_job(job: FractionJob, in_process: bool = False, clean: bool = True) -> d
                     "(is the archive mounted at the same path on every worker?)",
                 )
             stage = "chain"
-            goals = job.goals.load()
-            replay_fraction(job.inputs, out, goals, job.chain)
+            replay_fraction(job.inputs, out, job.goals, job.chain)
             stage = "report"
             t = time.perf_counter()
-            row = write_fraction_report(out, job.inputs, goals, meta)
+            row = write_fraction_report(out, job.inputs, job.goals.load(), meta)
             row["time_report_s"] = round(time.perf_counter() - t, 3)
         except Exception as e:  # noqa: BLE001  any error fails this fraction only
             row = failed_row(meta, stage, e, traceback.format_exc(limit=8))
@@ -285,12 +284,12 @@ def _meta(inputs: FractionInputs, goals: GoalsChoice, key: str, inputs_digest: s
             "inputs_digest": inputs_digest, "report": report, "skipped": False}
 
 
-def _unusable_row(u: Unusable, out: Path) -> dict:
+def _unusable_row(u: Unusable, out: Path, stage: str = "discovery") -> dict:
     fid = u.fraction_id or safe_name(u.series_instance_uid)
     rel = f"{safe_name(u.patient_id)}/{fid}"
     row = {"patient_id": u.patient_id, "fraction": u.label, "fraction_id": fid,
            "cbct_series_uid": u.series_instance_uid, "status": "failed",
-           "failed_stage": "discovery", "reason": u.reason, "report": f"{rel}/{REPORT_NAME}",
+           "failed_stage": stage, "reason": u.reason, "report": f"{rel}/{REPORT_NAME}",
            "skipped": False}
     d = out / rel
     if d.exists():
@@ -310,16 +309,24 @@ def plan_jobs(archive: str | Path, out: str | Path, *, goals_override=None,
     contents = discover(archive)
     digests = _Digests()
     jobs, done = [], []
+    unusable = []
     for f in contents.fractions:
         rel = f"{safe_name(f.patient_id)}/{f.fraction_id}"
-        job = _make_job(f, out / rel, f"{rel}/{REPORT_NAME}", goals_override, chain, digests)
+        try:
+            job = _make_job(f, out / rel, f"{rel}/{REPORT_NAME}", goals_override, chain,
+                            digests)
+        except AdaptiveError as e:  # e.g. no clinical protocol for this patient's plan
+            unusable.append(_unusable_row(Unusable(f.patient_id, f.label,
+                                                   f.cbct.series_instance_uid, str(e),
+                                                   f.fraction_id), out, "protocol"))
+            continue
         prev = _read_record(out / rel)
         if prev and prev.get("status") == "done" and prev.get("fraction_key") == job.key:
             prev.update(skipped=True, fraction=f.label)
             done.append(prev)
             continue
         jobs.append(job)
-    unusable = [_unusable_row(u, out) for u in contents.unusable]
+    unusable += [_unusable_row(u, out) for u in contents.unusable]
     return jobs, done, unusable
 
 

@@ -1,8 +1,8 @@
 """One archived fraction through the services' chain: :func:`registration_stage` then
 :func:`planning_stage` of :mod:`adaptive.pipeline.fraction`, called as the services' workers
-call them (:mod:`adaptive.pipeline.service_stages`: the planning CT completes the synthetic
-CT for dose, the same safety checks), so a replayed fraction means what a live session
-would have done. Used by ``adaptive replay`` for one fraction and by every Dask task of an
+call them (:mod:`adaptive.pipeline.service_stages`: the same safety checks, the clinical
+protocol recorded with the plan), so a replayed fraction means what a live session would
+have done. Used by ``adaptive replay`` for one fraction and by every Dask task of an
 archive replay (:mod:`adaptive.replay.archive`).
 
 Outputs in ``out_dir`` are those of the two stages (``registration_result.json``,
@@ -17,16 +17,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adaptive.config import config_path
+from adaptive.dicom._common import read_dataset
 from adaptive.jsonable import write_json_atomic
 from adaptive.optimization.goals import ClinicalGoals, load_goals
+from adaptive.optimization.protocols import ProtocolTable, protocol_path
 from adaptive.pipeline.fraction import Progress, planning_stage, registration_stage
 from adaptive.pipeline.session import PlanSettings
 from adaptive.replay.discover import FractionInputs
-
-#: goals used when neither ``--goals`` nor a protocol mapping names one (the services'
-#: default, :func:`adaptive.pipeline.service_stages.goals_path`)
-DEFAULT_GOALS = ("goals", "prostate.toml")
 
 
 @dataclass(frozen=True)
@@ -55,23 +52,42 @@ class ChainSettings:
 
 @dataclass(frozen=True)
 class GoalsChoice:
-    """The clinical goals a patient is replayed with and why."""
+    """The clinical protocol a patient is replayed with: its name, goals file and where the
+    choice came from (a :class:`~adaptive.optimization.protocols.ProtocolSource` text or
+    ``--goals``)."""
 
+    name: str
     path: str
     source: str
 
     def load(self) -> ClinicalGoals:
         return load_goals(self.path)
 
+    @property
+    def protocol(self) -> dict:
+        """The ``{"name", "source"}`` record the planning stage keeps in its provenance."""
+        return {"name": self.name, "source": self.source}
 
-def goals_for(inputs: FractionInputs, override: str | Path | None = None) -> GoalsChoice:
-    """``override`` (``--goals``) when given, else the services' default goals file."""
+
+def goals_for(inputs: FractionInputs, override: str | Path | None = None,
+              table: ProtocolTable | None = None) -> GoalsChoice:
+    """``override`` (``--goals``: a goals file, or a protocol name of ``config/goals``) when
+    given; else the protocol mapped from the scheduled plan's Treatment Protocols or RT Plan
+    Label through ``config/protocols.toml``, as the services map it when the console names
+    none. :class:`~adaptive.errors.ClinicalProtocolError` when the plan is not mapped,
+    :class:`~adaptive.errors.NotDicomError` when it cannot be read."""
     if override is not None:
-        return GoalsChoice(str(Path(override).resolve()), "--goals")
-    return GoalsChoice(str(config_path(*DEFAULT_GOALS)), "default goals of the services")
+        p = Path(override)
+        if not p.is_file() and p.suffix != ".toml":
+            p = protocol_path(str(override))
+        return GoalsChoice(p.stem, str(p.resolve()), "--goals")
+    ds = read_dataset(inputs.planning.rtplan, stop_before_pixels=True)
+    name, source = (table or ProtocolTable.load()).for_plan(
+        str(ds.get("TreatmentProtocols", "") or ""), str(ds.get("RTPlanLabel", "") or ""))
+    return GoalsChoice(name, str(protocol_path(name)), source)
 
 
-def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: ClinicalGoals,
+def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsChoice,
                     settings: ChainSettings, progress: Progress | None = None) -> dict:
     """Run the chain on one fraction (module docstring). Returns ``{"registration": record,
     "planning": record, "timings_s": {...}}`` (the stages' JSON-able records)."""
@@ -86,9 +102,9 @@ def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: Clinical
                              progress=progress)
     T.update({f"registration.{k}": v for k, v in reg["timings_s"].items() if k != "total"})
     T["registration_total"] = round(time.perf_counter() - t, 3)
-    po = planning_stage(inputs.planning.rtplan, reg, out, goals,
+    po = planning_stage(inputs.planning.rtplan, reg, out, goals.load(),
                         settings=settings.plan_settings(), progress=progress,
-                        planning_ct_dir=ct_files)
+                        protocol=goals.protocol)
     T.update({k if k.startswith("plan") else f"planning.{k}": v
               for k, v in po.timings_s.items() if k != "total"})
     T["planning_total"] = round(time.perf_counter() - t - T["registration_total"], 3)

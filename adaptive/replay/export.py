@@ -3,7 +3,8 @@ archive replay's test and benchmark.
 
 :func:`build_cases` builds pelvis cases in the replay layout (:mod:`adaptive.replay.build`:
 planning CT + RT Struct, simulated daily CBCTs with ground truth) and plans each from
-scratch (its scheduled plan); :func:`export_archive` copies their DICOM objects into one
+scratch (its scheduled plan, labelled with its treatment protocol as a TPS would);
+:func:`export_archive` copies their DICOM objects into one
 folder laid out like a PACS export (``<patient>/<study>/<modality>_<series number>/IMnnnn``,
 file names that say nothing about content), with each fraction's ground truth beside it.
 :func:`corrupt_series` truncates the pixel data of one image of a series (a "bad series":
@@ -23,6 +24,17 @@ from adaptive.pipeline.session import PlanSettings, make_scheduled_plan
 from adaptive.replay.build import PELVIS_GOALS, PelvisCaseConfig, build_pelvis_case
 from adaptive.replay.discover import safe_name
 
+#: Treatment Protocols (300A,0009) the phantom's scheduled plans carry, as a TPS would write
+#: the course's protocol (mapped to ``prostate`` by ``config/protocols.toml``)
+TREATMENT_PROTOCOL = "CHHiP 60Gy/20fx"
+
+
+def label_protocol(rtplan: Path, protocol: str) -> None:
+    """Set the plan's Treatment Protocols (RT General Plan module, Type 3), in place."""
+    ds = pydicom.dcmread(rtplan)
+    ds.TreatmentProtocols = protocol
+    ds.save_as(rtplan, enforce_file_format=True)
+
 
 @dataclass(frozen=True)
 class ArchiveCase:
@@ -37,7 +49,7 @@ class ArchiveCase:
 def coarse_pelvis(name: str, fractions: int, spacing_mm: float = 6.0) -> PelvisCaseConfig:
     """The committed pelvis case's field of view at ``spacing_mm`` isotropic voxels."""
     def n(extent_mm: float) -> int:
-        return int(round(extent_mm / spacing_mm))
+        return round(extent_mm / spacing_mm)
 
     sp = (spacing_mm,) * 3
     return PelvisCaseConfig(name=name, fractions=fractions, planning_spacing_mm=sp,
@@ -54,6 +66,7 @@ def build_cases(root: str | Path, names_seeds: list[tuple[str, int]], fractions:
         entry = build_pelvis_case(root, coarse_pelvis(name, fractions, spacing_mm), seed)
         case = root / entry["path"]
         make_scheduled_plan(case, config_path(*PELVIS_GOALS), settings=plan_settings)
+        label_protocol(case / "planning" / "RP.dcm", TREATMENT_PROTOCOL)
         out.append(ArchiveCase(name, entry["patient_id"], case,
                                tuple(root / f["path"] for f in entry["fractions"])))
     return out

@@ -66,12 +66,23 @@ def fraction_row(data: FractionData, meta: dict) -> dict:
         "tre_target_mean_mm": tre_t.get("mean_mm"),
         "tre_target_p95_mm": tre_t.get("p95_mm"),
         "dice_target": data.dice.get(target),
+        "dvh_table_max_diff": _max_diff(data, rows),
         "time_registration_s": t.get("registration_total"),
         "time_planning_s": t.get("planning_total"),
         "time_chain_s": t.get("total"),
         "goals": rows,
     }
     return row
+
+
+def _max_diff(data: FractionData, rows: list[dict]) -> float | None:
+    """Largest difference between a goal value of the stage's record and the same value
+    recomputed from the written doses and structures (the DVHs shown): Gy or %."""
+    diffs = [abs(data.recomputed[plan][goal_key(r["structure"], _metric(r))] - r[f"{plan}_value"])
+             for r in rows for plan in ("scheduled", "adapted")
+             if r.get(f"{plan}_value") is not None
+             and goal_key(r["structure"], _metric(r)) in data.recomputed.get(plan, {})]
+    return max(diffs) if diffs else None
 
 
 def _goal_table(data: FractionData) -> str:
@@ -97,7 +108,10 @@ def _goal_table(data: FractionData) -> str:
            f"{fmt(m.get('n_goals'), 0)}, adapted {fmt(m.get('adapted_goals_passed'), 0)} / "
            f"{fmt(m.get('n_goals'), 0)}. Values: {esc(m.get('units', ''))}, evaluated "
            f"{esc(m.get('on', ''))}.</p>")
-    return met + table(head, cells, numeric={3, 5, 7, 8})
+    check = (f"<p class='muted'>The DVHs below, recomputed from the written RT Dose and RT "
+             f"Structure Set, reproduce these values within "
+             f"{fmt(_max_diff(data, rows), 4)} (Gy or %).</p>")
+    return met + table(head, cells, numeric={3, 5, 7, 8}) + check
 
 
 def _checks(data: FractionData) -> str:
