@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -228,6 +229,8 @@ def dask_client(cluster: ClusterSettings):
     import dask
     from distributed import Client, LocalCluster
 
+    # the dashboard address is announced by the caller; Dask's INFO lines would bury the bar
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         if cluster.scheduler:
             with Client(cluster.scheduler, timeout="30s") as client:

@@ -23,6 +23,8 @@ PLANES = ("axial", "coronal", "sagittal")
 OVERLAY_THRESHOLD = 0.1
 #: dose differences below this share of the prescription are not coloured
 DIFF_THRESHOLD = 0.02
+#: minimum half-range (Gy) of the y axis of the D95-per-fraction plot
+D95_SPAN_GY = 1.0
 _STYLE = {"scheduled": "--", "adapted": "-"}
 _COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
            "#17becf", "#bcbd22", "#7f7f7f"]
@@ -247,6 +249,12 @@ def d95_figure(rows: list[dict], target: str = "PTV") -> str:
                      if r.get("target_d95_goal_gy") is not None), None)
         if goal is not None:
             ax.axhline(goal, color="grey", ls=":", lw=1, label="goal")
+        # at least ±D95_SPAN_GY around the values: tiny differences must not look large
+        vals = [v for r in mine for v in (r.get("target_d95_scheduled_gy"),
+                                          r.get("target_d95_adapted_gy"), goal)
+                if v is not None]
+        if vals:
+            ax.set_ylim(min(vals) - D95_SPAN_GY, max(vals) + D95_SPAN_GY)
         ax.set_xticks(x, [r["fraction"] for r in mine], fontsize=7, rotation=45)
         ax.set_title(pid, fontsize=9)
         ax.set_ylabel(f"{target} D95 (Gy, course)")
@@ -269,7 +277,7 @@ def goals_met_figure(rows: list[dict]) -> str:
     ax.plot(x, [r.get("n_goals") or 0 for r in rows], "k_", ms=14, label="goals")
     ax.set_xticks(x, labels, fontsize=7, rotation=60, ha="right")
     ax.set_ylabel("goals met")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return data_uri(fig)

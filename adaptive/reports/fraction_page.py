@@ -36,7 +36,8 @@ def fraction_row(data: FractionData, meta: dict) -> dict:
         if r["structure"] == target or r["goal"].startswith("V"):
             continue
         if r.get("adapted_value") is not None and r.get("scheduled_value") is not None:
-            changes[f"{r['structure']} {_metric(r)}"] = r["adapted_value"] - r["scheduled_value"]
+            changes[f"{r['structure']} {_metric(r)}"] = round(
+                r["adapted_value"] - r["scheduled_value"], 4)
     q = data.registration.get("quality") or {}
     tre_t = data.tre_mm.get(target) or {}
     t = data.timings_s
@@ -54,11 +55,12 @@ def fraction_row(data: FractionData, meta: dict) -> dict:
         "target_d95_goal_gy": goal_d95,
         "target_d95_scheduled_gy": d95.get("scheduled_value") if d95 else None,
         "target_d95_adapted_gy": d95.get("adapted_value") if d95 else None,
-        "target_d95_change_gy": (d95["adapted_value"] - d95["scheduled_value"]
+        "target_d95_change_gy": (round(d95["adapted_value"] - d95["scheduled_value"], 4)
                                  if d95 and d95.get("adapted_value") is not None
                                  and d95.get("scheduled_value") is not None else None),
         "oar_max_increase_gy": max(changes.values()) if changes else None,
-        "oar_mean_change_gy": (sum(changes.values()) / len(changes)) if changes else None,
+        "oar_mean_change_gy": (round(sum(changes.values()) / len(changes), 4)
+                               if changes else None),
         "oar_changes_gy": "; ".join(f"{k} {v:+.2f}" for k, v in changes.items()),
         "registration_fallback": data.registration.get("fallback"),
         "registration_validity": data.registration.get("validity"),

@@ -167,14 +167,20 @@ def test_second_run_skips_what_is_done(replayed):
 
 
 def _png_stats(png: bytes) -> tuple[int, float]:
-    """(distinct colours, share of non-white pixels) of a PNG image."""
+    """(distinct colours, share of non-white pixels down to the last non-white row) of a
+    PNG image."""
     import numpy as np
     from PIL import Image
 
     a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    ink = np.any(a < 245, axis=-1)
+    rows = np.nonzero(ink.any(axis=1))[0]
+    if rows.size == 0:
+        return 1, 0.0
+    a, ink = a[: rows[-1] + 1], ink[: rows[-1] + 1]
     flat = a.reshape(-1, 3)
-    return len(np.unique(flat[:: max(1, flat.shape[0] // 200000)], axis=0)), \
-        float(np.mean(np.any(a < 245, axis=-1)))
+    return (len(np.unique(flat[:: max(1, flat.shape[0] // 200000)], axis=0)),
+            float(np.mean(ink)))
 
 
 def test_report_renders_its_plots_in_headless_chromium(replayed, tmp_path):
