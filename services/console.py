@@ -70,8 +70,21 @@ class ConsoleClient:
     def session(self, session_id: str) -> dict:
         return self.request("status", session_id=session_id)["session"]
 
-    def choose(self, session_id: str, plan: str) -> dict:
-        return self.request("choose", session_id=session_id, plan=plan)["session"]
+    def choose(self, session_id: str, plan: str, acknowledge=None) -> dict:
+        """Choose the plan to hand off; ``acknowledge``: names of the review checks the
+        clinician has looked at (needed for the adapted plan when the session has any)."""
+        return self.request("choose", session_id=session_id, plan=plan,
+                            acknowledge=list(acknowledge or []))["session"]
+
+    def review(self, session_id: str) -> dict:
+        """The session's review images: ``{"images": [{"name", "png"}], "validity",
+        "summary"}`` with the PNG bytes decoded."""
+        import base64
+
+        r = self.request("review", session_id=session_id)
+        return {"images": [{"name": i["name"], "png": base64.b64decode(i["png_base64"])}
+                           for i in r["images"]],
+                "validity": r.get("validity"), "summary": r.get("summary", "")}
 
     def cancel(self, session_id: str, reason: str = "") -> dict:
         return self.request("cancel", session_id=session_id, reason=reason)["session"]

@@ -68,7 +68,16 @@ def deformed(ct):
 def test_rigid_shift_recovered(shifted):
     cb, u, r = shifted
     assert r.fallback is None
-    assert r.initial_alignment == "image_centres"
+    # CBCT and planning CT in the same coordinates: the identity convention wins the
+    # candidate search (every candidate scored and recorded)
+    assert r.initial_alignment == "identity"
+    rec = r.quality["initial_alignment"]
+    assert {c["name"] for c in rec["candidates"]} >= {"identity", "image_centres",
+                                                      "body_centroids"}
+    assert all(c["nmi"] is not None for c in rec["candidates"])
+    assert r.quality["setup_correction"]["convention"] == "identity"
+    np.testing.assert_allclose(r.quality["setup_correction"]["translation_norm_mm"],
+                               np.linalg.norm(SHIFT), atol=0.5)
     np.testing.assert_allclose(r.rigid_matrix[:3, 3], SHIFT, atol=0.5)
     np.testing.assert_allclose(r.rigid_matrix[:3, :3], np.eye(3), atol=0.01)
     err = tre(r.dvf_lps_mm, u, roi(cb, r), cb.grid)
@@ -214,9 +223,11 @@ def test_deadline_tiny_budget_returns_rigid(shifted, ct):
 
 def test_deadline_kills_deformable_stage(shifted, ct):
     cb, u, _ = shifted
+    # the rigid stage keeps its full iterations: cut to 60 it stops 2.6 mm short of the
+    # shift from the candidate search's start (what the gate's rigid_converged flags)
     cfg = _config(bspline__MaximumNumberOfIterations=100000, registration__finish_reserve_s=0.0,
-                  registration__min_deformable_s=0.1, rigid__MaximumNumberOfIterations=60)
-    budget = 4.0
+                  registration__min_deformable_s=0.1)
+    budget = 8.0
     t0 = time.perf_counter()
     r = register(cb, ct, config=cfg, budget_s=budget)
     took = time.perf_counter() - t0
@@ -236,14 +247,20 @@ def test_constant_image_refused(ct):
 
 
 def test_non_overlapping_refused(ct):
+    """A received matrix or an isocenter that puts the CBCT nowhere near the planning CT is
+    one candidate among others (identity, image centres, body centroids find the overlap);
+    with only such candidates and no search the registration is refused."""
     g = cbct_grid()
     cb = simulate_cbct(g, np.zeros(g.shape + (3,), np.float32))
     m = np.eye(4)
     m[:3, 3] = (0.0, 0.0, 800.0)
-    with pytest.raises(RegistrationError, match="do not overlap"):
-        register(cb, ct, initial_matrix=m)
-    with pytest.raises(RegistrationError, match="do not overlap"):
-        register(cb, ct, isocenter_lps_mm=(500.0, 0.0, 0.0))
+    only = _config(initial_alignment__search=False, initial_alignment__use_identity=False,
+                   initial_alignment__use_image_centres=False,
+                   initial_alignment__use_body_centroids=False)
+    with pytest.raises(RegistrationError, match="no initial alignment brings the CBCT"):
+        register(cb, ct, initial_matrix=m, config=only)
+    with pytest.raises(RegistrationError, match="no initial alignment brings the CBCT"):
+        register(cb, ct, isocenter_lps_mm=(500.0, 0.0, 0.0), config=only)
 
 
 def test_other_patient_refused(ct):

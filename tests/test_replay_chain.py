@@ -94,3 +94,50 @@ def test_checks_reported_and_timings_present(chain):
               "plan.deliverable_dose", "plan.checks", "planning.scheduled_recalc", "total"):
         assert t[k] > 0, k
     assert res.registration["fallback"] in (None, "rigid")
+
+
+def test_failed_deformable_checks_leave_the_rigid_match_and_no_adapted_plan(tmp_path,
+                                                                             monkeypatch):
+    """The real stages on fx01 with a deformable-level limit no registration can meet
+    (NMI 1.9): the gate keeps the rigid match (it passed its own checks), the outputs are made
+    from it, no adapted plan is optimised, and the scheduled plan's metrics say they rest on
+    the rigid match."""
+    import dataclasses
+
+    import numpy as np
+
+    from adaptive.pipeline import registration_gate
+    from adaptive.pipeline.fraction import planning_stage, registration_stage
+    from adaptive.pipeline.safety import SafetySettings
+    from adaptive.registration.quality import affine_field
+    from adaptive.replay.truth import read_dvf
+
+    strict = dataclasses.replace(SafetySettings.load(), min_nmi=1.9)
+    monkeypatch.setattr(registration_gate.SafetySettings, "load", classmethod(lambda c: strict))
+    case = load_manifest(REPO / "replay_data").case("pelvis01")
+    fx = case.fraction(1)
+    rp = case.directory / "planning" / "RP.dcm"
+    reg = registration_stage(case.planning_ct_dir, case.planning_rtstruct, rp, fx.cbct_dir,
+                             tmp_path / "reg")
+    assert reg["validity"] == "rigid", reg["registration_summary"]
+    assert reg["registration_failed"] == ["registration_similarity"]
+    assert reg["fallback"] == "rigid" and "failed its checks" in \
+        reg["quality"]["fallback_reason"]
+    dvf, grid = read_dvf(reg["dvf"])
+    np.testing.assert_allclose(dvf, affine_field(np.asarray(reg["rigid_matrix"]),
+                                                 grid.voxel_centers_lps()), atol=1e-3)
+    assert len(reg["review_images"]) == 3 and all(Path(p).is_file()
+                                                  for p in reg["review_images"])
+    goals = load_goals(config_path("goals", "prostate.toml"))
+    po = planning_stage(rp, reg, tmp_path / "plan", goals, planning_ct_dir=case.planning_ct_dir)
+    r = po.result
+    assert r["adapted"]["rtplan"] is None and not r["adapted"]["checks_passed"]
+    assert r["adapted"]["blocked_by"] == "registration"
+    assert "registration_similarity" in r["adapted"]["reason"]
+    assert "rigid match, which passed its checks" in r["metrics"]["on"]
+    assert r["metrics"]["n_goals"] == len(goals.goals) == len(r["metrics"]["rows"])
+    assert all(row["adapted_value"] is None and row["scheduled_value"] is not None
+               for row in r["metrics"]["rows"])
+    ds = pydicom.dcmread(r["scheduled"]["rtdose_today"])
+    assert ds.Modality == "RTDOSE"
+    assert not (tmp_path / "plan" / "RP.dcm").exists()

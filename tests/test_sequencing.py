@@ -141,3 +141,29 @@ def test_leaf_travel_limit_is_enforced():
     mlc = MlcGeometry(leaf_boundaries_mm=np.arange(-60.0, 60.1, 5.0), leaf_position_range_mm=(-20, 20))
     with pytest.raises(OptimizationError, match="travel range"):
         sequence_beam(beam_fluence_map(dij, w, 0), mlc, SequencingSettings(5, 0.0, 100))
+
+
+def test_enforce_minimum_mu_raises_near_minimum_and_drops_tiny_segments():
+    """After a plan normalisation factor < 1 (e.g. 0.97 turning 2.0 MU into 1.94 MU, measured
+    on replay fractions), every segment must again be deliverable: near-minimum segments are
+    raised to the minimum, tiny ones dropped, the others untouched."""
+    import numpy as np
+
+    from adaptive.optimization.sequencing import Segment, SequencedBeam, enforce_minimum_mu
+
+    def seg(mu):
+        return Segment(np.zeros(2), np.ones(2), (-5.0, 5.0), (-5.0, 5.0), mu)
+
+    beams = [SequencedBeam(0, [seg(1.94), seg(30.0), seg(0.4)], np.zeros((1, 1)),
+                           np.zeros((1, 1)), 1.0, 3, np.zeros(2)),
+             SequencedBeam(1, [seg(2.0), seg(0.99)], np.zeros((1, 1)), np.zeros((1, 1)), 1.0,
+                           2, np.zeros(2))]
+    rep = enforce_minimum_mu(beams, 2.0)
+    assert [s.mu for s in beams[0].segments] == [2.0, 30.0]
+    assert [s.mu for s in beams[1].segments] == [2.0]
+    assert rep.raised_mu == (1.94,) and rep.dropped_mu == (0.4, 0.99)
+    assert rep.changed
+    d = rep.to_dict(2.0)
+    assert d["net_mu_change"] == round(0.06 - 0.4 - 0.99, 4)
+    assert all(s.mu >= 2.0 for b in beams for s in b.segments)
+    assert not enforce_minimum_mu(beams, 2.0).changed

@@ -109,28 +109,18 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> str:
-    """N sessions (default: one per replay fraction of the first case, at most 3) through one
-    service stack with the real stages: planning data pushed once, then per session the CBCT
-    of the next fraction by storescu, the adapted plan chosen as soon as it is offered (the
-    scheduled plan otherwise) and handed off to a local Orthanc (or the pynetdicom TMS
-    stand-in). p50/p95 per stage (orchestrator clocks: dispatch to result) and end to end
-    (CBCT complete to plan stored, excluding the decision)."""
-    from adaptive.commands.demo import Tms, _patient_id, find_fraction, push
+def session_stack(work: Path, tms, planning: Path, pid: str):
+    """The service stack on this machine (config under ``work``, hand-off to ``tms``), ready,
+    with a console client and the case's planning data (``planning``: CT/, RS.dcm, RP.dcm)
+    registered by the orchestrator. Returns (stack, console client, gateway port); the
+    caller stops the stack and closes the client."""
+    from adaptive.commands.demo import push
     from services.config import write_local_config
     from services.console import ConsoleClient
     from services.supervisor import ServiceStack
 
-    fx0, planning = find_fraction(None)
-    fractions = sorted(p.parent for p in fx0.parent.glob("fx*/CBCT"))
-    n = n or min(3, len(fractions))
-    pid = _patient_id(planning / "RP.dcm")
-    work = Path(workdir or tempfile.mkdtemp(prefix="bench-sessions-"))
-    tms = Tms(work)
     cfg, gw_port = write_local_config(work, tms.port)
     stack = ServiceStack(cfg)
-    cl = None
-    rows = []
     try:
         stack.start()
         stack.wait_ready(240)
@@ -143,6 +133,31 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
             if time.monotonic() > end:
                 raise RuntimeError("planning data not registered by the orchestrator")
             time.sleep(0.2)
+    except BaseException:
+        stack.stop()
+        raise
+    return stack, cl, gw_port
+
+
+def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> str:
+    """N sessions (default: one per replay fraction of the first case, at most 3) through one
+    service stack with the real stages: planning data pushed once, then per session the CBCT
+    of the next fraction by storescu, the adapted plan chosen as soon as it is offered (the
+    scheduled plan otherwise) and handed off to a local Orthanc (or the pynetdicom TMS
+    stand-in). p50/p95 per stage (orchestrator clocks: dispatch to result) and end to end
+    (CBCT complete to plan stored, excluding the decision)."""
+    from adaptive.commands.demo import Tms, _patient_id, find_fraction, push
+
+    fx0, planning = find_fraction(None)
+    fractions = sorted(p.parent for p in fx0.parent.glob("fx*/CBCT"))
+    n = n or min(3, len(fractions))
+    pid = _patient_id(planning / "RP.dcm")
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-sessions-"))
+    tms = Tms(work)
+    stack, cl, gw_port = None, None, None
+    rows = []
+    try:
+        stack, cl, gw_port = session_stack(work, tms, planning, pid)
         for i in range(n):
             fx = fractions[i % len(fractions)]
             s = cl.start("BENCH_ROOM", pid, protocol="prostate")
@@ -165,7 +180,8 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
     finally:
         if cl:
             cl.close()
-        stack.stop()
+        if stack:
+            stack.stop()
         tms.stop()
     out = [(f"Sessions: {n} online sessions through the services with the real stages "
             f"(replay case {fx0.parent.name}; registration + planning workers, 1 each; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -27,6 +28,12 @@ def register(subparsers) -> None:
     s = sub.add_parser("choose", help="choose the plan to hand off")
     s.add_argument("session")
     s.add_argument("plan", choices=["scheduled", "adapted"])
+    s.add_argument("--acknowledge", action="append", default=[], metavar="CHECK",
+                   help=("a review check looked at (repeat; needed for the adapted plan "
+                         "when the session lists reviews)"))
+    s = sub.add_parser("review", help="save the session's registration review images")
+    s.add_argument("session")
+    s.add_argument("-o", "--out", required=True, help="directory for the PNG files")
     s = sub.add_parser("cancel", help="cancel a session")
     s.add_argument("session")
     s.add_argument("--reason", default="cancelled at the console")
@@ -54,6 +61,10 @@ def format_session(s: dict) -> str:
         cells = [f"{roi} D95 {v['D95']:.3g} Dmean {v['Dmean']:.3g}"
                  for roi, v in summary.get("adapted", {}).items() if v]
         lines.append(f"  adapted dose, {summary['units']}: " + "; ".join(cells))
+    for c in s.get("checks_failed", []):
+        lines.append(f"  CHECK FAILED {c['check']} ({c['stage']}): {c['message']}")
+    for c in s.get("reviews", []):
+        lines.append(f"  REVIEW {c['name']}: {c['message']}")
     if s.get("metrics"):
         lines.append("  metrics: " + json.dumps(s["metrics"])[:500])
     if s.get("handoff"):
@@ -80,7 +91,16 @@ def run(args) -> int:
             r = cl.status(args.session, args.room)
             out = r.get("session") or r.get("sessions")
         elif c == "choose":
-            out = cl.choose(args.session, args.plan)
+            out = cl.choose(args.session, args.plan, args.acknowledge)
+        elif c == "review":
+            r = cl.review(args.session)
+            d = Path(args.out)
+            d.mkdir(parents=True, exist_ok=True)
+            for im in r["images"]:
+                (d / Path(im["name"]).name).write_bytes(im["png"])
+                print(d / Path(im["name"]).name)
+            print(f"registration {r['validity']}: {r['summary']}")
+            return 0
         elif c == "cancel":
             out = cl.cancel(args.session, args.reason)
         elif c == "watch":

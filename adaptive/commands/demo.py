@@ -203,7 +203,12 @@ def run(args) -> int:
         plan = "adapted" if "adapted" in s["offered"] else "scheduled"
         if plan == "scheduled":
             print(f"adapted plan not offered ({'; '.join(s['notes'])}); choosing scheduled")
-        cl.choose(s["session_id"], plan)
+        reg = s.get("registration") or {}
+        print(f"registration: {reg.get('validity')} ({reg.get('registration_summary', '')}); "
+              f"review images: {', '.join(reg.get('review_images') or []) or 'none'}")
+        for r in s.get("reviews", []):  # the demo stands in for the clinician who looked
+            print(f"review: {r['message']} (acknowledged by the demo)")
+        cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
         s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
         _print_timeline(s)
         if s["state"] != "handed_off":

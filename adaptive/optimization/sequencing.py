@@ -536,3 +536,49 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
         if not low:
             break
     return seq
+
+
+@dataclass(frozen=True)
+class MinimumMuReport:
+    """What :func:`enforce_minimum_mu` changed: segments raised to the minimum (their MU before,
+    per fraction) and dropped (their MU), and the net MU change (MU per fraction)."""
+
+    raised_mu: tuple[float, ...]
+    dropped_mu: tuple[float, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.raised_mu or self.dropped_mu)
+
+    def to_dict(self, min_mu: float) -> dict:
+        return {"min_mu_per_segment": min_mu,
+                "raised_from_mu": [round(m, 4) for m in self.raised_mu],
+                "dropped_mu": [round(m, 4) for m in self.dropped_mu],
+                "net_mu_change": round(len(self.raised_mu) * min_mu - sum(self.raised_mu)
+                                       - sum(self.dropped_mu), 4)}
+
+
+def enforce_minimum_mu(sequenced: list[SequencedBeam], min_mu: float, *,
+                       raise_from: float = 0.5) -> MinimumMuReport:
+    """Make every segment deliverable after a global MU scaling (plan normalisation) pushed
+    some below the machine's minimum ``min_mu`` (MU per fraction): a segment with at least
+    ``raise_from`` × ``min_mu`` is raised to ``min_mu`` (its dose grows by < a factor 2 of a
+    segment already near the minimum: a negligible change of the plan's dose), a smaller one is
+    dropped. In place; the caller recomputes the plan's dose when anything changed (the dose
+    must be the dose of the plan as delivered)."""
+    if not 0.0 < raise_from <= 1.0:
+        raise ValueError(f"raise_from must be in (0, 1], got {raise_from}")
+    raised, dropped = [], []
+    for sb in sequenced:
+        keep = []
+        for sg in sb.segments:
+            if sg.mu >= min_mu:
+                keep.append(sg)
+            elif sg.mu >= raise_from * min_mu:
+                raised.append(float(sg.mu))
+                sg.mu = float(min_mu)
+                keep.append(sg)
+            else:
+                dropped.append(float(sg.mu))
+        sb.segments = keep
+    return MinimumMuReport(tuple(raised), tuple(dropped))

@@ -1,9 +1,13 @@
 """Simulated daily cone-beam CT of the pelvis phantom, with its ground truth.
 
-The CBCT has its own Frame of Reference whose LPS origin (0, 0, 0) is the treatment
-isocenter (see :mod:`adaptive.phantoms.deformation` for the mapping to the planning frame).
-Its grid is axial (identity direction), centred on the isocenter, with a smaller transverse
-extent and a shorter scan length than the planning CT. The image is the day's anatomy
+The CBCT has its own Frame of Reference. Where the treatment isocenter lies in it is the
+imaging system's *convention* (``frame_origin_lps_mm`` = the isocenter's CBCT-frame
+coordinates): (0, 0, 0) for systems that reconstruct around the isocenter (the default), the
+planning isocenter's own coordinates for systems that write the CBCT in coordinates close
+to the planning CT's, anything else for a scanner-specific frame. See
+:mod:`adaptive.phantoms.deformation` for the mapping to the planning frame. The grid is
+axial (identity direction), centred on the isocenter, with a smaller transverse extent and
+a shorter scan length than the planning CT. The image is the day's anatomy
 (analytic pelvis evaluated at ``x + u(x)``, with the day's rectal gas), then degraded:
 
 * cupping: ``HU -= cupping_hu * (1 - (r/R)^2) * (HU + 1000) / 1000`` (r: distance from the
@@ -43,17 +47,22 @@ class CbctGeometry:
     spacing_mm: tuple[float, float, float] = (2.7, 2.7, 3.0)
     fov_diameter_mm: float = 264.0
 
-    def grid(self) -> Grid:
-        """Axial grid whose centre is the CBCT-frame origin (the isocenter)."""
+    def grid(self, centre_lps_mm=(0.0, 0.0, 0.0)) -> Grid:
+        """Axial grid centred on ``centre_lps_mm`` (CBCT frame; the isocenter's CBCT-frame
+        coordinates, (0, 0, 0) by default)."""
         n = np.asarray(self.size_ijk, dtype=np.float64)
         sp = np.asarray(self.spacing_mm, dtype=np.float64)
-        return Grid(shape=(int(n[2]), int(n[1]), int(n[0])), origin=-0.5 * (n - 1) * sp, spacing=sp)
+        c = np.asarray(centre_lps_mm, dtype=np.float64).reshape(3)
+        return Grid(shape=(int(n[2]), int(n[1]), int(n[0])), origin=c - 0.5 * (n - 1) * sp,
+                    spacing=sp)
 
-    def fov_mask(self, grid: Grid | None = None) -> np.ndarray:
-        """Boolean (nz, ny, nx): voxel centres inside the cylindrical reconstruction FOV."""
-        g = grid or self.grid()
+    def fov_mask(self, grid: Grid | None = None, axis_lps_mm=(0.0, 0.0, 0.0)) -> np.ndarray:
+        """Boolean (nz, ny, nx): voxel centres inside the cylindrical reconstruction FOV
+        (axis along z through ``axis_lps_mm``, CBCT frame)."""
+        g = grid or self.grid(axis_lps_mm)
         x = g.voxel_centers_lps()
-        return np.hypot(x[..., 0], x[..., 1]) <= 0.5 * self.fov_diameter_mm
+        return np.hypot(x[..., 0] - axis_lps_mm[0],
+                        x[..., 1] - axis_lps_mm[1]) <= 0.5 * self.fov_diameter_mm
 
 
 @dataclass(frozen=True)
@@ -78,11 +87,12 @@ class CbctDegradation:
 
 
 def degrade(hu: np.ndarray, grid: Grid, geometry: CbctGeometry, deg: CbctDegradation,
-            rng: np.random.Generator) -> np.ndarray:
+            rng: np.random.Generator, axis_lps_mm=(0.0, 0.0, 0.0)) -> np.ndarray:
     """Apply cupping, offset, noise and the FOV cut to a noise-free HU array on ``grid``
-    (CBCT frame, axis through the origin). Returns float32 HU."""
+    (CBCT frame; the rotation axis is parallel to z through ``axis_lps_mm``). Returns
+    float32 HU."""
     x = grid.voxel_centers_lps(dtype=np.float32)
-    r = np.hypot(x[..., 0], x[..., 1])
+    r = np.hypot(x[..., 0] - np.float32(axis_lps_mm[0]), x[..., 1] - np.float32(axis_lps_mm[1]))
     radius = 0.5 * geometry.fov_diameter_mm
     inside = r <= radius
     out = hu.astype(np.float32).copy()
@@ -104,7 +114,8 @@ def degrade(hu: np.ndarray, grid: Grid, geometry: CbctGeometry, deg: CbctDegrada
 class SimulatedFraction:
     """One simulated fraction.
 
-    ``cbct``: degraded CBCT (HU) on the CBCT grid (CBCT frame, origin = isocenter).
+    ``cbct``: degraded CBCT (HU) on the CBCT grid (CBCT frame; the isocenter is at
+    ``frame_origin_lps_mm``).
     ``dvf``: float32 (nz, ny, nx, 3), CBCT point x ↔ planning point x + dvf(x) (LPS mm).
     ``truth_masks``: planning ROI masks pulled back onto the CBCT grid.
     ``clean_hu``: the day's anatomy before degradation (for tests/diagnostics).
@@ -120,6 +131,8 @@ class SimulatedFraction:
     geometry: CbctGeometry
     isocenter_lps_mm: np.ndarray
     seed: int
+    frame_origin_lps_mm: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros(3))
 
     def truth_dict(self, planning: Phantom) -> dict:
         """JSON-ready record of the parameters and measured facts (see ``truth.json``)."""
@@ -143,10 +156,11 @@ class SimulatedFraction:
             "seed": self.seed,
             "convention": ("CBCT point x (CBCT frame, LPS mm) corresponds to planning point "
                            "x + u(x) (planning frame, LPS mm); u = truth/dvf.mha on the CBCT grid, "
-                           "components (x, y, z) = LPS. CBCT origin (0,0,0) = treatment isocenter; "
-                           "x maps to Phi(isocenter + setup_translation + R_setup x)."),
+                           "components (x, y, z) = LPS. The treatment isocenter is at "
+                           "isocenter_cbct_lps_mm (c) in the CBCT frame; x maps to "
+                           "Phi(isocenter + setup_translation + R_setup (x - c))."),
             "isocenter_planning_lps_mm": np.asarray(self.isocenter_lps_mm).tolist(),
-            "isocenter_cbct_lps_mm": [0.0, 0.0, 0.0],
+            "isocenter_cbct_lps_mm": np.asarray(self.frame_origin_lps_mm, float).tolist(),
             "variation": self.variation.to_dict(),
             "degradation": self.degradation.to_dict(),
             "cbct_geometry": {"size_ijk": list(self.geometry.size_ijk),
@@ -159,26 +173,35 @@ class SimulatedFraction:
 def simulate_fraction(planning: Phantom, anatomy: PelvisAnatomy, isocenter_lps_mm, fraction: int,
                       seed: int, *, variation: DailyVariation | None = None,
                       geometry: CbctGeometry | None = None,
-                      degradation: CbctDegradation | None = None) -> SimulatedFraction:
+                      degradation: CbctDegradation | None = None,
+                      frame_origin_lps_mm=(0.0, 0.0, 0.0)) -> SimulatedFraction:
     """Simulate fraction ``fraction`` (1-based) of the pelvis case: the day's anatomy, its
     CBCT and the ground truth. Parameters default to seeded samples
-    (:meth:`DailyVariation.sample`, :meth:`CbctDegradation.sample`)."""
+    (:meth:`DailyVariation.sample`, :meth:`CbctDegradation.sample`).
+
+    ``frame_origin_lps_mm``: CBCT-frame coordinates (mm) of the treatment isocenter, i.e. the
+    imaging system's frame convention: (0, 0, 0) = reconstructed around the isocenter; the
+    planning isocenter itself = written in (nominally) planning coordinates. The grid and the
+    reconstruction axis are centred there; the truth includes the frame offset."""
     geometry = geometry or CbctGeometry()
     variation = variation or DailyVariation.sample(seed, fraction, anatomy)
     degradation = degradation or CbctDegradation.sample(seed, fraction)
-    grid = geometry.grid()
-    dvf = daily_dvf(grid, anatomy, variation, isocenter_lps_mm)
+    c = np.asarray(frame_origin_lps_mm, dtype=np.float64).reshape(3)
+    grid = geometry.grid(c)
+    # daily_dvf maps x to Phi(iso + t + R x); this frame puts the isocenter at c, so
+    # Phi(iso + t + R (x - c)) = Phi((iso - R c) + t + R x)
+    iso = np.asarray(isocenter_lps_mm, dtype=np.float64).reshape(3)
+    dvf = daily_dvf(grid, anatomy, variation, iso - variation.setup_rotation_matrix @ c)
     pts = grid.voxel_centers_lps() + dvf
     voxel_mm = float(np.mean(grid.spacing))
     clean, _ = render_points(anatomy, pts, voxel_mm=voxel_mm, gas_pockets=variation.gas_pockets,
                              want_masks=False)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0, int(fraction)]))
-    hu = degrade(clean, grid, geometry, degradation, rng)
+    hu = degrade(clean, grid, geometry, degradation, rng, axis_lps_mm=c)
     truth = {}
     for name, mask in planning.masks.items():
         truth[name] = displacement_warp(Volume(mask, planning.grid, "mask"), dvf, grid, order=1).array
     return SimulatedFraction(fraction=fraction, cbct=Volume(hu, grid, "HU"), dvf=dvf,
                              truth_masks=truth, clean_hu=clean, variation=variation,
                              degradation=degradation, geometry=geometry,
-                             isocenter_lps_mm=np.asarray(isocenter_lps_mm, dtype=np.float64),
-                             seed=int(seed))
+                             isocenter_lps_mm=iso, seed=int(seed), frame_origin_lps_mm=c)

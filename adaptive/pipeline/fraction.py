@@ -34,6 +34,8 @@ from adaptive.geometry.volume import Volume
 from adaptive.jsonable import to_jsonable, write_json_atomic
 from adaptive.log import get_logger
 from adaptive.optimization.goals import ClinicalGoals
+from adaptive.pipeline.safety import DEFORMABLE
+from adaptive.pipeline.scheduled_today import rigid_match_statement, run_scheduled_only
 
 log = get_logger("adaptive.pipeline.fraction")
 
@@ -62,14 +64,19 @@ def _noop(stage: str, fraction: float) -> None:
 
 
 def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir, *,
-                       budget_s: float | None = None, progress: Progress | None = None
-                       ) -> dict:
+                       budget_s: float | None = None, progress: Progress | None = None,
+                       spatial_registration=None, config=None) -> dict:
     """Register the CBCT to the planning CT and write the outputs to ``out_dir``.
 
     ``budget_s``: wall-clock budget of the whole stage (s); the deformable registration gets
     ``budget_s - REGISTRATION_RESERVE_S`` minus the loading time and falls back to its rigid
     result (``fallback="rigid"``) when cut. The isocenter for the initial alignment is the
-    scheduled plan's first beam isocenter (planning LPS mm).
+    scheduled plan's first beam isocenter (planning LPS mm), one candidate of the initial
+    alignment beside a received rigid ``spatial_registration`` (path), identity, image
+    centres and body centroids. The safety gate (:mod:`adaptive.pipeline.registration_gate`)
+    decides which mapping may be used; its fields (``validity``, ``registration_checks``, ...)
+    are in the record, with review images of the result (``review_images``). ``config``:
+    registration settings (path/dict; default ``config/registration.toml``).
 
     Returns the JSON-able registration record: ``synthetic_ct_dir``, ``rtstruct``, ``reg``,
     ``dvf``, ``registration_json`` (paths), ``rigid_matrix`` (4×4, CBCT LPS → planning LPS),
@@ -78,6 +85,7 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.rtplan import read_rtplan
     from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.pipeline.registration_gate import gate_record, make_gate, target_roi_name
     from adaptive.pipeline.safety import roi_volumes_cc
     from adaptive.registration.fraction import register_fraction
 
@@ -94,10 +102,14 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
     if budget_s:
         reg_budget = max(1.0, budget_s - REGISTRATION_RESERVE_S - T["load"])
     progress("registration.deformable", 0.1)
+    target = target_roi_name(plan, ss)
     fr = register_fraction((cbct, cbct_info), (ct, ct_info), structures=ss,
                            isocenter_lps_mm=plan.beams[0].isocenter_lps_mm,
-                           budget_s=reg_budget, out_dir=out_dir)
+                           spatial_registration=spatial_registration,
+                           budget_s=reg_budget, out_dir=out_dir, gate=make_gate(target),
+                           config=config)
     progress("registration.written", 0.95)
+    gate = gate_record(fr, ct, ss, cbct, target, Path(out_dir) / "review")
     T.update({k: round(v, 3) for k, v in fr.timings_s.items() if k != "load"})
     T["total"] = round(time.perf_counter() - t0, 3)
     r = fr.result
@@ -125,6 +137,8 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
         "budget_s": budget_s,
         "deformable_budget_s": reg_budget,
         "fallback": r.fallback,
+        "target_roi": target,
+        **gate,
     }
     record = to_jsonable(record)
     write_json_atomic(Path(out_dir) / "registration_result.json", record)
@@ -162,21 +176,28 @@ def check_prescription(plan, goals: ClinicalGoals, where) -> None:
 
 def handoff_safety_checks(registration: dict, today, grid, goals: ClinicalGoals,
                           settings=None) -> list:
-    """Registration and contour checks (:mod:`adaptive.pipeline.safety`) for the adapted plan,
-    from the registration record and today's structures on the synthetic-CT ``grid``."""
+    """What the adapted plan rests on, as plan check items: the registration gate's
+    deformable-level checks (from the record; recomputed from its quality figures for a
+    record made without the gate) and the field-of-view-aware contour checks
+    (:mod:`adaptive.pipeline.safety`) of today's structures on the synthetic-CT ``grid``."""
+    from adaptive.optimization.checks import CheckItem
     from adaptive.pipeline.safety import SafetySettings, contour_checks, registration_checks
 
     s = settings or SafetySettings.load()
-    items = registration_checks(registration.get("quality") or {}, registration.get("fallback"),
-                                s)
-    planning_vol = registration.get("planning_roi_volumes_cc")
-    if planning_vol is None:
-        from adaptive.optimization.checks import CheckItem
-
+    gate = registration.get("registration_checks")
+    if gate:
+        items = [CheckItem(c["name"], bool(c["passed"]), c["message"],
+                           blocking=bool(c.get("blocking", True)))
+                 for c in gate if c.get("level") == "deformable"]
+    else:
+        items = registration_checks(registration.get("quality") or {},
+                                    registration.get("fallback"), s)
+    roi_fov = registration.get("roi_fov")
+    if roi_fov is None:
         items.append(CheckItem("contour_volumes", False,
-                               "registration record has no planning ROI volumes"))
+                               "registration record has no field-of-view ROI volumes"))
         return items
-    items += contour_checks(planning_vol, today, grid, list(goals.structures),
+    items += contour_checks(roi_fov, today, grid, list(goals.structures),
                             goals.prescription.target_roi_name,
                             registration.get("roi_interpreted_types") or {}, s)
     return items
@@ -241,6 +262,12 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     T["load"] = round(time.perf_counter() - t0, 3)
 
     s = replace(settings) if settings is not None else PlanSettings()
+    if registration.get("validity", DEFORMABLE) != DEFORMABLE:
+        # only the rigid match passed its checks: no adapted plan, the scheduled plan's
+        # metrics on the rigidly mapped anatomy (adaptive.pipeline.scheduled_today)
+        return run_scheduled_only(registration, sched_today, scheduled.sop_instance_uid,
+                                  dose_ct, sct_info, today, goals, s, out, rtplan_path, T, t0,
+                                  budget_s, PlanningOutputs)
     if s.deadline_s is None and budget_s:
         # Dij and objective set-up come before the optimiser: estimate them as ~1/3 of the
         # remaining budget through OPTIMIZER_SHARE (see its doc)
@@ -304,7 +331,9 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     T["write"] = round(time.perf_counter() - t, 3)
     T["total"] = round(time.perf_counter() - t0, 3)
     metrics = {**comparison.to_dict(), "units": "total-course Gy (V: %)",
-               "on": "synthetic CT + propagated structures",
+               "on": "synthetic CT + propagated structures; "
+                     + rigid_match_statement(registration),
+               "registration_validity": registration.get("validity", DEFORMABLE),
                "dose_summary": H.console_dose_summary(adapted.dose, sdose, adapted.masks,
                                                       goals.prescription)}
     result = to_jsonable({

@@ -11,6 +11,7 @@ provenance of what it writes. The scheduled plan's prescription must match the p
 
 from __future__ import annotations
 
+import os
 import time
 
 from adaptive.pipeline.fraction import Progress, planning_stage, registration_stage
@@ -18,12 +19,18 @@ from adaptive.pipeline.fraction import Progress, planning_stage, registration_st
 
 def service_registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir,
                                budget_s: float | None = None,
-                               progress: Progress | None = None) -> dict:
+                               progress: Progress | None = None,
+                               spatial_registration=None) -> dict:
     """Registration worker stage. ``budget_s``: seconds left of the stage budget (the
-    deformable step is cut to fit; ``fallback="rigid"`` then). Returns the registration
-    record of :func:`adaptive.pipeline.fraction.registration_stage`."""
+    deformable step is cut to fit; ``fallback="rigid"`` then). ``spatial_registration``: a
+    rigid Spatial Registration received with the CBCT (path), one candidate of the initial
+    alignment. ``$ADAPTIVE_REGISTRATION_CONFIG``: another registration config (default
+    ``config/registration.toml``). Returns the registration record of
+    :func:`adaptive.pipeline.fraction.registration_stage`."""
     return registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir,
-                              budget_s=budget_s, progress=progress)
+                              budget_s=budget_s, progress=progress,
+                              spatial_registration=spatial_registration,
+                              config=os.environ.get("ADAPTIVE_REGISTRATION_CONFIG") or None)
 
 
 def service_planning_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir,

@@ -47,6 +47,7 @@ from adaptive.optimization.plan_builder import build_plan, equispaced_beams, tem
 from adaptive.optimization.sequencing import (
     MlcGeometry,
     SequencingSettings,
+    enforce_minimum_mu,
     optimize_segment_weights,
     segment_beamlet_matrix,
     sequence_plan_beams,
@@ -252,9 +253,18 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
             for sb in seq:
                 for sg in sb.segments:
                     sg.mu *= nf.factor
-            plan = build_plan(seq, templates, mlc, **common)
             dose = Volume(dose.array * np.float32(nf.factor), dose.grid, dose.units)  # dose ∝ MU
             info["normalization_deliverable"] = nf.to_dict()
+            # a factor < 1 can push a segment below the machine's minimum MU: raise it to the
+            # minimum (or drop a tiny one) and recompute the dose of the plan as delivered
+            mm = enforce_minimum_mu(seq, seq_settings.min_mu_per_segment)
+            info["minimum_mu_after_normalization"] = mm.to_dict(seq_settings.min_mu_per_segment)
+            plan = build_plan(seq, templates, mlc, **common)
+        if mm.changed:
+            with _Timer(T, "minimum_mu_dose"):
+                dose = plan_dose(ct, plan, beam_model=bm,
+                                 dose_grid_spacing_mm=s.dose_grid_spacing_mm,
+                                 depth_cache=depth_cache)
     with _Timer(T, "checks"):
         # independent recalculation: the plan as read back from DICOM, finer fluence raster
         indep = _independent_dose(ct, plan, bm, s, depth_cache)

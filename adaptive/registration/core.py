@@ -6,12 +6,17 @@ corresponds to the planning-CT point ``x + u(x)``. ``rigid_matrix`` is the 4×4 
 map of CBCT LPS mm → planning LPS mm found by the rigid stage (including the initial
 alignment); for a rigid fallback ``u(x) = A x + t − x``.
 
-Steps: identity and content checks → initial alignment (caller's matrix from a Spatial
-Registration object, else the treatment isocenter convention, else image centres) →
-overlap check → crop the planning CT to the aligned CBCT extent + margin → rigid (Euler,
-multi-resolution) → B-spline (coarse grid, Mattes MI, ASGD) under a deadline → field →
-quality checks (Jacobian, similarity before/after, deformation beyond rigid), refusing
-folded or diverged results.
+Steps: identity and content checks → initial alignment (every candidate - a received
+Spatial Registration's matrix, the isocenter convention, identity, image centres, body
+centroids - scored at the coarsest level with a ± 10 cm translation search around each, the
+best continued: :mod:`adaptive.registration.initialization`) → overlap check → crop the
+planning CT to the aligned CBCT extent + margin → rigid (Euler, multi-resolution) → the
+setup correction the rigid match implies (against the nearest frame convention) →
+B-spline (coarse grid, Mattes MI, ASGD) under a deadline → field → quality measurements
+(Jacobian, similarity, body-outline agreement and residual shift of the rigid and of the
+final mapping: :mod:`adaptive.registration.validity`; deformation beyond rigid), refusing
+folded or diverged results. Whether the result may be *used* is decided from these figures
+by :mod:`adaptive.pipeline.safety` (thresholds in ``config/safety.toml``).
 
 Initial alignment is applied by re-expressing the (cropped) planning CT's geometry in the
 CBCT frame (origin/direction moved by the inverse of the matrix), so elastix always starts
@@ -44,6 +49,14 @@ from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.registration import elastix_backend as eb
+from adaptive.registration import validity as V
+from adaptive.registration.evaluate import dilate_mm
+from adaptive.registration.initialization import (
+    InitialAlignment,
+    SetupCorrection,
+    choose_initial_alignment,
+    setup_correction,
+)
 from adaptive.registration.masks import (
     body_and_gas,
     erode_mask,
@@ -85,6 +98,9 @@ class RegistrationResult:
     initial_alignment: str = "identity"
     fixed_mask: np.ndarray | None = None  # valid CBCT region used by the metric
     body_mask: np.ndarray | None = None  # CBCT body (inside the valid region)
+    valid_mask: np.ndarray | None = None  # CBCT field of view (not eroded)
+    initial: InitialAlignment | None = None  # every candidate's score and the winner
+    setup: SetupCorrection | None = None  # rigid match vs the nearest frame convention
 
     @property
     def ok(self) -> bool:
@@ -156,6 +172,26 @@ def _shading_corrected(fixed: np.ndarray, fgrid: Grid, centres: np.ndarray, plan
     return _window(corrected, ct_mode, s), rep
 
 
+def _validity_samples(cbct: Volume, fmask: np.ndarray, body: np.ndarray, planning_ct: Volume
+                      ) -> tuple[V.Samples, np.ndarray]:
+    """CBCT samples of the body (dilated 10 mm, so the outline counts from both sides) inside
+    the eroded field of view, and the planning CT's histogram edges."""
+    region = dilate_mm(body, cbct.grid, 10.0) & fmask if body.any() else fmask
+    return V.Samples.of(cbct, region), V.planning_edges(planning_ct)
+
+
+def _validity(vs, cbct: Volume, planning_ct: Volume, valid: np.ndarray, body: np.ndarray, *,
+              matrix=None, dvf=None) -> dict:
+    """Similarity (NMI), body-outline Dice and residual shift of one mapping."""
+    samples, medges = vs
+    out = {"nmi": V.nmi_of_mapping(samples, planning_ct, medges, matrix=matrix, dvf=dvf),
+           "body_dice": V.body_dice(body, planning_ct, cbct.grid, valid, matrix=matrix,
+                                    dvf=dvf),
+           "samples": samples.n}
+    out["residual"] = V.residual_shift(samples, planning_ct, medges, matrix=matrix, dvf=dvf)
+    return out
+
+
 # --- the B-spline worker ----------------------------------------------------------------
 
 
@@ -209,25 +245,6 @@ def check_same_patient(cbct_info: SeriesInfo | None, ct_info: SeriesInfo | None)
             f"planning CT PatientID {b!r} (series {ct_info.series_instance_uid})")
 
 
-def initial_alignment(cbct: Volume, planning_ct: Volume, settings: RegistrationSettings,
-                      initial_matrix=None, isocenter_lps_mm=None) -> tuple[np.ndarray, str]:
-    """Initial CBCT LPS → planning LPS matrix and how it was obtained."""
-    if initial_matrix is not None:
-        return _check_matrix(initial_matrix, "initial_matrix"), "matrix"
-    if isocenter_lps_mm is not None and settings.use_isocenter:
-        iso = np.asarray(isocenter_lps_mm, dtype=np.float64).reshape(-1)
-        if iso.shape != (3,) or not np.all(np.isfinite(iso)):
-            raise RegistrationError(f"isocenter must be 3 finite LPS mm values, got {iso}")
-        m = np.eye(4)
-        m[:3, 3] = iso  # CBCT frame origin (0, 0, 0) = isocenter in planning coordinates
-        return m, "isocenter"
-    if settings.use_image_centres:
-        m = np.eye(4)
-        m[:3, 3] = planning_ct.grid.center_lps() - cbct.grid.center_lps()
-        return m, "image_centres"
-    return np.eye(4), "identity"
-
-
 def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=None,
              isocenter_lps_mm=None, budget_s: float | None = None,
              cbct_info: SeriesInfo | None = None, ct_info: SeriesInfo | None = None
@@ -275,10 +292,24 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
                                         body_offset_hu=s.synthetic_ct["body_offset_hu"],
                                         gas_offset_hu=s.synthetic_ct["gas_offset_hu"])
     q["fixed_valid_fraction"] = float(valid.mean())
+    # tissue (> -500 HU: air stays air under CBCT offsets and cupping) in the field of view
+    q["tissue_fraction_fov"] = float((fixed[valid] > -500.0).mean())
     q["cbct_tissue_mode_hu"] = tissue_mode
 
-    # --- initial alignment + overlap -------------------------------------------------------
-    m0, how = initial_alignment(cbct, planning_ct, s, initial_matrix, isocenter_lps_mm)
+    timings["prepare"] = time.perf_counter() - t
+
+    # --- initial alignment: every candidate scored at the coarsest level -------------------
+    t = time.perf_counter()
+    if initial_matrix is not None:
+        initial_matrix = _check_matrix(initial_matrix, "initial_matrix")
+    ia = choose_initial_alignment(fixed, fgrid, valid, body, moving_all, planning_ct.grid,
+                                  s.init, spatial_registration=initial_matrix,
+                                  isocenter_lps_mm=isocenter_lps_mm,
+                                  min_overlap=s.quality["min_overlap_fraction"])
+    m0, how = ia.matrix, ia.winner
+    q["initial_alignment"] = ia.to_record()
+    timings["initial_alignment"] = time.perf_counter() - t
+    t = time.perf_counter()
     step = s.quality["subsample"]
     sub = _sub(fmask, step)
     centres = fgrid.voxel_centers_lps()  # CBCT voxel centres, LPS mm
@@ -315,7 +346,7 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     q["planning_tissue_mode_hu"] = mm
     fixed_reg = _window(fixed, tissue_mode, s)
     moving = _window(moving, mm, s)
-    timings["prepare"] = time.perf_counter() - t
+    timings["prepare"] += time.perf_counter() - t
 
     # --- rigid ----------------------------------------------------------------------------
     t = time.perf_counter()
@@ -331,6 +362,12 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
             f"rigid stage diverged: only {100 * q['overlap_rigid']:.1f}% of the CBCT maps inside "
             f"the planning CT (correction {q['rigid_correction_mm']:.1f} mm)")
     q["similarity_rigid"] = sim(m_rigid)
+    sc = setup_correction(m_rigid, ia.conventions(), isocenter_lps_mm
+                          if isocenter_lps_mm is not None else
+                          _apply(m_rigid, fgrid.center_lps()[None])[0])
+    q["setup_correction"] = sc.to_record() if sc is not None else None
+    vs = _validity_samples(cbct, fmask, body, planning_ct)
+    q["validity_rigid"] = _validity(vs, cbct, planning_ct, valid, body, matrix=m_rigid)
 
     # --- CBCT shading correction (planning CT as prior), for the deformable stage -------------
     if s.shading.enabled:
@@ -378,6 +415,7 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     q.update(jacobian_stats(det, valid))
     q.update(deformation_beyond_rigid(dvf, m_rigid, fgrid, body if body.any() else valid))
     q["similarity_final"] = sim(dvf=dvf)
+    q["validity_final"] = _validity(vs, cbct, planning_ct, valid, body, dvf=dvf)
     q["overlap_final"] = float(planning_ct.grid.contains_lps(
         pts_sub[fm_sub] + dvf[sub][fm_sub]).mean())
     timings["quality"] = time.perf_counter() - t
@@ -403,7 +441,7 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     return RegistrationResult(dvf_lps_mm=dvf, fixed_grid=fgrid, rigid_matrix=m_rigid,
                               fallback=fallback, quality=q, timings_s=timings, parameters=params,
                               initial_matrix=m0, initial_alignment=how, fixed_mask=fmask,
-                              body_mask=body)
+                              body_mask=body, valid_mask=valid, initial=ia, setup=sc)
 
 
 _warm = False

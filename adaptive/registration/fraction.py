@@ -7,9 +7,13 @@ Used by the ``adaptive register`` command and by the services' registration work
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from adaptive.errors import RegistrationError
 from adaptive.geometry.volume import Volume
 from adaptive.jsonable import write_json_atomic
 from adaptive.log import get_logger
@@ -17,6 +21,7 @@ from adaptive.model.identity import SeriesInfo
 from adaptive.model.structures import StructureSet
 from adaptive.registration.core import RegistrationResult, register
 from adaptive.registration.propagate import propagate_structures
+from adaptive.registration.quality import affine_field
 from adaptive.registration.settings import load_registration_settings
 from adaptive.registration.synthetic_ct import (
     extend_synthetic_ct,
@@ -25,6 +30,32 @@ from adaptive.registration.synthetic_ct import (
 )
 
 log = get_logger("adaptive.registration.fraction")
+
+
+#: mappings a gate may allow (see :class:`GateDecision`)
+MAPPINGS = ("deformable", "rigid", "none")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What a safety gate decided about a registration result: ``mapping`` "deformable" (the
+    result may be used), "rigid" (only its rigid match passed: the outputs are made from the
+    rigid match) or "none" (no valid registration); ``reason`` and a JSON-able ``record``."""
+
+    mapping: str
+    reason: str
+    record: dict
+
+
+Gate = Callable[[RegistrationResult, Volume, Volume, "StructureSet | None"], GateDecision]
+
+
+def use_rigid_match(result: RegistrationResult, reason: str) -> None:
+    """Replace the result's field by its rigid match (``fallback="rigid"``)."""
+    centres = result.fixed_grid.voxel_centers_lps()
+    result.dvf_lps_mm = affine_field(result.rigid_matrix, centres).astype(np.float32)
+    result.fallback = "rigid"
+    result.quality["fallback_reason"] = reason
 
 
 @dataclass
@@ -38,24 +69,30 @@ class FractionRegistration:
     timings_s: dict
     out_dir: Path | None = None
     paths: dict[str, Path] = field(default_factory=dict)
+    decision: GateDecision | None = None
 
 
 def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=None,
-                      initial_matrix=None, plan=None, spatial_registration=None, budget_s: float | None = None,
-                      out_dir: str | Path | None = None, config=None) -> FractionRegistration:
+                      initial_matrix=None, plan=None, spatial_registration=None,
+                      budget_s: float | None = None, out_dir: str | Path | None = None,
+                      config=None, gate: Gate | None = None) -> FractionRegistration:
     """Register a fraction and (optionally) write its outputs to ``out_dir``.
 
     ``cbct`` / ``planning_ct``: a DICOM series folder or a ``(Volume, SeriesInfo)`` pair.
     ``structures``: planning RT Struct path or :class:`StructureSet` (planning frame).
     ``plan``: RT Plan path (its first beam's isocenter is used when no isocenter is given).
     ``spatial_registration``: a rigid Spatial Registration file relating the CBCT and planning
-    frames (takes precedence over the isocenter as initial alignment).
-    Writes ``dvf.mha`` (3-component float32, CBCT grid, LPS mm), ``synthetic_ct/`` (the
-    synthetic CT completed beyond the CBCT's volume with the rigidly mapped planning CT,
-    :func:`~adaptive.registration.synthetic_ct.extend_synthetic_ct`: the image doses are
-    computed on), ``RS.dcm`` (with structures; it references that synthetic CT series),
-    ``REG.dcm`` and ``registration.json``. Every object is written in the session's study,
-    the CBCT's (:func:`adaptive.dicom.study.session_study`), in the CBCT's Frame of Reference.
+    frames.
+    ``spatial_registration`` is one candidate of the initial alignment, not an override.
+    ``gate``: a safety gate called on the result before anything is derived from it; when it
+    allows only the rigid match, the outputs are made from the rigid match
+    (:func:`use_rigid_match`). Writes ``dvf.mha`` (3-component float32, CBCT grid, LPS mm),
+    ``synthetic_ct/`` (the synthetic CT completed beyond the CBCT's volume with the rigidly
+    mapped planning CT, :func:`~adaptive.registration.synthetic_ct.extend_synthetic_ct`: the
+    image doses are computed on), ``RS.dcm`` (with structures; it references that synthetic CT
+    series), ``REG.dcm`` and ``registration.json``. Every object is written in the session's
+    study, the CBCT's (:func:`adaptive.dicom.study.session_study`), in the CBCT's Frame of
+    Reference.
     """
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.provenance import Provenance
@@ -84,6 +121,15 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
                       isocenter_lps_mm=isocenter_lps_mm, budget_s=budget_s, cbct_info=cb_info,
                       ct_info=ct_info)
     T["registration"] = result.timings_s["total"]
+    decision = None
+    if gate is not None:
+        t = time.perf_counter()
+        decision = gate(result, cb, ct, ss)
+        if decision.mapping not in MAPPINGS:
+            raise RegistrationError(f"gate returned unknown mapping {decision.mapping!r}")
+        if decision.mapping == "rigid" and result.fallback is None:
+            use_rigid_match(result, f"deformable result failed its checks: {decision.reason}")
+        T["gate"] = time.perf_counter() - t
     t = time.perf_counter()
     sct = synthetic_ct(ct, cb, result.dvf_lps_mm, config=s)
     T["synthetic_ct"] = time.perf_counter() - t
@@ -94,7 +140,7 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
                                      planning_grid=ct.grid, threshold=s.propagation_threshold)
         T["propagation"] = time.perf_counter() - t
     out = FractionRegistration(result=result, synthetic_ct=sct, synthetic_ct_info=None,
-                               structures=today, timings_s=T)
+                               structures=today, timings_s=T, decision=decision)
     if out_dir is None:
         return out
 
@@ -132,6 +178,7 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
               "initial_alignment": result.initial_alignment,
               "initial_matrix": result.initial_matrix, "rigid_matrix": result.rigid_matrix,
               "quality": result.quality, "timings_s": {**T, "registration_stages": result.timings_s},
+              "gate": None if decision is None else decision.record,
               "parameters": result.parameters,
               "dvf_convention": "CBCT point x (CBCT frame, LPS mm) <-> planning point x + u(x)",
               "outputs": {k: str(v) for k, v in out.paths.items()}}

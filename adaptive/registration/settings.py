@@ -14,6 +14,7 @@ from typing import Any
 
 from adaptive.config import check_keys, config_path, get_number, load_toml
 from adaptive.errors import ConfigError
+from adaptive.registration.initialization import InitSettings
 from adaptive.registration.shading import ShadingSettings
 
 DEFAULT_CONFIG = config_path("registration.toml")
@@ -22,7 +23,10 @@ _SECTIONS = {
     "registration": {"threads", "random_seed", "moving_crop_margin_mm", "deformable_in_subprocess",
                      "default_budget_s", "finish_reserve_s", "min_deformable_s",
                      "intensity_window_hu"},
-    "initial_alignment": {"use_isocenter", "use_image_centres"},
+    "initial_alignment": {"use_isocenter", "use_image_centres", "use_identity",
+                          "use_body_centroids", "search", "search_range_mm", "search_step_mm",
+                          "final_step_mm", "refine_best", "coarse_voxel_mm", "samples", "bins",
+                          "dedupe_mm"},
     "fixed_mask": {"erode_mm", "min_valid_fraction"},
     "body": {"threshold_hu", "smoothing_mm"},
     "quality": {"min_overlap_fraction", "max_fraction_folded", "max_deformation_mm",
@@ -66,8 +70,7 @@ class RegistrationSettings:
     finish_reserve_s: float = 1.0
     min_deformable_s: float = 0.5
     intensity_window_hu: tuple[float, float] | None = None
-    use_isocenter: bool = True
-    use_image_centres: bool = True
+    init: InitSettings = field(default_factory=InitSettings)
     mask_erode_mm: float = 4.0
     min_valid_fraction: float = 0.02
     body_threshold_hu: float = -500.0
@@ -134,8 +137,29 @@ def load_registration_settings(path: str | Path | dict | RegistrationSettings | 
                           f"low < high, got {win!r}")
     s.intensity_window_hu = (float(win[0]), float(win[1])) if win else None
     ia = raw.get("initial_alignment", {})
-    s.use_isocenter = _bool(ia, "use_isocenter", f"{src} [initial_alignment]", True)
-    s.use_image_centres = _bool(ia, "use_image_centres", f"{src} [initial_alignment]", True)
+    wi = f"{src} [initial_alignment]"
+    di = InitSettings()
+    s.init = InitSettings(
+        use_isocenter=_bool(ia, "use_isocenter", wi, di.use_isocenter),
+        use_image_centres=_bool(ia, "use_image_centres", wi, di.use_image_centres),
+        use_identity=_bool(ia, "use_identity", wi, di.use_identity),
+        use_body_centroids=_bool(ia, "use_body_centroids", wi, di.use_body_centroids),
+        search=_bool(ia, "search", wi, di.search),
+        search_range_mm=get_number(ia, "search_range_mm", wi, minimum=0, maximum=500,
+                                   default=di.search_range_mm),
+        search_step_mm=get_number(ia, "search_step_mm", wi, minimum=1, maximum=200,
+                                  default=di.search_step_mm),
+        final_step_mm=get_number(ia, "final_step_mm", wi, minimum=0.5, maximum=200,
+                                 default=di.final_step_mm),
+        refine_best=int(get_number(ia, "refine_best", wi, minimum=1, maximum=20,
+                                   default=di.refine_best)),
+        coarse_voxel_mm=get_number(ia, "coarse_voxel_mm", wi, minimum=1, maximum=30,
+                                   default=di.coarse_voxel_mm),
+        samples=int(get_number(ia, "samples", wi, minimum=100, maximum=100000,
+                               default=di.samples)),
+        bins=int(get_number(ia, "bins", wi, minimum=8, maximum=256, default=di.bins)),
+        dedupe_mm=get_number(ia, "dedupe_mm", wi, minimum=0, default=di.dedupe_mm),
+        random_seed=s.random_seed)
     fm = raw.get("fixed_mask", {})
     s.mask_erode_mm = get_number(fm, "erode_mm", f"{src} [fixed_mask]", minimum=0, default=4.0)
     s.min_valid_fraction = get_number(fm, "min_valid_fraction", f"{src} [fixed_mask]",

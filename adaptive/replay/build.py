@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydicom.uid import generate_uid
 
 import adaptive
@@ -32,6 +33,7 @@ from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.model.plan import Prescription
 from adaptive.model.structures import Roi, StructureSet
 from adaptive.phantoms.cbct import CbctGeometry, simulate_fraction
+from adaptive.phantoms.deformation import DailyVariation
 from adaptive.phantoms.pelvis import (
     PelvisAnatomy,
     default_planning_grid,
@@ -41,12 +43,45 @@ from adaptive.phantoms.pelvis import (
 from adaptive.phantoms.phantom import Phantom
 from adaptive.phantoms.tg119 import tg119_cshape, tg119_prostate
 from adaptive.replay.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_manifest
-from adaptive.replay.truth import write_dvf, write_truth_json
+from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_dvf, write_truth_json
 
 log = get_logger(__name__)
 
 DEFAULT_SEED = 20250604
 PLANNING_STUDY_DATE = "20250106"
+
+#: CBCT frame conventions of the convention fractions (what imaging systems do):
+#: ``planning_coordinates`` - the CBCT written in (nominally) planning coordinates with its own
+#: Frame of Reference UID (the isocenter at its planning coordinates); ``setup_error`` - a
+#: 3-8 cm setup error (isocenter-centred); ``couch_rotation`` - a 5-8 deg rotation about the
+#: vertical (IEC 61217 patient support) axis (isocenter-centred). The regular fractions are
+#: ``isocenter``: reconstructed around the treatment isocenter.
+CONVENTIONS = {"planning_coordinates", "setup_error", "couch_rotation"}
+
+
+def convention_variation(base: DailyVariation, convention: str, seed: int, fraction: int,
+                         isocenter_lps_mm) -> tuple[DailyVariation, np.ndarray]:
+    """The day's variation and the isocenter's CBCT-frame coordinates for a convention
+    fraction (seeded; organ motion as sampled for the fraction)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC0417, int(fraction)]))
+    frame = np.zeros(3)
+    if convention == "planning_coordinates":
+        frame = np.asarray(isocenter_lps_mm, dtype=np.float64)
+    elif convention == "setup_error":
+        # 3-8 cm, mostly lateral/vertical: a longitudinal error that large would move the
+        # target out of the CBCT's 13.5 cm scan length (then no plan may be adapted at all)
+        d = rng.normal(size=3)
+        d[2] *= 0.25
+        d /= np.linalg.norm(d)
+        base = dataclasses.replace(base, setup_translation_mm=tuple(
+            float(v) for v in d * rng.uniform(30.0, 80.0)))
+    elif convention == "couch_rotation":
+        ang = float(rng.choice([-1.0, 1.0]) * rng.uniform(5.0, 8.0))
+        r = base.setup_rotation_deg
+        base = dataclasses.replace(base, setup_rotation_deg=(r[0], ang, r[2]))
+    else:
+        raise ConfigError(f"unknown CBCT convention {convention!r}")
+    return base, frame
 
 
 @dataclass(frozen=True)
@@ -64,6 +99,9 @@ class PelvisCaseConfig:
     cbct_fov_diameter_mm: float = 264.0
     dose_per_fraction_gy: float = 3.0
     number_of_fractions: int = 20
+    #: extra fractions after the regular ones, one per CBCT frame convention (see
+    #: :data:`CONVENTIONS`); the regular fractions are isocenter-centred
+    conventions: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> PelvisCaseConfig:
@@ -73,7 +111,12 @@ class PelvisCaseConfig:
         for k, v in d.items():
             default = getattr(cls(), k)
             try:
-                if isinstance(default, tuple):
+                if k == "conventions":
+                    if not isinstance(v, list) or not all(c in CONVENTIONS for c in v):
+                        raise ConfigError(f"{where}.conventions: expected a list of "
+                                          f"{sorted(CONVENTIONS)}, got {v!r}")
+                    kw[k] = tuple(v)
+                elif isinstance(default, tuple):
                     if not isinstance(v, list) or len(v) != 3:
                         raise TypeError
                     kw[k] = tuple(type(default[0])(x) for x in v)
@@ -209,9 +252,16 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
              seconds=round(time.perf_counter() - t0, 2))
     geom = cfg.cbct_geometry
     fractions = []
-    for f in range(1, cfg.fractions + 1):
+    plan_conv = ["isocenter"] * cfg.fractions + list(cfg.conventions)
+    for f, convention in enumerate(plan_conv, start=1):
         t1 = time.perf_counter()
-        fx = simulate_fraction(phantom, anat, iso, f, seed, geometry=geom)
+        if convention == "isocenter":
+            fx = simulate_fraction(phantom, anat, iso, f, seed, geometry=geom)
+        else:
+            var, frame = convention_variation(DailyVariation.sample(seed, f, anat), convention,
+                                              seed, f, iso)
+            fx = simulate_fraction(phantom, anat, iso, f, seed, geometry=geom, variation=var,
+                                   frame_origin_lps_mm=frame)
         label = f"fx{f:02d}"
         fx_dir = case_dir / label
         cgrid = fx.cbct.grid
@@ -223,6 +273,7 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
             study_id=label.upper(), study_date=f"202502{f % 28 + 1:02d}", series_number=100 + f,
             series_description="CBCT")
         params = {"generator": "adaptive.replay.build", "case": cfg.name, "seed": seed, "fraction": f,
+                  "convention": convention,
                   "variation": fx.variation.to_dict(), "degradation": fx.degradation.to_dict()}
         info = write_ct_series(fx.cbct, info, fx_dir / "CBCT", study=info.study,
                                provenance=Provenance(input_uids={"planning_ct_series": plan_info.series_instance_uid},
@@ -230,7 +281,7 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
                                                      description="Simulated CBCT (phantom)"),
                                description="CBCT",
                                derivation="Simulated cone-beam CT of a deformed analytic pelvis phantom")
-        write_dvf(fx_dir / "truth" / "dvf.mha", fx.dvf, cgrid)
+        write_dvf(fx_dir / "truth" / "dvf.mha", fx.dvf, cgrid, quantum_mm=TRUTH_QUANTUM_MM)
         rois = [Roi(number=i, name=spec.name, color=spec.color, interpreted_type=spec.interpreted_type,
                     mask=Volume(fx.truth_masks[spec.name], cgrid, "mask"), generation_algorithm="AUTOMATIC")
                 for i, spec in enumerate(phantom.rois, start=1)]
@@ -245,7 +296,8 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
                                              description="Ground-truth structures (phantom)"),
                        grid=cgrid)
         record = fx.truth_dict(phantom)
-        record.update({"case": cfg.name, "cbct_series_uid": info.series_instance_uid,
+        record.update({"case": cfg.name, "convention": convention,
+                       "cbct_series_uid": info.series_instance_uid,
                        "cbct_frame_of_reference_uid": info.frame_of_reference_uid,
                        "planning_series_uid": plan_info.series_instance_uid,
                        "planning_frame_of_reference_uid": plan_info.frame_of_reference_uid,
@@ -257,6 +309,9 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
             "truth_rtstruct": f"{rel}/truth/RS.dcm", "truth_json": f"{rel}/truth/truth.json",
             "cbct_series_uid": info.series_instance_uid,
             "cbct_frame_of_reference_uid": info.frame_of_reference_uid,
+            "convention": convention,
+            "isocenter_cbct_lps_mm": [round(float(v), 4) for v in fx.frame_origin_lps_mm],
+            "setup_rotation_deg": [round(v, 3) for v in fx.variation.setup_rotation_deg],
             "rectal_gas": bool(fx.variation.gas_pockets),
             "setup_translation_mm": [round(v, 3) for v in fx.variation.setup_translation_mm],
             "bladder_scale": round(fx.variation.bladder_scale, 4),

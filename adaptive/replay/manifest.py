@@ -49,6 +49,7 @@ class Fraction:
     cbct_series_uid: str = ""
     cbct_frame_of_reference_uid: str = ""
     rectal_gas: bool = False
+    convention: str = "isocenter"  # the CBCT's frame convention (see adaptive.replay.build)
 
     @property
     def label(self) -> str:
@@ -187,7 +188,8 @@ def load_manifest(path: str | Path) -> Manifest:
                 truth_json=root / _req(fx, "truth_json", fw, path, str),
                 cbct_series_uid=str(fx.get("cbct_series_uid", "")),
                 cbct_frame_of_reference_uid=str(fx.get("cbct_frame_of_reference_uid", "")),
-                rectal_gas=bool(fx.get("rectal_gas", False))))
+                rectal_gas=bool(fx.get("rectal_gas", False)),
+                convention=str(fx.get("convention", "isocenter"))))
         iso = c.get("isocenter_lps_mm")
         cases.append(Case(
             name=name, anatomy=str(_req(c, "anatomy", where, path, str)),

@@ -18,6 +18,7 @@ room; a patient has at most one active session.
 
 from __future__ import annotations
 
+import base64
 import queue
 import threading
 import time
@@ -78,6 +79,8 @@ class Session:
     metrics: dict = field(default_factory=dict)
     budgets_exceeded: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    checks_failed: list[dict] = field(default_factory=list)  # named failed checks + numbers
+    reviews: list[dict] = field(default_factory=list)  # checks the clinician must confirm
     chosen: str | None = None
     handoff: dict | None = None
     error: str = ""
@@ -98,6 +101,10 @@ class Session:
                     "frame_of_reference_uid")},
                 "offered": self.offered, "metrics": self.metrics,
                 "budgets_exceeded": self.budgets_exceeded, "notes": self.notes,
+                "checks_failed": self.checks_failed, "reviews": self.reviews,
+                "registration": self.registration and {k: self.registration.get(k) for k in (
+                    "validity", "registration_summary", "initial_alignment",
+                    "setup_correction", "review_images")},
                 "chosen": self.chosen, "handoff": self.handoff, "error": self.error,
                 "plans": self.plans, "end_to_end": e2e}
 
@@ -383,6 +390,7 @@ class Orchestrator:
             "session_id": s.session_id, "patient_id": s.patient_id,
             "planning_ct_dir": s.planning["ct_dir"], "rtstruct_path": s.planning["rtstruct"],
             "rtplan_path": s.planning["rtplan"], "cbct_dir": s.cbct["path"],
+            "spatial_registration": self._spatial_registration_for(s),
             "out_dir": self._session_dir(s, "registration")})
 
     def _dispatch_planning(self, s: Session) -> None:
@@ -422,6 +430,11 @@ class Orchestrator:
         s.stage_deadline = None
         if o.kind == "failed":
             self._stage_end(s, stage, ok=False, error=o.error, worker_timings=o.timings)
+            if stage == "registration":
+                self._no_valid_registration(s, [{
+                    "name": "registration_failed", "level": "rigid",
+                    "message": f"{o.error_type}: {o.error}", "values": {}}])
+                return
             self._to_fallback(s, f"{stage} failed: {o.error_type}: {o.error}")
             return
         self._stage_end(s, stage, ok=True, worker_timings=o.timings)
@@ -435,7 +448,7 @@ class Orchestrator:
             self.publish(s, "budget_exceeded", **ex)
         if stage == "registration":
             s.registration = o.result
-            self._dispatch_planning(s)
+            self._on_registration(s, o.result)
         else:
             self._on_plans(s, o.result)
 
@@ -447,12 +460,105 @@ class Orchestrator:
             s.offered = ["scheduled", "adapted"]
             self._transition(s, S.AWAITING, "adapted plan passed its checks")
         else:
-            failed = [c for c in adapted.get("checks", []) if not c.get("passed", False)]
-            self._to_fallback(s, "adapted plan failed its checks: " +
-                              "; ".join(c.get("name", "?") + ": " + c.get("message", "")
-                                        for c in failed) if adapted else "no adapted plan")
+            failed = [c for c in adapted.get("checks", []) if not c.get("passed", False)
+                      and c.get("blocking", True)]
+            self._publish_failed_checks(s, "planning", failed)
+            if adapted.get("blocked_by") == "registration":
+                why = adapted.get("reason", "the deformable registration failed its checks")
+            else:
+                why = ("adapted plan failed its checks: " + "; ".join(
+                    c.get("name", "?") + ": " + c.get("message", "") for c in failed)
+                    if adapted else "no adapted plan")
+            self._to_fallback(s, why)
             return
-        self.publish(s, "plans_ready", offered=s.offered, metrics=s.metrics)
+        self.publish(s, "plans_ready", offered=s.offered, metrics=s.metrics,
+                     reviews=[c["name"] for c in s.reviews])
+
+    # -- the registration safety gate (adaptive.pipeline.safety) ------------------------
+    def _on_registration(self, s: Session, r: dict) -> None:
+        """Act on the registration's verdict: failed checks and reviews are console events;
+        no valid registration ends in the scheduled plan without metrics; otherwise the
+        planning stage runs (an adapted plan only when the deformable result passed)."""
+        checks = r.get("registration_checks") or []
+        self._publish_failed_checks(s, "registration", [
+            c for c in checks if c.get("blocking", True) and not c.get("passed", False)])
+        for c in checks:
+            if c.get("review"):
+                s.reviews.append({"name": c["name"], "message": c["message"],
+                                  "values": c.get("values", {})})
+                self.publish(s, "review_required", check=c["name"], message=c["message"],
+                             values=c.get("values", {}))
+        validity = r.get("validity", "deformable")
+        if validity == "none":
+            self._no_valid_registration(s, [])
+            return
+        if validity == "rigid":
+            s.notes.append("deformable registration failed its checks; the scheduled plan's "
+                           "metrics rest on the rigid match: " + r.get("registration_summary", ""))
+        self._dispatch_planning(s)
+
+    def _publish_failed_checks(self, s: Session, stage: str, failed: list[dict]) -> None:
+        for c in failed:
+            item = {"check": c.get("name", "?"), "stage": stage, "level": c.get("level"),
+                    "message": c.get("message", ""), "values": c.get("values", {})}
+            s.checks_failed.append(item)
+            self.publish(s, "check_failed", **item)
+
+    def _no_valid_registration(self, s: Session, failed: list[dict]) -> None:
+        """The scheduled plan as delivered with the linac's own image guidance; no metrics
+        (none may be computed on an invalid registration)."""
+        self._publish_failed_checks(s, "registration", failed)
+        names = [c["check"] for c in s.checks_failed if c["stage"] == "registration"]
+        s.metrics = {}
+        s.reviews = []
+        self._to_fallback(s, "no valid registration (" + ", ".join(names) + "): the scheduled "
+                          "plan is offered as delivered with the linac's own image guidance; "
+                          "no metrics are shown")
+
+    def _spatial_registration_for(self, s: Session) -> str | None:
+        """A rigid Spatial Registration received for this patient that relates the CBCT's
+        Frame of Reference to the planning CT's (the imaging system's match), if any."""
+        pd = self.patients.get(s.patient_id)
+        if pd is None or s.cbct is None:
+            return None
+        frames = {s.cbct.get("frame_of_reference_uid"),
+                  (pd.series.get(s.planning.get("ct_series_uid", "")) or {}).get(
+                      "frame_of_reference_uid")}
+        for x in sorted(pd.series.values(), key=lambda x: -x.get("completed_at", 0)):
+            if x.get("modality") != "REG":
+                continue
+            for f in sorted(Path(x["path"]).glob("*.dcm")):
+                try:
+                    ds = pydicom.dcmread(f, stop_before_pixels=True)
+                except Exception as e:  # noqa: BLE001 - a bad file is skipped, and logged
+                    self.log.warning("spatial_registration_unreadable", path=str(f),
+                                     error=repr(e))
+                    continue
+                if str(ds.get("SOPClassUID", "")) != "1.2.840.10008.5.1.4.1.1.66.1":
+                    continue
+                related = {str(ds.get("FrameOfReferenceUID", ""))} | {
+                    str(it.get("FrameOfReferenceUID", "")) for it in
+                    ds.get("RegistrationSequence", [])}
+                if None not in frames and frames <= related:
+                    return str(f)
+        return None
+
+    def review_images(self, s: Session) -> dict:
+        """The session's review PNGs (base64) from its registration stage."""
+        reg = s.registration or {}
+        root = (self.cfg.paths.sessions / s.session_id).resolve()
+        images = []
+        for p in reg.get("review_images") or []:
+            path = Path(p).resolve()
+            if root not in path.parents or not path.is_file():
+                raise ServiceError(f"review image {p} is not in session {s.session_id}")
+            images.append({"name": path.name,
+                           "png_base64": base64.b64encode(path.read_bytes()).decode()})
+        if not images:
+            raise ServiceError(f"session {s.session_id} has no review images yet "
+                               f"(state {s.state})")
+        return {"images": images, "validity": reg.get("validity"),
+                "summary": reg.get("registration_summary", "")}
 
     def _to_fallback(self, s: Session, why: str) -> None:
         s.offered = ["scheduled"]
@@ -491,7 +597,7 @@ class Orchestrator:
         files += [sched[k] for k in ("rtdose",) if sched.get(k)]
         return files
 
-    def choose(self, s: Session, plan: str) -> None:
+    def choose(self, s: Session, plan: str, acknowledge=None) -> None:
         if plan not in ("scheduled", "adapted"):
             raise ServiceError(f"unknown plan choice {plan!r} (scheduled | adapted)")
         if s.state not in (S.AWAITING, S.FALLBACK):
@@ -500,6 +606,12 @@ class Orchestrator:
         if plan not in s.offered:
             raise ServiceError(f"plan {plan!r} is not offered (offered: {s.offered}); a plan "
                                f"that failed its checks is never handed off")
+        pending = sorted({r["name"] for r in s.reviews} - set(acknowledge or ()))
+        if plan == "adapted" and pending:
+            raise ServiceError(f"the adapted plan needs the review of {', '.join(pending)} "
+                               f"first: " + "; ".join(r["message"] for r in s.reviews
+                                                     if r["name"] in pending)
+                               + " (choose again with acknowledge=[...])")
         files = self._handoff_files(s, plan)
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
@@ -626,8 +738,13 @@ class Orchestrator:
             return {"session": self._find(h).public()}
         if cmd == "choose":
             s = self._find(h)
-            self.choose(s, str(h.get("plan", "")))
+            ack = h.get("acknowledge") or []
+            if not isinstance(ack, list) or not all(isinstance(a, str) for a in ack):
+                raise ServiceError("acknowledge must be a list of check names")
+            self.choose(s, str(h.get("plan", "")), ack)
             return {"session": s.public()}
+        if cmd == "review":
+            return self.review_images(self._find(h))
         if cmd == "cancel":
             s = self._find(h)
             if s.state in S.TERMINAL:

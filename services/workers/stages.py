@@ -5,12 +5,15 @@ Task contract (the orchestrator builds the payloads; paths are on the shared sto
 
 registration payload
     ``session_id``, ``patient_id``, ``planning_ct_dir``, ``rtstruct_path``,
-    ``rtplan_path``, ``cbct_dir``, ``out_dir``; the budget arrives as the task deadline
-    (``ctx.remaining_s()``).
+    ``rtplan_path``, ``cbct_dir``, ``out_dir``, optional ``spatial_registration`` (a rigid
+    Spatial Registration received with the CBCT: one candidate of the initial alignment);
+    the budget arrives as the task deadline (``ctx.remaining_s()``).
 registration result
     JSON-able dict from the pipeline's registration stage (synthetic CT folder,
     propagated structure set, registration object paths, quality, timings) with
-    ``fallback`` = None or ``"rigid"`` when the deadline forced the rigid result.
+    ``fallback`` = None or ``"rigid"`` when the deadline forced the rigid result, and the
+    safety gate's verdict: ``validity`` ("deformable" | "rigid" | "none"),
+    ``registration_checks`` (named checks with their numbers), ``review_images``.
 
 planning payload
     as above plus ``registration`` (the registration result) and ``protocol`` (the
@@ -144,7 +147,8 @@ def run_registration(payload: dict, arrays: dict, ctx) -> dict:
     result = run_in_child(REGISTRATION_FN, {
         "planning_ct_dir": payload["planning_ct_dir"], "rtstruct_path": payload["rtstruct_path"],
         "rtplan_path": payload["rtplan_path"], "cbct_dir": payload["cbct_dir"],
-        "out_dir": payload["out_dir"], "budget_s": ctx.remaining_s()}, ctx)
+        "out_dir": payload["out_dir"], "budget_s": ctx.remaining_s(),
+        "spatial_registration": payload.get("spatial_registration")}, ctx)
     ctx.progress("registration", 1.0)
     return result
 
@@ -163,8 +167,10 @@ def run_planning(payload: dict, arrays: dict, ctx) -> dict:
 
 def _warm_up_registration() -> None:
     from adaptive.registration.core import warm_up
+    from adaptive.registration.review import preload_plotting
 
     warm_up()
+    preload_plotting()  # the review images' matplotlib import (~1 s), inherited by the fork
 
 
 run_registration.warm_up = _warm_up_registration
