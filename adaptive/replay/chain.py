@@ -5,6 +5,12 @@ protocol recorded with the plan), so a replayed fraction means what a live sessi
 have done. Used by ``adaptive replay`` for one fraction and by every Dask task of an
 archive replay (:mod:`adaptive.replay.archive`).
 
+The daily image's rigid Spatial Registration, when the archive has one, is passed to the
+registration stage as the services pass a received one (a candidate initial alignment).
+When the registration gate finds no valid registration (validity ``none``), the planning
+stage is not run, as in a session (the scheduled plan would be delivered with the linac's
+own image guidance; no metrics may be computed).
+
 Outputs in ``out_dir`` are those of the two stages (``registration_result.json``,
 ``planning_result.json``, ``dvf.mha``, ``synthetic_ct/``, ``RS.dcm``, ``REG.dcm``, the adapted
 ``RP.dcm``/``RD.dcm`` when it passed its checks, ``scheduled_today/RD.dcm``,
@@ -22,6 +28,7 @@ from adaptive.jsonable import write_json_atomic
 from adaptive.optimization.goals import ClinicalGoals, load_goals
 from adaptive.optimization.protocols import ProtocolTable, protocol_path
 from adaptive.pipeline.fraction import Progress, planning_stage, registration_stage
+from adaptive.pipeline.safety import NONE
 from adaptive.pipeline.session import PlanSettings
 from adaptive.replay.discover import FractionInputs
 
@@ -90,7 +97,7 @@ def goals_for(inputs: FractionInputs, override: str | Path | None = None,
 def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsChoice,
                     settings: ChainSettings, progress: Progress | None = None) -> dict:
     """Run the chain on one fraction (module docstring). Returns ``{"registration": record,
-    "planning": record, "timings_s": {...}}`` (the stages' JSON-able records)."""
+    "planning": record or None, "timings_s": {...}}`` (the stages' JSON-able records)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ct_files = [Path(f) for f in inputs.planning.planning_ct.files]
@@ -99,9 +106,15 @@ def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsCho
     t = time.perf_counter()
     reg = registration_stage(ct_files, inputs.planning.rtstruct, inputs.planning.rtplan,
                              cbct_files, out, budget_s=settings.registration_budget_s,
-                             progress=progress)
+                             progress=progress,
+                             spatial_registration=inputs.spatial_registration)
     T.update({f"registration.{k}": v for k, v in reg["timings_s"].items() if k != "total"})
     T["registration_total"] = round(time.perf_counter() - t, 3)
+    if reg.get("validity") == NONE:
+        # as in a session: no planning on an invalid registration (no metrics at all)
+        T["total"] = round(time.perf_counter() - t, 3)
+        write_json_atomic(out / "timings.json", T)
+        return {"registration": reg, "planning": None, "timings_s": T}
     po = planning_stage(inputs.planning.rtplan, reg, out, goals.load(),
                         settings=settings.plan_settings(), progress=progress,
                         protocol=goals.protocol)

@@ -116,6 +116,11 @@ def _load_doses(data: FractionData) -> None:
     for plan, path in paths.items():
         if path and Path(path).is_file():
             data.doses[plan], _ = read_rtdose(path)
+        elif data.planning is None and data.registration.get("validity") == "none":
+            failed = ", ".join(data.registration.get("registration_failed") or [])
+            data.missing[plan] = (f"no valid registration ({failed}): as in a session, the "
+                                  f"scheduled plan would be delivered with the linac's own "
+                                  f"image guidance and no metrics may be computed")
         elif data.planning is None:
             data.missing[plan] = "the planning stage did not run"
         elif plan == "adapted":

@@ -1,10 +1,9 @@
 """The reports' figures (matplotlib, Agg backend), returned as PNG ``data:`` URIs so a page
 embeds them and stays one self-contained file.
 
-Display conventions (as radiotherapy viewers show images): axial slices seen from the feet
-(patient left on the viewer's right, anterior up), coronal seen from the front (patient
-left on the right, superior up), sagittal seen from the patient's left (anterior on the
-left, superior up); pixels at their physical size (mm). Doses in total-course Gy.
+Slices are displayed as the registration review images show them
+(:func:`adaptive.registration.review.plane`: radiological views, pixels at their physical
+size); doses in total-course Gy.
 """
 
 from __future__ import annotations
@@ -15,10 +14,9 @@ import math
 
 import numpy as np
 
-from adaptive import RESEARCH_USE_STATEMENT
 from adaptive.geometry.volume import Volume
+from adaptive.registration.review import PLANES, plane
 
-PLANES = ("axial", "coronal", "sagittal")
 #: doses below this share of the prescription are not coloured on the overlays
 OVERLAY_THRESHOLD = 0.1
 #: dose differences below this share of the prescription are not coloured
@@ -53,25 +51,9 @@ def png_file_uri(path) -> str:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
-def plane(a: np.ndarray, grid, name: str, centre_ijk) -> tuple[np.ndarray, list[float]]:
-    """2-D slice of a (z, y, x) array through ``centre_ijk`` oriented for display (row 0 at
-    the top) and its imshow extent (mm). Axis-aligned grids (direction = identity)."""
-    i, j, k = (round(float(c)) for c in centre_ijk)
-    sx, sy, sz = grid.spacing
-    nz, ny, nx = a.shape
-    if name == "axial":
-        return a[min(max(k, 0), nz - 1)], [0, nx * sx, ny * sy, 0]
-    if name == "coronal":
-        return a[::-1, min(max(j, 0), ny - 1), :], [0, nx * sx, nz * sz, 0]
-    return a[::-1, :, min(max(i, 0), nx - 1)], [0, ny * sy, nz * sz, 0]
-
-
-_LABELS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"),
-           "sagittal": ("A", "P", "S", "I")}
-
-
-def _orient(ax, name: str) -> None:
-    for txt, xy in zip(_LABELS[name], ((0.01, 0.5), (0.99, 0.5), (0.5, 0.99), (0.5, 0.01))):
+def _orient(ax, labels: tuple) -> None:
+    """(left, right, top, bottom) orientation letters of a displayed plane."""
+    for txt, xy in zip(labels, ((0.01, 0.5), (0.99, 0.5), (0.5, 0.99), (0.5, 0.01))):
         ax.text(*xy, txt, transform=ax.transAxes, color="yellow", fontsize=8,
                 ha="center" if xy[0] == 0.5 else ("left" if xy[0] < 0.5 else "right"),
                 va="center" if xy[1] == 0.5 else ("top" if xy[1] > 0.5 else "bottom"))
@@ -153,7 +135,7 @@ def dose_slices_figure(cbct: Volume, doses: dict, target_mask, target: str,
     diff = on_cbct["adapted"] - on_cbct["scheduled"] if "difference" in cols else None
     dmax = max(1e-6, float(np.percentile(np.abs(diff), 99.9))) if diff is not None else 1.0
     for r, name in enumerate(PLANES):
-        img, ext = plane(cbct.array, g, name, c)
+        img, ext, labels = plane(cbct.array, g, name, c)
         tm = plane(target_mask.astype(np.float32), g, name, c)[0] if target_mask is not None \
             else None
         for col, what in enumerate(cols):
@@ -175,7 +157,7 @@ def dose_slices_figure(cbct: Volume, doses: dict, target_mask, target: str,
             if tm is not None and tm.any():
                 ax.contour(tm, levels=[0.5], colors="white", linewidths=1.0, extent=ext,
                            origin="upper")
-            _orient(ax, name)
+            _orient(ax, labels)
             if r == 0:
                 ax.set_title(label, fontsize=9)
             if r == 2:
@@ -183,46 +165,6 @@ def dose_slices_figure(cbct: Volume, doses: dict, target_mask, target: str,
     fig.suptitle(f"Dose on today's CBCT through the {target} centre (white: {target} today)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    return data_uri(fig)
-
-
-def registration_overlay_figure(cbct: Volume, synthetic_ct: Volume, target_mask,
-                                target: str, square_mm: float = 24.0) -> str:
-    """The registration review: CBCT / synthetic CT checkerboard and colour fusion (CBCT
-    green, synthetic CT magenta) in the three planes through the target's centre. Used when
-    the registration record carries no review images of its own."""
-    plt = _pyplot()
-    g = cbct.grid
-    sc = synthetic_ct if synthetic_ct.grid.same_as(g) else synthetic_ct.resample_to(
-        g, order=1, fill=-1000.0)
-    c = centre_ijk(target_mask, g)
-    wa, wb = _window(cbct.array), _window(sc.array)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7.6), dpi=80)
-    for col, name in enumerate(PLANES):
-        a, ext = plane(cbct.array, g, name, c)
-        b = plane(sc.array, g, name, c)[0]
-        na = np.clip((a - wa[0]) / (wa[1] - wa[0]), 0, 1)
-        nb = np.clip((b - wb[0]) / (wb[1] - wb[0]), 0, 1)
-        h, w = a.shape
-        rr = (np.arange(h) * abs(ext[2] - ext[3]) / h // square_mm).astype(int)
-        cc = (np.arange(w) * abs(ext[1] - ext[0]) / w // square_mm).astype(int)
-        chk = np.where((rr[:, None] + cc[None, :]) % 2 == 1, na, nb)
-        tm = plane(target_mask.astype(np.float32), g, name, c)[0] if target_mask is not None \
-            else None
-        for r, img in enumerate((chk, np.stack([nb, na, nb], axis=-1))):
-            ax = axes[r][col]
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1,
-                      extent=ext, interpolation="nearest")
-            if tm is not None and tm.any():
-                ax.contour(tm, levels=[0.5], colors="red", linewidths=1.0, extent=ext,
-                           origin="upper")
-            _orient(ax, name)
-            ax.set_title(f"{name}: " + ("checkerboard CBCT / synthetic CT" if r == 0 else
-                                        "fusion: CBCT green, synthetic CT magenta"),
-                         fontsize=8)
-    fig.suptitle(f"Registration review (red: {target} today). {RESEARCH_USE_STATEMENT}",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return data_uri(fig)
 
 

@@ -8,6 +8,8 @@ Doses are total-course Gy (V in %).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from adaptive.reports import figures
 from adaptive.reports.extract import FractionData, goal_key
 from adaptive.reports.html import esc, figure, fmt, kv_table, page, table, verdict
@@ -138,18 +140,22 @@ def _registration(data: FractionData) -> str:
                       f"max {fmt(t.get('max_mm'))} mm ({t.get('n', 0)} voxels)")))
     for name, d in data.dice.items():
         items.append((f"Dice {name} (propagated vs truth)", fmt(d, 3)))
-    return kv_table(items)
+    gate = reg.get("registration_checks") or []
+    checks = table(["gate check", "level", "result", "blocking", "detail"],
+                   [[esc(c.get("name")), esc(c.get("level", "")), verdict(c.get("passed")),
+                     fmt(c.get("blocking", True)), esc(c.get("message", ""))] for c in gate]
+                   ) if gate else ""
+    return kv_table(items) + checks
 
 
 def _review(data: FractionData) -> str:
-    paths = [p for p in data.registration.get("review_images") or []]
-    if paths:
-        return "".join(figure(figures.png_file_uri(p), "registration review") for p in paths)
-    if data.synthetic_ct is None:
-        return "<p class='fail'>No synthetic CT: no registration review image.</p>"
-    return figure(figures.registration_overlay_figure(
-        data.cbct, data.synthetic_ct, data.today_cbct.get(data.target), data.target),
-        "registration review")
+    """The registration stage's own review images (:mod:`adaptive.registration.review`)."""
+    paths = [p for p in data.registration.get("review_images") or [] if Path(p).is_file()]
+    if not paths:
+        return "<p class='fail'>The registration stage wrote no review images.</p>"
+    verdict_text = data.registration.get("registration_summary") or ""
+    return (f"<p>{esc(verdict_text)}</p>" if verdict_text else "") + "".join(
+        figure(figures.png_file_uri(p), "registration review") for p in paths)
 
 
 def _timings(data: FractionData, meta: dict) -> str:
@@ -182,7 +188,7 @@ def render_fraction_page(data: FractionData, row: dict, meta: dict) -> str:
               f"{fmt(row.get('target_d95_adapted_gy'))} Gy.</div>" if a_ok else
               f"<div class='banner fail'>No adapted plan offered: "
               f"{esc(data.missing.get('adapted', 'it failed its checks'))}.</div>")
-    if "scheduled" in data.missing:
+    if "scheduled" in data.missing and data.missing["scheduled"] != data.missing.get("adapted"):
         banner += f"<div class='banner fail'>{esc(data.missing['scheduled'])}.</div>"
     ident = kv_table([
         ("patient", esc(f"{row['patient_id']} {meta.get('patient_name', '')}")),
