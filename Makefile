@@ -47,8 +47,13 @@ system-deps:
 	  else echo "WARNING: missing Debian packages:$$missing (not root; tests needing them will fail)"; fi; \
 	fi
 
+# Two pytest workers (whole files each, so module fixtures are built once): on 2 cores
+# shared with other work, two runnable test processes get a fairer share of the CPU and
+# overlap their waits (process start-up, idle timeouts); every test binds its own ports
+# (port 0) and temp dirs, so they run side by side. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup system-deps peers
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 demo: setup
 	$(VENV)/bin/adaptive demo

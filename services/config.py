@@ -428,7 +428,7 @@ def dump_toml(d: dict, prefix: str = "") -> str:
 
 def write_config_variant(base: str | Path | None, out: str | Path, overrides: dict) -> Path:
     """Write ``out``: the TOML file ``base`` (default config) with ``overrides`` merged in
-    table by table (used by tests and ``adaptive demo`` to get free ports/temp paths)."""
+    table by table (used by tests and ``adaptive demo`` for ephemeral ports/temp paths)."""
 
     def merge(a: dict, b: dict) -> dict:
         r = dict(a)
@@ -444,26 +444,20 @@ def write_config_variant(base: str | Path | None, out: str | Path, overrides: di
     return out
 
 
-def free_tcp_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (racy by nature; used for tests/demo)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+EPHEMERAL_LOCAL_ENDPOINT = "tcp://127.0.0.1:0"
 
 
-def write_local_config(workdir: str | Path, tms_port: int) -> tuple[Path, int]:
-    """A services config under ``workdir`` for one machine: every endpoint on a free
-    127.0.0.1 port, the store in ``workdir/var``, the TMS at ``tms_port`` (used by
-    ``adaptive demo`` and the session benchmark). Returns (config path, gateway port)."""
+def write_local_config(workdir: str | Path, tms_port: int) -> Path:
+    """A services config under ``workdir`` for one machine: the gateway and the four
+    orchestrator endpoints on 127.0.0.1 port 0 (each process binds an ephemeral port
+    itself and reports it in its ready record; :class:`services.supervisor.ServiceStack`
+    reads them), the store in ``workdir/var``, the TMS at ``tms_port`` (used by
+    ``adaptive demo`` and the session benchmark). Returns the config path."""
     workdir = Path(workdir)
-    ports = [free_tcp_port() for _ in range(5)]
-    ep = [f"tcp://127.0.0.1:{p}" for p in ports[1:]]
-    cfg = write_config_variant(None, workdir / "services.toml", {
+    return write_config_variant(None, workdir / "services.toml", {
         "paths": {"root": str(workdir / "var")},
-        "gateway": {"port": ports[0]},
-        "orchestrator": {"worker_endpoint": ep[0], "gateway_events_endpoint": ep[1],
-                         "console_endpoint": ep[2], "console_events_endpoint": ep[3]},
+        "gateway": {"host": "127.0.0.1", "port": 0},
+        "orchestrator": {k: EPHEMERAL_LOCAL_ENDPOINT for k in (
+            "worker_endpoint", "gateway_events_endpoint", "console_endpoint",
+            "console_events_endpoint")},
         "tms": {"port": tms_port}})
-    return cfg, ports[0]

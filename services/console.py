@@ -10,6 +10,7 @@ import zmq
 
 from adaptive.errors import ServiceError
 from services.protocol import decode, encode
+from services.ready import orchestrator_endpoint
 
 
 class ConsoleError(ServiceError):
@@ -29,6 +30,14 @@ class ConsoleClient:
         self._ids = itertools.count(1)
         self._sock = None
         self._sub = None
+
+    @classmethod
+    def from_config(cls, cfg, *, timeout_s: float = 5.0) -> ConsoleClient:
+        """A client for the orchestrator of services config ``cfg``: its configured console
+        endpoints, or, when they say port 0, the ones in the running orchestrator's ready
+        record (``<paths.root>/run/orchestrator.json``, see :mod:`services.ready`)."""
+        return cls(orchestrator_endpoint(cfg, "console_endpoint"),
+                   orchestrator_endpoint(cfg, "console_events_endpoint"), timeout_s=timeout_s)
 
     def _socket(self):
         if self._sock is None:

@@ -311,6 +311,7 @@ class Worker:
         self.log = get_logger("services.worker")
         self._out: queue.Queue = queue.Queue()
         self._busy: threading.Thread | None = None
+        self.reconnects = 0          # times the broker was declared lost and reconnected
 
     def _connect(self):
         s = self.ctx.socket(zmq.DEALER)
@@ -411,6 +412,7 @@ class Worker:
                         return
                     backoff = min(backoff * 2, self.reconnect_max_s)
                     sock = self._connect()
+                    self.reconnects += 1
                     poller.register(sock, zmq.POLLIN)
                     broker_expiry = time.monotonic() + self.interval * self.liveness
                     last_sent = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,16 @@ def dciodvfy():
         return errors, out
 
     return run
+
+
+@pytest.fixture
+def refused_port():
+    """A 127.0.0.1 port where nothing listens, held for the test: bound but not listening,
+    so a connection is refused and no other process can take the port meanwhile."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    yield s.getsockname()[1]
+    s.close()
 
 
 def require_peer_python(module: str) -> str:

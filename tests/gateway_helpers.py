@@ -174,8 +174,10 @@ def send_raw(assoc, sop_class: str, sop_instance: str, data: bytes, msg_id: int 
     req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = sop_class, sop_instance
     req.DataSet = BytesIO(data)
     assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+    end = time.monotonic() + 10
+    while not assoc._is_paused:             # as pynetdicom's send_c_store: reactor paused
+        assert time.monotonic() < end, "association reactor did not pause within 10 s"
+        time.sleep(0.0001)  # bounded poll (10 s), not synchronisation by time
     try:
         assoc.dimse.send_msg(req, cx.context_id)
         _, rsp = assoc.dimse.get_msg(block=True)

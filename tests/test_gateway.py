@@ -133,7 +133,7 @@ class Events:
             self.items.append((time.monotonic(), event, body))
             self.cv.notify_all()
 
-    def wait_for(self, event, n=1, timeout=10.0):
+    def wait_for(self, event, n=1, timeout=30.0):
         end = time.monotonic() + timeout
         with self.cv:
             while True:
@@ -293,12 +293,8 @@ def test_scu_sends_and_confirms_each_instance(gateway, tmp_path):
     assert done[0]["count"] == 3
 
 
-def test_scu_tms_down_retries_then_fails_keeping_outbox(tmp_path):
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()                                     # nothing listens there
+def test_scu_tms_down_retries_then_fails_keeping_outbox(tmp_path, refused_port):
+    port = refused_port                           # nothing listens there
     paths = write_ct_series(tmp_path / "out", 2, 8, 8)
     delays = []
     cfg = TmsConfig(port=port, retries=3, backoff_s=0.25, acse_timeout_s=1,

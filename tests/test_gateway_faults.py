@@ -31,8 +31,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from services.config import DicomPeer, GatewayTlsConfig, free_tcp_port, write_config_variant
+from adaptive.errors import ServiceError
+from services.config import DicomPeer, GatewayTlsConfig, write_config_variant
 from services.gateway.completeness import SliceGeometry, check_slice_stack
+from services.ready import wait_for_ready
 from tests.conftest import require_tool
 from tests.gateway_helpers import (
     CT_IMAGE,
@@ -661,28 +663,21 @@ def test_concurrent_associations_from_both_peers(start):
 
 
 def _gateway_process(tmp_path: Path, events_endpoint: str, **popen):
-    port = free_tcp_port()
+    """The gateway as its own process on an ephemeral port: returns once its ready record
+    (services/ready.py) says it listens, with the port it bound."""
     cfg = write_config_variant(None, tmp_path / "services.toml", {
         "paths": {"root": str(tmp_path / "var")},
-        "gateway": {"port": port, "fsync": "instance", "idle_timeout_s": 0.5},
+        "gateway": {"port": 0, "fsync": "instance", "idle_timeout_s": 0.5},
         "orchestrator": {"gateway_events_endpoint": events_endpoint}})
     proc = subprocess.Popen([sys.executable, "-m", "services.gateway",
                              "--config", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, **popen)
-    end = time.monotonic() + 30
-    while True:                                    # listening: a C-ECHO is answered
-        assert proc.poll() is None and time.monotonic() < end, proc.stderr.read()[-2000:]
-        ae = AE(ae_title="ADAPTIVE_SUPERV")
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.network_timeout = 2
-        try:
-            a = ae.associate("127.0.0.1", port, ae_title="ADAPTIVE_GW")
-        except OSError:
-            a = None
-        if a is not None and a.is_established:
-            a.release()
-            return proc, port, tmp_path / "var" / "store"
-        time.sleep(0.1)
+    try:
+        rec = wait_for_ready(tmp_path / "var", "gateway", proc.pid, 120,
+                             alive=lambda: proc.poll() is None)
+    except ServiceError:
+        pytest.fail(f"gateway did not start: {proc.stderr.read()[-2000:]}")
+    return proc, int(rec.endpoints["port"]), tmp_path / "var" / "store"
 
 
 def test_killed_gateway_keeps_every_acknowledged_instance(tmp_path):

@@ -57,12 +57,12 @@ def _rtplan(path, label, treatment_protocols=None):
     return str(path)
 
 
-def test_console_start_validates_or_maps_the_protocol(tmp_path):
-    from services.config import free_tcp_port, load_budgets, load_services_config
+def test_console_start_validates_or_maps_the_protocol(tmp_path, refused_port):
+    from services.config import load_budgets, load_services_config
     from services.orchestrator.core import Orchestrator, PatientData
     from tests.integration.conftest import make_config
 
-    cfg, bud = make_config(tmp_path, tms_port=free_tcp_port())
+    cfg, bud = make_config(tmp_path, tms_port=refused_port)
     ctx = zmq.Context()
     orch = Orchestrator(load_services_config(cfg), load_budgets(bud), context=ctx)
     try:

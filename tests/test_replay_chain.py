@@ -129,7 +129,7 @@ def test_failed_deformable_checks_leave_the_rigid_match_and_no_adapted_plan(tmp_
     assert len(reg["review_images"]) == 3 and all(Path(p).is_file()
                                                   for p in reg["review_images"])
     goals = load_goals(config_path("goals", "prostate.toml"))
-    po = planning_stage(rp, reg, tmp_path / "plan", goals, planning_ct_dir=case.planning_ct_dir)
+    po = planning_stage(rp, reg, tmp_path / "plan", goals)
     r = po.result
     assert r["adapted"]["rtplan"] is None and not r["adapted"]["checks_passed"]
     assert r["adapted"]["blocked_by"] == "registration"

@@ -23,15 +23,23 @@ from services.protocol import decode
 
 
 @pytest.fixture
-def orch(tmp_path):
+def orch(tmp_path, refused_port):
+    from services.orchestrator.__main__ import bound_endpoints
     from tests.integration.conftest import make_config
 
-    cfg, bud = make_config(tmp_path, tms_port=C.free_tcp_port())
+    cfg, bud = make_config(tmp_path, tms_port=refused_port)
     o = Orchestrator(C.load_services_config(cfg), C.load_budgets(bud), context=zmq.Context())
     sub = o.ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(o.cfg.orchestrator.console_events_endpoint)
-    time.sleep(0.3)  # slow joiner: PUB drops messages until the subscription arrives
+    sub.connect(bound_endpoints(o)["console_events_endpoint"])
+    # slow joiner: PUB drops messages until the subscription arrives, so publish probes
+    # until one is received (bounded), then drain them
+    end = time.monotonic() + 30
+    while not sub.poll(50):
+        assert time.monotonic() < end, "console event subscription not live after 30 s"
+        o.publish(None, "subscription_probe")
+    while sub.poll(200):
+        sub.recv_multipart()
     yield o, sub
     sub.close(0)
     o.close()

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import zmq
 
-from services.config import free_tcp_port, write_config_variant
+from services.config import write_config_variant
 from services.messaging import Worker, WorkerBroker
 from services.protocol import ProtocolError, decode, encode
 from tests.integration.doubles import array_sum, failing
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,21 +55,27 @@ def _pump(broker, until, timeout=15.0):
 
 
 def test_tasks_results_progress_and_errors_in_threads():
-    broker = WorkerBroker("tcp://127.0.0.1:0", heartbeat_interval_s=0.1, liveness=5)
+    # liveness 20 x 0.1 s: no worker is declared dead because a loaded machine was slow
+    broker = WorkerBroker("tcp://127.0.0.1:0", heartbeat_interval_s=0.1, liveness=20)
     stop = threading.Event()
     ts = [threading.Thread(target=Worker(broker.endpoint, s, h, heartbeat_interval_s=0.1,
-                                         liveness=5, name=f"w{i}").run, args=(stop, 30),
+                                         liveness=20, name=f"w{i}").run, args=(stop, 120),
                            daemon=True)
           for i, (s, h) in enumerate([("sum", array_sum), ("sum", array_sum),
                                       ("fail", failing)])]
     for t in ts:
         t.start()
     try:
+        # all three announced before any task is submitted, so both sum workers are idle
+        # when the two sum tasks arrive (however slowly the threads start)
+        _pump(broker, lambda o: len(broker.workers) == 3, timeout=60)
+        assert len(broker.workers) == 3
         x = np.random.default_rng(0).normal(size=(64, 64, 8))
         t1 = broker.submit("sum", {"sleep_s": 0.2}, arrays={"x": x})
         t2 = broker.submit("sum", {}, arrays={"y": np.arange(10, dtype=np.int32)})
         t3 = broker.submit("fail", {"why": "no overlap"})
-        out = _pump(broker, lambda o: len([r for r in o if r.kind in ("result", "failed")]) == 3)
+        out = _pump(broker, lambda o: len([r for r in o if r.kind in ("result", "failed")]) == 3,
+                    timeout=60)
         res = {r.task.task_id: r for r in out if r.kind in ("result", "failed")}
         assert res[t1.task_id].ok and res[t1.task_id].result["sums"]["x"] == pytest.approx(x.sum())
         np.testing.assert_allclose(res[t1.task_id].arrays["x"], 2 * x)
@@ -87,27 +94,26 @@ def test_tasks_results_progress_and_errors_in_threads():
 
 
 def test_killed_worker_task_is_reissued_to_another(tmp_path):
-    port = free_tcp_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
     cfg = write_config_variant(None, tmp_path / "s.toml", {
-        "orchestrator": {"worker_endpoint": endpoint, "heartbeat_interval_s": 0.1,
-                         "heartbeat_liveness": 5},
+        "orchestrator": {"heartbeat_interval_s": 0.1, "heartbeat_liveness": 10},
         "workers": {"handlers": {"sum": "tests.integration.doubles:array_sum"}}})
-    broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=5, max_attempts=3)
+    broker = WorkerBroker("tcp://127.0.0.1:0", heartbeat_interval_s=0.1, liveness=10,
+                          max_attempts=3)
     env = dict(os.environ, PYTHONPATH=str(REPO), ADAPTIVE_LOG_JSON="1")
     procs = [subprocess.Popen([sys.executable, "-m", "services.workers", "--config", str(cfg),
-                               "--service", "sum", "--name", f"p{i}"], cwd=REPO, env=env,
+                               "--endpoint", broker.endpoint, "--service", "sum",
+                               "--name", f"p{i}"], cwd=REPO, env=env,
                               stderr=subprocess.DEVNULL)
              for i in range(2)]
     try:
-        _pump(broker, lambda o: len(broker.workers) == 2, timeout=30)
+        _pump(broker, lambda o: len(broker.workers) == 2, timeout=120)
         assert len(broker.workers) == 2
         t = broker.submit("sum", {"sleep_s": 1.5}, arrays={"x": np.ones(5)})
         _pump(broker, lambda o: t.worker is not None, timeout=5)
         victim = broker.workers[t.worker].name
         pid = procs[int(victim[1:])].pid
         os.kill(pid, signal.SIGKILL)
-        out = _pump(broker, lambda o: any(r.kind in ("result", "failed") for r in o), timeout=20)
+        out = _pump(broker, lambda o: any(r.kind in ("result", "failed") for r in o), timeout=60)
         kinds = [r.kind for r in out]
         assert "worker_lost" in kinds and "reissued" in kinds
         res = [r for r in out if r.kind == "result"][0]
@@ -126,22 +132,23 @@ def test_killed_worker_task_is_reissued_to_another(tmp_path):
         broker.close()
 
 
-def test_worker_reconnects_after_broker_restart():
-    port = free_tcp_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=3)
+def test_worker_reconnects_after_broker_restart(tmp_path):
+    # The restarted broker must bind the same endpoint: an ipc path of this test's own
+    # (a TCP port released and bound again could be taken by another process meanwhile).
+    endpoint = f"ipc://{tmp_path / 'broker.sock'}"
+    broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=10)
     stop = threading.Event()
-    w = Worker(endpoint, "sum", array_sum, heartbeat_interval_s=0.1, liveness=3,
+    w = Worker(endpoint, "sum", array_sum, heartbeat_interval_s=0.1, liveness=10,
                reconnect_max_s=0.4)
-    th = threading.Thread(target=w.run, args=(stop, 30), daemon=True)
+    th = threading.Thread(target=w.run, args=(stop, 120), daemon=True)
     th.start()
     try:
-        _pump(broker, lambda o: len(broker.workers) == 1, timeout=10)
+        _pump(broker, lambda o: len(broker.workers) == 1, timeout=30)
         broker.close()
-        time.sleep(0.6)                                  # worker notices, reconnects
-        broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=3)
+        wait_until(lambda: w.reconnects >= 1, 10, "the worker to notice the broker is gone")
+        broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=10)
         t = broker.submit("sum", {}, arrays={"x": np.arange(4.0)})
-        out = _pump(broker, lambda o: any(r.kind == "result" for r in o), timeout=15)
+        out = _pump(broker, lambda o: any(r.kind == "result" for r in o), timeout=60)
         assert [r for r in out if r.kind == "result"][0].result["sums"]["x"] == 6.0
         assert t.attempts == 1
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from adaptive.errors import ConfigError, IllegalTransitionError
 from services import config as C
 from services.orchestrator import state as S
+from services.ready import pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,37 +49,52 @@ def test_config_rejects_typos_and_bad_values(tmp_path):
             C.load_services_config(p)
 
 
-def test_serve_starts_and_stops_cleanly_on_sigterm(tmp_path):
+def test_serve_starts_and_stops_cleanly_on_sigterm(tmp_path, refused_port):
+    """`adaptive serve` on a config asking for port 0 everywhere: the services bind their
+    own ports, `serve` prints the real endpoints, clients with only the config find the
+    orchestrator through its ready record, and SIGTERM stops everything."""
+    from services.console import ConsoleClient
+    from services.ready import read_ready, ready_path
     from tests.integration.conftest import make_config
+    from tests.waiting import wait_until
 
-    cfg, bud = make_config(tmp_path, tms_port=C.free_tcp_port())
+    cfg, bud = make_config(tmp_path, tms_port=refused_port)
     env = dict(os.environ, PYTHONPATH=str(REPO), ADAPTIVE_LOG_JSON="1")
     p = subprocess.Popen([sys.executable, "-m", "adaptive.cli", "serve", "--config", str(cfg),
                           "--budgets", str(bud)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         line = ""
-        end = time.monotonic() + 90
+        end = time.monotonic() + 180
         while "ready" not in line and time.monotonic() < end:
             line = p.stdout.readline()
             if not line and p.poll() is not None:
                 break
         assert "services ready" in line
-        from services.console import ConsoleClient
-
         c = C.load_services_config(cfg)
-        cl = ConsoleClient(c.orchestrator.console_endpoint, timeout_s=5)
+        orch, gw = read_ready(c.paths.root, "orchestrator"), read_ready(c.paths.root, "gateway")
+        console = orch.endpoints["console_endpoint"]
+        assert console.startswith("tcp://127.0.0.1:") and not console.endswith(":0")
+        assert f"console {console}," in line
+        assert f"@127.0.0.1:{gw.endpoints['port']}," in line and gw.endpoints["port"] > 0
+        cl = ConsoleClient.from_config(c, timeout_s=10)
+        assert cl.endpoint == console
         assert cl.request("ping")["workers"] == {"registration": 1, "planning": 1}
         cl.close()
+        r = subprocess.run([sys.executable, "-m", "adaptive.cli", "console", "--config",
+                            str(cfg), "--json", "status"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
         pids = [int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)],
                                                capture_output=True, text=True).stdout.split()]
         assert len(pids) == 4                          # orchestrator, gateway, 2 workers
+        assert {orch.pid, gw.pid} <= set(pids)
         p.send_signal(signal.SIGTERM)
-        assert p.wait(30) == 0
-        time.sleep(0.3)
-        alive = [q for q in pids if q != p.pid and os.path.exists(f"/proc/{q}")
-                 and "Z" not in open(f"/proc/{q}/stat").read().split()[2]]
-        assert alive == []
+        assert p.wait(60) == 0
+        # serve waited for its children before exiting: none left, ready records gone
+        wait_until(lambda: not [q for q in pids if pid_alive(q)], 10, "children gone")
+        assert not ready_path(c.paths.root, "orchestrator").exists()
+        assert not ready_path(c.paths.root, "gateway").exists()
     finally:
         if p.poll() is None:
             p.kill()

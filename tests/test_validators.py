@@ -16,7 +16,6 @@ from pynetdicom._validators import validate_ae as pynetdicom_validate_ae
 from adaptive.config import config_path
 from adaptive.errors import ConfigError, InvalidIdentifierError
 from services.config import (
-    free_tcp_port,
     load_budgets,
     load_services_config,
     write_config_variant,
@@ -152,13 +151,11 @@ def test_gateway_access_config_peers(tmp_path):
 
 @pytest.fixture
 def orchestrator(tmp_path):
-    ports = [free_tcp_port() for _ in range(4)]
     cfg = load_services_config(write_config_variant(None, tmp_path / "s.toml", {
         "paths": {"root": str(tmp_path / "var")},
-        "orchestrator": {"worker_endpoint": f"tcp://127.0.0.1:{ports[0]}",
-                         "gateway_events_endpoint": f"tcp://127.0.0.1:{ports[1]}",
-                         "console_endpoint": f"tcp://127.0.0.1:{ports[2]}",
-                         "console_events_endpoint": f"tcp://127.0.0.1:{ports[3]}"}}))
+        "orchestrator": {k: "tcp://127.0.0.1:0" for k in (     # ephemeral ports
+            "worker_endpoint", "gateway_events_endpoint", "console_endpoint",
+            "console_events_endpoint")}}))
     o = Orchestrator(cfg, load_budgets(config_path("budgets.toml")))
     yield o
     o.close()

@@ -116,25 +116,24 @@ def session_stack(work: Path, tms, planning: Path, pid: str):
     caller stops the stack and closes the client."""
     from adaptive.commands.demo import push
     from services.config import write_local_config
-    from services.console import ConsoleClient
     from services.supervisor import ServiceStack
 
-    cfg, gw_port = write_local_config(work, tms.port)
-    stack = ServiceStack(cfg)
+    stack = None
     try:
-        stack.start()
+        stack = ServiceStack(write_local_config(work, tms.port))
+        gw_port = stack.start(120).gateway_port
         stack.wait_ready(240)
-        oc = stack.cfg.orchestrator
-        cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint)
+        cl = stack.console_client()
         push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
              [planning / "RS.dcm", planning / "RP.dcm"], "TPS")
         end = time.monotonic() + 60
         while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
             if time.monotonic() > end:
                 raise RuntimeError("planning data not registered by the orchestrator")
-            time.sleep(0.2)
+            time.sleep(0.2)  # bounded poll (60 s)
     except BaseException:
-        stack.stop()
+        if stack is not None:
+            stack.stop()
         raise
     return stack, cl, gw_port
 

@@ -10,7 +10,9 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("console", help="talk to the orchestrator: start, status, "
                               "watch, choose, cancel")
-    p.add_argument("--config", default=None, help="services TOML (endpoints)")
+    p.add_argument("--config", default=None,
+                   help="services TOML (endpoints; where they say port 0, the running "
+                        "orchestrator's <paths.root>/run/orchestrator.json is read)")
     p.add_argument("--json", action="store_true", help="print raw JSON")
     sub = p.add_subparsers(dest="console_cmd", metavar="ACTION", required=True)
     s = sub.add_parser("start", help="start (or attach to) a session")
@@ -80,8 +82,7 @@ def run(args) -> int:
     from services.console import ConsoleClient
 
     cfg = load_services_config(args.config)
-    cl = ConsoleClient(cfg.orchestrator.console_endpoint,
-                       cfg.orchestrator.console_events_endpoint)
+    cl = ConsoleClient.from_config(cfg)
     out = None
     try:
         c = args.console_cmd

@@ -1,9 +1,10 @@
 """``adaptive demo`` (``make demo``): one online adaptive session through the real
 services, end to end, on this machine.
 
-Starts a TMS (a local Orthanc on free ports if the ``Orthanc`` binary exists, else a
-pynetdicom Storage SCP, clearly labelled), starts the services (``adaptive serve`` stack
-with a temporary config on free ports), pushes a replay fraction's planning data (CT, RT
+Starts a TMS (a local Orthanc, :mod:`services.orthanc`, if the ``Orthanc`` binary exists,
+else a pynetdicom Storage SCP on an ephemeral port, clearly labelled), starts the services
+(``adaptive serve`` stack with a temporary config asking for ephemeral ports; the stack
+reports the ports the services bound), pushes a replay fraction's planning data (CT, RT
 Structure Set, scheduled RT Plan) and then its CBCT over DICOM (DCMTK storescu if present,
 else pynetdicom), chooses the adapted plan through the console API (the scheduled plan
 when no adapted plan passed its checks), prints the per-stage timeline and where the
@@ -12,13 +13,11 @@ plan was stored, and shuts everything down.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from adaptive.errors import ConfigError, DicomInputError, ServiceError
@@ -55,40 +54,20 @@ def find_fraction(arg: str | None) -> tuple[Path, Path]:
 
 
 class Tms:
-    """The hand-off target for the demo."""
+    """The hand-off target for the demo and the session benchmark."""
 
     def __init__(self, workdir: Path):
-        from services.config import free_tcp_port
+        from services.orthanc import start_orthanc
 
-        self.port = free_tcp_port()
         self.workdir = workdir / "tms"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = None
+        self.orthanc = None
         self.scp = None
-        exe = shutil.which("Orthanc")
-        if exe:
-            self.http = free_tcp_port()
-            conf = {"Name": "adaptive-demo-tms", "DicomAet": "TMS", "DicomPort": self.port,
-                    "HttpPort": self.http, "Plugins": [], "RemoteAccessAllowed": False,
-                    "AuthenticationEnabled": False, "StorageDirectory": str(self.workdir),
-                    "IndexDirectory": str(self.workdir),
-                    "DicomModalities": {"adaptive": ["ADAPTIVE_SCU", "127.0.0.1", 11112]}}
-            cf = self.workdir / "orthanc.json"
-            cf.write_text(json.dumps(conf))
-            self.log = open(self.workdir / "orthanc.log", "wb")
-            self.proc = subprocess.Popen([exe, str(cf)], stdout=self.log, stderr=self.log,
-                                         env=dict(os.environ, TCP_NODELAY="1"),
-                                         start_new_session=True)
-            end = time.monotonic() + 30
-            while True:
-                try:
-                    self.rest("/system")
-                    break
-                except Exception:
-                    if self.proc.poll() is not None or time.monotonic() > end:
-                        raise ServiceError(f"Orthanc did not start (log {self.workdir})")
-                    time.sleep(0.1)
-            self.label = f"Orthanc (TMS) DICOM 127.0.0.1:{self.port}, REST 127.0.0.1:{self.http}"
+        if shutil.which("Orthanc"):
+            self.orthanc = start_orthanc(self.workdir, aet="TMS")
+            self.port = self.orthanc.dicom_port
+            self.label = (f"Orthanc (TMS) DICOM 127.0.0.1:{self.port}, REST "
+                          f"127.0.0.1:{self.orthanc.http_port}")
         else:
             from services.config import (
                 DicomPeer,
@@ -100,42 +79,30 @@ class Tms:
 
             scu = load_services_config().tms.calling_ae_title   # our hand-off SCU
             access = GatewayAccessConfig(peers={scu: DicomPeer(scu, ("planning",))})
-            self.scp = Gateway(GatewayConfig(ae_title="TMS", port=self.port,
+            self.scp = Gateway(GatewayConfig(ae_title="TMS", host="127.0.0.1", port=0,
                                              idle_timeout_s=1.0, access=access),
                                self.workdir / "store", self.workdir / "quarantine")
             self.scp.start()
+            self.port = self.scp.port
             self.label = (f"pynetdicom Storage SCP standing in for the TMS (Orthanc not "
                           f"installed) 127.0.0.1:{self.port}, store {self.workdir / 'store'}")
 
-    def rest(self, path):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=5) as r:
-            return json.loads(r.read())
-
     def describe_stored(self, sop_uids: list[str]) -> list[str]:
         out = []
-        if self.proc:
+        if self.orthanc:
             for uid in sop_uids:
-                req = urllib.request.Request(
-                    f"http://127.0.0.1:{self.http}/tools/lookup", data=uid.encode(),
-                    method="POST")
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    for hit in json.loads(r.read()):
-                        tags = self.rest(f"{hit['Path']}/simplified-tags")
-                        what = f"{tags.get('Modality', '?')} {tags.get('RTPlanLabel', '')}".strip()
-                        out.append(f"{what} {uid} -> Orthanc {hit['Path']}")
+                for hit in self.orthanc.post("/tools/lookup", uid.encode()):
+                    tags = self.orthanc.get(f"{hit['Path']}/simplified-tags")
+                    what = f"{tags.get('Modality', '?')} {tags.get('RTPlanLabel', '')}".strip()
+                    out.append(f"{what} {uid} -> Orthanc {hit['Path']}")
         else:
             for uid in sop_uids:
                 out += [f"{uid} -> {p}" for p in (self.workdir / "store").rglob(f"{uid}.dcm")]
         return out
 
     def stop(self):
-        if self.proc:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.log.close()
+        if self.orthanc:
+            self.orthanc.stop()
         if self.scp:
             self.scp.stop()
 
@@ -163,7 +130,6 @@ def push(port: int, files: list[Path], calling_ae_title: str) -> str:
 
 def run(args) -> int:
     from services.config import write_local_config
-    from services.console import ConsoleClient
     from services.supervisor import ServiceStack
 
     fx, planning = find_fraction(args.fraction)
@@ -174,23 +140,23 @@ def run(args) -> int:
     print(f"adaptive demo (RESEARCH USE ONLY): fraction {fx}, patient {pid}, workdir {work}")
     tms = Tms(work)
     print(f"TMS: {tms.label}")
-    cfg, gw_port = write_local_config(work, tms.port)
-    stack = ServiceStack(cfg)
-    cl = None
+    stack = cl = None
     try:
-        stack.start()
+        stack = ServiceStack(write_local_config(work, tms.port))
+        ep = stack.start(min(120.0, args.timeout))
         stack.wait_ready(min(240.0, args.timeout))
+        gw_port = ep.gateway_port
         print(f"services up in {time.monotonic() - t_start:.1f} s "
-              f"(gateway ADAPTIVE_GW@127.0.0.1:{gw_port}; logs {stack.log_dir})")
-        oc = stack.cfg.orchestrator
-        cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint)
+              f"(gateway {ep.gateway_ae_title}@{ep.gateway_host}:{gw_port}; logs "
+              f"{stack.log_dir})")
+        cl = stack.console_client()
         how = push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
                    [planning / "RS.dcm", planning / "RP.dcm"], "TPS")
         end = time.monotonic() + 60
         while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
             if time.monotonic() > end:
                 raise ServiceError("planning data not registered by the orchestrator")
-            time.sleep(0.2)
+            time.sleep(0.2)  # bounded poll (60 s)
         print(f"planning data received ({how})")
         s = cl.start("DEMO_ROOM", pid, protocol="prostate")
         print(f"session {s['session_id']} started; sending CBCT")
@@ -220,7 +186,8 @@ def run(args) -> int:
     finally:
         if cl:
             cl.close()
-        stack.stop()
+        if stack:
+            stack.stop()
         tms.stop()
         print(f"demo finished in {time.monotonic() - t_start:.1f} s; everything stopped")
 

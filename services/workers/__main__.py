@@ -1,4 +1,7 @@
-"""``python -m services.workers --service NAME [--config services.toml]``: one worker."""
+"""``python -m services.workers --service NAME [--config services.toml] [--endpoint URL]``:
+one worker. It connects to ``--endpoint`` (the supervisor passes the orchestrator's real
+broker endpoint), else to ``[orchestrator].worker_endpoint`` (read from the orchestrator's
+ready record when the config says port 0, see :mod:`services.ready`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import threading
 from adaptive.log import bind, configure_logging, get_logger
 from services.config import load_services_config
 from services.messaging import Worker
+from services.ready import endpoint_argument
 from services.workers import load_handler
 
 
@@ -30,6 +34,7 @@ def main(argv=None) -> int:
     if not spec:
         print(f"no handler configured for service {args.service!r}", file=sys.stderr)
         return 2
+    endpoint = endpoint_argument(p, cfg, "worker_endpoint", args.endpoint)
     handler = load_handler(spec)
     warm = getattr(handler, "warm_up", None)
     if warm is not None and not args.no_warm_up:
@@ -41,7 +46,7 @@ def main(argv=None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *a: stop.set())
-    w = Worker(args.endpoint or cfg.orchestrator.worker_endpoint, args.service, handler,
+    w = Worker(endpoint, args.service, handler,
                heartbeat_interval_s=cfg.orchestrator.heartbeat_interval_s,
                liveness=cfg.orchestrator.heartbeat_liveness, name=args.name)
     w.run(stop)

@@ -1,15 +1,13 @@
-"""Fixtures for service integration tests: Orthanc as the TMS (own temp config, free
-ports), storescu as the imaging system, the service stack as subprocesses, synthetic
-planning data. Everything on 127.0.0.1; every wait is bounded."""
+"""Fixtures for service integration tests: Orthanc as the TMS (services/orthanc.py: ports
+chosen and retried on a conflict), storescu as the imaging system, the service stack as
+subprocesses on ephemeral ports (every process binds port 0 itself; the stack reads the
+real endpoints from their ready records), synthetic planning data. Everything on
+127.0.0.1; every wait is bounded."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,64 +15,24 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from services.config import free_tcp_port, load_services_config, write_config_variant
+from adaptive.config import config_path
+from services.config import write_config_variant
+from services.orthanc import OrthancServer, start_orthanc
 from services.sample_data import write_ct_series
 from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class OrthancServer:
-    dicom_port: int
-    http_port: int
-    aet: str
-    proc: subprocess.Popen
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
-            return json.loads(r.read())
-
-    def instances_tags(self) -> list[dict]:
-        return [self.get(f"/instances/{i}/simplified-tags") for i in self.get("/instances")]
+EPHEMERAL = "tcp://127.0.0.1:0"
 
 
 @pytest.fixture
-def orthanc(tmp_path):
+def orthanc(tmp_path) -> OrthancServer:
     exe = require_tool("Orthanc", "orthanc")
-    dport, hport = free_tcp_port(), free_tcp_port()
-    d = tmp_path / "orthanc"
-    (d / "db").mkdir(parents=True)
-    conf = {"Name": "test-tms", "DicomAet": "TMS", "DicomPort": dport, "HttpPort": hport,
-            "Plugins": [], "StorageDirectory": str(d / "db"), "IndexDirectory": str(d / "db"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "DicomModalities": {"adaptive": ["ADAPTIVE_SCU", "127.0.0.1", 11112]},
-            "StableAge": 1}
-    cf = d / "orthanc.json"
-    cf.write_text(json.dumps(conf))
-    log = open(d / "orthanc.log", "wb")
-    proc = subprocess.Popen([exe, str(cf)], env=dict(os.environ, TCP_NODELAY="1"),
-                            stdout=log, stderr=log, start_new_session=True)
-    srv = OrthancServer(dport, hport, "TMS", proc)
-    end = time.monotonic() + 30
-    while True:
-        try:
-            srv.get("/system")
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > end:
-                proc.kill()
-                pytest.fail(f"Orthanc did not start: {(d / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.1)
+    srv = start_orthanc(tmp_path / "orthanc", aet="TMS", exe=exe, extra={
+        "DicomCheckCalledAet": False, "StableAge": 1,
+        "DicomModalities": {"adaptive": ["ADAPTIVE_SCU", "127.0.0.1", 11112]}})
     yield srv
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-    log.close()
+    srv.stop()
 
 
 def _meta(sop_class, sop_uid):
@@ -145,21 +103,21 @@ def storescu(port: int, files, aet: str = "IMAGER", aec: str = "ADAPTIVE_GW",
 def make_config(tmp_path: Path, *, tms_port: int, handlers: dict | None = None,
                 budgets: dict | None = None, idle_timeout_s: float = 0.5,
                 counts: dict | None = None, tms_retries: int = 2) -> tuple[Path, Path]:
-    ports = [free_tcp_port() for _ in range(5)]
+    """A services config and a budgets config under ``tmp_path``: every service endpoint
+    on 127.0.0.1 port 0 (read the real ones from the stack's ``endpoints``), stage doubles
+    as handlers unless ``handlers`` says otherwise."""
     cfg = write_config_variant(None, tmp_path / "services.toml", {
         "paths": {"root": str(tmp_path / "var")},
-        "gateway": {"port": ports[0], "idle_timeout_s": idle_timeout_s, "fsync": "none"},
-        "orchestrator": {"worker_endpoint": f"tcp://127.0.0.1:{ports[1]}",
-                         "gateway_events_endpoint": f"tcp://127.0.0.1:{ports[2]}",
-                         "console_endpoint": f"tcp://127.0.0.1:{ports[3]}",
-                         "console_events_endpoint": f"tcp://127.0.0.1:{ports[4]}",
-                         "heartbeat_interval_s": 0.2, "heartbeat_liveness": 5},
+        "gateway": {"host": "127.0.0.1", "port": 0, "idle_timeout_s": idle_timeout_s,
+                    "fsync": "none"},
+        "orchestrator": {"worker_endpoint": EPHEMERAL, "gateway_events_endpoint": EPHEMERAL,
+                         "console_endpoint": EPHEMERAL, "console_events_endpoint": EPHEMERAL,
+                         "heartbeat_interval_s": 0.2, "heartbeat_liveness": 10},
         "workers": {**(counts or {}), "handlers": handlers or {
             "registration": "tests.integration.doubles:registration_double",
             "planning": "tests.integration.doubles:planning_double"}},
         "tms": {"port": tms_port, "retries": tms_retries, "backoff_s": 0.2,
                 "acse_timeout_s": 2.0, "dimse_timeout_s": 5.0, "network_timeout_s": 2.0}})
-    from adaptive.config import config_path
     bud = write_config_variant(config_path("budgets.toml"), tmp_path / "budgets.toml",
                                budgets or {})
     return cfg, bud
@@ -167,15 +125,16 @@ def make_config(tmp_path: Path, *, tms_port: int, handlers: dict | None = None,
 
 @pytest.fixture
 def stack_factory():
+    """``make(cfg, bud, env=None)``: a started :class:`ServiceStack` with every worker
+    connected; its ``endpoints`` are the real ones; stopped after the test."""
     from services.supervisor import ServiceStack
     stacks = []
 
     def make(cfg, bud, env=None):
         st = ServiceStack(cfg, bud, env=env)
         stacks.append(st)
-        st.start()
-        st.wait_ready(120)
-        st.cfg = load_services_config(cfg)
+        st.start(timeout_s=120)
+        st.wait_ready(180)
         return st
 
     yield make

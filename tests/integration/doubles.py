@@ -13,7 +13,7 @@ import numpy as np
 def array_sum(payload, arrays, ctx):
     """Service 'sum': returns the float64 sum of every array and sleeps payload['sleep_s']."""
     ctx.progress("summing", 0.0)
-    time.sleep(float(payload.get("sleep_s", 0.0)))
+    time.sleep(float(payload.get("sleep_s", 0.0)))  # deliberate: simulated work of a set length
     sums = {k: float(np.asarray(v, dtype=np.float64).sum()) for k, v in arrays.items()}
     ctx.progress("summing", 1.0)
     doubled = {k: np.asarray(v) * 2 for k, v in arrays.items()}
@@ -29,10 +29,31 @@ def failing(payload, arrays, ctx):
 # --- stage doubles for orchestrator tests (no compute stages needed) -----------------
 
 def _sleep_env(name):
+    """Simulated work: ``$name`` seconds (a stage that takes that long, e.g. past its
+    budget); the tests assert what the services do meanwhile or afterwards."""
     s = float(os.environ.get(name, "0") or 0)
     end = time.monotonic() + s
     while time.monotonic() < end:
-        time.sleep(0.05)
+        time.sleep(0.05)  # deliberate: simulated stage work, in 50 ms steps
+
+
+HOLD_LIMIT_S = 300.0
+
+
+def _hold_first_attempt(ctx, out_dir: str) -> None:
+    """With ADAPTIVE_TEST_PLAN_HOLD=1, the first attempt of the task announces itself
+    (file ``held-by-<pid>`` in ``out_dir``) and then holds until its worker is killed, so a
+    test can kill the worker while it certainly has the task (no timing window); a
+    re-issued attempt runs normally. Bounded: fails after HOLD_LIMIT_S."""
+    from pathlib import Path
+
+    if os.environ.get("ADAPTIVE_TEST_PLAN_HOLD") != "1" or ctx.attempt != 1:
+        return
+    (Path(out_dir) / f"held-by-{os.getpid()}").touch()
+    end = time.monotonic() + HOLD_LIMIT_S
+    while time.monotonic() < end:
+        time.sleep(0.05)  # deliberate: holding the task until the test kills this worker
+    raise TimeoutError(f"held task not killed within {HOLD_LIMIT_S:g} s")
 
 
 def registration_double(payload, arrays, ctx):
@@ -59,8 +80,9 @@ def registration_double(payload, arrays, ctx):
 
 def planning_double(payload, arrays, ctx):
     """Writes an 'adapted' RT Plan derived from the scheduled one (new UID, PREDECESSOR
-    reference, same structure set) and returns it with checks; sleeps
-    ADAPTIVE_TEST_PLAN_SLEEP_S; ADAPTIVE_TEST_FAIL_CHECKS=1 makes the checks fail."""
+    reference, same structure set) and returns it with checks and the attempt number; sleeps
+    ADAPTIVE_TEST_PLAN_SLEEP_S; ADAPTIVE_TEST_FAIL_CHECKS=1 makes the checks fail;
+    ADAPTIVE_TEST_PLAN_HOLD=1 holds the first attempt (see _hold_first_attempt)."""
     from pathlib import Path
 
     import pydicom
@@ -69,6 +91,7 @@ def planning_double(payload, arrays, ctx):
     from pydicom.uid import generate_uid
 
     ctx.progress("optimising", 0.0)
+    _hold_first_attempt(ctx, payload["out_dir"])
     _sleep_env("ADAPTIVE_TEST_PLAN_SLEEP_S")
     rp = pydicom.dcmread(payload["rtplan_path"])
     out = Path(payload["out_dir"])
@@ -89,5 +112,5 @@ def planning_double(payload, arrays, ctx):
                         "checks_passed": ok,
                         "checks": [{"name": "double", "passed": ok,
                                     "message": "" if ok else "forced failure"}]},
-            "scheduled": {"rtplan": payload["rtplan_path"]},
+            "scheduled": {"rtplan": payload["rtplan_path"]}, "attempt": ctx.attempt,
             "metrics": {"translation_mm": payload["registration"]["translation_mm"]}}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from services.console import ConsoleClient
 from tests.conftest import require_tool
 from tests.integration.conftest import make_config, storescu
 from tests.integration.test_services_pipeline import REAL, _require_stages
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -87,10 +87,8 @@ def _copy_as_patient_b(planning: Path, fx: Path, dst: Path) -> tuple[Path, Path,
 # --- the scenario ------------------------------------------------------------------------
 
 def _wait_planning_data(cl, pid, timeout_s=120):
-    end = time.monotonic() + timeout_s
-    while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
-        assert time.monotonic() < end, f"planning data of {pid} not registered"
-        time.sleep(0.2)
+    wait_until(lambda: not cl.request("planning_data", patient_id=pid)["planning"]["missing"],
+               timeout_s, f"planning data of {pid}", interval_s=0.2)
 
 
 def _download(orthanc, pid: str, dst: Path) -> dict[str, list[Path]]:

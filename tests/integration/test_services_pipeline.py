@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pydicom
 import pytest
 
 from adaptive.commands.demo import find_fraction
-from services.console import ConsoleClient
 from tests.integration.conftest import make_config, storescu
+from tests.integration.events import EventWatch
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,25 +45,43 @@ def _require_stages():
         pytest.skip(f"replay data not available: {e}")
 
 
+# Budgets for the cases that must not fall back: the configured budgets (set for an idle
+# 2-core machine) times GENEROUS, so that a loaded machine (CI with other work running)
+# cannot turn the behaviour under test into a budget fallback. Real stage times are
+# measured by `make bench` (adaptive/bench/bench_services.py), not asserted here.
+GENEROUS = 4.0
+
+
+def _generous_budgets() -> dict:
+    from services.config import load_budgets
+
+    b = load_budgets()
+    return {"end_to_end": {"budget_s": b.end_to_end_s * GENEROUS},
+            **{k: {"budget_s": getattr(b, k).budget_s * GENEROUS,
+                   "grace_s": getattr(b, k).grace_s * GENEROUS}
+               for k in ("registration", "planning", "handoff")}}
+
+
 def _start_session(tmp_path, orthanc, stack_factory, *, budgets=None, counts=None):
+    """Stack with the real stages, planning data received, session started in ROOM1 and
+    watched (console events), CBCT sent. ``budgets`` override the generous ones."""
     fx, planning = _require_stages()
     cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port, handlers=REAL,
-                           budgets=budgets, counts=counts)
+                           budgets={**_generous_budgets(), **(budgets or {})}, counts=counts)
     st = stack_factory(cfg, bud)
-    oc = st.cfg.orchestrator
-    cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint, timeout_s=10)
+    cl = st.console_client(timeout_s=10)
     rp = pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True)
     pid = str(rp.PatientID)
-    r = storescu(st.cfg.gateway.port, sorted((planning / "CT").glob("*.dcm")) +
+    port = st.endpoints.gateway_port
+    r = storescu(port, sorted((planning / "CT").glob("*.dcm")) +
                  [planning / "RS.dcm", planning / "RP.dcm"], aet="TPS")
     assert r.returncode == 0, r.stderr
-    end = time.monotonic() + 60
-    while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
-        assert time.monotonic() < end
-        time.sleep(0.2)
+    wait_until(lambda: not cl.request("planning_data", patient_id=pid)["planning"]["missing"],
+               120, "planning data registered", interval_s=0.2)
     s = cl.start("ROOM1", pid, protocol="prostate")
-    assert storescu(st.cfg.gateway.port, sorted((fx / "CBCT").glob("*.dcm"))).returncode == 0
-    return st, cl, s, rp
+    watch = EventWatch(cl, ["ROOM1"])
+    assert storescu(port, sorted((fx / "CBCT").glob("*.dcm"))).returncode == 0
+    return st, cl, s, rp, watch
 
 
 def _rtplans(orthanc) -> list[dict]:
@@ -94,8 +112,8 @@ def _assert_adapted_in_orthanc(orthanc, rp):
 def test_real_stages_session_to_orthanc(tmp_path, orthanc, stack_factory):
     from services.config import load_budgets
 
-    st, cl, s, rp = _start_session(tmp_path, orthanc, stack_factory)
-    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 600)
+    st, cl, s, rp, _ = _start_session(tmp_path, orthanc, stack_factory)
+    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 900)
     assert s["state"] == "awaiting_decision", s["notes"]
     # the console sees the scheduled-vs-adapted goal table (total-course Gy)
     m = s["metrics"]
@@ -107,30 +125,40 @@ def test_real_stages_session_to_orthanc(tmp_path, orthanc, stack_factory):
     cl.choose(s["session_id"], "adapted")
     s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120)
     assert s["state"] == "handed_off", s["error"]
-    budgets = load_budgets(st.budgets_path)
-    assert s["end_to_end"]["duration_s"] <= budgets.end_to_end_s, s["end_to_end"]
-    assert s["end_to_end"]["within_budget"]
+    # end to end measured and judged against the session's budget (its time is a benchmark
+    # figure; here only that it was measured and judged consistently)
+    e2e = s["end_to_end"]
+    budget = load_budgets(st.budgets_path).end_to_end_s
+    assert 0 < e2e["duration_s"] and e2e["within_budget"] == (e2e["duration_s"] <= budget)
+    assert e2e["within_budget"], e2e
     _assert_adapted_in_orthanc(orthanc, rp)
     cl.close()
 
 
 def test_real_planning_worker_killed_mid_plan_is_reissued(tmp_path, orthanc, stack_factory):
-    st, cl, s, rp = _start_session(tmp_path, orthanc, stack_factory, counts={"planning": 2})
-    s = cl.wait_for_state(s["session_id"], {"planning", "fallback", "failed"}, 300)
+    st, cl, s, rp, watch = _start_session(tmp_path, orthanc, stack_factory,
+                                          counts={"planning": 2})
+    # killed inside the real stage: right after it reports that it optimises (the forked
+    # stage child dies with its worker); the rest of the stage takes seconds
+    ev = watch.wait_for(lambda e: e["event"] == "progress" and
+                        e["details"].get("stage") == "planning" and
+                        e["details"].get("step") == "planning.optimise", 600,
+                        "planning progress 'planning.optimise'")
+    s = cl.session(s["session_id"])
     assert s["state"] == "planning", s["notes"]
-    worker = None
-    end = time.monotonic() + 30
-    while worker is None and time.monotonic() < end:
-        for e in (st.cfg.paths.root / "logs").glob("worker-planning-*.log"):
-            if "task_received" in e.read_text():
-                worker = e.stem
-        time.sleep(0.2)
-    assert worker, "no planning worker received the task"
-    time.sleep(5.0)  # well inside the real stage (Dij / optimisation)
-    os.kill(st.pid(worker), signal.SIGKILL)
-    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 600)
+    task = s["stages"]["planning"]["task_id"]
+    logs = st.log_dir
+    holder = wait_until(lambda: [p for p in st.workers if p.name.startswith("worker-planning-")
+                                 and task in (logs / f"{p.name}.log").read_text()], 30,
+                        f"the worker that received {task}")
+    assert len(holder) == 1, [p.name for p in holder]
+    os.kill(holder[0].popen.pid, signal.SIGKILL)
+    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 900)
     assert s["state"] == "awaiting_decision", s["notes"]
     assert s["stages"]["planning"]["ok"]
+    re = watch.wait_for(lambda e: e["event"] == "task_reissued", 10, "task_reissued")
+    assert re["details"]["stage"] == "planning" and re["details"]["attempt"] == 2
+    assert ev["t"] < re["t"]
     cl.choose(s["session_id"], "adapted")
     s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120)
     assert s["state"] == "handed_off", s["error"]
@@ -142,9 +170,10 @@ def test_real_planning_over_budget_falls_back_to_scheduled(tmp_path, orthanc, st
     # 1 s (+1 s grace) is far below what the real planning stage needs (loading the synthetic
     # CT and computing the Dij alone take longer); 10 s + 5 s was once enough to overrun but no
     # longer is on a quiet machine since the stages got faster.
-    _st, cl, s, rp = _start_session(tmp_path, orthanc, stack_factory,
-                                    budgets={"planning": {"budget_s": 1.0, "grace_s": 1.0}})
-    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 300)
+    _st, cl, s, rp, _ = _start_session(tmp_path, orthanc, stack_factory,
+                                       budgets={"planning": {"budget_s": 1.0,
+                                                             "grace_s": 1.0}})
+    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 600)
     assert s["state"] == "fallback" and s["offered"] == ["scheduled"], s["notes"]
     assert s["budgets_exceeded"][0]["stage"] == "planning"
     cl.choose(s["session_id"], "scheduled")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,8 @@ from adaptive.geometry.volume import Grid, Volume
 from adaptive.model.identity import PatientInfo, SeriesInfo
 from services.console import ConsoleClient
 from tests.integration.conftest import make_config, storescu
+from tests.integration.events import EventWatch
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -128,12 +129,10 @@ EXPECTED = {
 def _push_planning(st, cl, planning: Path) -> str:
     rp = pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True)
     r = storescu(st.cfg.gateway.port, sorted((planning / "CT").glob("*.dcm")) +
-                 [planning / "RS.dcm", planning / "RP.dcm"])
+                 [planning / "RS.dcm", planning / "RP.dcm"], aet="TPS")
     assert r.returncode == 0, r.stderr
-    end = time.monotonic() + 60
-    while cl.request("planning_data", patient_id=str(rp.PatientID))["planning"]["missing"]:
-        assert time.monotonic() < end, "planning data not registered"
-        time.sleep(0.2)
+    wait_until(lambda: not cl.request("planning_data", patient_id=str(rp.PatientID))
+               ["planning"]["missing"], 60, "planning data registered")
     return str(rp.PatientID)
 
 
@@ -141,14 +140,12 @@ def _run_fault(st, cl, orthanc, pid: str, room: str, files: list[Path], schedule
                case: str) -> dict:
     """One session on a fault CBCT: returns the session after the scheduled plan was handed
     off, with the console events seen."""
+    watch = EventWatch(cl, [room])       # subscription confirmed live before the session
     s = cl.start(room, pid)
-    cl.subscribe(room)
     assert storescu(st.cfg.gateway.port, files).returncode == 0
-    events = []
-    for ev in cl.events(room, timeout_s=900):
-        events.append(ev)
-        if ev["event"] in ("fallback", "plans_ready") or ev.get("state") == "failed":
-            break
+    watch.wait_for(lambda e: e["event"] in ("fallback", "plans_ready")
+                   or e.get("state") == "failed", 900, "fallback/plans_ready/failed")
+    events = list(watch.seen)
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 60)
     assert s["state"] == "fallback", (case, s["state"], s["notes"])
     assert s["offered"] == ["scheduled"], (case, s["offered"])
