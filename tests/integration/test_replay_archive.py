@@ -23,6 +23,7 @@ from adaptive.replay.chain import ChainSettings
 from adaptive.replay.discover import discover
 from adaptive.replay.export import build_cases, corrupt_series, export_archive
 from tests.conftest import require_tool
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -149,7 +150,6 @@ def dask_cluster(tmp_path):
     administrator would (their command lines), on 127.0.0.1."""
     import os
     import sys
-    import time
 
     from distributed import Client
 
@@ -161,10 +161,7 @@ def dask_cluster(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)]
     try:
-        end = time.monotonic() + 60
-        while not sf.is_file() and time.monotonic() < end:
-            time.sleep(0.1)  # bounded wait for the scheduler to write its address
-        assert sf.is_file(), "dask scheduler did not start"
+        wait_until(sf.is_file, 60, "the dask scheduler's address file")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(sf),
              "--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
