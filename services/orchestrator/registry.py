@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaptive.dicom.daily_image import is_daily_image
 from adaptive.dicom.inventory import inventory
 from adaptive.log import get_logger
 
@@ -167,18 +168,15 @@ class PlanningRegistry:
         return out
 
     def is_cbct(self, series: dict, planning_ct: dict | None) -> bool:
-        """A completed CT series that is not the planning CT and is marked as a CBCT (Series
-        Description / Image Type) or lies in another Frame of Reference."""
-        if series.get("modality") != "CT":
-            return False
-        if planning_ct is not None and series["series_uid"] == planning_ct["series_uid"]:
-            return False
-        text = " ".join([series.get("series_description", "")] +
-                        list(series.get("image_type", []))).upper()
-        if any(m in text for m in self.cbct_markers):
-            return True
-        return planning_ct is not None and (series.get("frame_of_reference_uid") !=
-                                            planning_ct.get("frame_of_reference_uid"))
+        """A daily image by the rule the archive replay uses too
+        (:func:`adaptive.dicom.daily_image.is_daily_image`)."""
+        return is_daily_image(series.get("modality", ""), series["series_uid"],
+                              series.get("series_description", ""),
+                              series.get("image_type", []),
+                              series.get("frame_of_reference_uid", ""),
+                              planning_ct["series_uid"] if planning_ct else None,
+                              planning_ct.get("frame_of_reference_uid") if planning_ct else None,
+                              self.cbct_markers)
 
     def cbct_candidates(self, pid: str, planning_ct: dict | None, used: set[str],
                         earliest: float) -> list[dict]:
