@@ -327,7 +327,7 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
         stack, cl, gw_port = session_stack(work, tms, planning, pid)
         for fx in fxs:
             s = cl.start("BENCH_ROOM", pid, protocol="prostate")
-            push(gw_port, sorted(fx.cbct_dir.glob("*.dcm")))
+            push(gw_port, sorted(fx.cbct_dir.glob("*.dcm")), "IMAGER")
             s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
                                   900, poll_s=0.25)
             rpath = (stack.cfg.paths.sessions / s["session_id"] / "registration" /
