@@ -12,11 +12,11 @@ import io
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from adaptive.cli import main as cli_main
 from adaptive.pipeline.session import PlanSettings
 from adaptive.replay.archive import ClusterSettings, plan_jobs, replay_archive
 from adaptive.replay.chain import ChainSettings
@@ -107,8 +107,14 @@ def test_reports_equal_adaptive_replay_of_each_fraction(replayed, tmp_path):
             if uid == replayed["bad_uid"]:
                 continue
             one = tmp_path / f"{c.name}-{fx.name}"
-            code = cli_main(["replay", str(fx), "-o", str(one), *CLI_PLAN])
-            assert code in (0, 2)  # 2: replayed, but the adapted plan did not pass
+            # the command as a physicist runs it, in its own process: in the pytest process
+            # (after other test modules) its figures once differed from both a fresh process
+            # and the archive's workers (cause not found; see the issue-15 note)
+            run = subprocess.run([sys.executable, "-m", "adaptive.cli", "replay", str(fx),
+                                  "-o", str(one), *CLI_PLAN], check=False,
+                                 capture_output=True, text=True, timeout=900)
+            # 2: replayed, but the adapted plan did not pass
+            assert run.returncode in (0, 2), run.stderr[-2000:]
             single = json.loads((one / "comparison.json").read_text())
             row = rows[uid]
             assert row["goals"] == single["rows"], (c.name, fx.name)
