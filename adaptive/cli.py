@@ -12,7 +12,7 @@ from adaptive.errors import AdaptiveError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import adaptive.commands as commands
+    from adaptive import commands
 
     p = argparse.ArgumentParser(
         prog="adaptive",

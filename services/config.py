@@ -457,7 +457,7 @@ def write_local_config(workdir: str | Path, tms_port: int) -> Path:
     return write_config_variant(None, workdir / "services.toml", {
         "paths": {"root": str(workdir / "var")},
         "gateway": {"host": "127.0.0.1", "port": 0},
-        "orchestrator": {k: EPHEMERAL_LOCAL_ENDPOINT for k in (
-            "worker_endpoint", "gateway_events_endpoint", "console_endpoint",
-            "console_events_endpoint")},
+        "orchestrator": dict.fromkeys(
+            ("worker_endpoint", "gateway_events_endpoint", "console_endpoint",
+             "console_events_endpoint"), EPHEMERAL_LOCAL_ENDPOINT),
         "tms": {"port": tms_port}})

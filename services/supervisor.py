@@ -127,10 +127,9 @@ class ServiceStack:
 
     def _spawn(self, p: Proc) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log_dir / f"{p.name}.log", "ab")
-        p.popen = subprocess.Popen(p.argv + p.extra, cwd=os.getcwd(), env=self.env,
-                                   stdout=logf, stderr=logf, start_new_session=True)
-        logf.close()
+        with open(self.log_dir / f"{p.name}.log", "ab") as logf:  # the child keeps its own copy
+            p.popen = subprocess.Popen(p.argv + p.extra, cwd=os.getcwd(), env=self.env,
+                                       stdout=logf, stderr=logf, start_new_session=True)
         self.log.info("process_started", name=p.name, pid=p.popen.pid)
 
     def _await_record(self, p: Proc, timeout_s: float) -> ReadyRecord:

@@ -272,8 +272,8 @@ def test_committed_pelvis_truth_structures_follow_the_truth_dvf():
 def test_written_objects_pass_dciodvfy(built, dciodvfy):
     pel = built.case("pelvis_small")
     fx = pel.fraction(1)
-    files = [sorted(pel.planning_ct_dir.glob("*.dcm"))[0], pel.planning_rtstruct,
-             sorted(fx.cbct_dir.glob("*.dcm"))[0], fx.truth_rtstruct]
+    files = [min(pel.planning_ct_dir.glob("*.dcm")), pel.planning_rtstruct,
+             min(fx.cbct_dir.glob("*.dcm")), fx.truth_rtstruct]
     for f in files:
         errors, out = dciodvfy(f)
         assert not errors, (f, out[-2000:])

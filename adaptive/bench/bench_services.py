@@ -71,11 +71,11 @@ def run(args) -> str:
         paths = write_ct_series(root / "cbct", 120, 512, 512, patient_id="BENCH",
                                 description="CBCT")
         mb = sum(p.stat().st_size for p in paths) / 2**20
-        out += [f"Receive: 120 x 512x512 CT slices ({mb:.0f} MiB) by DCMTK storescu "
+        out += [(f"Receive: 120 x 512x512 CT slices ({mb:.0f} MiB) by DCMTK storescu "
                 f"(TCP_NODELAY=1) over loopback to the gateway (validate + atomic write "
-                f"before Success); target <= {TARGET_S:g} s. Idle timeout {idle} s.", "",
-                "| fsync policy | storescu start -> exit (all on disk) | -> series_complete "
-                "| files | target |", "|---|---|---|---|---|"]
+                f"before Success); target <= {TARGET_S:g} s. Idle timeout {idle} s."), "",
+                ("| fsync policy | storescu start -> exit (all on disk) | -> series_complete "
+                "| files | target |"), "|---|---|---|---|---|"]
         for fsync in ("instance", "series", "none"):
             sends, completes, n = [], [], 0
             for _ in range(repeats):

@@ -86,8 +86,8 @@ def _project(rot, iso, sad, px, py, pz):
 @nb.njit(cache=True, inline="always")
 def _window(x, r, e0, w, n):
     """Index range [i0, i1] of elements (edges e0 + i w) whose centre is within r of x."""
-    i0 = int(math.ceil((x - r - e0) / w - 0.5))
-    i1 = int(math.floor((x + r - e0) / w - 0.5))
+    i0 = math.ceil((x - r - e0) / w - 0.5)
+    i1 = math.floor((x + r - e0) / w - 0.5)
     i0 = max(i0, 0)
     i1 = min(i1, n - 1)
     return i0, i1

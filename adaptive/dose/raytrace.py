@@ -55,9 +55,9 @@ def siddon_path(dens, sx, sy, sz, ax, ay, az, bx, by, bz):
         return 0.0
     # voxel containing the midpoint of the first (infinitesimal) step
     am = amin + 1e-9 * (amax - amin)
-    i = int(math.floor((ax + am * dx) / sx + 0.5))
-    j = int(math.floor((ay + am * dy) / sy + 0.5))
-    k = int(math.floor((az + am * dz) / sz + 0.5))
+    i = math.floor((ax + am * dx) / sx + 0.5)
+    j = math.floor((ay + am * dy) / sy + 0.5)
+    k = math.floor((az + am * dz) / sz + 0.5)
     i = min(max(i, 0), ni - 1)
     j = min(max(j, 0), nj - 1)
     k = min(max(k, 0), nk - 1)
@@ -176,9 +176,9 @@ def siddon_profile(dens, sx, sy, sz, ax, ay, az, bx, by, bz, alphas, out):
     if amin >= amax:
         return
     am = amin + 1e-9 * (amax - amin)
-    i = int(math.floor((ax + am * dx) / sx + 0.5))
-    j = int(math.floor((ay + am * dy) / sy + 0.5))
-    k = int(math.floor((az + am * dz) / sz + 0.5))
+    i = math.floor((ax + am * dx) / sx + 0.5)
+    j = math.floor((ay + am * dy) / sy + 0.5)
+    k = math.floor((az + am * dz) / sz + 0.5)
     i = min(max(i, 0), ni - 1)
     j = min(max(j, 0), nj - 1)
     k = min(max(k, 0), nk - 1)
@@ -288,7 +288,7 @@ def fan_depth_lookup(table, x0, y0, dxy, z0, dzs, x, y, z, max_spread):
     c01 = table[iy, ix + 1, iz] * (1.0 - tz) + table[iy, ix + 1, iz + 1] * tz
     c10 = table[iy + 1, ix, iz] * (1.0 - tz) + table[iy + 1, ix, iz + 1] * tz
     c11 = table[iy + 1, ix + 1, iz] * (1.0 - tz) + table[iy + 1, ix + 1, iz + 1] * tz
-    spread = max(max(c00, c01), max(c10, c11)) - min(min(c00, c01), min(c10, c11))
+    spread = max(c00, c01, c10, c11) - min(c00, c01, c10, c11)
     if spread > max_spread:
         return -1.0
     return ((c00 * (1.0 - tx) + c01 * tx) * (1.0 - ty) + (c10 * (1.0 - tx) + c11 * tx) * ty)

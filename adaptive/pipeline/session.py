@@ -222,12 +222,13 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
         info["segments_raw"] = [sb.n_segments_raw for sb in seq]
         info["intensity_levels"] = [sb.n_levels for sb in seq]
         seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings)
-    common = dict(prescription=goals.prescription,
-                  frame_of_reference_uid=series.frame_of_reference_uid, label=label,
-                  referenced_structure_set_uid=ss.sop_instance_uid,
-                  predecessor_plan_uid=reference.sop_instance_uid if reference else "",
-                  patient_id=series.patient.patient_id, patient_name=series.patient.patient_name,
-                  study_instance_uid=series.study_instance_uid)
+    common = {"prescription": goals.prescription,
+              "frame_of_reference_uid": series.frame_of_reference_uid, "label": label,
+              "referenced_structure_set_uid": ss.sop_instance_uid,
+              "predecessor_plan_uid": reference.sop_instance_uid if reference else "",
+              "patient_id": series.patient.patient_id,
+              "patient_name": series.patient.patient_name,
+              "study_instance_uid": series.study_instance_uid}
     plan = build_plan(seq, templates, mlc, **common)
     with _Timer(T, "deliverable_dose"):
         dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,

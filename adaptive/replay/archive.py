@@ -215,7 +215,7 @@ def local_cluster_env(n_workers: int, cores: int | None = None) -> dict[str, str
     """Environment of each local worker process: thread counts = cores ÷ workers."""
     cores = cores or os.cpu_count() or 1
     n = str(max(1, cores // max(1, n_workers)))
-    env = {k: n for k in THREAD_VARS}
+    env = dict.fromkeys(THREAD_VARS, n)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["ADAPTIVE_LOG_JSON"] = "1"
     if os.environ.get("NUMBA_CACHE_DIR"):

@@ -23,6 +23,7 @@ the store's folders at start-up); an instance claiming otherwise is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -102,10 +103,8 @@ def _write_temp(folder: Path, chunks, fsync: bool) -> Path:
 
 
 def _unlink_quietly(p: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         p.unlink()
-    except OSError:
-        pass
 
 
 def write_atomic(path: Path, chunks, *, fsync: bool) -> Path:
@@ -237,8 +236,8 @@ class InstanceStore:
         """Keep a rejected instance under ``quarantine/<reason>/`` with a JSON sidecar
         naming why (and who sent it); never overwrites an earlier quarantined file."""
         folder = self.quarantine_root / _safe_label(reason, "unknown")
-        stem = f"{time.strftime('%Y%m%dT%H%M%S')}_{_safe_label(name, 'noname')}_" \
-               f"{uuid.uuid4().hex[:8]}"
+        stem = (f"{time.strftime('%Y%m%dT%H%M%S')}_{_safe_label(name, 'noname')}_"
+                f"{uuid.uuid4().hex[:8]}")
         path = write_atomic(folder / f"{stem}.dcm", (PREAMBLE, meta, dataset), fsync=True)
         write_atomic(folder / f"{stem}.json",
                      (json.dumps(sidecar, indent=2, sort_keys=True).encode(),), fsync=True)

@@ -75,7 +75,7 @@ def test_normal_session_end_to_end_to_orthanc(tmp_path, orthanc, stack_factory):
     assert {t["PatientID"] for t in tags} == {"PAT-E2E"}
     plans = [t for t in tags if t.get("Modality") == "RTPLAN"]
     assert len(plans) == 1
-    adapted = [p for p in plans if p["RTPlanLabel"] == "ADAPTED"][0]
+    adapted = next(p for p in plans if p["RTPlanLabel"] == "ADAPTED")
     # it references the structure set handed off with it (today's, in the CBCT's study)
     rs = [t for t in tags if t.get("Modality") == "RTSTRUCT"]
     assert [t["SOPInstanceUID"] for t in rs] == [
