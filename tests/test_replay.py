@@ -10,12 +10,13 @@ import pytest
 
 from adaptive.dicom import read_ct_series, read_rtstruct
 from adaptive.errors import ConfigError, ReplayDataError
+from adaptive.geometry.dvf_io import read_dvf, write_dvf
 from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid, Volume, displacement_warp
 from adaptive.phantoms.deformation import DailyVariation, daily_dvf
 from adaptive.phantoms.pelvis import GasPocket, PelvisAnatomy
 from adaptive.phantoms.shapes import rotation_matrix
-from adaptive.replay import load_manifest, read_dvf, write_dvf
+from adaptive.replay import load_manifest
 from adaptive.replay.build import (
     PelvisCaseConfig,
     ReplayConfig,

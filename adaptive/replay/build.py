@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 import adaptive
 from adaptive.config import check_keys, config_path, load_toml
 from adaptive.errors import ConfigError
+from adaptive.geometry.dvf_io import write_dvf
 from adaptive.geometry.volume import Volume
 from adaptive.log import get_logger
 from adaptive.model.identity import PatientInfo, SeriesInfo
@@ -43,7 +44,7 @@ from adaptive.phantoms.pelvis import (
 from adaptive.phantoms.phantom import Phantom
 from adaptive.phantoms.tg119 import tg119_cshape, tg119_prostate
 from adaptive.replay.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_manifest
-from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_dvf, write_truth_json
+from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_truth_json
 
 log = get_logger(__name__)
 
