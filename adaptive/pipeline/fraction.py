@@ -12,7 +12,7 @@ goal-by-goal comparison. Writes the adapted ``RP.dcm`` + ``RD.dcm`` (only when t
 its checks), ``scheduled_today/RD.dcm``, ``comparison.json`` and ``plan_report.json``.
 
 Both the offline ``adaptive replay`` command (:func:`run_fraction`) and the services'
-workers (:mod:`adaptive.pipeline.service_stages`) call these two functions; the hand-over
+workers (:mod:`services.workers.stages`) call these two functions; the hand-over
 between them is the JSON-able registration record, so a worker process needs nothing else.
 
 Doses per fraction in Gy internally; goal values in reports are total-course Gy (V in %).
