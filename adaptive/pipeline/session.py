@@ -371,15 +371,7 @@ def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
                               parameters={"goals_file": str(goals_path)})
 
 
-def run_fraction(case_dir, fraction_dir, goals, **kw):
-    """The replay chain for one archived fraction: see
-    :func:`adaptive.pipeline.fraction.run_fraction` (kept here for existing callers)."""
-    from adaptive.pipeline.fraction import run_fraction as _run
-
-    return _run(case_dir, fraction_dir, goals, **kw)
-
-
-def _moved_plan(plan: Plan, m: np.ndarray, frame_uid: str) -> Plan:
+def moved_plan(plan: Plan, m: np.ndarray, frame_uid: str) -> Plan:
     """Copy of ``plan`` with isocenters mapped by the 4×4 ``m`` (LPS mm) into another frame;
     keeps the SOP Instance UID so the adapted plan references it as PREDECESSOR."""
     import copy
