@@ -67,6 +67,7 @@ replay-data: setup
 # ruff (rules in pyproject.toml) and the import-layering contract (.importlinter).
 lint: setup
 	$(VENV)/bin/ruff check adaptive services tests scripts
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) $(PEERS) .cache .pytest_cache
