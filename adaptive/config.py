@@ -101,14 +101,16 @@ T = TypeVar("T")
 
 
 def validate_config(model: type[T], data: Any, where: str | Path, *,
-                    context: dict | None = None) -> T:
+                    context: dict | None = None, key_names: Mapping[str, str] | None = None
+                    ) -> T:
     """``data`` (parsed TOML) as ``model``; a :class:`ConfigError` naming ``where`` and the
     key path of every problem otherwise. ``context`` is handed to the model's validators
-    (e.g. the config file's folder, for relative paths)."""
+    (e.g. the config file's folder, for relative paths); ``key_names`` renames top-level
+    keys in messages (a model read from several tables: field → ``table.field``)."""
     try:
         return TypeAdapter(model).validate_python(data, context=context)
     except ValidationError as e:
-        raise config_error(where, e) from None
+        raise config_error(where, e, key_names) from None
 
 
 def load_config(model: type[T], path: str | Path, *, context: dict | None = None) -> T:
@@ -119,11 +121,15 @@ def load_config(model: type[T], path: str | Path, *, context: dict | None = None
                            context={"path": path, **(context or {})})
 
 
-def config_error(where: str | Path, e: ValidationError) -> ConfigError:
+def config_error(where: str | Path, e: ValidationError,
+                 key_names: Mapping[str, str] | None = None) -> ConfigError:
     """One line per problem: ``where: dotted.key: message (got value)``."""
     lines = []
     for err in e.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"] if p != "__root__") or "(top level)"
+        parts = [str(p) for p in err["loc"] if p != "__root__"]
+        if parts and key_names:
+            parts[0] = key_names.get(parts[0], parts[0])
+        loc = ".".join(parts) or "(top level)"
         kind = err["type"]
         if kind in ("unexpected_keyword_argument", "extra_forbidden"):
             lines.append(f"{loc}: unknown key")

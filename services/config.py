@@ -23,6 +23,7 @@ from adaptive.config import (
     load_toml,
     write_toml,
 )
+from adaptive.dicom.daily_image import DEFAULT_CBCT_MARKERS
 from services.validators import validate_ae_title
 
 FSYNC_POLICIES = ("instance", "series", "none")
@@ -205,7 +206,7 @@ class OrchestratorConfig:
     heartbeat_interval_s: Annotated[Float, Field(ge=0.01)] = 0.5
     heartbeat_liveness: Annotated[Int, Field(ge=2)] = 6
     max_task_attempts: Annotated[Int, Field(ge=1)] = 3
-    cbct_markers: list[Text] = field(default_factory=lambda: ["CBCT", "CONE BEAM", "CONEBEAM"])
+    cbct_markers: list[Text] = field(default_factory=lambda: list(DEFAULT_CBCT_MARKERS))
     accept_cbct_before_start_s: Annotated[Float, Field(ge=0)] = 600.0
 
     @field_validator("cbct_markers", mode="after")
