@@ -24,6 +24,7 @@ from typing import Annotated, Any, TypeVar
 import tomli_w
 from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
 
+from adaptive.atomic import write_text_atomic
 from adaptive.errors import ConfigError
 
 #: where ``config/`` is in a source checkout (also the editable install)
@@ -70,11 +71,7 @@ def write_toml(path: str | Path, data: Mapping[str, Any]) -> Path:
         text = tomli_w.dumps(_toml_ready(data))
     except TypeError as e:
         raise ConfigError(f"cannot write {path} as TOML: {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def _toml_ready(v):

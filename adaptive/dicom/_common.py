@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
+from adaptive.atomic import atomic_file
 from adaptive.errors import MissingTagError, NotDicomError
 from adaptive.model.identity import PatientInfo, StudyIdentity
 
@@ -93,19 +91,10 @@ def patient_from_ds(ds: Dataset) -> PatientInfo:
 
 
 def save_atomic(ds: Dataset, path: str | Path) -> Path:
-    """Write ``ds`` as a DICOM Part 10 file via a temporary file + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".dcm", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            ds.save_as(f, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``ds`` as a DICOM Part 10 file atomically (:mod:`adaptive.atomic`)."""
+    with atomic_file(path, "wb") as f:
+        ds.save_as(f, enforce_file_format=True)
+    return Path(path)
 
 
 def read_dataset(path: str | Path, *, stop_before_pixels: bool = False) -> Dataset:

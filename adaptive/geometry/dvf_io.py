@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive.atomic import atomic_path
 from adaptive.errors import ReplayDataError
 from adaptive.geometry.volume import Grid
 
@@ -39,10 +40,8 @@ def write_dvf(path: str | Path, dvf: np.ndarray, grid: Grid, *, compress: bool =
     img.SetOrigin([float(v) for v in grid.origin])
     img.SetSpacing([float(v) for v in grid.spacing])
     img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(grid.direction, dtype=np.float64)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    itk.imwrite(img, str(tmp), compression=compress)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        itk.imwrite(img, str(tmp), compression=compress)
     return path
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import adaptive
+from adaptive.atomic import write_text_atomic
 from adaptive.errors import AdaptiveError, ReplayDataError
 from adaptive.jsonable import to_jsonable, write_json_atomic
 from adaptive.log import get_logger
@@ -187,9 +188,7 @@ def write_fraction_report(out: Path, inputs: FractionInputs, goals, meta: dict) 
     data = load_fraction_data(out, inputs, goals)
     row = fraction_row(data, meta)
     html = render_fraction_page(data, row, meta)
-    tmp = out / f".{REPORT_NAME}.tmp"
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out / REPORT_NAME)
+    write_text_atomic(out / REPORT_NAME, html)
     return row
 
 
@@ -436,7 +435,5 @@ def write_summary(result: ArchiveResult, meta: dict) -> None:
     rows = sort_rows(result.rows)
     for name, text in (("summary.csv", summary_csv(rows)),
                        ("index.html", render_summary_page(rows, meta, out))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+        write_text_atomic(out / name, text)
     write_json_atomic(out / "summary.json", to_jsonable({"meta": meta, "rows": rows}))

@@ -28,6 +28,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaptive.atomic import write_text_atomic
 from adaptive.errors import ReplayDataError
 from adaptive.model.plan import Prescription
 
@@ -270,7 +271,4 @@ def write_manifest(path: str | Path, data: dict) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dumps_manifest(data))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, dumps_manifest(data))

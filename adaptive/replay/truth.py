@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from adaptive.atomic import write_text_atomic
 from adaptive.errors import ReplayDataError
 
 #: the replay truth fields are stored rounded to this (mm): ≤ 0.0005 mm from the computed
@@ -16,12 +17,7 @@ TRUTH_QUANTUM_MM = 1.0 / 1024.0
 
 def write_truth_json(path: str | Path, record: dict) -> Path:
     """Write a truth record (``truth.json``) with sorted keys, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def read_truth_json(path: str | Path) -> dict:
