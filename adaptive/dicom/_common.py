@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
@@ -15,12 +16,13 @@ from adaptive.atomic import atomic_file
 from adaptive.errors import MissingTagError, NotDicomError
 from adaptive.model.identity import PatientInfo, StudyIdentity
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
-RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
-SPATIAL_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
-DEFORMABLE_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.3"
+# the SOP classes we write and read (pydicom's constants, under the names our modules use)
+CT_IMAGE_STORAGE = uid.CTImageStorage
+RT_STRUCT_STORAGE = uid.RTStructureSetStorage
+RT_PLAN_STORAGE = uid.RTPlanStorage
+RT_DOSE_STORAGE = uid.RTDoseStorage
+SPATIAL_REG_STORAGE = uid.SpatialRegistrationStorage
+DEFORMABLE_REG_STORAGE = uid.DeformableSpatialRegistrationStorage
 
 
 def ds_str(x: float) -> str:

@@ -29,19 +29,21 @@ import math
 from dataclasses import dataclass, field
 
 import pydicom
+from pydicom import uid
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
+from pynetdicom import sop_class
 
 from services.validators import validate_patient_id, validate_uid
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
-RT_STRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
-RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
-SPATIAL_REG = "1.2.840.10008.5.1.4.1.1.66.1"
-DEFORMABLE_REG = "1.2.840.10008.5.1.4.1.1.66.3"
-VERIFICATION = "1.2.840.10008.1.1"
+CT_IMAGE = uid.CTImageStorage
+RT_DOSE = uid.RTDoseStorage
+RT_STRUCT = uid.RTStructureSetStorage
+RT_PLAN = uid.RTPlanStorage
+SPATIAL_REG = uid.SpatialRegistrationStorage
+DEFORMABLE_REG = uid.DeformableSpatialRegistrationStorage
+VERIFICATION = sop_class.Verification
 
 #: Storage SOP classes the gateway accepts -> the Modality their content must carry.
 STORAGE_CLASSES: dict[str, str] = {
