@@ -13,9 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 
+from adaptive.dicom.ct_series import write_ct_series
+from adaptive.dicom.study import new_uid
 from adaptive.errors import ConfigError, DicomInputError, ServiceError
+from adaptive.geometry.volume import Grid, Volume
+from adaptive.model.identity import PatientInfo, SeriesInfo, StudyIdentity
 from services.config import (
     DicomPeer,
     GatewayAccessConfig,
@@ -128,3 +133,24 @@ def wait_planning_data(console, patient_id: str, timeout_s: float = 60.0) -> Non
         if time.monotonic() > end:
             raise ServiceError("planning data not registered by the orchestrator")
         time.sleep(0.2)  # bounded poll
+
+
+def write_synthetic_ct(folder: str | Path, n_slices: int, rows: int = 512, cols: int = 512, *,
+                       patient_id: str = "PAT001", description: str = "CT",
+                       study_uid: str | None = None, series_uid: str | None = None,
+                       for_uid: str | None = None, spacing_mm=(1.0, 1.0, 2.0)) -> list[Path]:
+    """A synthetic CT series (not anatomy: a deterministic HU ramp pattern) written by the
+    product's CT writer (:func:`adaptive.dicom.write_ct_series`) into ``folder``, for
+    gateway traffic in tests and the receive benchmark. Centred on the origin in x and y,
+    slice k at z = k × spacing (LPS mm). Returns the files in slice order."""
+    y, x = np.mgrid[0:rows, 0:cols]
+    hu = np.stack([((x + y + 7 * k) % 2048) - 1024 for k in range(n_slices)]).astype(np.int16)
+    sx, sy, sz = (float(v) for v in spacing_mm)
+    grid = Grid((n_slices, rows, cols), origin=[-(cols - 1) * sx / 2, -(rows - 1) * sy / 2, 0.0],
+                spacing=[sx, sy, sz])
+    patient = PatientInfo(patient_id, f"SYNTHETIC^{patient_id}")
+    study = StudyIdentity(patient, study_uid or new_uid())
+    info = SeriesInfo(patient, study.study_instance_uid, series_uid or new_uid(),
+                      for_uid or new_uid())
+    done = write_ct_series(Volume(hu, grid), info, folder, study=study, description=description)
+    return [Path(folder) / f"CT.{uid}.dcm" for uid in done.sop_instance_uids]

@@ -59,7 +59,7 @@ def _receive_once(paths, root: Path, fsync: str, idle_s: float) -> tuple[float, 
 
 
 def run(args) -> str:
-    from services.sample_data import write_ct_series
+    from services.local_peers import write_synthetic_ct
 
     out = ["## services", ""]
     if not shutil.which("storescu"):
@@ -68,7 +68,7 @@ def run(args) -> str:
     idle = 0.5
     with tempfile.TemporaryDirectory(prefix="bench-services-") as tmp:
         root = Path(tmp)
-        paths = write_ct_series(root / "cbct", 120, 512, 512, patient_id="BENCH",
+        paths = write_synthetic_ct(root / "cbct", 120, 512, 512, patient_id="BENCH",
                                 description="CBCT")
         mb = sum(p.stat().st_size for p in paths) / 2**20
         out += [(f"Receive: 120 x 512x512 CT slices ({mb:.0f} MiB) by DCMTK storescu "
