@@ -22,6 +22,7 @@ from adaptive.dicom.study import new_study
 from adaptive.errors import ContourOutsideImageError, MissingTagError, UnknownReferencedSeriesError
 from adaptive.geometry import Grid, Volume
 from adaptive.model import PatientInfo, Roi, SeriesInfo, StructureSet
+from adaptive.registration.evaluate import dice as _dice
 
 
 def _oblique():
@@ -46,8 +47,6 @@ def _masks(g):
     return ptv, ring
 
 
-def _dice(a, b):
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 def _ss(g, info):

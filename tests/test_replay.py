@@ -16,6 +16,7 @@ from adaptive.geometry.volume import Grid, Volume, displacement_warp
 from adaptive.phantoms.deformation import DailyVariation, daily_dvf
 from adaptive.phantoms.pelvis import GasPocket, PelvisAnatomy
 from adaptive.phantoms.shapes import rotation_matrix
+from adaptive.registration.evaluate import dice
 from adaptive.replay import load_manifest
 from adaptive.replay.build import (
     PelvisCaseConfig,
@@ -43,8 +44,6 @@ def built(tmp_path_factory):
     return load_manifest(path)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.sum(a & b) / max(1, a.sum() + b.sum())
 
 
 def test_dvf_roundtrip_keeps_geometry_and_components(tmp_path):
