@@ -84,6 +84,11 @@ def _toml_ready(v):
     return v
 
 
+#: the series markers of a daily image (``[orchestrator] cbct_markers`` of services.toml):
+#: the default of the services' model and of the replay's daily-image rule (two layers)
+DEFAULT_CBCT_MARKERS = ("CBCT", "CONE BEAM", "CONEBEAM")
+
+
 # --- typed models ---------------------------------------------------------------------------
 
 #: the configuration of every config model: unknown keys are errors

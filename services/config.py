@@ -15,6 +15,7 @@ from pydantic.dataclasses import dataclass
 
 from adaptive.config import (
     CONFIG_MODEL,
+    DEFAULT_CBCT_MARKERS,
     Bool,
     Float,
     Int,
@@ -23,7 +24,6 @@ from adaptive.config import (
     load_toml,
     write_toml,
 )
-from adaptive.dicom.daily_image import DEFAULT_CBCT_MARKERS
 from services.validators import validate_ae_title
 
 FSYNC_POLICIES = ("instance", "series", "none")

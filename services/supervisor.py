@@ -28,6 +28,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
 from adaptive.errors import ServiceError
 from adaptive.log import get_logger
 from services.auth import KeyStore
@@ -246,8 +249,6 @@ class ServiceStack:
         """Whether the DICOM gateway answers a C-ECHO from ``ADAPTIVE_SUPERV`` (its ready
         record says it listens; this checks the whole DICOM stack end to end). A real
         Verification association, so the gateway sees a normal release, not an abort."""
-        from pynetdicom import AE
-        from pynetdicom.sop_class import Verification
 
         e = self.endpoints
         ae = AE(ae_title="ADAPTIVE_SUPERV")

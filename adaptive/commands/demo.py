@@ -19,10 +19,6 @@ from pathlib import Path
 
 from adaptive.commands.console import format_session
 from adaptive.errors import ServiceError
-from services.config import write_local_config
-from services.local_peers import Tms, find_fraction, patient_id_of, push, wait_planning_data
-from services.orchestrator.state import HANDOFF_ENDS
-from services.supervisor import ServiceStack
 
 
 def register(subparsers) -> None:
@@ -36,6 +32,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    # deferred: the CLI imports every command module at start (see adaptive/cli.py)
+    from services.config import write_local_config
+    from services.local_peers import Tms, find_fraction, patient_id_of, push, wait_planning_data
+    from services.orchestrator.state import HANDOFF_ENDS
+    from services.supervisor import ServiceStack
+
     fx, planning = find_fraction(args.fraction)
     pid = patient_id_of(planning / "RP.dcm")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="adaptive-demo-"))

@@ -24,9 +24,14 @@ from typing import Annotated
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from adaptive.config import CONFIG_MODEL, config_path, load_toml, validate_config
+from adaptive.config import (
+    CONFIG_MODEL,
+    DEFAULT_CBCT_MARKERS,
+    config_path,
+    load_toml,
+    validate_config,
+)
 
-DEFAULT_CBCT_MARKERS = ("CBCT", "CONE BEAM", "CONEBEAM")
 SYNTHETIC_MARKERS = ("SYNTHETIC",)
 
 

@@ -26,7 +26,7 @@ def write_dvf(path: str | Path, dvf: np.ndarray, grid: Grid, *, compress: bool =
     ``grid``'s geometry. Written to a temporary name and renamed (atomic). ``quantum_mm``:
     round every component to a multiple of this first (exact in float32 for a power of 2;
     zeroed low mantissa bits compress well)."""
-    import itk  # deferred: importing ITK takes seconds; most callers never touch a DVF file
+    import itk  # noqa: PLC0415 - deferred: ITK takes seconds; most importers never touch a DVF
 
     path = Path(path)
     arr = np.ascontiguousarray(np.asarray(dvf, dtype=np.float32))
@@ -47,7 +47,7 @@ def write_dvf(path: str | Path, dvf: np.ndarray, grid: Grid, *, compress: bool =
 
 def read_dvf(path: str | Path) -> tuple[np.ndarray, Grid]:
     """Read a DVF written by :func:`write_dvf` → (float32 array (nz, ny, nx, 3) in LPS mm, Grid)."""
-    import itk  # deferred: importing ITK takes seconds; most callers never touch a DVF file
+    import itk  # noqa: PLC0415 - deferred: ITK takes seconds; most importers never touch a DVF
 
     path = Path(path)
     if not path.is_file():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from pydicom.uid import generate_uid
 
 import adaptive
 from adaptive.config import check_keys, config_path, load_toml
+from adaptive.dicom import Provenance, write_ct_series, write_rtstruct
+from adaptive.dicom.provenance import UID_PREFIX
 from adaptive.errors import ConfigError
 from adaptive.geometry.dvf_io import write_dvf
 from adaptive.geometry.volume import Volume
@@ -33,6 +36,7 @@ from adaptive.log import get_logger
 from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.model.plan import Prescription
 from adaptive.model.structures import Roi, StructureSet
+from adaptive.optimization.goals import load_goals
 from adaptive.phantoms.cbct import CbctGeometry, simulate_fraction
 from adaptive.phantoms.deformation import DailyVariation
 from adaptive.phantoms.pelvis import (
@@ -43,6 +47,7 @@ from adaptive.phantoms.pelvis import (
 )
 from adaptive.phantoms.phantom import Phantom
 from adaptive.phantoms.tg119 import tg119_cshape, tg119_prostate
+from adaptive.pipeline.session import make_scheduled_plan
 from adaptive.replay.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_manifest
 from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_truth_json
 
@@ -180,8 +185,6 @@ def load_replay_config(path: str | Path | None = None) -> ReplayConfig:
 
 def det_uid(*parts) -> str:
     """A deterministic DICOM UID from ``parts`` (pydicom root + hash of the parts)."""
-    from adaptive.dicom.provenance import UID_PREFIX
-
     return str(generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(p) for p in parts]))
 
 
@@ -206,8 +209,6 @@ def _clean_case(case_dir: Path) -> None:
 
 def _planning_series(phantom: Phantom, case: str, seed: int, patient: PatientInfo, out: Path,
                      description: str):
-    from adaptive.dicom import Provenance, write_ct_series, write_rtstruct
-
     grid = phantom.grid
     info = SeriesInfo(
         patient=patient, study_instance_uid=det_uid(case, seed, "planning-study"),
@@ -233,7 +234,6 @@ def _planning_series(phantom: Phantom, case: str, seed: int, patient: PatientInf
 def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
                       seed: int = DEFAULT_SEED) -> dict:
     """Build the pelvis case ``cfg.name`` under ``root``; returns its manifest entry."""
-    from adaptive.dicom import Provenance, write_ct_series, write_rtstruct
 
     cfg = cfg or PelvisCaseConfig()
     root = Path(root)
@@ -385,8 +385,6 @@ def add_scheduled_plan(root: str | Path, entry: dict, goals_path: str | Path | N
     """Plan the case of manifest ``entry`` under ``root`` from scratch (its scheduled plan:
     ``planning/RP.dcm``, ``RD.dcm``, ``plan_report.json``) and update the entry. Raises
     :class:`ConfigError` when the goals' prescription differs from the case's."""
-    from adaptive.optimization.goals import load_goals
-    from adaptive.pipeline.session import make_scheduled_plan
 
     gp = Path(goals_path) if goals_path else config_path(*PELVIS_GOALS)
     g = load_goals(gp).prescription
@@ -420,7 +418,6 @@ def build_replay_data(out: str | Path = "replay_data", *, seed: int | None = Non
     the pelvis case (:func:`add_scheduled_plan`; slow — tests building small cases pass
     False).
     """
-    import tomllib
 
     cfg = config or load_replay_config()
     seed = cfg.seed if seed is None else int(seed)

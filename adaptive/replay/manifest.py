@@ -31,6 +31,7 @@ from pathlib import Path
 from adaptive.atomic import write_text_atomic
 from adaptive.errors import ReplayDataError
 from adaptive.model.plan import Prescription
+from adaptive.replay.truth import read_truth_json
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.toml"
@@ -58,7 +59,6 @@ class Fraction:
 
     def truth(self) -> dict:
         """The fraction's ``truth.json`` record."""
-        from adaptive.replay.truth import read_truth_json
 
         return read_truth_json(self.truth_json)
 
