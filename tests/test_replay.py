@@ -21,6 +21,7 @@ from adaptive.replay import load_manifest
 from adaptive.replay.build import (
     PelvisCaseConfig,
     ReplayConfig,
+    Tg119Config,
     build_replay_data,
     det_uid,
     load_replay_config,
@@ -34,7 +35,7 @@ SMALL = ReplayConfig(
     pelvis=PelvisCaseConfig(name="pelvis_small", fractions=2, planning_spacing_mm=(3.5, 3.5, 3.5),
                             planning_size_ijk=(116, 80, 44), cbct_spacing_mm=(3.5, 3.5, 3.5),
                             cbct_size_ijk=(73, 73, 35), cbct_fov_diameter_mm=240.0),
-    tg119_spacing_mm=(4.0, 4.0, 4.0))
+    tg119=Tg119Config(spacing_mm=(4.0, 4.0, 4.0)))
 
 
 @pytest.fixture(scope="module")
