@@ -29,20 +29,28 @@ import math
 from dataclasses import dataclass, field
 
 import pydicom
-from pydicom import uid
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import sop_class
 
+from adaptive.dicom._common import (
+    CT_IMAGE_STORAGE,
+    DEFORMABLE_REG_STORAGE,
+    RT_DOSE_STORAGE,
+    RT_PLAN_STORAGE,
+    RT_STRUCT_STORAGE,
+    SPATIAL_REG_STORAGE,
+)
 from services.validators import validate_patient_id, validate_uid
 
-CT_IMAGE = uid.CTImageStorage
-RT_DOSE = uid.RTDoseStorage
-RT_STRUCT = uid.RTStructureSetStorage
-RT_PLAN = uid.RTPlanStorage
-SPATIAL_REG = uid.SpatialRegistrationStorage
-DEFORMABLE_REG = uid.DeformableSpatialRegistrationStorage
+# the storage SOP classes the gateway accepts (pydicom's UIDs, named as in adaptive.dicom)
+CT_IMAGE = CT_IMAGE_STORAGE
+RT_DOSE = RT_DOSE_STORAGE
+RT_STRUCT = RT_STRUCT_STORAGE
+RT_PLAN = RT_PLAN_STORAGE
+SPATIAL_REG = SPATIAL_REG_STORAGE
+DEFORMABLE_REG = DEFORMABLE_REG_STORAGE
 VERIFICATION = sop_class.Verification
 
 #: Storage SOP classes the gateway accepts -> the Modality their content must carry.
