@@ -286,3 +286,19 @@ def test_cli_lists_committed_replay_data(capsys):
     assert main(["replay-data", "list", "--dir", str(REPO / "replay_data")]) == 0
     out = capsys.readouterr().out
     assert "pelvis01" in out and "tg119_cshape" in out and "RP.dcm" in out
+
+
+def test_worker_thread_setting_leaves_the_registration_its_own_count():
+    """A Dask worker's thread setting goes through the registration's ITK backend, so every
+    registration then runs with its configured count whatever the worker ran before (the
+    archive's results must not depend on the order the scheduler hands out fractions)."""
+    import socket
+
+    from adaptive.registration.elastix_backend import itk_module
+    from adaptive.replay.archive import _apply_threads
+
+    itk = itk_module(2)                      # a first registration on this worker
+    _apply_threads({socket.gethostname(): 1})   # the next task's worker set-up
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+    itk_module(2)                            # the next registration asks for its count
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 2

@@ -52,6 +52,7 @@ from adaptive.atomic import write_text_atomic
 from adaptive.errors import AdaptiveError, ReplayDataError
 from adaptive.jsonable import to_jsonable, write_json_atomic
 from adaptive.log import bind, configure_logging, get_logger
+from adaptive.registration.elastix_backend import itk_module
 from adaptive.replay.chain import ChainSettings, GoalsChoice, goals_for, replay_fraction
 from adaptive.replay.discover import FractionInputs, Unusable, discover, safe_name
 from adaptive.replay.fingerprint import (
@@ -123,11 +124,14 @@ def _apply_threads(threads_by_host: dict | None) -> None:
     n = threads_by_host.get(socket.gethostname())
     if not n:
         return
-    import itk  # noqa: PLC0415 - deferred: ITK/numba only in a Dask worker
-    import numba  # noqa: PLC0415 - deferred: ITK/numba only in a Dask worker
+    import numba  # noqa: PLC0415 - deferred: numba's threading only in a Dask worker
 
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(n))
+    # through the registration's backend, which remembers the count it set: setting ITK's
+    # default directly left the backend believing its own count was still in force, so a
+    # worker's second fraction registered with this count and its first with the
+    # registration's (results depended on the order the scheduler gave the tasks)
+    itk_module(int(n))
 
 
 def _worker_address() -> str:
