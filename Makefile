@@ -64,8 +64,10 @@ bench: setup system-deps
 replay-data: setup
 	$(VENV)/bin/adaptive replay-data build
 
+# ruff (rules in pyproject.toml) and the import-layering contract (.importlinter).
 lint: setup
-	$(VENV)/bin/ruff check adaptive services tests
+	$(VENV)/bin/ruff check adaptive services tests scripts
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) $(PEERS) .cache .pytest_cache

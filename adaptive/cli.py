@@ -7,13 +7,12 @@ import importlib
 import pkgutil
 import sys
 
-from adaptive import RESEARCH_USE_STATEMENT, __version__
+from adaptive import RESEARCH_USE_STATEMENT, __version__, commands
 from adaptive.errors import AdaptiveError
+from adaptive.log import configure_logging, get_logger
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import adaptive.commands as commands
-
     p = argparse.ArgumentParser(
         prog="adaptive",
         description=f"Online adaptive radiotherapy pipeline. {RESEARCH_USE_STATEMENT}.",
@@ -31,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adaptive.log import configure_logging, get_logger
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

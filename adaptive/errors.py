@@ -184,10 +184,6 @@ class NotAuthorizedError(ServiceError):
     """A console client's role does not allow the command it sent."""
 
 
-class StageUnavailableError(ServiceError):
-    """A worker's compute stage (adaptive.pipeline) is not available in this installation."""
-
-
 # --- replay data --------------------------------------------------------------------
 
 

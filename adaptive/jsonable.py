@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from adaptive.atomic import write_text_atomic
 
 
 def to_jsonable(obj):
@@ -34,8 +35,6 @@ def to_jsonable(obj):
 
 def write_json_atomic(path: str | Path, data, *, indent: int | None = 2,
                       sort_keys: bool = False) -> None:
-    """Write ``to_jsonable(data)`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=indent, sort_keys=sort_keys) + "\n")
-    os.replace(tmp, path)
+    """Write ``to_jsonable(data)`` to ``path`` atomically (:mod:`adaptive.atomic`)."""
+    write_text_atomic(path, json.dumps(to_jsonable(data), indent=indent, sort_keys=sort_keys)
+                      + "\n")

@@ -28,6 +28,7 @@ Messages are :mod:`services.protocol` frames (JSON header + zero-copy numpy fram
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import queue
@@ -152,10 +153,8 @@ class WorkerBroker:
         if t is None:
             return
         t.done = True
-        try:
+        with contextlib.suppress(ValueError):
             self.queues[t.service].remove(task_id)
-        except ValueError:
-            pass
         w = self.workers.get(t.worker) if t.worker is not None else None
         if w is not None and w.task_id == task_id:
             self._send(w, CANCEL, {"task_id": task_id, "reason": reason[:2000]})
@@ -188,7 +187,7 @@ class WorkerBroker:
         """Heartbeats, dead-worker detection and dispatch; call at least every interval/2."""
         now = time.monotonic()
         out: list[TaskOutcome] = []
-        for ident, w in list(self.workers.items()):
+        for w in list(self.workers.values()):
             if now > w.expiry:
                 out.extend(self._worker_lost(w, "heartbeat expired"))
             elif now - w.last_sent >= self.interval:
@@ -392,7 +391,7 @@ class Worker:
         except AdaptiveError as e:
             res_arrays = {}
             msg = {"task_id": tid, "ok": False, "error": str(e), "error_type": type(e).__name__}
-        except Exception as e:  # a bug in a stage: report it, keep the worker alive
+        except Exception as e:  # noqa: BLE001 - a bug in a stage: report it, keep the worker alive
             res_arrays = {}
             msg = {"task_id": tid, "ok": False, "error": f"{type(e).__name__}: {e}",
                    "error_type": type(e).__name__, "traceback": traceback.format_exc()[-4000:]}
@@ -487,8 +486,6 @@ class Worker:
                     sock.send_multipart(encode(HEARTBEAT, {}))
                     last_sent = now
         finally:
-            try:
+            with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart(encode(DISCONNECT, {}), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
             sock.close(0)

@@ -33,8 +33,8 @@ def encode(msg_type: str, body: dict | None = None,
     frames: list = [b""]
     if arrays:
         specs = []
-        for name, a in arrays.items():
-            a = np.ascontiguousarray(a)
+        for name, given in arrays.items():
+            a = np.ascontiguousarray(given)
             specs.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
             frames.append(memoryview(a).cast("B") if a.size else b"")
         header["arrays"] = specs

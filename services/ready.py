@@ -31,6 +31,7 @@ from pathlib import Path
 
 import zmq
 
+from adaptive.atomic import write_text_atomic
 from adaptive.errors import ServiceError
 
 EPHEMERAL_PORTS = ("0", "*")
@@ -56,13 +57,7 @@ def write_ready(root: str | Path, process: str, endpoints: dict[str, str | int])
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = ReadyRecord(process=process, pid=os.getpid(), endpoints=dict(endpoints),
                       started_at=time.time())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(asdict(rec), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(asdict(rec)), fsync=True)
 
 
 def read_ready(root: str | Path, process: str) -> ReadyRecord | None:

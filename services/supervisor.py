@@ -28,6 +28,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
 from adaptive.errors import ServiceError
 from adaptive.log import get_logger
 from services.auth import KeyStore
@@ -127,10 +130,9 @@ class ServiceStack:
 
     def _spawn(self, p: Proc) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log_dir / f"{p.name}.log", "ab")
-        p.popen = subprocess.Popen(p.argv + p.extra, cwd=os.getcwd(), env=self.env,
-                                   stdout=logf, stderr=logf, start_new_session=True)
-        logf.close()
+        with open(self.log_dir / f"{p.name}.log", "ab") as logf:  # the child keeps its own copy
+            p.popen = subprocess.Popen(p.argv + p.extra, cwd=os.getcwd(), env=self.env,
+                                       stdout=logf, stderr=logf, start_new_session=True)
         self.log.info("process_started", name=p.name, pid=p.popen.pid)
 
     def _await_record(self, p: Proc, timeout_s: float) -> ReadyRecord:
@@ -247,8 +249,6 @@ class ServiceStack:
         """Whether the DICOM gateway answers a C-ECHO from ``ADAPTIVE_SUPERV`` (its ready
         record says it listens; this checks the whole DICOM stack end to end). A real
         Verification association, so the gateway sees a normal release, not an abort."""
-        from pynetdicom import AE
-        from pynetdicom.sop_class import Verification
 
         e = self.endpoints
         ae = AE(ae_title="ADAPTIVE_SUPERV")

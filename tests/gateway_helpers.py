@@ -12,9 +12,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import zmq
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    RTPlanStorage,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
@@ -23,10 +30,54 @@ from services.config import DicomPeer, GatewayAccessConfig, GatewayConfig, defau
 from services.events import EventPusher
 from services.gateway.scp import Gateway
 from services.protocol import decode
-from services.sample_data import ct_slice
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
+CT_IMAGE = CTImageStorage
+RT_PLAN = RTPlanStorage
+
+
+def ct_slice(*, patient_id: str, study_uid: str, series_uid: str, for_uid: str, index: int,
+             rows: int, cols: int, spacing_mm=(1.0, 1.0, 2.0), description: str = "CT",
+             sop_uid: str | None = None, pixels: np.ndarray | None = None) -> Dataset:
+    """One CT slice as a dataset in memory (synthetic pattern, complete geometry), for tests
+    that send or break individual instances (files: :func:`services.local_peers.write_synthetic_ct`)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CT_IMAGE
+    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CT_IMAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID = patient_id
+    ds.PatientName = f"SYNTHETIC^{patient_id}"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = for_uid
+    ds.Modality = "CT"
+    ds.SeriesDescription = description
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.InstanceNumber = index + 1
+    ds.SeriesNumber = 1
+    ds.ImagePositionPatient = [-(cols - 1) * spacing_mm[0] / 2, -(rows - 1) * spacing_mm[1] / 2,
+                               index * spacing_mm[2]]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [spacing_mm[1], spacing_mm[0]]
+    ds.SliceThickness = spacing_mm[2]
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    if pixels is None:
+        y, x = np.mgrid[0:rows, 0:cols]
+        pixels = ((x + y + 7 * index) % 2048).astype(np.int16)
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.int16).tobytes()
+    return ds
 
 
 class EventCapture:

@@ -29,7 +29,7 @@ def test_dose_command_writes_rtdose(tmp_path, dciodvfy):
     out = tmp_path / "rd.dcm"
     assert main(["dose", str(tmp_path / "ct"), str(tmp_path / "rp.dcm"), "-o", str(out),
                  "--grid-mm", "4"]) == 0
-    dose, meta = read_rtdose(out)
+    dose, _meta = read_rtdose(out)
     assert dose.grid.same_as(g, tol_mm=1e-2)
     # 200 MU, 6 x 6 cm field at SSD 96 cm: the maximum is about 200 x 0.01 x S_cp x (1000/975)^2
     assert 1.6 < float(dose.array.max()) < 2.3

@@ -101,7 +101,7 @@ def test_coarse_far_scatter_and_fan_depths_match_reference(setup):
     depths reproduce the reference Dij (scatter at every row, exact depths)."""
     bm, rho, tgt = setup
     beams = [_beam(0, number=1), _beam(120, number=2), _beam(240, number=3)]
-    kw = dict(beam_model=bm, dose_grid_spacing_mm=None, cutoff_mm=20.0)
+    kw = {"beam_model": bm, "dose_grid_spacing_mm": None, "cutoff_mm": 20.0}
     ref = compute_dij(rho, beams, tgt, None, scatter_stride=1, **kw)
     w = np.random.default_rng(2).uniform(0.0, 2.0, ref.n_beamlets)
     d_ref = ref.dose_volume(w).array

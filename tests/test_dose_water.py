@@ -24,9 +24,9 @@ def open_beam(gantry=0.0, jx=(-50.0, 50.0), jy=(-50.0, 50.0), mu=100.0, coll=0.0
 
 def water_slab(surface_y_mm=0.0, depth_mm=250.0, dx=1.0, dy=1.0, half_x=60.0, half_z=4.0):
     """Water from LPS y = surface (anterior face) to surface + depth; voxel faces on the surface."""
-    nx = int(round(2 * half_x / dx)) + 1
-    ny = int(round(depth_mm / dy))
-    nz = int(round(2 * half_z / 2.0)) + 1
+    nx = round(2 * half_x / dx) + 1
+    ny = round(depth_mm / dy)
+    nz = round(2 * half_z / 2.0) + 1
     g = Grid((nz, ny, nx), origin=[-half_x, surface_y_mm + dy / 2, -half_z], spacing=[dx, dy, 2.0])
     return Volume(np.ones(g.shape, np.float32), g, "relative electron density")
 
@@ -52,7 +52,8 @@ def test_depth_dose_matches_published_6mv(ssd100):
     a, b, _ = np.polyfit(y[i - 1:i + 2], d[i - 1:i + 2], 2)
     dmax = -b / (2 * a)
     assert 13.0 <= dmax <= 17.0
-    pdd = lambda z: 100 * np.interp(z, y, d) / d.max()
+    def pdd(z):
+        return 100 * np.interp(z, y, d) / d.max()
     assert abs(pdd(100.0) - 67.0) <= 2.0
     assert abs(pdd(200.0) - 38.5) <= 2.0
 

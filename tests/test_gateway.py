@@ -26,9 +26,9 @@ from services.gateway.validation import (
     ValidationFailure,
     validate_dataset_bytes,
 )
-from services.sample_data import ct_slice, write_ct_series
+from services.local_peers import write_synthetic_ct
 from tests.conftest import require_tool
-from tests.gateway_helpers import encode_dataset, wait_until_checked
+from tests.gateway_helpers import ct_slice, encode_dataset, wait_until_checked
 
 
 def _slice(**kw):
@@ -269,21 +269,23 @@ def test_duplicate_series_is_idempotent_and_reported_again(gateway):
 
 def test_dcmtk_storescu_series(gateway, tmp_path):
     storescu = require_tool("storescu", "dcmtk")
-    paths = write_ct_series(tmp_path / "in", 10, 64, 64, patient_id="PDCM", description="CBCT")
+    paths = write_synthetic_ct(tmp_path / "in", 10, 64, 64, patient_id="PDCM", description="CBCT")
     env = dict(os.environ, TCP_NODELAY="1")
     r = subprocess.run([storescu, "-aet", "IMAGER", "-aec", "ADAPTIVE_GW", "127.0.0.1",
                         str(gateway.port), *map(str, paths)], env=env, capture_output=True,
                        text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
     done = gateway.events.wait_for("series_complete")
-    assert done[0]["count"] == 10 and done[0]["series_description"] == "CBCT"
+    sent = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert done[0]["count"] == 10 and done[0]["series_description"] == sent.SeriesDescription
+    assert sent.SeriesDescription.endswith("CBCT")
     assert done[0]["calling_ae_titles"] == ["IMAGER"]
 
 
 # --- SCU ---------------------------------------------------------------------------
 
 def test_scu_sends_and_confirms_each_instance(gateway, tmp_path):
-    paths = write_ct_series(tmp_path / "out", 3, 16, 16, patient_id="PSCU")
+    paths = write_synthetic_ct(tmp_path / "out", 3, 16, 16, patient_id="PSCU")
     cfg = TmsConfig(ae_title="ADAPTIVE_GW", port=gateway.port, retries=1, backoff_s=0.0,
                     calling_ae_title="TPS")
     reports, batch = send_files(paths, cfg, outbox=tmp_path / "outbox", session_id="s1")
@@ -295,7 +297,7 @@ def test_scu_sends_and_confirms_each_instance(gateway, tmp_path):
 
 def test_scu_tms_down_retries_then_fails_keeping_outbox(tmp_path, refused_port):
     port = refused_port                           # nothing listens there
-    paths = write_ct_series(tmp_path / "out", 2, 8, 8)
+    paths = write_synthetic_ct(tmp_path / "out", 2, 8, 8)
     delays = []
     cfg = TmsConfig(port=port, retries=3, backoff_s=0.25, acse_timeout_s=1,
                     network_timeout_s=1)

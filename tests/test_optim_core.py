@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_optim_toy import make_toy_case
 
 from adaptive.config import config_path
 from adaptive.errors import ConfigError
@@ -17,6 +16,7 @@ from adaptive.optimization.goals import (
     volume_at_dose,
 )
 from adaptive.optimization.objective import Objective
+from test_optim_toy import make_toy_case
 
 
 def test_dvh_percentile_semantics():
@@ -63,7 +63,7 @@ def test_goal_file_unknown_key_names_file_and_key(tmp_path):
 
 
 def test_evaluate_goals_against_known_dose():
-    dij, masks, goals = make_toy_case(n_xy=20, n_z=2, n_beams=3)
+    _dij, masks, goals = make_toy_case(n_xy=20, n_z=2, n_beams=3)
     dose = np.zeros(masks["PTV"].shape, np.float32)
     dose[masks["PTV"]] = 2.1  # 52.5 Gy total
     dose[masks["CORE"]] = 1.2  # 30 Gy total
@@ -73,7 +73,7 @@ def test_evaluate_goals_against_known_dose():
     core = res[("CORE", "D10")]
     assert not core.passed and core.margin_total == pytest.approx(-5.0, abs=1e-4)
     missing = evaluate_goals(dose, {"PTV": masks["PTV"]}, goals)
-    assert not [r for r in missing if r.structure == "CORE"][0].passed
+    assert not next(r for r in missing if r.structure == "CORE").passed
 
 
 def test_gradient_matches_finite_differences_float64():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import scipy.sparse as sp
 
 from adaptive.dose.influence import DoseInfluence

@@ -60,6 +60,6 @@ def test_other_start_failures_are_not_retried(tmp_path):
     def pick(n, rng):
         calls.append(n)
         return pick_ports(n, rng)
-    with pytest.raises(ServiceError, match="(?s)did not start.*application entity title"):
+    with pytest.raises(ServiceError, match=r"(?s)did not start.*application entity title"):
         start_orthanc(tmp_path / "bad", exe=exe, pick=pick, aet="X" * 17, timeout_s=30)
     assert calls == [2]

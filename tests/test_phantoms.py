@@ -71,7 +71,8 @@ def test_pelvis_rois_names_types_and_plausible_volumes(pelvis):
 def test_pelvis_hu_per_tissue(pelvis):
     _anat, ph = pelvis
     ct = ph.ct.array
-    ero = lambda m: ndimage.binary_erosion(m, iterations=2)
+    def ero(m):
+        return ndimage.binary_erosion(m, iterations=2)
     assert abs(np.median(ct[ero(ph.masks["BLADDER"])]) - HU["urine"]) < 8
     assert abs(np.median(ct[ero(ph.masks["PROSTATE"])]) - HU["prostate"]) < 10
     # noise level ~12 HU in homogeneous urine

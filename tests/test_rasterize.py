@@ -13,6 +13,7 @@ from adaptive.geometry.rasterize import (
     mask_to_contours,
     rasterize_contours,
 )
+from adaptive.registration.evaluate import dice as _dice
 
 
 def _grid(direction=None):
@@ -43,8 +44,6 @@ def _circle_truth(grid, ci, cj, r, k):
     return m
 
 
-def _dice(a, b):
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 @pytest.mark.parametrize("direction", [None, "oblique"])

@@ -16,6 +16,7 @@ from adaptive.dicom.study import new_study
 from adaptive.geometry import Grid, Volume
 from adaptive.geometry.rasterize import rasterize_contours
 from adaptive.model import PatientInfo, SeriesInfo
+from adaptive.registration.evaluate import dice as _dice
 from tests.conftest import require_peer_python, require_tool
 
 # square pixels (rt-utils uses Pixel Spacing[0] for the row direction: it misplaces contours
@@ -38,8 +39,6 @@ def _source_masks(g: Grid) -> dict[str, np.ndarray]:
     }
 
 
-def _dice(a, b):
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 @pytest.fixture(scope="module")

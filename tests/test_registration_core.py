@@ -7,15 +7,6 @@ import time
 
 import numpy as np
 import pytest
-from registration_phantom import (
-    cbct_grid,
-    phantom_hu,
-    planning_ct,
-    planning_grid,
-    simulate_cbct,
-    smooth_dvf,
-    structure_masks,
-)
 
 from adaptive.config import load_toml
 from adaptive.errors import ConfigError, PatientMismatchError, RegistrationError
@@ -26,6 +17,15 @@ from adaptive.registration import register, synthetic_ct
 from adaptive.registration.evaluate import dice, dilate_mm, hausdorff95, tre
 from adaptive.registration.quality import affine_field
 from adaptive.registration.settings import DEFAULT_CONFIG, load_registration_settings
+from registration_phantom import (
+    cbct_grid,
+    phantom_hu,
+    planning_ct,
+    planning_grid,
+    simulate_cbct,
+    smooth_dvf,
+    structure_masks,
+)
 
 SHIFT = np.array([4.0, 3.0, -5.0])
 ISO = np.array([12.0, -18.0, 9.0])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
-from registration_phantom import cbct_grid, smooth_dvf
 
 from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.registration.core import RegistrationResult
@@ -12,6 +11,7 @@ from adaptive.registration.dicom_reg import (
     read_deformable_registration,
     write_deformable_registration,
 )
+from registration_phantom import cbct_grid, smooth_dvf
 
 
 def _rot(deg):

@@ -9,7 +9,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from registration_phantom import cbct_grid, planning_ct, planning_grid, simulate_cbct
 
 from adaptive.errors import ConfigError
 from adaptive.geometry.volume import Grid, Volume
@@ -32,6 +31,7 @@ from adaptive.registration.initialization import (
 )
 from adaptive.registration.masks import body_and_gas, valid_region_mask
 from adaptive.registration.quality import affine_field
+from registration_phantom import cbct_grid, planning_ct, planning_grid, simulate_cbct
 
 ISO = np.array([12.0, -18.0, 9.0])
 

@@ -43,8 +43,8 @@ def cli_out(replay_fx, tmp_path_factory):
 def test_register_command_outputs_match_truth(cli_out):
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.geometry.dvf_io import read_dvf
     from adaptive.registration.evaluate import dice, dilate_mm, tre
-    from adaptive.replay.truth import read_dvf
 
     _case, fx, out = cli_out
     cbct, cb_info = read_ct_series(fx.cbct_dir)
@@ -84,8 +84,8 @@ def test_register_command_dicom_valid(cli_out, dciodvfy):
     for p in (out / "REG.dcm", out / "RS.dcm", min((out / "synthetic_ct").iterdir())):
         errors, text = dciodvfy(p)
         assert not errors, f"{p}: {text}"
+    from adaptive.geometry.dvf_io import read_dvf
     from adaptive.registration.dicom_reg import read_deformable_registration
-    from adaptive.replay.truth import read_dvf
 
     reg = read_deformable_registration(out / "REG.dcm")
     dvf, _ = read_dvf(out / "dvf.mha")

@@ -6,7 +6,6 @@ import copy
 
 import numpy as np
 import pytest
-from registration_phantom import cbct_grid, phantom_hu
 
 from adaptive.config import load_toml
 from adaptive.errors import ConfigError
@@ -14,6 +13,7 @@ from adaptive.geometry.volume import Volume
 from adaptive.registration.masks import body_and_gas, soft_tissue_mode, valid_region_mask
 from adaptive.registration.settings import DEFAULT_CONFIG, load_registration_settings
 from adaptive.registration.shading import ShadingSettings, apply_shading, estimate_shading
+from registration_phantom import cbct_grid, phantom_hu
 
 
 def _case(cupping_hu=80.0, offset_hu=-30.0, noise_hu=20.0, seed=3):

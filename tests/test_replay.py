@@ -10,15 +10,18 @@ import pytest
 
 from adaptive.dicom import read_ct_series, read_rtstruct
 from adaptive.errors import ConfigError, ReplayDataError
+from adaptive.geometry.dvf_io import read_dvf, write_dvf
 from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid, Volume, displacement_warp
 from adaptive.phantoms.deformation import DailyVariation, daily_dvf
 from adaptive.phantoms.pelvis import GasPocket, PelvisAnatomy
 from adaptive.phantoms.shapes import rotation_matrix
-from adaptive.replay import load_manifest, read_dvf, write_dvf
+from adaptive.registration.evaluate import dice
+from adaptive.replay import load_manifest
 from adaptive.replay.build import (
     PelvisCaseConfig,
     ReplayConfig,
+    Tg119Config,
     build_replay_data,
     det_uid,
     load_replay_config,
@@ -32,7 +35,7 @@ SMALL = ReplayConfig(
     pelvis=PelvisCaseConfig(name="pelvis_small", fractions=2, planning_spacing_mm=(3.5, 3.5, 3.5),
                             planning_size_ijk=(116, 80, 44), cbct_spacing_mm=(3.5, 3.5, 3.5),
                             cbct_size_ijk=(73, 73, 35), cbct_fov_diameter_mm=240.0),
-    tg119_spacing_mm=(4.0, 4.0, 4.0))
+    tg119=Tg119Config(spacing_mm=(4.0, 4.0, 4.0)))
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,6 @@ def built(tmp_path_factory):
     return load_manifest(path)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.sum(a & b) / max(1, a.sum() + b.sum())
 
 
 def test_dvf_roundtrip_keeps_geometry_and_components(tmp_path):
@@ -272,8 +273,8 @@ def test_committed_pelvis_truth_structures_follow_the_truth_dvf():
 def test_written_objects_pass_dciodvfy(built, dciodvfy):
     pel = built.case("pelvis_small")
     fx = pel.fraction(1)
-    files = [sorted(pel.planning_ct_dir.glob("*.dcm"))[0], pel.planning_rtstruct,
-             sorted(fx.cbct_dir.glob("*.dcm"))[0], fx.truth_rtstruct]
+    files = [min(pel.planning_ct_dir.glob("*.dcm")), pel.planning_rtstruct,
+             min(fx.cbct_dir.glob("*.dcm")), fx.truth_rtstruct]
     for f in files:
         errors, out = dciodvfy(f)
         assert not errors, (f, out[-2000:])
@@ -285,3 +286,19 @@ def test_cli_lists_committed_replay_data(capsys):
     assert main(["replay-data", "list", "--dir", str(REPO / "replay_data")]) == 0
     out = capsys.readouterr().out
     assert "pelvis01" in out and "tg119_cshape" in out and "RP.dcm" in out
+
+
+def test_worker_thread_setting_leaves_the_registration_its_own_count():
+    """A Dask worker's thread setting goes through the registration's ITK backend, so every
+    registration then runs with its configured count whatever the worker ran before (the
+    archive's results must not depend on the order the scheduler hands out fractions)."""
+    import socket
+
+    from adaptive.registration.elastix_backend import itk_module
+    from adaptive.replay.archive import _apply_threads
+
+    itk = itk_module(2)                      # a first registration on this worker
+    _apply_threads({socket.gethostname(): 1})   # the next task's worker set-up
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+    itk_module(2)                            # the next registration asks for its count
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 2

@@ -106,11 +106,11 @@ def test_failed_deformable_checks_leave_the_rigid_match_and_no_adapted_plan(tmp_
 
     import numpy as np
 
+    from adaptive.geometry.dvf_io import read_dvf
     from adaptive.pipeline import registration_gate
     from adaptive.pipeline.fraction import planning_stage, registration_stage
     from adaptive.pipeline.safety import SafetySettings
     from adaptive.registration.quality import affine_field
-    from adaptive.replay.truth import read_dvf
 
     strict = dataclasses.replace(SafetySettings.load(), min_nmi=1.9)
     monkeypatch.setattr(registration_gate.SafetySettings, "load", classmethod(lambda c: strict))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
-from adaptive.model.plan import Beam
+from adaptive.model.plan import Beam, Plan
 from adaptive.optimization.fluence import fluence_from_plan
 from adaptive.optimization.sequencing import (
     MlcGeometry,
@@ -18,7 +20,6 @@ from adaptive.optimization.sequencing import (
     sequence_beam,
     sequenced_beam_to_beam,
 )
-from adaptive.model.plan import Plan
 
 
 @pytest.mark.parametrize("interdigitation", [False, True])
@@ -33,15 +34,15 @@ def test_decomposition_reproduces_integer_map_exactly(interdigitation):
         if not interdigitation:
             for iv, _ in segs:
                 open_rows = [i for i in range(q.shape[0]) if iv[i, 1] > iv[i, 0]]
-                for a, b in zip(open_rows, open_rows[1:]):
+                for a, b in itertools.pairwise(open_rows):
                     # consecutive open pairs share a column: X1[i] < X2[j] and X1[j] < X2[i]
                     assert iv[a, 0] < iv[b, 1] and iv[b, 0] < iv[a, 1]
 
 
 def _toy_beam_fluence():
-    from test_optim_toy import make_toy_case
     from adaptive.optimization.fluence import optimize_fluence
     from adaptive.optimization.objective import Objective
+    from test_optim_toy import make_toy_case
 
     dij, masks, goals = make_toy_case(n_xy=30, n_z=4, n_beams=5)
     r = optimize_fluence(dij, Objective(dij, masks, goals), max_iter=60)
@@ -64,7 +65,7 @@ def test_sequenced_segments_sum_to_quantised_map_and_respect_mlc(interdigitation
         tpl = Beam(b + 1, f"B{b}", 0.0, 0.0, 0.0, np.zeros(3), [], 0.0)
         beam = sequenced_beam_to_beam(sb, tpl, mlc)
         assert check_deliverable(beam, mlc, unlimited) == []
-        for cp, mu in beam.segments():
+        for cp, _mu in beam.segments():
             gap = cp.mlc_x2_mm - cp.mlc_x1_mm
             assert np.all(gap >= mlc.min_gap_mm - 1e-9)
             # jaws = bounding box of the open leaves

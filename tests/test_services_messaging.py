@@ -123,7 +123,7 @@ def test_killed_worker_task_is_reissued_to_another(tmp_path):
         out = _pump(broker, lambda o: any(r.kind in ("result", "failed") for r in o), timeout=60)
         kinds = [r.kind for r in out]
         assert "worker_lost" in kinds and "reissued" in kinds
-        res = [r for r in out if r.kind == "result"][0]
+        res = next(r for r in out if r.kind == "result")
         assert res.ok and res.result["sums"]["x"] == 5.0 and res.result["attempt"] == 2
         assert res.result["pid"] != pid and t.attempts == 2
     finally:
@@ -157,7 +157,7 @@ def test_worker_reconnects_after_broker_restart(tmp_path):
         broker = WorkerBroker(endpoint, heartbeat_interval_s=0.1, liveness=10)
         t = broker.submit("sum", {}, arrays={"x": np.arange(4.0)})
         out = _pump(broker, lambda o: any(r.kind == "result" for r in o), timeout=60)
-        assert [r for r in out if r.kind == "result"][0].result["sums"]["x"] == 6.0
+        assert next(r for r in out if r.kind == "result").result["sums"]["x"] == 6.0
         assert t.attempts == 1
     finally:
         stop.set()

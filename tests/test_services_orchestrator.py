@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_allowed_and_illegal_transitions():
     path = [S.WAITING, S.REGISTERING, S.PLANNING, S.AWAITING, S.HANDING_OFF, S.HANDED_OFF]
-    for a, b in zip(path, path[1:]):
+    for a, b in itertools.pairwise(path):
         S.check_transition(a, b)
     S.check_transition(S.PLANNING, S.FALLBACK)
     S.check_transition(S.FALLBACK, S.HANDING_OFF)
@@ -86,7 +87,8 @@ def test_serve_starts_and_stops_cleanly_on_sigterm(tmp_path, refused_port):
                            capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
         pids = [int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)],
-                                               capture_output=True, text=True).stdout.split()]
+                                               capture_output=True, text=True,
+                                               check=False).stdout.split()]
         assert len(pids) == 4                          # orchestrator, gateway, 2 workers
         assert {orch.pid, gw.pid} <= set(pids)
         p.send_signal(signal.SIGTERM)

@@ -8,6 +8,7 @@ tests/integration/."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import threading
@@ -109,10 +110,8 @@ def world(tmp_path):
         data[pid] = d
     yield o, data, make
     for x in made:
-        try:
+        with contextlib.suppress(zmq.ZMQError):
             x.close()
-        except zmq.ZMQError:
-            pass
     ctx.term()
     held.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -101,7 +102,7 @@ def test_client_endpoint_from_config_or_running_orchestrators_record(tmp_path):
         ConsoleClient.from_config(cfg)
     write_ready(cfg.paths.root, "orchestrator", {"console_endpoint": "tcp://127.0.0.1:41000",
                                                  "console_events_endpoint": "tcp://127.0.0.1:41001"})
-    with pytest.raises(AuthenticationError, match="console.key_secret"):
+    with pytest.raises(AuthenticationError, match=re.escape("console.key_secret")):
         ConsoleClient.from_config(cfg)              # no key: no client (services.auth)
     KeyStore(cfg.paths.root).ensure_defaults()
     cl = ConsoleClient.from_config(cfg)

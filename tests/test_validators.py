@@ -153,9 +153,7 @@ def test_gateway_access_config_peers(tmp_path):
 def orchestrator(tmp_path):
     cfg = load_services_config(write_config_variant(None, tmp_path / "s.toml", {
         "paths": {"root": str(tmp_path / "var")},
-        "orchestrator": {k: "tcp://127.0.0.1:0" for k in (     # ephemeral ports
-            "worker_endpoint", "gateway_events_endpoint", "console_endpoint",
-            "console_events_endpoint")}}))
+        "orchestrator": dict.fromkeys(("worker_endpoint", "gateway_events_endpoint", "console_endpoint", "console_events_endpoint"), "tcp://127.0.0.1:0")}))
     o = Orchestrator(cfg, load_budgets(config_path("budgets.toml")))
     yield o
     o.close()

@@ -33,8 +33,8 @@ def machine_description() -> str:
         mem = float("nan")
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-    except Exception:
+                             text=True, timeout=5, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
         rev = "?"
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}, "
             f"{platform.system()} {platform.release()}, commit {rev}")
@@ -52,8 +52,8 @@ def main(argv=None) -> int:
         names = [n for n in names if n in args.only]
     out = ["# Benchmarks", "",
            f"Machine: {machine_description()}", "",
-           f"Command: `make bench` (python -m adaptive.bench --repeats {args.repeats}), "
-           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+           (f"Command: `make bench` (python -m adaptive.bench --repeats {args.repeats}), "
+           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"), ""]
     print("\n".join(out), flush=True)
     failed = 0
     for name in names:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             section = mod.run(args)
-        except Exception as e:  # a broken benchmark must be visible, not hidden
+        except Exception as e:  # noqa: BLE001 - a broken benchmark must be visible, not hidden
             failed += 1
             section = f"## {name}\n\nFAILED: {type(e).__name__}: {e}\n"
         section += f"\n_(section took {time.perf_counter() - t0:.1f} s)_\n"

@@ -221,7 +221,7 @@ def compile_time() -> dict:
         env = dict(os.environ, NUMBA_CACHE_DIR=tmp)
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env=env, timeout=1200)
+                             env=env, timeout=1200, check=False)
         wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"compile-time subprocess failed: {res.stderr[-2000:]}")
@@ -234,9 +234,9 @@ def run(args) -> str:
 
     repeats = max(3, int(getattr(args, "repeats", 3) or 3))
     lines = ["## dose", "",
-             "Dose-influence matrix, 9 coplanar beams at the PTV centroid, 5 mm beamlets, 3 mm "
+             ("Dose-influence matrix, 9 coplanar beams at the PTV centroid, 5 mm beamlets, 3 mm "
              f"dose grid, beamlet margin 5 mm, {numba.get_num_threads()} numba threads; each "
-             "case in its own process (peak RSS = that process).", ""]
+             "case in its own process (peak RSS = that process)."), ""]
     comp = compile_time()
     lines.append(f"Numba cold compile (empty cache, subprocess; Dij + full-kernel dose on a 10 mm "
                  f"phantom): first call {comp['first']:.1f} s, second {comp['second']:.2f} s "
@@ -245,7 +245,7 @@ def run(args) -> str:
     for name in available_cases():
         res = subprocess.run([sys.executable, "-m", "adaptive.bench.bench_dose", "--case", name,
                               "--repeats", str(repeats)], capture_output=True, text=True,
-                             timeout=3600)
+                             timeout=3600, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"case {name} failed: {res.stderr[-2000:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -256,11 +256,11 @@ def run(args) -> str:
                   f"| non-zeros | {r['nnz']:,} |",
                   f"| Dij memory (CSR + row map) | {r['mb']:.0f} MB |",
                   f"| Dij time (median, min-max) | {summary(r['times'])} |",
-                  f"| load average (1 min) during the runs | "
-                  f"{', '.join(f'{x:.1f}' for x in r['loadavg'])} |",
-                  "| stages (median): setup / count / depth / fill / scatter correction | "
+                  (f"| load average (1 min) during the runs | "
+                  f"{', '.join(f'{x:.1f}' for x in r['loadavg'])} |"),
+                  ("| stages (median): setup / count / depth / fill / scatter correction | "
                   f"{st['setup_s']:.2f} / {st['count_s']:.2f} / {st['depth_s']:.2f} / "
-                  f"{st['fill_s']:.2f} / {st['scatter_correction_s']:.2f} s |",
+                  f"{st['fill_s']:.2f} / {st['scatter_correction_s']:.2f} s |"),
                   f"| first call in the process (numba cache load + run) | {r['first']:.2f} s |",
                   f"| peak RSS of the process | {r['rss_mb']:.0f} MB |",
                   f"| case load (DICOM read / phantom build) | {r['load_s']:.2f} s |"]

@@ -42,13 +42,13 @@ def evaluate_fraction(case, fx, ct, ct_info, planning_ss, repeats: int = 3) -> d
     """Run and score one replay fraction (see module doc). Returns a dict of figures."""
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.geometry.dvf_io import read_dvf
     from adaptive.geometry.volume import Volume
     from adaptive.registration.core import register
     from adaptive.registration.evaluate import dice, dilate_mm, hausdorff95, tre
     from adaptive.registration.propagate import propagate_mask, propagate_structures
     from adaptive.registration.quality import affine_field
     from adaptive.registration.synthetic_ct import synthetic_ct
-    from adaptive.replay.truth import read_dvf
 
     cbct, cb_info = read_ct_series(fx.cbct_dir)
     truth, tgrid = read_dvf(fx.truth_dvf)
@@ -307,19 +307,19 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
     import tempfile
 
     from adaptive.bench.bench_services import session_stack
-    from adaptive.commands.demo import Tms, _patient_id, push
     from adaptive.dicom.ct_series import read_ct_series
     from adaptive.dicom.rtstruct import read_rtstruct
+    from adaptive.geometry.dvf_io import read_dvf
     from adaptive.registration.evaluate import dilate_mm, tre
     from adaptive.replay.manifest import load_manifest
-    from adaptive.replay.truth import read_dvf
+    from services.local_peers import Tms, patient_id_of, push
     from services.orchestrator.state import HANDOFF_ENDS
 
     mpath = REPO / "replay_data" / "manifest.toml"
     case = next(c for c in load_manifest(mpath).cases if c.fractions)
     fxs = case.fractions[:max_sessions] if max_sessions else case.fractions
     planning = case.planning_ct_dir.parent
-    pid = _patient_id(planning / "RP.dcm")
+    pid = patient_id_of(planning / "RP.dcm")
     work = Path(tempfile.mkdtemp(prefix="bench-conventions-"))
     tms = Tms(work)
     rows, cl, stack = [], None, None

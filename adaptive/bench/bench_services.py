@@ -59,7 +59,7 @@ def _receive_once(paths, root: Path, fsync: str, idle_s: float) -> tuple[float, 
 
 
 def run(args) -> str:
-    from services.sample_data import write_ct_series
+    from services.local_peers import write_synthetic_ct
 
     out = ["## services", ""]
     if not shutil.which("storescu"):
@@ -68,14 +68,14 @@ def run(args) -> str:
     idle = 0.5
     with tempfile.TemporaryDirectory(prefix="bench-services-") as tmp:
         root = Path(tmp)
-        paths = write_ct_series(root / "cbct", 120, 512, 512, patient_id="BENCH",
+        paths = write_synthetic_ct(root / "cbct", 120, 512, 512, patient_id="BENCH",
                                 description="CBCT")
         mb = sum(p.stat().st_size for p in paths) / 2**20
-        out += [f"Receive: 120 x 512x512 CT slices ({mb:.0f} MiB) by DCMTK storescu "
+        out += [(f"Receive: 120 x 512x512 CT slices ({mb:.0f} MiB) by DCMTK storescu "
                 f"(TCP_NODELAY=1) over loopback to the gateway (validate + atomic write "
-                f"before Success); target <= {TARGET_S:g} s. Idle timeout {idle} s.", "",
-                "| fsync policy | storescu start -> exit (all on disk) | -> series_complete "
-                "| files | target |", "|---|---|---|---|---|"]
+                f"before Success); target <= {TARGET_S:g} s. Idle timeout {idle} s."), "",
+                ("| fsync policy | storescu start -> exit (all on disk) | -> series_complete "
+                "| files | target |"), "|---|---|---|---|---|"]
         for fsync in ("instance", "series", "none"):
             sends, completes, n = [], [], 0
             for _ in range(repeats):
@@ -90,16 +90,8 @@ def run(args) -> str:
 
 def _sessions_note() -> str:
     try:
-        from services.workers.stages import PLANNING_FN, REGISTRATION_FN, _pipeline_fn
-
-        _pipeline_fn(REGISTRATION_FN)
-        _pipeline_fn(PLANNING_FN)
-    except Exception as e:  # noqa: BLE001 - reported in the benchmark text
-        return (f"Sessions through the services with the real stages: not run "
-                f"({type(e).__name__}: {e}).")
-    try:
         return bench_sessions()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - reported in the benchmark text
         return f"Sessions through the services with the real stages: FAILED ({type(e).__name__}: {e})."
 
 
@@ -114,8 +106,8 @@ def session_stack(work: Path, tms, planning: Path, pid: str):
     with a console client and the case's planning data (``planning``: CT/, RS.dcm, RP.dcm)
     registered by the orchestrator. Returns (stack, console client, gateway port); the
     caller stops the stack and closes the client."""
-    from adaptive.commands.demo import push
     from services.config import write_local_config
+    from services.local_peers import push, wait_planning_data
     from services.supervisor import ServiceStack
 
     stack = None
@@ -126,11 +118,7 @@ def session_stack(work: Path, tms, planning: Path, pid: str):
         cl = stack.console_client()
         push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
              [planning / "RS.dcm", planning / "RP.dcm"], "TPS")
-        end = time.monotonic() + 60
-        while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
-            if time.monotonic() > end:
-                raise RuntimeError("planning data not registered by the orchestrator")
-            time.sleep(0.2)  # bounded poll (60 s)
+        wait_planning_data(cl, pid)
     except BaseException:
         if stack is not None:
             stack.stop()
@@ -145,13 +133,13 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
     scheduled plan otherwise) and handed off to a local Orthanc (or the pynetdicom TMS
     stand-in). p50/p95 per stage (orchestrator clocks: dispatch to result) and end to end
     (CBCT complete to plan stored, excluding the decision)."""
-    from adaptive.commands.demo import Tms, _patient_id, find_fraction, push
+    from services.local_peers import Tms, find_fraction, patient_id_of, push
     from services.orchestrator.state import HANDOFF_ENDS
 
     fx0, planning = find_fraction(None)
     fractions = sorted(p.parent for p in fx0.parent.glob("fx*/CBCT"))
     n = n or min(3, len(fractions))
-    pid = _patient_id(planning / "RP.dcm")
+    pid = patient_id_of(planning / "RP.dcm")
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-sessions-"))
     tms = Tms(work)
     stack, cl, gw_port = None, None, None

@@ -50,8 +50,8 @@ def register(subparsers) -> None:
 
 
 def format_session(s: dict) -> str:
-    lines = [f"session {s['session_id']}  room {s['room']}  patient {s['patient_id']}  "
-             f"state {s['state']}"]
+    lines = [(f"session {s['session_id']}  room {s['room']}  patient {s['patient_id']}  "
+             f"state {s['state']}")]
     if s.get("protocol"):
         lines.append(f"  protocol: {s['protocol']['name']} ({s['protocol']['source']})")
     if s.get("offered"):

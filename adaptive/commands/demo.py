@@ -13,16 +13,12 @@ plan was stored, and shuts everything down.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from adaptive.errors import ConfigError, DicomInputError, ServiceError
-
-REPO = Path(__file__).resolve().parents[2]
+from adaptive.commands.console import format_session
+from adaptive.errors import ServiceError
 
 
 def register(subparsers) -> None:
@@ -35,106 +31,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def find_fraction(arg: str | None) -> tuple[Path, Path]:
-    """(fraction folder, planning folder) of a replay case."""
-    if arg:
-        fx = Path(arg)
-    else:
-        cands = sorted((REPO / "replay_data").glob("*/fx*/CBCT")) + \
-            sorted((REPO / "replay_data").glob("fx*/CBCT"))
-        if not cands:
-            raise DicomInputError("no replay fraction found (expected replay_data/<case>/fxNN/"
-                                  "CBCT; build it with `make replay-data`)", REPO / "replay_data")
-        fx = cands[0].parent
-    planning = fx.parent / "planning"
-    for need in (fx / "CBCT", planning / "CT", planning / "RS.dcm", planning / "RP.dcm"):
-        if not need.exists():
-            raise DicomInputError("replay fraction incomplete: missing", need)
-    return fx, planning
-
-
-class Tms:
-    """The hand-off target for the demo and the session benchmark."""
-
-    def __init__(self, workdir: Path):
-        from services.orthanc import start_orthanc
-
-        self.workdir = workdir / "tms"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.orthanc = None
-        self.scp = None
-        if shutil.which("Orthanc"):
-            self.orthanc = start_orthanc(self.workdir, aet="TMS")
-            self.port = self.orthanc.dicom_port
-            self.label = (f"Orthanc (TMS) DICOM 127.0.0.1:{self.port}, REST "
-                          f"127.0.0.1:{self.orthanc.http_port}")
-        else:
-            from services.config import (
-                DicomPeer,
-                GatewayAccessConfig,
-                GatewayConfig,
-                load_services_config,
-            )
-            from services.gateway.scp import Gateway
-
-            scu = load_services_config().tms.calling_ae_title   # our hand-off SCU
-            access = GatewayAccessConfig(peers={scu: DicomPeer(scu, ("planning",))})
-            self.scp = Gateway(GatewayConfig(ae_title="TMS", host="127.0.0.1", port=0,
-                                             idle_timeout_s=1.0, access=access),
-                               self.workdir / "store", self.workdir / "quarantine")
-            self.scp.start()
-            self.port = self.scp.port
-            self.label = (f"pynetdicom Storage SCP standing in for the TMS (Orthanc not "
-                          f"installed) 127.0.0.1:{self.port}, store {self.workdir / 'store'}")
-
-    def describe_stored(self, sop_uids: list[str]) -> list[str]:
-        out = []
-        if self.orthanc:
-            for uid in sop_uids:
-                for hit in self.orthanc.post("/tools/lookup", uid.encode()):
-                    tags = self.orthanc.get(f"{hit['Path']}/simplified-tags")
-                    what = f"{tags.get('Modality', '?')} {tags.get('RTPlanLabel', '')}".strip()
-                    out.append(f"{what} {uid} -> Orthanc {hit['Path']}")
-        else:
-            for uid in sop_uids:
-                out += [f"{uid} -> {p}" for p in (self.workdir / "store").rglob(f"{uid}.dcm")]
-        return out
-
-    def stop(self):
-        if self.orthanc:
-            self.orthanc.stop()
-        if self.scp:
-            self.scp.stop()
-
-
-def push(port: int, files: list[Path], calling_ae_title: str) -> str:
-    """Send files to the gateway as ``calling_ae_title`` (a peer of the services config:
-    "TPS" for planning data, "IMAGER" for the CBCT): storescu (TCP_NODELAY=1) if present,
-    else pynetdicom."""
-    exe = shutil.which("storescu")
-    if exe:
-        r = subprocess.run([exe, "-aet", calling_ae_title, "-aec", "ADAPTIVE_GW", "127.0.0.1",
-                            str(port), *map(str, files)], env=dict(os.environ, TCP_NODELAY="1"),
-                           capture_output=True, text=True, timeout=300, check=False)
-        if r.returncode != 0:
-            raise ServiceError(f"storescu failed: {r.stderr[-500:]}")
-        return "DCMTK storescu"
-    from services.config import TmsConfig
-    from services.gateway.scu import send_files
-
-    send_files(files, TmsConfig(ae_title="ADAPTIVE_GW", port=port,
-                                calling_ae_title=calling_ae_title),
-               outbox=Path(tempfile.mkdtemp()), session_id="demo-push")
-    return "pynetdicom SCU"
-
-
 def run(args) -> int:
+    # deferred: the CLI imports every command module at start (see adaptive/cli.py)
     from services.config import write_local_config
+    from services.local_peers import Tms, find_fraction, patient_id_of, push, wait_planning_data
     from services.orchestrator.state import HANDOFF_ENDS
     from services.supervisor import ServiceStack
 
     fx, planning = find_fraction(args.fraction)
-    pid = _patient_id(planning / "RP.dcm")
+    pid = patient_id_of(planning / "RP.dcm")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="adaptive-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -153,11 +58,7 @@ def run(args) -> int:
         cl = stack.console_client()
         how = push(gw_port, sorted((planning / "CT").glob("*.dcm")) +
                    [planning / "RS.dcm", planning / "RP.dcm"], "TPS")
-        end = time.monotonic() + 60
-        while cl.request("planning_data", patient_id=pid)["planning"]["missing"]:
-            if time.monotonic() > end:
-                raise ServiceError("planning data not registered by the orchestrator")
-            time.sleep(0.2)  # bounded poll (60 s)
+        wait_planning_data(cl, pid)
         print(f"planning data received ({how})")
         s = cl.start("DEMO_ROOM", pid, protocol="prostate")
         print(f"session {s['session_id']} started; sending CBCT")
@@ -193,18 +94,7 @@ def run(args) -> int:
         print(f"demo finished in {time.monotonic() - t_start:.1f} s; everything stopped")
 
 
-def _patient_id(rp: Path) -> str:
-    import pydicom
-
-    pid = str(pydicom.dcmread(rp, stop_before_pixels=True).get("PatientID", "")).strip()
-    if not pid:
-        raise ConfigError(f"{rp}: no PatientID")
-    return pid
-
-
 def _print_timeline(s: dict) -> None:
-    from adaptive.commands.console import format_session
-
     print("\nper-stage timeline:")
     t0 = s["history"][0]["t"]
     for h in s["history"]:

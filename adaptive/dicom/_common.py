@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
+from adaptive.atomic import atomic_file
 from adaptive.errors import MissingTagError, NotDicomError
 from adaptive.model.identity import PatientInfo, StudyIdentity
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_STRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
-RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
-SPATIAL_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
-DEFORMABLE_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.3"
+# the SOP classes we write and read (pydicom's constants, under the names our modules use)
+CT_IMAGE_STORAGE = uid.CTImageStorage
+RT_STRUCT_STORAGE = uid.RTStructureSetStorage
+RT_PLAN_STORAGE = uid.RTPlanStorage
+RT_DOSE_STORAGE = uid.RTDoseStorage
+SPATIAL_REG_STORAGE = uid.SpatialRegistrationStorage
+DEFORMABLE_REG_STORAGE = uid.DeformableSpatialRegistrationStorage
 
 
 def ds_str(x: float) -> str:
@@ -92,21 +93,10 @@ def patient_from_ds(ds: Dataset) -> PatientInfo:
 
 
 def save_atomic(ds: Dataset, path: str | Path) -> Path:
-    """Write ``ds`` as a DICOM Part 10 file via a temporary file + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".dcm", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            ds.save_as(f, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    """Write ``ds`` as a DICOM Part 10 file atomically (:mod:`adaptive.atomic`)."""
+    with atomic_file(path, "wb") as f:
+        ds.save_as(f, enforce_file_format=True)
+    return Path(path)
 
 
 def read_dataset(path: str | Path, *, stop_before_pixels: bool = False) -> Dataset:

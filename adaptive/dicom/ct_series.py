@@ -340,7 +340,7 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     for k in range(nz):
         ds = new_dataset(CT_IMAGE_STORAGE, sops[k])
         set_patient_study(ds, study)
-        ds.Modality = done.modality if done.modality in ("CT",) else "CT"
+        ds.Modality = done.modality if done.modality == "CT" else "CT"
         ds.SeriesInstanceUID = done.series_instance_uid
         ds.SeriesNumber = int(done.series_number)
         ds.SeriesDate, ds.SeriesTime = date, tm

@@ -19,12 +19,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Annotated
 
-from adaptive.config import config_path, load_toml
-from adaptive.errors import ConfigError
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-DEFAULT_CBCT_MARKERS = ("CBCT", "CONE BEAM", "CONEBEAM")
+from adaptive.config import (
+    CONFIG_MODEL,
+    DEFAULT_CBCT_MARKERS,
+    config_path,
+    load_toml,
+    validate_config,
+)
+
 SYNTHETIC_MARKERS = ("SYNTHETIC",)
+
+
+@dataclass(config=CONFIG_MODEL)
+class _CbctMarkers:
+    """``[orchestrator] cbct_markers`` of ``config/services.toml`` (the services' whole
+    model: :class:`services.config.OrchestratorConfig`, a layer above)."""
+
+    cbct_markers: list[Annotated[str, Field(strict=True, min_length=1)]]
 
 
 def is_daily_image(modality: str, series_uid: str, description: str,
@@ -52,10 +68,8 @@ def services_cbct_markers(path=None) -> tuple[str, ...]:
     path = Path(path) if path else config_path("services.toml")
     if not path.is_file():
         return DEFAULT_CBCT_MARKERS
-    cfg = load_toml(path)
-    markers = (cfg.get("orchestrator") or {}).get("cbct_markers", list(DEFAULT_CBCT_MARKERS))
-    if not isinstance(markers, list) or not all(isinstance(m, str) and m.strip()
-                                                for m in markers):
-        raise ConfigError(f"{path} [orchestrator].cbct_markers: expected a list of non-empty "
-                          f"strings, got {markers!r}")
+    section = load_toml(path).get("orchestrator") or {}
+    markers = validate_config(
+        _CbctMarkers, {"cbct_markers": section.get("cbct_markers", list(DEFAULT_CBCT_MARKERS))},
+        path, key_names={"cbct_markers": "orchestrator.cbct_markers"}).cbct_markers
     return tuple(m.upper() for m in markers)

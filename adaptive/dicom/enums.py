@@ -3,10 +3,10 @@ caller states what an object means by choosing a member)."""
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class DoseSummationType(str, Enum):
+class DoseSummationType(StrEnum):
     """Dose Summation Type (3004,000A) of the RT Dose module (PS3.3 C.8.8.3), Defined Terms:
 
     * PLAN: "dose calculated for entire delivery of all fraction groups of RT Plan";

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive import RESEARCH_USE_STATEMENT
 from adaptive.dicom._common import (
     DEFORMABLE_REG_STORAGE,
     RT_DOSE_STORAGE,
@@ -102,7 +103,6 @@ class Inventory:
 
     def summary(self) -> str:
         """Readable multi-line summary grouped by patient and study."""
-        from adaptive import RESEARCH_USE_STATEMENT
 
         lines = [(f"Folder {self.root}: {self.n_files} files, {self.n_dicom} DICOM, "
                   f"{len(self.other_files)} other (json/mha/...) "

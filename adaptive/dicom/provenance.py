@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import pydicom
+from pydicom import uid
 from pydicom.uid import generate_uid
 
 import adaptive
@@ -62,12 +63,12 @@ class Provenance:
 
 # Attributes (per SOP class) where the research-use statement goes, besides SeriesDescription.
 _RESEARCH_ATTRS = {
-    "1.2.840.10008.5.1.4.1.1.2": "ImageComments",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.481.3": "StructureSetDescription",  # RT Structure Set
-    "1.2.840.10008.5.1.4.1.1.481.5": "RTPlanDescription",  # RT Plan
-    "1.2.840.10008.5.1.4.1.1.481.2": "DoseComment",  # RT Dose
-    "1.2.840.10008.5.1.4.1.1.66.1": "ContentDescription",  # Spatial Registration
-    "1.2.840.10008.5.1.4.1.1.66.3": "ContentDescription",  # Deformable Spatial Registration
+    uid.CTImageStorage: "ImageComments",
+    uid.RTStructureSetStorage: "StructureSetDescription",
+    uid.RTPlanStorage: "RTPlanDescription",
+    uid.RTDoseStorage: "DoseComment",
+    uid.SpatialRegistrationStorage: "ContentDescription",
+    uid.DeformableSpatialRegistrationStorage: "ContentDescription",
 }
 
 

@@ -142,8 +142,8 @@ def write_rtplan(plan: Plan, path: str | Path, *, study: StudyIdentity,
     numbers = [b.number for b in plan.beams]
     if len(set(numbers)) != len(numbers):
         raise DicomWriteError(f"duplicate beam numbers {numbers} [{path}]")
-    if plan.patient_id and plan.patient_id != study.patient.patient_id or \
-            plan.patient_name and plan.patient_name != study.patient.patient_name:
+    if (plan.patient_id and plan.patient_id != study.patient.patient_id) or \
+            (plan.patient_name and plan.patient_name != study.patient.patient_name):
         raise StudyMismatchError(f"plan {plan.label!r} is for patient {plan.patient_id!r} "
                                  f"({plan.patient_name!r}), the study's patient is "
                                  f"{study.patient.patient_id!r} ({study.patient.patient_name!r}) "

@@ -325,7 +325,7 @@ def _scatter_nodes(dgrid, rows: np.ndarray, stride: int, density: Volume):
         for dj in (0, 1):
             for di in (0, 1):
                 sel = np.ones(len(rows), dtype=bool)
-                for dd, (c0, frac) in zip((dk, dj, di), cs):
+                for dd, (_c0, frac) in zip((dk, dj, di), cs):
                     if dd:
                         sel &= frac
                 need[cs[0][0][sel] + dk, cs[1][0][sel] + dj, cs[2][0][sel] + di] = True

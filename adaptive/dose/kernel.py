@@ -86,8 +86,8 @@ def _project(rot, iso, sad, px, py, pz):
 @nb.njit(cache=True, inline="always")
 def _window(x, r, e0, w, n):
     """Index range [i0, i1] of elements (edges e0 + i w) whose centre is within r of x."""
-    i0 = int(math.ceil((x - r - e0) / w - 0.5))
-    i1 = int(math.floor((x + r - e0) / w - 0.5))
+    i0 = math.ceil((x - r - e0) / w - 0.5)
+    i1 = math.floor((x + r - e0) / w - 0.5)
     i0 = max(i0, 0)
     i1 = min(i1, n - 1)
     return i0, i1
@@ -241,6 +241,40 @@ def dij_fill(pts, depth, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut, wx, 
     bad[0] = nbad.sum()
 
 
+@nb.njit(cache=True, inline="always")
+def _pyramid_level(s, res, cutoff, nlev):
+    """Coarsest level of a fluence pyramid (element res * 2^l mm) whose element is <= the
+    component width ``s`` and <= ``cutoff`` / 6 (see :func:`fluence_dose`)."""
+    lev = 0
+    while (lev + 1 < nlev and res * 2.0 ** (lev + 1) <= s
+           and res * 2.0 ** (lev + 1) <= cutoff / 6.0):
+        lev += 1
+    return lev
+
+
+@nb.njit(cache=True, inline="always")
+def _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s, r, ex, ey):
+    """Sum over the elements of pyramid level ``lev`` (size ``w`` mm) within ``r`` mm of
+    (x, y) of the fluence times the element's integral of the 2-D Gaussian of width ``s``
+    centred on (x, y) (exact erf integration per axis; ``ex``/``ey`` scratch)."""
+    ix0, ix1 = _window(x, r, fx0, w, pyr_nx[lev])
+    iy0, iy1 = _window(y, r, fy0, w, pyr_ny[lev])
+    if ix1 < ix0 or iy1 < iy0:
+        return 0.0
+    _edges(x, s, fx0, w, ix0, ix1, ex)
+    _edges(y, s, fy0, w, iy0, iy1, ey)
+    r2 = r * r
+    acc = 0.0
+    for iy in range(iy0, iy1 + 1):
+        dy = fy0 + (iy + 0.5) * w - y
+        jx0, jx1 = _row_span(x, dy * dy, r2, fx0, w, pyr_nx[lev])
+        row = 0.0
+        for ix in range(max(jx0, ix0), min(jx1, ix1) + 1):
+            row += ex[ix - ix0] * pyr[lev, iy, ix]
+        acc += row * ey[iy - iy0]
+    return acc
+
+
 @nb.njit(cache=True, parallel=True)
 def far_scatter_parts(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0, res,
                       cutoff_full, cutoff_near, kp, out, nthreads):
@@ -272,35 +306,17 @@ def far_scatter_parts(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0,
                 part = 0.0
                 for which in range(2):
                     if which == 0:
-                        cutoff = cutoff_full
-                        lev = 0
-                        while (lev + 1 < nlev and res * 2.0 ** (lev + 1) <= s
-                               and res * 2.0 ** (lev + 1) <= cutoff / 6.0):
-                            lev += 1
+                        lev = _pyramid_level(s, res, cutoff_full, nlev)
                         w = res * 2.0 ** lev
-                        r = min(cutoff, 3.5 * s + w)
+                        r = min(cutoff_full, 3.5 * s + w)
                         sign = 1.0
                     else:
                         lev = 0
                         w = res
                         r = cutoff_near
                         sign = -1.0
-                    ix0, ix1 = _window(x, r, fx0, w, pyr_nx[lev])
-                    iy0, iy1 = _window(y, r, fy0, w, pyr_ny[lev])
-                    if ix1 < ix0 or iy1 < iy0:
-                        continue
-                    _edges(x, s, fx0, w, ix0, ix1, ex)
-                    _edges(y, s, fy0, w, iy0, iy1, ey)
-                    r2 = r * r
-                    acc = 0.0
-                    for iy in range(iy0, iy1 + 1):
-                        dy = fy0 + (iy + 0.5) * w - y
-                        jx0, jx1 = _row_span(x, dy * dy, r2, fx0, w, pyr_nx[lev])
-                        row = 0.0
-                        for ix in range(max(jx0, ix0), min(jx1, ix1) + 1):
-                            row += ex[ix - ix0] * pyr[lev, iy, ix]
-                        acc += row * ey[iy - iy0]
-                    part += sign * acc
+                    part += sign * _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s,
+                                             r, ex, ey)
                 out[v, c - 1] = part
 
 
@@ -407,28 +423,11 @@ def fluence_dose(pts, gpts, src, dens, dsp, rot, iso, sad, pyr, pyr_ny, pyr_nx, 
                                     gpts[v, 0], gpts[v, 1], gpts[v, 2])
                     _components(kp, d, z, amp, sig)
                 s = sig[c]
-                lev = 0
-                while (lev + 1 < nlev and res * 2.0 ** (lev + 1) <= s
-                       and res * 2.0 ** (lev + 1) <= cutoff / 6.0):
-                    lev += 1
+                lev = _pyramid_level(s, res, cutoff, nlev)
                 w = res * 2.0 ** lev
                 r = min(cutoff, 3.5 * s + w)
-                ix0, ix1 = _window(x, r, fx0, w, pyr_nx[lev])
-                iy0, iy1 = _window(y, r, fy0, w, pyr_ny[lev])
-                if ix1 < ix0 or iy1 < iy0:
-                    continue
-                _edges(x, s, fx0, w, ix0, ix1, ex)
-                _edges(y, s, fy0, w, iy0, iy1, ey)
-                r2 = r * r
-                acc = 0.0
-                for iy in range(iy0, iy1 + 1):
-                    dy = fy0 + (iy + 0.5) * w - y
-                    jx0, jx1 = _row_span(x, dy * dy, r2, fx0, w, pyr_nx[lev])
-                    row = 0.0
-                    for ix in range(max(jx0, ix0), min(jx1, ix1) + 1):
-                        row += ex[ix - ix0] * pyr[lev, iy, ix]
-                    acc += row * ey[iy - iy0]
-                tot += amp[c] * acc
+                tot += amp[c] * _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s, r,
+                                          ex, ey)
             out[v] += tot
 
 

@@ -17,18 +17,16 @@ import numpy as np
 from adaptive.geometry.volume import Volume
 
 
-@nb.njit(cache=True, fastmath=False, nogil=True)
-def siddon_path(dens, sx, sy, sz, ax, ay, az, bx, by, bz):
-    """Integral of ``dens`` (numpy (k, j, i) array, units per mm of water) along the segment
-    a -> b (grid-frame mm). Returns sum(density * intersection length) in mm; the parts of the
-    segment outside the grid contribute 0."""
-    nk, nj, ni = dens.shape
-    dx, dy, dz = bx - ax, by - ay, bz - az
-    length = math.sqrt(dx * dx + dy * dy + dz * dz)
-    if length == 0.0:
-        return 0.0
+@nb.njit(cache=True, inline="always")
+def _siddon_start(nk, nj, ni, sx, sy, sz, ax, ay, az, dx, dy, dz):
+    """Where the segment a -> a + (dx, dy, dz) (grid-frame mm) crosses the grid, and the state
+    of Jacobs' incremental traversal there: ``(inside, amin, amax, i, j, k, si, sj, sk, nxa,
+    nya, nza, dax, day, daz)`` with [amin, amax] the parameter range inside the grid, (i, j, k)
+    the first voxel, s* the index steps, n*a the parameters of the next plane crossings and
+    da* the parameter distance between planes per axis."""
     amin = 0.0
     amax = 1.0
+    inf = 1e30
     # entry/exit parameters per axis
     if dx != 0.0:
         a0 = (-0.5 * sx - ax) / dx
@@ -36,32 +34,26 @@ def siddon_path(dens, sx, sy, sz, ax, ay, az, bx, by, bz):
         amin = max(amin, min(a0, a1))
         amax = min(amax, max(a0, a1))
     elif ax < -0.5 * sx or ax > (ni - 0.5) * sx:
-        return 0.0
+        amin = amax
     if dy != 0.0:
         a0 = (-0.5 * sy - ay) / dy
         a1 = ((nj - 0.5) * sy - ay) / dy
         amin = max(amin, min(a0, a1))
         amax = min(amax, max(a0, a1))
     elif ay < -0.5 * sy or ay > (nj - 0.5) * sy:
-        return 0.0
+        amin = amax
     if dz != 0.0:
         a0 = (-0.5 * sz - az) / dz
         a1 = ((nk - 0.5) * sz - az) / dz
         amin = max(amin, min(a0, a1))
         amax = min(amax, max(a0, a1))
     elif az < -0.5 * sz or az > (nk - 0.5) * sz:
-        return 0.0
-    if amin >= amax:
-        return 0.0
+        amin = amax
     # voxel containing the midpoint of the first (infinitesimal) step
     am = amin + 1e-9 * (amax - amin)
-    i = int(math.floor((ax + am * dx) / sx + 0.5))
-    j = int(math.floor((ay + am * dy) / sy + 0.5))
-    k = int(math.floor((az + am * dz) / sz + 0.5))
-    i = min(max(i, 0), ni - 1)
-    j = min(max(j, 0), nj - 1)
-    k = min(max(k, 0), nk - 1)
-    inf = 1e30
+    i = min(max(math.floor((ax + am * dx) / sx + 0.5), 0), ni - 1)
+    j = min(max(math.floor((ay + am * dy) / sy + 0.5), 0), nj - 1)
+    k = min(max(math.floor((az + am * dz) / sz + 0.5), 0), nk - 1)
     if dx > 0.0:
         si, nxa, dax = 1, ((i + 0.5) * sx - ax) / dx, sx / dx
     elif dx < 0.0:
@@ -80,6 +72,45 @@ def siddon_path(dens, sx, sy, sz, ax, ay, az, bx, by, bz):
         sk, nza, daz = -1, ((k - 0.5) * sz - az) / dz, -sz / dz
     else:
         sk, nza, daz = 0, inf, inf
+    return amin < amax, amin, amax, i, j, k, si, sj, sk, nxa, nya, nza, dax, day, daz
+
+
+@nb.njit(cache=True, inline="always")
+def _siddon_step(anext, i, j, k, si, sj, sk, nxa, nya, nza, dax, day, daz, ni, nj, nk):
+    """Cross the voxel planes at parameter ``anext``: ``(still inside, i, j, k, nxa, nya,
+    nza)``."""
+    if nxa <= anext:
+        i += si
+        nxa += dax
+        if i < 0 or i >= ni:
+            return False, i, j, k, nxa, nya, nza
+    if nya <= anext:
+        j += sj
+        nya += day
+        if j < 0 or j >= nj:
+            return False, i, j, k, nxa, nya, nza
+    if nza <= anext:
+        k += sk
+        nza += daz
+        if k < 0 or k >= nk:
+            return False, i, j, k, nxa, nya, nza
+    return True, i, j, k, nxa, nya, nza
+
+
+@nb.njit(cache=True, fastmath=False, nogil=True)
+def siddon_path(dens, sx, sy, sz, ax, ay, az, bx, by, bz):
+    """Integral of ``dens`` (numpy (k, j, i) array, units per mm of water) along the segment
+    a -> b (grid-frame mm). Returns sum(density * intersection length) in mm; the parts of the
+    segment outside the grid contribute 0."""
+    nk, nj, ni = dens.shape
+    dx, dy, dz = bx - ax, by - ay, bz - az
+    length = math.sqrt(dx * dx + dy * dy + dz * dz)
+    if length == 0.0:
+        return 0.0
+    inside, amin, amax, i, j, k, si, sj, sk, nxa, nya, nza, dax, day, daz = _siddon_start(
+        nk, nj, ni, sx, sy, sz, ax, ay, az, dx, dy, dz)
+    if not inside:
+        return 0.0
     acur = amin
     total = 0.0
     while True:
@@ -89,21 +120,10 @@ def siddon_path(dens, sx, sy, sz, ax, ay, az, bx, by, bz):
         if anext >= amax:
             break
         acur = anext
-        if nxa <= anext:
-            i += si
-            nxa += dax
-            if i < 0 or i >= ni:
-                break
-        if nya <= anext:
-            j += sj
-            nya += day
-            if j < 0 or j >= nj:
-                break
-        if nza <= anext:
-            k += sk
-            nza += daz
-            if k < 0 or k >= nk:
-                break
+        inside, i, j, k, nxa, nya, nza = _siddon_step(anext, i, j, k, si, sj, sk, nxa, nya,
+                                                      nza, dax, day, daz, ni, nj, nk)
+        if not inside:
+            break
     return total * length
 
 
@@ -150,57 +170,10 @@ def siddon_profile(dens, sx, sy, sz, ax, ay, az, bx, by, bz, alphas, out):
         out[s] = 0.0
     if length == 0.0:
         return
-    amin = 0.0
-    amax = 1.0
-    if dx != 0.0:
-        a0 = (-0.5 * sx - ax) / dx
-        a1 = ((ni - 0.5) * sx - ax) / dx
-        amin = max(amin, min(a0, a1))
-        amax = min(amax, max(a0, a1))
-    elif ax < -0.5 * sx or ax > (ni - 0.5) * sx:
+    inside, amin, amax, i, j, k, si, sj, sk, nxa, nya, nza, dax, day, daz = _siddon_start(
+        nk, nj, ni, sx, sy, sz, ax, ay, az, dx, dy, dz)
+    if not inside:
         return
-    if dy != 0.0:
-        a0 = (-0.5 * sy - ay) / dy
-        a1 = ((nj - 0.5) * sy - ay) / dy
-        amin = max(amin, min(a0, a1))
-        amax = min(amax, max(a0, a1))
-    elif ay < -0.5 * sy or ay > (nj - 0.5) * sy:
-        return
-    if dz != 0.0:
-        a0 = (-0.5 * sz - az) / dz
-        a1 = ((nk - 0.5) * sz - az) / dz
-        amin = max(amin, min(a0, a1))
-        amax = min(amax, max(a0, a1))
-    elif az < -0.5 * sz or az > (nk - 0.5) * sz:
-        return
-    if amin >= amax:
-        return
-    am = amin + 1e-9 * (amax - amin)
-    i = int(math.floor((ax + am * dx) / sx + 0.5))
-    j = int(math.floor((ay + am * dy) / sy + 0.5))
-    k = int(math.floor((az + am * dz) / sz + 0.5))
-    i = min(max(i, 0), ni - 1)
-    j = min(max(j, 0), nj - 1)
-    k = min(max(k, 0), nk - 1)
-    inf = 1e30
-    if dx > 0.0:
-        si, nxa, dax = 1, ((i + 0.5) * sx - ax) / dx, sx / dx
-    elif dx < 0.0:
-        si, nxa, dax = -1, ((i - 0.5) * sx - ax) / dx, -sx / dx
-    else:
-        si, nxa, dax = 0, inf, inf
-    if dy > 0.0:
-        sj, nya, day = 1, ((j + 0.5) * sy - ay) / dy, sy / dy
-    elif dy < 0.0:
-        sj, nya, day = -1, ((j - 0.5) * sy - ay) / dy, -sy / dy
-    else:
-        sj, nya, day = 0, inf, inf
-    if dz > 0.0:
-        sk, nza, daz = 1, ((k + 0.5) * sz - az) / dz, sz / dz
-    elif dz < 0.0:
-        sk, nza, daz = -1, ((k - 0.5) * sz - az) / dz, -sz / dz
-    else:
-        sk, nza, daz = 0, inf, inf
     s = 0
     while s < ns and alphas[s] <= amin:
         s += 1
@@ -217,21 +190,10 @@ def siddon_profile(dens, sx, sy, sz, ax, ay, az, bx, by, bz, alphas, out):
         if anext >= amax:
             break
         acur = anext
-        if nxa <= anext:
-            i += si
-            nxa += dax
-            if i < 0 or i >= ni:
-                break
-        if nya <= anext:
-            j += sj
-            nya += day
-            if j < 0 or j >= nj:
-                break
-        if nza <= anext:
-            k += sk
-            nza += daz
-            if k < 0 or k >= nk:
-                break
+        inside, i, j, k, nxa, nya, nza = _siddon_step(anext, i, j, k, si, sj, sk, nxa, nya,
+                                                      nza, dax, day, daz, ni, nj, nk)
+        if not inside:
+            break
     while s < ns:
         out[s] = total * length
         s += 1
@@ -288,7 +250,7 @@ def fan_depth_lookup(table, x0, y0, dxy, z0, dzs, x, y, z, max_spread):
     c01 = table[iy, ix + 1, iz] * (1.0 - tz) + table[iy, ix + 1, iz + 1] * tz
     c10 = table[iy + 1, ix, iz] * (1.0 - tz) + table[iy + 1, ix, iz + 1] * tz
     c11 = table[iy + 1, ix + 1, iz] * (1.0 - tz) + table[iy + 1, ix + 1, iz + 1] * tz
-    spread = max(max(c00, c01), max(c10, c11)) - min(min(c00, c01), min(c10, c11))
+    spread = max(c00, c01, c10, c11) - min(c00, c01, c10, c11)
     if spread > max_spread:
         return -1.0
     return ((c00 * (1.0 - tx) + c01 * tx) * (1.0 - ty) + (c10 * (1.0 - tx) + c11 * tx) * ty)

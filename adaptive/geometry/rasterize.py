@@ -205,9 +205,9 @@ def mask_to_contours(mask: np.ndarray, grid: Grid) -> list[np.ndarray]:
     out: list[np.ndarray] = []
     for k in np.nonzero(m.reshape(m.shape[0], -1).any(axis=1))[0]:
         sl = np.pad(m[k].astype(np.float32), 1)
-        for c in measure.find_contours(sl, 0.5):
-            if len(c) > 1 and np.allclose(c[0], c[-1]):
-                c = c[:-1]
+        for traced in measure.find_contours(sl, 0.5):
+            closed = len(traced) > 1 and np.allclose(traced[0], traced[-1])
+            c = traced[:-1] if closed else traced
             if len(c) < 3:
                 continue
             ijk = np.column_stack([c[:, 1] - 1.0, c[:, 0] - 1.0, np.full(len(c), float(k))])

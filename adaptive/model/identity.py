@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from pydicom.uid import CTImageStorage
+
 from adaptive.errors import StudyMismatchError
 
 
@@ -101,7 +103,7 @@ class SeriesInfo:
     frame_of_reference_uid: str
     modality: str = "CT"
     sop_instance_uids: list[str] = field(default_factory=list)  # in slice order (k = 0..nz-1)
-    sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    sop_class_uid: str = CTImageStorage
     study_id: str = ""
     study_date: str = ""
     series_description: str = ""

@@ -8,6 +8,7 @@ projected to the isocenter plane, in the beam limiting device coordinate system
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +64,7 @@ class Beam:
         out = []
         cps = self.control_points
         scale = self.meterset_mu / (self.final_cumulative_meterset_weight or 1.0)
-        for a, b in zip(cps[:-1], cps[1:]):
+        for a, b in itertools.pairwise(cps):
             mu = (b.cumulative_meterset_weight - a.cumulative_meterset_weight) * scale
             if mu > 0:
                 out.append((a, mu))

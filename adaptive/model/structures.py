@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adaptive.geometry.rasterize import rasterize_contours
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.model.identity import SeriesInfo
 
@@ -61,7 +62,6 @@ class StructureSet:
         roi = self.get(name)
         if roi.mask is not None and roi.mask.grid.same_as(grid):
             return roi.mask.array.astype(bool)
-        from adaptive.geometry.rasterize import rasterize_contours  # local: avoids cycle
 
         if roi.contours:
             return rasterize_contours(roi.contours, grid)

@@ -16,6 +16,7 @@ Checks (doses per fraction in Gy, MU per fraction):
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -106,11 +107,11 @@ def check_plan(plan: Plan, deliverable_dose: Volume, independent_dose: Volume | 
     for b in plan.beams:
         if not (math.isfinite(b.meterset_mu) and b.meterset_mu > 0):
             problems.append(f"{b.name}: beam MU {b.meterset_mu}")
-        for cp, mu in b.segments():
+        for _cp, mu in b.segments():
             if not (math.isfinite(mu) and mu > 0):
                 problems.append(f"{b.name}: segment MU {mu}")
         w = [cp.cumulative_meterset_weight for cp in b.control_points]
-        if any(y < x - 1e-9 for x, y in zip(w, w[1:])):
+        if any(y < x - 1e-9 for x, y in itertools.pairwise(w)):
             problems.append(f"{b.name}: cumulative meterset weights decrease")
     total = plan.total_mu
     mu_per_gy = total / goals.prescription.dose_per_fraction_gy

@@ -58,7 +58,7 @@ class PlanComparison:
         for r in self.rows:
             unit = "%" if r.scheduled.metric.startswith("V") else "Gy"
 
-            def cell(g: GoalResult) -> str:
+            def cell(g: GoalResult, unit: str = unit) -> str:
                 v = "n/a" if math.isnan(g.value_total) else f"{g.value_total:.2f} {unit}"
                 return f"{v:>12} {'ok' if g.passed else 'FAIL':<4}"
             lines.append(f"{r.structure:<12} {r.goal:<20} {cell(r.scheduled)} {cell(r.adapted)}")

@@ -23,7 +23,7 @@ def equispaced_beams(isocenter_lps_mm, n_beams: int = 9, *, start_deg: float = 0
     out = []
     for k in range(n_beams):
         g = (start_deg + k * 360.0 / n_beams) % 360.0
-        out.append(Beam(number=k + 1, name=f"G{int(round(g)):03d}", gantry_deg=float(g),
+        out.append(Beam(number=k + 1, name=f"G{round(g):03d}", gantry_deg=float(g),
                         collimator_deg=0.0, couch_deg=0.0, isocenter_lps_mm=iso,
                         control_points=[], meterset_mu=0.0, energy_mv=energy_mv, sad_mm=sad_mm,
                         beam_type="DYNAMIC", treatment_machine_name=machine))

@@ -185,7 +185,7 @@ def decompose(q: np.ndarray, interdigitation: bool = False) -> list[tuple[np.nda
     out: list[tuple[np.ndarray, int]] = []
     if q.max(initial=0) == 0:
         return out
-    u = 1 << int(math.floor(math.log2(q.max())))
+    u = 1 << math.floor(math.log2(q.max()))
     while u >= 1:
         while np.any(q >= u):
             a = q >= u
@@ -499,10 +499,11 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
         ds = objective.columns_dose(a)
         dst = np.ascontiguousarray(ds.T)
 
+        # the closures below are called only within this iteration of the loop
         def fun(x):
-            m = x * scale
-            f, gd, gw = objective.value_and_grads(ds @ m, a @ m)
-            return f, (dst @ gd + at @ gw) * scale
+            m = x * scale  # noqa: B023
+            f, gd, gw = objective.value_and_grads(ds @ m, a @ m)  # noqa: B023
+            return f, (dst @ gd + at @ gw) * scale  # noqa: B023
 
         budget = None if deadline_s is None else max(0.0, deadline_s - (_time.perf_counter() - t0))
         if budget is not None and budget <= 0:
@@ -516,7 +517,8 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
 
         if goal_rounds > 1:
             x, _st, _hit = reweighting_loop(
-                objective, solve, m0 / scale, lambda x: objective.apply_correction(ds @ (x * scale)),
+                objective, solve, m0 / scale,
+                lambda x: objective.apply_correction(ds @ (x * scale)),  # noqa: B023
                 deadline_s=budget, max_rounds=goal_rounds, rounds_out=rounds_out)
         else:
             x = solve(m0 / scale, budget)[0]

@@ -123,7 +123,8 @@ def _evaluate(a: AbdomenAnatomy, pts_lps: np.ndarray, voxel_mm: float, gas: bool
                       ** 0.5 - 1.0) * 140.0 - 4.0
     rz = np.mod(z + 13.0, 26.0) - 13.0
     ribs = np.maximum.reduce([rib_ring, np.abs(rz) - 5.0, -30.0 - z, y + 0.3 * a.body_semi_ap_mm])
-    cov = lambda sd: S.coverage(sd, voxel_mm)
+    def cov(sd):
+        return S.coverage(sd, voxel_mm)
     hu = np.full(p.shape[:-1], HU["air"], dtype=np.float32)
 
     def paint(value, sd):
@@ -205,7 +206,8 @@ class AbdomenVariation:
     @classmethod
     def sample(cls, seed: int, fraction: int) -> AbdomenVariation:
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xAB1, int(fraction)]))
-        n = lambda sd, lim: float(np.clip(rng.normal(0, sd), -lim, lim))
+        def n(sd, lim):
+            return float(np.clip(rng.normal(0, sd), -lim, lim))
         return cls((n(3, 8), n(3, 8), n(3, 8)), (n(1, 2.5), n(1, 2.5), n(1, 2.5)),
                    (n(1, 3), n(2, 5), float(rng.uniform(-10, 10))))
 

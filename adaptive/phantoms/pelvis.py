@@ -135,7 +135,8 @@ class PelvisAnatomy:
     def sample(cls, seed: int, **overrides) -> PelvisAnatomy:
         """A seeded anatomical variant (organ and body sizes ±5-12 %, optional rectal gas)."""
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9E1]))
-        u = lambda lo, hi: float(rng.uniform(lo, hi))
+        def u(lo, hi):
+            return float(rng.uniform(lo, hi))
         base = cls()
         bs = u(0.9, 1.12)
         ps = u(0.9, 1.1)
@@ -281,7 +282,8 @@ def _evaluate(a: PelvisAnatomy, pts_lps: np.ndarray, voxel_mm: float, gas_pocket
     fem_r, shaft_r = _femur_sd(a, p, -1.0)
     hu = None
     if want_hu:
-        cov = lambda sd: S.coverage(sd, voxel_mm)
+        def cov(sd):
+            return S.coverage(sd, voxel_mm)
         hu = np.full(p.shape[:-1], HU["air"], dtype=np.float32)
 
         def paint(value, sd):

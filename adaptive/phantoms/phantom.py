@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.model.identity import SeriesInfo
@@ -63,7 +64,6 @@ class Phantom:
 def expand_mask(mask: np.ndarray, grid: Grid, margin_mm: float) -> np.ndarray:
     """Isotropic expansion of ``mask`` by ``margin_mm`` (voxel centres within the margin of
     the mask, Euclidean distance in mm using the grid spacing)."""
-    from scipy import ndimage
 
     if margin_mm <= 0:
         return mask.copy()

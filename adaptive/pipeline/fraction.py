@@ -12,7 +12,7 @@ goal-by-goal comparison. Writes the adapted ``RP.dcm`` + ``RD.dcm`` (only when t
 its checks), ``scheduled_today/RD.dcm``, ``comparison.json`` and ``plan_report.json``.
 
 Both the offline ``adaptive replay`` command (:func:`run_fraction`) and the services'
-workers (:mod:`adaptive.pipeline.service_stages`) call these two functions; the hand-over
+workers (:mod:`services.workers.stages`) call these two functions; the hand-over
 between them is the JSON-able registration record, so a worker process needs nothing else.
 
 Doses per fraction in Gy internally; goal values in reports are total-course Gy (V in %).
@@ -36,6 +36,7 @@ from adaptive.log import get_logger
 from adaptive.optimization.goals import ClinicalGoals
 from adaptive.pipeline.safety import DEFORMABLE
 from adaptive.pipeline.scheduled_today import rigid_match_statement, run_scheduled_only
+from adaptive.pipeline.session import PlanSettings, moved_plan, plan_case, write_plan_outputs
 
 log = get_logger("adaptive.pipeline.fraction")
 
@@ -236,7 +237,6 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     from adaptive.dose.plan_dose import plan_dose
     from adaptive.optimization.compare import compare_plans
     from adaptive.pipeline import handoff as H
-    from adaptive.pipeline.session import PlanSettings, _moved_plan, plan_case, write_plan_outputs
 
     progress = progress or _noop
     t0 = time.perf_counter()
@@ -257,7 +257,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                                 f"registration's frame {registration['frame_of_reference_uid']}")
     # the synthetic CT lives in the CBCT frame: map the isocenters with the rigid part
     m = np.linalg.inv(np.asarray(registration["rigid_matrix"], dtype=float))
-    sched_today = _moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
+    sched_today = moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
     dose_ct = sct  # covers the planning CT's extent (extended at registration)
     T["load"] = round(time.perf_counter() - t0, 3)
 

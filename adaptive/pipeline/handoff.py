@@ -63,8 +63,8 @@ def dose_summary(dose: Volume, masks: dict[str, np.ndarray],
     semantics of :mod:`adaptive.optimization.goals` (``masks`` on the dose grid)."""
     out: dict[str, dict[str, float]] = {}
     a = np.asarray(dose.array)
-    for name, m in masks.items():
-        m = np.asarray(m, dtype=bool)
+    for name, given in masks.items():
+        m = np.asarray(given, dtype=bool)
         if m.shape != a.shape:
             raise ValueError(f"mask {name!r} has shape {m.shape}, dose {a.shape}")
         d = a[m]

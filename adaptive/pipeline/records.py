@@ -1,6 +1,6 @@
 """Typed, versioned records of the two online stages (pydantic v2): what the registration
 stage and the planning stage hand over (to each other, to the services' orchestrator and to
-the console). :mod:`adaptive.pipeline.service_stages` returns them validated; the services
+the console). :mod:`services.workers.stages` returns them validated; the services
 validate every result again at their boundary (:mod:`services.orchestrator.results`), and
 the test doubles of the stages build the same models, so a double that drifts from the real
 record fails its tests instead of passing on a format the real stage never produces.

@@ -40,11 +40,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
+from pydantic import AfterValidator, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from adaptive.config import check_keys, config_path, load_toml
+from adaptive.config import CONFIG_MODEL, Bool, Float, config_path, load_toml, validate_config
 from adaptive.errors import ConfigError
 from adaptive.model.structures import StructureSet
 from adaptive.optimization.checks import CheckItem
@@ -55,38 +57,48 @@ TARGET_TYPES = {"PTV", "CTV", "GTV"}
 DEFORMABLE, RIGID, NONE = "deformable", "rigid", "none"
 
 
-@dataclass(frozen=True)
+def _ratio_range(v: tuple[float, float]) -> tuple[float, float]:
+    if v[0] >= v[1]:
+        raise ValueError(f"expected [low, high] with low < high, got {list(v)}")
+    return v
+
+
+Range = Annotated[tuple[Float, Float], AfterValidator(_ratio_range)]
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
 class SafetySettings:
-    """``config/safety.toml`` (see the file for the meaning and rationale of each value)."""
+    """``config/safety.toml`` (see the file for the meaning and rationale of each value).
+    The file groups the fields in the tables of :attr:`SECTIONS` and must set every one."""
 
     # deformable result
-    min_jacobian: float = 0.0
-    max_fraction_folded: float = 0.0
-    allow_rigid_fallback: bool = True
-    min_nmi: float = 1.23
-    min_body_dice: float = 0.98
-    max_residual_mm: float = 1.0
-    max_target_residual_mm: float = 1.5
-    min_target_information: float = 0.03
-    max_deformation_mean_mm: float = 3.5
-    max_deformation_mm: float = 25.0
+    min_jacobian: Float = 0.0
+    max_fraction_folded: Float = 0.0
+    allow_rigid_fallback: Bool = True
+    min_nmi: Float = 1.23
+    min_body_dice: Float = 0.98
+    max_residual_mm: Float = 1.0
+    max_target_residual_mm: Float = 1.5
+    min_target_information: Float = 0.03
+    max_deformation_mean_mm: Float = 3.5
+    max_deformation_mm: Float = 25.0
     # rigid match
-    min_tissue_fraction: float = 0.25
-    min_nmi_rigid: float = 1.20
-    min_body_dice_rigid: float = 0.98
-    max_residual_rigid_mm: float = 0.75
+    min_tissue_fraction: Float = 0.25
+    min_nmi_rigid: Float = 1.20
+    min_body_dice_rigid: Float = 0.98
+    max_residual_rigid_mm: Float = 0.75
     # setup correction relative to the nearest frame convention
-    review_translation_mm: float = 20.0
-    max_translation_mm: float = 90.0
-    review_rotation_deg: float = 3.0
-    max_rotation_deg: float = 10.0
+    review_translation_mm: Float = 20.0
+    max_translation_mm: Float = 90.0
+    review_rotation_deg: Float = 3.0
+    max_rotation_deg: Float = 10.0
     # contours
-    target_volume_ratio: tuple[float, float] = (0.80, 1.25)
-    organ_volume_ratio: tuple[float, float] = (0.20, 5.0)
-    min_share_in_fov: float = 0.10
-    target_min_share_in_fov: float = 0.995
+    target_volume_ratio: Range = (0.80, 1.25)
+    organ_volume_ratio: Range = (0.20, 5.0)
+    min_share_in_fov: Float = 0.10
+    target_min_share_in_fov: Float = 0.995
 
-    _SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "registration": ("min_jacobian", "max_fraction_folded", "allow_rigid_fallback",
                          "min_nmi", "min_body_dice", "max_residual_mm",
                          "max_target_residual_mm", "min_target_information",
@@ -100,40 +112,32 @@ class SafetySettings:
                      "target_min_share_in_fov"),
     }
 
+    @model_validator(mode="after")
+    def _review_below_max(self):
+        if self.review_translation_mm > self.max_translation_mm or \
+                self.review_rotation_deg > self.max_rotation_deg:
+            raise ValueError("setup_correction: review limits must not exceed the maximum "
+                             "limits")
+        return self
+
     @classmethod
     def load(cls, path: str | Path | None = None) -> SafetySettings:
         path = Path(path) if path else config_path("safety.toml")
         cfg = load_toml(path)
-        sections = cls._SECTIONS
-        check_keys(cfg, set(sections), str(path), required=set(sections))
-        kw = {}
-        defaults = cls()
-        for sec, keys in sections.items():
-            where = f"{path}[{sec}]"
-            check_keys(cfg[sec], set(keys), where, required=set(keys))
-            for k in keys:
-                v = cfg[sec][k]
-                d = getattr(defaults, k)
-                if isinstance(d, bool):
-                    if not isinstance(v, bool):
-                        raise ConfigError(f"{where}.{k}: expected true/false, got {v!r}")
-                    kw[k] = v
-                elif isinstance(d, tuple):
-                    if (not isinstance(v, list) or len(v) != 2 or not all(
-                            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-                            or v[0] >= v[1]):
-                        raise ConfigError(f"{where}.{k}: expected [low, high], got {v!r}")
-                    kw[k] = (float(v[0]), float(v[1]))
-                else:
-                    if isinstance(v, bool) or not isinstance(v, (int, float)):
-                        raise ConfigError(f"{where}.{k}: expected a number, got {v!r}")
-                    kw[k] = float(v)
-        s = cls(**kw)
-        if s.review_translation_mm > s.max_translation_mm or \
-                s.review_rotation_deg > s.max_rotation_deg:
-            raise ConfigError(f"{path}[setup_correction]: review limits must not exceed the "
-                              f"maximum limits")
-        return s
+        flat, problems = {}, []
+        for sec, keys in cls.SECTIONS.items():
+            table = cfg.get(sec)
+            if not isinstance(table, dict):
+                problems.append(f"[{sec}]: missing table")
+                continue
+            problems += [f"{sec}.{k}: unknown key" for k in table if k not in keys]
+            problems += [f"{sec}.{k}: missing required key" for k in keys if k not in table]
+            flat.update({k: table[k] for k in keys if k in table})
+        problems += [f"[{sec}]: unknown table" for sec in cfg if sec not in cls.SECTIONS]
+        if problems:
+            raise ConfigError(f"{path}: " + "; ".join(problems))
+        return validate_config(cls, flat, path, key_names={
+            k: f"{sec}.{k}" for sec, keys in cls.SECTIONS.items() for k in keys})
 
 
 @dataclass

@@ -12,9 +12,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from adaptive.dicom.provenance import Provenance
+from adaptive.dicom.rtdose import write_rtdose
+from adaptive.dose.plan_dose import plan_dose
 from adaptive.jsonable import to_jsonable, write_json_atomic
 from adaptive.log import get_logger
 from adaptive.optimization.goals import ClinicalGoals, evaluate_goals
+from adaptive.pipeline.handoff import SCHEDULED_TODAY_SUMMATION
+from adaptive.pipeline.session import stage_masks
 
 log = get_logger("adaptive.pipeline.scheduled_today")
 
@@ -84,11 +89,6 @@ def run_scheduled_only(registration: dict, sched_today, scheduled_uid: str, dose
     ``sched_today``) on ``dose_ct`` and evaluate the goals with today's structures; write
     ``scheduled_today/RD.dcm`` and ``planning_result.json``. Returns ``planning_result``
     (the caller's result type) built from ``(None, dose, None, record, timings)``."""
-    from adaptive.dicom.provenance import Provenance
-    from adaptive.dicom.rtdose import write_rtdose
-    from adaptive.dose.plan_dose import plan_dose
-    from adaptive.pipeline.handoff import SCHEDULED_TODAY_SUMMATION
-    from adaptive.pipeline.session import stage_masks
 
     t = time.perf_counter()
     sdose = plan_dose(dose_ct, sched_today, dose_grid_spacing_mm=settings.dose_grid_spacing_mm)

@@ -222,12 +222,13 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
         info["segments_raw"] = [sb.n_segments_raw for sb in seq]
         info["intensity_levels"] = [sb.n_levels for sb in seq]
         seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings)
-    common = dict(prescription=goals.prescription,
-                  frame_of_reference_uid=series.frame_of_reference_uid, label=label,
-                  referenced_structure_set_uid=ss.sop_instance_uid,
-                  predecessor_plan_uid=reference.sop_instance_uid if reference else "",
-                  patient_id=series.patient.patient_id, patient_name=series.patient.patient_name,
-                  study_instance_uid=series.study_instance_uid)
+    common = {"prescription": goals.prescription,
+              "frame_of_reference_uid": series.frame_of_reference_uid, "label": label,
+              "referenced_structure_set_uid": ss.sop_instance_uid,
+              "predecessor_plan_uid": reference.sop_instance_uid if reference else "",
+              "patient_id": series.patient.patient_id,
+              "patient_name": series.patient.patient_name,
+              "study_instance_uid": series.study_instance_uid}
     plan = build_plan(seq, templates, mlc, **common)
     with _Timer(T, "deliverable_dose"):
         dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
@@ -370,15 +371,7 @@ def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
                               parameters={"goals_file": str(goals_path)})
 
 
-def run_fraction(case_dir, fraction_dir, goals, **kw):
-    """The replay chain for one archived fraction: see
-    :func:`adaptive.pipeline.fraction.run_fraction` (kept here for existing callers)."""
-    from adaptive.pipeline.fraction import run_fraction as _run
-
-    return _run(case_dir, fraction_dir, goals, **kw)
-
-
-def _moved_plan(plan: Plan, m: np.ndarray, frame_uid: str) -> Plan:
+def moved_plan(plan: Plan, m: np.ndarray, frame_uid: str) -> Plan:
     """Copy of ``plan`` with isocenters mapped by the 4×4 ``m`` (LPS mm) into another frame;
     keeps the SOP Instance UID so the adapted plan references it as PREDECESSOR."""
     import copy

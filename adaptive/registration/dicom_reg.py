@@ -38,6 +38,7 @@ from pydicom.sequence import Sequence
 import adaptive
 from adaptive.dicom._common import (
     DEFORMABLE_REG_STORAGE,
+    SPATIAL_REG_STORAGE,
     ds_list,
     new_dataset,
     new_series,
@@ -249,9 +250,6 @@ def read_deformable_registration(path: str | Path) -> DeformableRegistration:
         registered_frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
         source_frame_of_reference_uid=str(item.get("SourceFrameOfReferenceUID", "")),
         sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=str(ds.SeriesInstanceUID))
-
-
-SPATIAL_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
 
 
 def initial_matrix_from_spatial_registration(path: str | Path, cbct_frame_uid: str,

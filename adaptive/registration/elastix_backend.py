@@ -140,8 +140,8 @@ def transform_field(tmaps: list[dict[str, list[str]]], fixed_grid: Grid) -> np.n
     ``fixed_grid``: fixed point x ↦ x + u(x) in the moving frame (transformix)."""
     itk = itk_module(_threads_set or 2)
     maps = []
-    for m in tmaps:
-        m = {k: list(v) for k, v in m.items()}
+    for tmap in tmaps:
+        m = {k: list(v) for k, v in tmap.items()}
         m["Size"] = [str(s) for s in fixed_grid.size_ijk]
         m["Spacing"] = [repr(float(s)) for s in fixed_grid.spacing]
         m["Origin"] = [repr(float(s)) for s in fixed_grid.origin]

@@ -146,8 +146,8 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
 
     from adaptive.dicom.rtstruct import write_rtstruct
     from adaptive.dicom.study import session_study
+    from adaptive.geometry.dvf_io import write_dvf
     from adaptive.registration.dicom_reg import write_deformable_registration
-    from adaptive.replay.truth import write_dvf
 
     t = time.perf_counter()
     od = Path(out_dir)

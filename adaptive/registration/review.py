@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from adaptive import RESEARCH_USE_STATEMENT
+from adaptive.atomic import atomic_path
 from adaptive.geometry.volume import Volume
 from adaptive.registration.masks import soft_tissue_mode
 
@@ -128,9 +129,8 @@ def write_review_images(out_dir: str | Path, cbct: Volume, synthetic_ct: Volume,
                  ha="center", fontsize=7)
         fig.tight_layout(rect=(0, 0.04, 1, 0.95))
         p = out / f"review_{name}.png"
-        tmp = p.with_suffix(".png.tmp")
-        fig.savefig(tmp, format="png")
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
-        tmp.replace(p)
         paths.append(p)
     return paths

@@ -48,9 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import adaptive
+from adaptive.atomic import write_text_atomic
 from adaptive.errors import AdaptiveError, ReplayDataError
 from adaptive.jsonable import to_jsonable, write_json_atomic
-from adaptive.log import get_logger
+from adaptive.log import bind, configure_logging, get_logger
+from adaptive.registration.elastix_backend import itk_module
 from adaptive.replay.chain import ChainSettings, GoalsChoice, goals_for, replay_fraction
 from adaptive.replay.discover import FractionInputs, Unusable, discover, safe_name
 from adaptive.replay.fingerprint import (
@@ -61,6 +63,9 @@ from adaptive.replay.fingerprint import (
     settings_digest,
     software_digest,
 )
+from adaptive.reports.extract import load_fraction_data
+from adaptive.reports.fraction_page import fraction_row, render_failed_page, render_fraction_page
+from adaptive.reports.summary import render_summary_page, sort_rows, summary_csv
 
 log = get_logger("adaptive.replay.archive")
 
@@ -119,16 +124,19 @@ def _apply_threads(threads_by_host: dict | None) -> None:
     n = threads_by_host.get(socket.gethostname())
     if not n:
         return
-    import itk
-    import numba
+    import numba  # noqa: PLC0415 - deferred: numba's threading only in a Dask worker
 
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(n))
+    # through the registration's backend, which remembers the count it set: setting ITK's
+    # default directly left the backend believing its own count was still in force, so a
+    # worker's second fraction registered with this count and its first with the
+    # registration's (results depended on the order the scheduler gave the tasks)
+    itk_module(int(n))
 
 
 def _worker_address() -> str:
     try:
-        from distributed import get_worker
+        from distributed import get_worker  # noqa: PLC0415 - deferred: Dask (3 s) only for archive replay
 
         return get_worker().address
     except ValueError:  # not in a Dask worker (one fraction run in-process)
@@ -141,7 +149,6 @@ def run_job(job: FractionJob, in_process: bool = False, clean: bool = True) -> d
     logs go to this process's stderr instead of the fraction's ``log.jsonl``. ``clean``:
     empty the fraction's folder first (a re-run leaves no stale plan of an earlier attempt;
     only for folders this module made)."""
-    from adaptive.log import bind, configure_logging
 
     out = Path(job.out_dir)
     if clean and out.exists():
@@ -181,15 +188,11 @@ def run_job(job: FractionJob, in_process: bool = False, clean: bool = True) -> d
 
 def write_fraction_report(out: Path, inputs: FractionInputs, goals, meta: dict) -> dict:
     """Read the chain's outputs in ``out``, write ``report.html``; returns the row."""
-    from adaptive.reports.extract import load_fraction_data
-    from adaptive.reports.fraction_page import fraction_row, render_fraction_page
 
     data = load_fraction_data(out, inputs, goals)
     row = fraction_row(data, meta)
     html = render_fraction_page(data, row, meta)
-    tmp = out / f".{REPORT_NAME}.tmp"
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out / REPORT_NAME)
+    write_text_atomic(out / REPORT_NAME, html)
     return row
 
 
@@ -201,8 +204,6 @@ def failed_row(meta: dict, stage: str, error: BaseException, tb: str = "") -> di
 
 
 def _write_record(out: Path, row: dict) -> None:
-    from adaptive.reports.fraction_page import render_failed_page
-
     if row.get("status") != "done":
         (out / REPORT_NAME).write_text(render_failed_page(row, row), encoding="utf-8")
     write_json_atomic(out / FRACTION_RECORD, to_jsonable(row))
@@ -215,7 +216,7 @@ def local_cluster_env(n_workers: int, cores: int | None = None) -> dict[str, str
     """Environment of each local worker process: thread counts = cores ÷ workers."""
     cores = cores or os.cpu_count() or 1
     n = str(max(1, cores // max(1, n_workers)))
-    env = {k: n for k in THREAD_VARS}
+    env = dict.fromkeys(THREAD_VARS, n)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["ADAPTIVE_LOG_JSON"] = "1"
     if os.environ.get("NUMBA_CACHE_DIR"):
@@ -226,8 +227,8 @@ def local_cluster_env(n_workers: int, cores: int | None = None) -> dict[str, str
 @contextlib.contextmanager
 def dask_client(cluster: ClusterSettings):
     """A connected :class:`distributed.Client` (and its LocalCluster unless ``scheduler``)."""
-    import dask
-    from distributed import Client, LocalCluster
+    import dask  # noqa: PLC0415 - deferred: Dask (3 s) only for archive replay
+    from distributed import Client, LocalCluster  # noqa: PLC0415 - deferred: Dask (3 s)
 
     # the dashboard address is announced by the caller; Dask's INFO lines would bury the bar
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -372,8 +373,8 @@ def replay_archive(archive: str | Path, out: str | Path, *, goals_override=None,
                    announce: Callable[[str], None] = print) -> ArchiveResult:
     """Replay every fraction of ``archive`` into ``out`` (module docstring) and write the
     summary. ``announce``: where the dashboard address and failures are printed."""
-    from distributed import as_completed
-    from tqdm import tqdm
+    from distributed import as_completed  # noqa: PLC0415 - deferred: Dask (3 s)
+    from tqdm import tqdm  # noqa: PLC0415 - with Dask: only for archive replay
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -428,7 +429,6 @@ def replay_archive(archive: str | Path, out: str | Path, *, goals_override=None,
 
 def write_summary(result: ArchiveResult, meta: dict) -> None:
     """``index.html``, ``summary.csv`` and ``summary.json`` in the output folder."""
-    from adaptive.reports.summary import render_summary_page, sort_rows, summary_csv
 
     out = result.out_dir
     meta = {"software": adaptive.SOFTWARE_NAME, "software_version": adaptive.__version__,
@@ -436,7 +436,5 @@ def write_summary(result: ArchiveResult, meta: dict) -> None:
     rows = sort_rows(result.rows)
     for name, text in (("summary.csv", summary_csv(rows)),
                        ("index.html", render_summary_page(rows, meta, out))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+        write_text_atomic(out / name, text)
     write_json_atomic(out / "summary.json", to_jsonable({"meta": meta, "rows": rows}))

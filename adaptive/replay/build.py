@@ -18,20 +18,27 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import dataclass
+import tomllib
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import AfterValidator, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydicom.uid import generate_uid
 
 import adaptive
-from adaptive.config import check_keys, config_path, load_toml
+from adaptive.config import CONFIG_MODEL, Float, Int, config_path, load_config
+from adaptive.dicom import Provenance, write_ct_series, write_rtstruct
+from adaptive.dicom.provenance import UID_PREFIX
 from adaptive.errors import ConfigError
+from adaptive.geometry.dvf_io import write_dvf
 from adaptive.geometry.volume import Volume
 from adaptive.log import get_logger
 from adaptive.model.identity import PatientInfo, SeriesInfo
 from adaptive.model.plan import Prescription
 from adaptive.model.structures import Roi, StructureSet
+from adaptive.optimization.goals import load_goals
 from adaptive.phantoms.cbct import CbctGeometry, simulate_fraction
 from adaptive.phantoms.deformation import DailyVariation
 from adaptive.phantoms.pelvis import (
@@ -42,8 +49,9 @@ from adaptive.phantoms.pelvis import (
 )
 from adaptive.phantoms.phantom import Phantom
 from adaptive.phantoms.tg119 import tg119_cshape, tg119_prostate
+from adaptive.pipeline.session import make_scheduled_plan
 from adaptive.replay.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_manifest
-from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_dvf, write_truth_json
+from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_truth_json
 
 log = get_logger(__name__)
 
@@ -84,94 +92,69 @@ def convention_variation(base: DailyVariation, convention: str, seed: int, fract
     return base, frame
 
 
-@dataclass(frozen=True)
+def _known_conventions(v: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(v) - CONVENTIONS)
+    if unknown:
+        raise ValueError(f"unknown convention(s) {unknown}; expected some of {sorted(CONVENTIONS)}")
+    return v
+
+
+Size = Annotated[Int, Field(ge=2)]
+PositiveMm = Annotated[Float, Field(gt=0)]
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
 class PelvisCaseConfig:
     """Generator parameters of one pelvis case (see ``config/replay.toml``)."""
 
-    name: str = "pelvis01"
-    fractions: int = 3
-    planning_spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    planning_size_ijk: tuple[int, int, int] = (160, 120, 70)
-    planning_noise_hu: float = 12.0
-    ptv_margin_mm: float = 6.0
-    cbct_spacing_mm: tuple[float, float, float] = (2.7, 2.7, 3.0)
-    cbct_size_ijk: tuple[int, int, int] = (100, 100, 45)
-    cbct_fov_diameter_mm: float = 264.0
-    dose_per_fraction_gy: float = 3.0
-    number_of_fractions: int = 20
+    name: Annotated[str, Field(strict=True, min_length=1)] = "pelvis01"
+    fractions: Annotated[Int, Field(ge=0)] = 3
+    planning_spacing_mm: tuple[Float, Float, Float] = (3.0, 3.0, 3.0)
+    planning_size_ijk: tuple[Size, Size, Size] = (160, 120, 70)
+    planning_noise_hu: Float = 12.0
+    ptv_margin_mm: Float = 6.0
+    cbct_spacing_mm: tuple[Float, Float, Float] = (2.7, 2.7, 3.0)
+    cbct_size_ijk: tuple[Size, Size, Size] = (100, 100, 45)
+    cbct_fov_diameter_mm: Float = 264.0
+    dose_per_fraction_gy: Float = 3.0
+    number_of_fractions: Int = 20
     #: extra fractions after the regular ones, one per CBCT frame convention (see
     #: :data:`CONVENTIONS`); the regular fractions are isocenter-centred
-    conventions: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str) -> PelvisCaseConfig:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        check_keys(d, fields, where)
-        kw = {}
-        for k, v in d.items():
-            default = getattr(cls(), k)
-            try:
-                if k == "conventions":
-                    if not isinstance(v, list) or not all(c in CONVENTIONS for c in v):
-                        raise ConfigError(f"{where}.conventions: expected a list of "
-                                          f"{sorted(CONVENTIONS)}, got {v!r}")
-                    kw[k] = tuple(v)
-                elif isinstance(default, tuple):
-                    if not isinstance(v, list) or len(v) != 3:
-                        raise TypeError
-                    kw[k] = tuple(type(default[0])(x) for x in v)
-                elif isinstance(default, str):
-                    if not isinstance(v, str):
-                        raise TypeError
-                    kw[k] = v
-                else:
-                    if isinstance(v, bool) or not isinstance(v, (int, float)):
-                        raise TypeError
-                    kw[k] = type(default)(v)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"{where}.{k}: invalid value {v!r} (expected like {default!r})") from e
-        cfg = cls(**kw)
-        if cfg.fractions < 0 or min(cfg.planning_size_ijk) < 2 or min(cfg.cbct_size_ijk) < 2:
-            raise ConfigError(f"{where}: fractions must be >= 0 and grid sizes >= 2")
-        return cfg
+    conventions: Annotated[tuple[str, ...], AfterValidator(_known_conventions)] = ()
 
     @property
     def cbct_geometry(self) -> CbctGeometry:
         return CbctGeometry(self.cbct_size_ijk, self.cbct_spacing_mm, self.cbct_fov_diameter_mm)
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class Tg119Config:
+    spacing_mm: tuple[PositiveMm, PositiveMm, PositiveMm] = (3.0, 3.0, 3.0)
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
 class ReplayConfig:
-    seed: int = DEFAULT_SEED
+    """``config/replay.toml``: the seed and the generator parameters of the committed cases."""
+
+    seed: Annotated[Int, Field(ge=0)] = DEFAULT_SEED
     pelvis: PelvisCaseConfig = PelvisCaseConfig()
     pelvis_large: PelvisCaseConfig = PelvisCaseConfig(
-        name="pelvis_large", planning_spacing_mm=(0.9375, 0.9375, 1.5), planning_size_ijk=(512, 384, 140),
-        cbct_spacing_mm=(1.0, 1.0, 1.5), cbct_size_ijk=(264, 264, 100))
-    tg119_spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+        name="pelvis_large", planning_spacing_mm=(0.9375, 0.9375, 1.5),
+        planning_size_ijk=(512, 384, 140), cbct_spacing_mm=(1.0, 1.0, 1.5),
+        cbct_size_ijk=(264, 264, 100))
+    tg119: Tg119Config = Tg119Config()
+
+    @property
+    def tg119_spacing_mm(self) -> tuple[float, float, float]:
+        return self.tg119.spacing_mm
 
 
 def load_replay_config(path: str | Path | None = None) -> ReplayConfig:
-    """Read ``config/replay.toml`` (or ``path``); unknown keys are errors."""
+    """Read ``config/replay.toml`` (or ``path``); unknown keys and wrong types are errors."""
     path = Path(path) if path else config_path("replay.toml")
     if not path.is_file():
         return ReplayConfig()
-    d = load_toml(path)
-    check_keys(d, {"seed", "pelvis", "pelvis_large", "tg119"}, str(path))
-    base = ReplayConfig()
-    seed = d.get("seed", base.seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"{path}: seed must be a non-negative integer, got {seed!r}")
-    tg = d.get("tg119", {})
-    check_keys(tg, {"spacing_mm"}, f"{path}: [tg119]")
-    sp = tg.get("spacing_mm", list(base.tg119_spacing_mm))
-    if not isinstance(sp, list) or len(sp) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in sp):
-        raise ConfigError(f"{path}: [tg119].spacing_mm must be 3 positive numbers, got {sp!r}")
-    return ReplayConfig(
-        seed=int(seed),
-        pelvis=PelvisCaseConfig.from_dict(d.get("pelvis", {}), f"{path}: [pelvis]"),
-        pelvis_large=PelvisCaseConfig.from_dict(d["pelvis_large"], f"{path}: [pelvis_large]")
-        if "pelvis_large" in d else base.pelvis_large,
-        tg119_spacing_mm=tuple(float(v) for v in sp))
+    return load_config(ReplayConfig, path)
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -179,8 +162,6 @@ def load_replay_config(path: str | Path | None = None) -> ReplayConfig:
 
 def det_uid(*parts) -> str:
     """A deterministic DICOM UID from ``parts`` (pydicom root + hash of the parts)."""
-    from adaptive.dicom.provenance import UID_PREFIX
-
     return str(generate_uid(prefix=UID_PREFIX, entropy_srcs=[str(p) for p in parts]))
 
 
@@ -205,8 +186,6 @@ def _clean_case(case_dir: Path) -> None:
 
 def _planning_series(phantom: Phantom, case: str, seed: int, patient: PatientInfo, out: Path,
                      description: str):
-    from adaptive.dicom import Provenance, write_ct_series, write_rtstruct
-
     grid = phantom.grid
     info = SeriesInfo(
         patient=patient, study_instance_uid=det_uid(case, seed, "planning-study"),
@@ -232,7 +211,6 @@ def _planning_series(phantom: Phantom, case: str, seed: int, patient: PatientInf
 def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
                       seed: int = DEFAULT_SEED) -> dict:
     """Build the pelvis case ``cfg.name`` under ``root``; returns its manifest entry."""
-    from adaptive.dicom import Provenance, write_ct_series, write_rtstruct
 
     cfg = cfg or PelvisCaseConfig()
     root = Path(root)
@@ -384,8 +362,6 @@ def add_scheduled_plan(root: str | Path, entry: dict, goals_path: str | Path | N
     """Plan the case of manifest ``entry`` under ``root`` from scratch (its scheduled plan:
     ``planning/RP.dcm``, ``RD.dcm``, ``plan_report.json``) and update the entry. Raises
     :class:`ConfigError` when the goals' prescription differs from the case's."""
-    from adaptive.optimization.goals import load_goals
-    from adaptive.pipeline.session import make_scheduled_plan
 
     gp = Path(goals_path) if goals_path else config_path(*PELVIS_GOALS)
     g = load_goals(gp).prescription
@@ -419,7 +395,6 @@ def build_replay_data(out: str | Path = "replay_data", *, seed: int | None = Non
     the pelvis case (:func:`add_scheduled_plan`; slow — tests building small cases pass
     False).
     """
-    import tomllib
 
     cfg = config or load_replay_config()
     seed = cfg.seed if seed is None else int(seed)

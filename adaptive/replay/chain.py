@@ -1,6 +1,6 @@
 """One archived fraction through the services' chain: :func:`registration_stage` then
 :func:`planning_stage` of :mod:`adaptive.pipeline.fraction`, called as the services' workers
-call them (:mod:`adaptive.pipeline.service_stages`: the same safety checks, the clinical
+call them (:mod:`services.workers.stages`: the same safety checks, the clinical
 protocol recorded with the plan), so a replayed fraction means what a live session would
 have done. Used by ``adaptive replay`` for one fraction and by every Dask task of an
 archive replay (:mod:`adaptive.replay.archive`).

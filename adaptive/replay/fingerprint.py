@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import adaptive
-from adaptive.config import CONFIG_DIR
+from adaptive.config import config_path
 
 #: config files that do not change what the chain computes
 NOT_CHAIN_CONFIG = frozenset({"services.toml", "budgets.toml", "replay.toml"})
@@ -60,7 +60,8 @@ def software_digest() -> str:
     return h.hexdigest()
 
 
-def config_digest(config_dir: Path = CONFIG_DIR) -> str:
+def config_digest(config_dir: Path | None = None) -> str:
+    config_dir = config_dir or config_path()
     h = hashlib.sha256()
     for p in sorted(config_dir.rglob("*.toml")):
         if p.name in NOT_CHAIN_CONFIG and p.parent == config_dir:

@@ -12,13 +12,12 @@ with the same size is not downloaded again. Every download is bounded by a timeo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from adaptive.atomic import atomic_file
 from adaptive.errors import ReplayDataError
 from adaptive.log import get_logger
 from adaptive.replay.discover import safe_name
@@ -56,18 +55,11 @@ class OrthancClient:
 
     def download(self, path: str, dest: Path) -> int:
         """Stream ``path`` into ``dest`` atomically; returns the bytes written."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=dest.parent)
         n = 0
-        try:
-            with os.fdopen(fd, "wb") as f, self._open(path) as r:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    n += len(chunk)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(dest, "wb") as f, self._open(path) as r:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                n += len(chunk)
         return n
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,12 +26,14 @@ from adaptive.dicom.ct_series import read_ct_series
 from adaptive.dicom.rtdose import read_rtdose
 from adaptive.dicom.rtstruct import read_rtstruct
 from adaptive.dose.dose_grid import mask_on_grid
+from adaptive.geometry.dvf_io import read_dvf
 from adaptive.geometry.volume import Volume
 from adaptive.optimization.goals import ClinicalGoals, metric_value
 from adaptive.registration.evaluate import dice, dilate_mm, tre
-from adaptive.replay.discover import FractionInputs
-from adaptive.replay.truth import read_dvf
 from adaptive.reports.dvh import Dvh, cumulative_dvh
+
+if TYPE_CHECKING:  # the replay (a layer above) hands its discovered inputs to the reports
+    from adaptive.replay.discover import FractionInputs
 
 #: margin (mm) around the true target in which the registration error is also reported
 #: (the region the dose gradient lives in; the registration benchmark uses the same)

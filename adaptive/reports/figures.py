@@ -29,10 +29,10 @@ _COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - deferred: matplotlib (3 s) only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - deferred (see above)
 
     return plt
 

@@ -36,6 +36,7 @@ pynetdicom would run it, so one silent client could stop every other connection)
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import ssl
@@ -182,10 +183,8 @@ class _Pending:
 def _shutdown(sock: socket.socket) -> None:
     """Shut a connection down from another thread: its reader sees end-of-stream and the
     association ends (socket.socket.shutdown also for TLS sockets: no TLS state touched)."""
-    try:
+    with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class ConnectionGuard:

@@ -29,6 +29,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from adaptive.atomic import write_text_atomic
 from adaptive.errors import HandOffError
 from adaptive.log import get_logger
 from services.config import TmsConfig
@@ -73,6 +74,101 @@ def _noop(report: InstanceReport) -> None:
     return None
 
 
+def _instance_reports(files: list[Path], skip: frozenset[str]
+                      ) -> tuple[list[InstanceReport], dict[str, str]]:
+    """One report per file (those in ``skip`` already ``stored``) and each file's transfer
+    syntax."""
+    reports: list[InstanceReport] = []
+    syntaxes = {}
+    for p in files:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        rep = InstanceReport(path=str(p), sop_class_uid=str(ds.SOPClassUID),
+                             sop_instance_uid=str(ds.SOPInstanceUID),
+                             modality=str(ds.get("Modality", "")))
+        if rep.sop_instance_uid in skip:
+            rep.ok, rep.state, rep.status = True, "stored", 0
+        reports.append(rep)
+        syntaxes[str(p)] = str(ds.file_meta.TransferSyntaxUID)
+    return reports, syntaxes
+
+
+def _requester(cfg: TmsConfig, reports: list[InstanceReport], syntaxes: dict[str, str]) -> AE:
+    """Our SCU: one presentation context per SOP class, with the files' transfer syntaxes
+    and both little-endian ones."""
+    ae = AE(ae_title=cfg.calling_ae_title)
+    ae.acse_timeout = cfg.acse_timeout_s
+    ae.dimse_timeout = cfg.dimse_timeout_s
+    ae.network_timeout = cfg.network_timeout_s
+    ae.maximum_pdu_size = 1 << 20
+    for cls in sorted({r.sop_class_uid for r in reports}):
+        tss = sorted({syntaxes[r.path] for r in reports if r.sop_class_uid == cls})
+        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts not in tss:
+                tss.append(ts)
+        ae.add_requested_context(cls, tss)
+    return ae
+
+
+def _store_one(assoc, r: InstanceReport, on_state) -> None:
+    """C-STORE one instance on an established association and record the outcome."""
+    r.attempts += 1
+    before = r.state
+    r.state = "sending"
+    on_state(r)
+    t0 = time.perf_counter()
+    try:
+        status = assoc.send_c_store(Path(r.path))
+    except Exception as e:  # noqa: BLE001 - reported per instance, retried
+        r.error = f"C-STORE error: {type(e).__name__}: {e}"
+        r.state = "unknown"   # it may have left before the error
+        on_state(r)
+        return
+    r.seconds = round(time.perf_counter() - t0, 4)
+    if not status or "Status" not in status:
+        r.error = "no C-STORE response (DIMSE timeout or abort)"
+        r.status = None
+        r.state = "unknown"
+        on_state(r)
+        return
+    r.status = int(status.Status)
+    if r.status == 0x0000 or (r.status & 0xF000) == 0xB000:  # success / warning
+        r.ok, r.error, r.state = True, "", "stored"
+    else:
+        r.error = f"status 0x{r.status:04X} " + str(status.get("ErrorComment", ""))
+        # the TMS answered: this copy was refused (an earlier unanswered one may still be there)
+        r.state = "unknown" if before == "unknown" else "not_stored"
+    on_state(r)
+
+
+def _attempt(ae: AE, cfg: TmsConfig, pending: list[InstanceReport], on_state) -> None:
+    """One association: send every pending instance (a failed association marks them all)."""
+    try:
+        assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.ae_title)
+    except Exception as e:  # noqa: BLE001 - socket errors: reported like a refusal
+        for r in pending:
+            r.attempts += 1
+            r.error = f"association failed: {e}"
+            _unsent(r, on_state)
+        return
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
+            "not established"
+        for r in pending:
+            r.attempts += 1
+            r.error = f"association {why} by {cfg.ae_title}@{cfg.host}:{cfg.port}"
+            _unsent(r, on_state)
+        return
+    try:
+        for r in pending:
+            if not assoc.is_established:
+                r.error = "association lost"
+                break
+            _store_one(assoc, r, on_state)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
 def send_files(paths, cfg: TmsConfig, *, outbox: str | Path, session_id: str = "adhoc",
                sleep=time.sleep, batch: str | Path | None = None,
                skip: frozenset[str] = frozenset(),
@@ -84,30 +180,8 @@ def send_files(paths, cfg: TmsConfig, *, outbox: str | Path, session_id: str = "
     log = get_logger("services.scu")
     batch = Path(batch) if batch is not None else stage_outbox(paths, outbox, session_id)
     files = sorted(p for p in batch.iterdir() if p.name != "report.json")
-    reports: list[InstanceReport] = []
-    metas = {}
-    for p in files:
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        rep = InstanceReport(path=str(p), sop_class_uid=str(ds.SOPClassUID),
-                             sop_instance_uid=str(ds.SOPInstanceUID),
-                             modality=str(ds.get("Modality", "")))
-        if rep.sop_instance_uid in skip:
-            rep.ok, rep.state, rep.status = True, "stored", 0
-        reports.append(rep)
-        metas[str(p)] = str(ds.file_meta.TransferSyntaxUID)
-
-    ae = AE(ae_title=cfg.calling_ae_title)
-    ae.acse_timeout = cfg.acse_timeout_s
-    ae.dimse_timeout = cfg.dimse_timeout_s
-    ae.network_timeout = cfg.network_timeout_s
-    ae.maximum_pdu_size = 1 << 20
-    for cls in sorted({r.sop_class_uid for r in reports}):
-        tss = sorted({metas[r.path] for r in reports if r.sop_class_uid == cls})
-        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if ts not in tss:
-                tss.append(ts)
-        ae.add_requested_context(cls, tss)
-
+    reports, syntaxes = _instance_reports(files, skip)
+    ae = _requester(cfg, reports, syntaxes)
     for attempt in range(cfg.retries + 1):
         pending = [r for r in reports if not r.ok and not (r.status is not None
                                                             and _is_permanent(r.status))]
@@ -117,64 +191,13 @@ def send_files(paths, cfg: TmsConfig, *, outbox: str | Path, session_id: str = "
             delay = cfg.backoff_s * 2 ** (attempt - 1)
             log.warning("tms_retry", attempt=attempt, pending=len(pending), delay_s=delay)
             sleep(delay)
-        try:
-            assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.ae_title)
-        except Exception as e:  # noqa: BLE001 - socket errors: reported like a refusal
-            for r in pending:
-                r.attempts += 1
-                r.error = f"association failed: {e}"
-                _unsent(r, on_state)
-            continue
-        if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
-                "not established"
-            for r in pending:
-                r.attempts += 1
-                r.error = f"association {why} by {cfg.ae_title}@{cfg.host}:{cfg.port}"
-                _unsent(r, on_state)
-            continue
-        try:
-            for r in pending:
-                if not assoc.is_established:
-                    r.error = "association lost"
-                    break
-                r.attempts += 1
-                before = r.state
-                r.state = "sending"
-                on_state(r)
-                t0 = time.perf_counter()
-                try:
-                    status = assoc.send_c_store(Path(r.path))
-                except Exception as e:  # noqa: BLE001 - reported per instance, retried
-                    r.error = f"C-STORE error: {type(e).__name__}: {e}"
-                    r.state = "unknown"   # it may have left before the error
-                    on_state(r)
-                    continue
-                r.seconds = round(time.perf_counter() - t0, 4)
-                if not status or "Status" not in status:
-                    r.error = "no C-STORE response (DIMSE timeout or abort)"
-                    r.status = None
-                    r.state = "unknown"
-                    on_state(r)
-                    continue
-                r.status = int(status.Status)
-                if r.status == 0x0000 or (r.status & 0xF000) == 0xB000:  # success / warning
-                    r.ok, r.error, r.state = True, "", "stored"
-                else:
-                    r.error = f"status 0x{r.status:04X} " + str(status.get("ErrorComment", ""))
-                    # the TMS answered: this copy was refused (an earlier unanswered one
-                    # may still be there)
-                    r.state = "unknown" if before == "unknown" else "not_stored"
-                on_state(r)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        _attempt(ae, cfg, pending, on_state)
 
     for r in reports:
         if r.state in ("pending", "sending"):   # never sent by any attempt
             r.state = "not_stored"
             on_state(r)
-    (batch / "report.json").write_text(json.dumps(
+    write_text_atomic(batch / "report.json", json.dumps(
         {"tms": f"{cfg.ae_title}@{cfg.host}:{cfg.port}", "session_id": session_id,
          "ok": all(r.ok for r in reports), "instances": [asdict(r) for r in reports]},
         indent=2))

@@ -23,6 +23,7 @@ the store's folders at start-up); an instance claiming otherwise is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import pydicom
 
+from adaptive.atomic import fsync_dir, write_bytes_atomic, write_temp
 from adaptive.log import get_logger
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -76,49 +78,6 @@ def _safe_label(text: str, fallback: str) -> str:
     s = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_"
                 for c in text.strip())[:40].strip(".")
     return s or fallback
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(folder: Path, chunks, fsync: bool) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines(chunks)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    return tmp
-
-
-def _unlink_quietly(p: Path) -> None:
-    try:
-        p.unlink()
-    except OSError:
-        pass
-
-
-def write_atomic(path: Path, chunks, *, fsync: bool) -> Path:
-    """Write the byte ``chunks`` to ``path`` atomically (temp file + os.replace)."""
-    tmp = _write_temp(path.parent, chunks, fsync)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    if fsync:
-        fsync_dir(path.parent)
-    return path
 
 
 def _dataset_bytes(file_bytes: bytes) -> bytes | None:
@@ -203,13 +162,14 @@ class InstanceStore:
     def store_instance(self, path: Path, meta: bytes, dataset: bytes) -> StoreResult:
         """Store a Part 10 file (preamble, ``meta`` = encoded file meta group, ``dataset``)
         at ``path`` unless it exists; then compare (see module docstring)."""
-        tmp = _write_temp(path.parent, (PREAMBLE, meta, dataset), self.fsync == "instance")
+        tmp = write_temp(path.parent, (PREAMBLE, meta, dataset), fsync=self.fsync == "instance")
         try:
             os.link(tmp, path)
         except FileExistsError:
             return self._compare(path, meta, dataset)
         finally:
-            _unlink_quietly(tmp)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         if self.fsync == "instance":
             fsync_dir(path.parent)
         return StoreResult(StoreOutcome.STORED, path)
@@ -237,9 +197,9 @@ class InstanceStore:
         """Keep a rejected instance under ``quarantine/<reason>/`` with a JSON sidecar
         naming why (and who sent it); never overwrites an earlier quarantined file."""
         folder = self.quarantine_root / _safe_label(reason, "unknown")
-        stem = f"{time.strftime('%Y%m%dT%H%M%S')}_{_safe_label(name, 'noname')}_" \
-               f"{uuid.uuid4().hex[:8]}"
-        path = write_atomic(folder / f"{stem}.dcm", (PREAMBLE, meta, dataset), fsync=True)
-        write_atomic(folder / f"{stem}.json",
-                     (json.dumps(sidecar, indent=2, sort_keys=True).encode(),), fsync=True)
+        stem = (f"{time.strftime('%Y%m%dT%H%M%S')}_{_safe_label(name, 'noname')}_"
+                f"{uuid.uuid4().hex[:8]}")
+        path = write_bytes_atomic(folder / f"{stem}.dcm", (PREAMBLE, meta, dataset), fsync=True)
+        write_bytes_atomic(folder / f"{stem}.json",
+                           (json.dumps(sidecar, indent=2, sort_keys=True).encode(),), fsync=True)
         return path

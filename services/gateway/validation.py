@@ -32,16 +32,26 @@ import pydicom
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
+from pynetdicom import sop_class
 
+from adaptive.dicom._common import (
+    CT_IMAGE_STORAGE,
+    DEFORMABLE_REG_STORAGE,
+    RT_DOSE_STORAGE,
+    RT_PLAN_STORAGE,
+    RT_STRUCT_STORAGE,
+    SPATIAL_REG_STORAGE,
+)
 from services.validators import validate_patient_id, validate_uid
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
-RT_STRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
-RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
-SPATIAL_REG = "1.2.840.10008.5.1.4.1.1.66.1"
-DEFORMABLE_REG = "1.2.840.10008.5.1.4.1.1.66.3"
-VERIFICATION = "1.2.840.10008.1.1"
+# the storage SOP classes the gateway accepts (pydicom's UIDs, named as in adaptive.dicom)
+CT_IMAGE = CT_IMAGE_STORAGE
+RT_DOSE = RT_DOSE_STORAGE
+RT_STRUCT = RT_STRUCT_STORAGE
+RT_PLAN = RT_PLAN_STORAGE
+SPATIAL_REG = SPATIAL_REG_STORAGE
+DEFORMABLE_REG = DEFORMABLE_REG_STORAGE
+VERIFICATION = sop_class.Verification
 
 #: Storage SOP classes the gateway accepts -> the Modality their content must carry.
 STORAGE_CLASSES: dict[str, str] = {
@@ -250,12 +260,11 @@ def _check_identifiers(context: dict, for_uid: str) -> None:
             _fail("invalid_patient_id", f"PatientID invalid: {why}")
 
 
-def _check(ds, data, ts, pixel, pixel_element_start, context, extra, expected_sop_class,
-           expected_sop_instance):
+def _check_identity(context: dict, for_uid: str, expected_sop_class: str,
+                    expected_sop_instance: str) -> None:
+    """UIDs present and valid, the SOP class and instance the C-STORE named, an accepted
+    SOP class and the Modality that goes with it."""
     sop_class, sop_inst = context["sop_class_uid"], context["sop_instance_uid"]
-    patient_id, study = context["patient_id"], context["study_uid"]
-    series, modality = context["series_uid"], context["modality"]
-    for_uid = extra["frame_of_reference_uid"]
     if not sop_class:
         _fail("missing_uid", "SOPClassUID is missing")
     if not sop_inst:
@@ -269,66 +278,82 @@ def _check(ds, data, ts, pixel, pixel_element_start, context, extra, expected_so
               f"SOPInstanceUID {sop_inst} != affected SOP instance {expected_sop_instance}")
     if sop_class not in STORAGE_CLASSES:
         _fail("unsupported_sop_class", f"SOP class {sop_class} is not accepted")
-    for kw, v in (("PatientID", patient_id), ("StudyInstanceUID", study),
-                  ("SeriesInstanceUID", series)):
+    for kw, v in (("PatientID", context["patient_id"]), ("StudyInstanceUID", context["study_uid"]),
+                  ("SeriesInstanceUID", context["series_uid"])):
         if not v:
             _fail("missing_uid" if kw != "PatientID" else "missing_patient_id",
                   f"{kw} is missing")
-    want_modality = STORAGE_CLASSES[sop_class]
+    want_modality, modality = STORAGE_CLASSES[sop_class], context["modality"]
     if modality != want_modality:
         _fail("modality_mismatch",
               f"Modality {modality or '(empty)'} does not match SOP class (expected "
               f"{want_modality})")
 
+
+def _check_image(ds, data, ts, pixel, pixel_element_start) -> tuple[list, list]:
+    """Image geometry (orthonormal orientation, positive spacing), image attributes and the
+    Pixel Data length (declared and present). Returns (position, orientation)."""
+    ipp = _numbers(ds, "ImagePositionPatient", 3)
+    iop = _numbers(ds, "ImageOrientationPatient", 6)
+    r, c = iop[:3], iop[3:]
+    nr = math.sqrt(sum(x * x for x in r))
+    nc = math.sqrt(sum(x * x for x in c))
+    dot = sum(a * b for a, b in zip(r, c))
+    if abs(nr - 1) > 1e-3 or abs(nc - 1) > 1e-3 or abs(dot) > 1e-3:
+        _fail("bad_geometry", "ImageOrientationPatient is not orthonormal")
+    ps = _numbers(ds, "PixelSpacing", 2)
+    if min(ps) <= 0:
+        _fail("bad_geometry", "PixelSpacing must be positive")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    bits = _int(ds, "BitsAllocated")
+    spp = _int(ds, "SamplesPerPixel", 1)
+    frames = _int(ds, "NumberOfFrames", 1)
+    if rows <= 0 or cols <= 0 or bits not in (8, 16, 32, 64) or spp <= 0 or frames <= 0:
+        _fail("bad_image_attribute",
+              f"Rows/Columns/BitsAllocated/SamplesPerPixel/NumberOfFrames invalid "
+              f"({rows}, {cols}, {bits}, {spp}, {frames})")
+    if "length" not in pixel:
+        _fail("missing_pixel_data", "Pixel Data is missing")
+    expected = rows * cols * spp * (bits // 8) * frames
+    got = pixel["length"]
+    if got == 0xFFFFFFFF or not (got == expected or (expected % 2 and got == expected + 1)):
+        _fail("pixel_data_length",
+              f"Pixel Data length {got} != {rows}x{cols}x{spp}x{bits // 8}x{frames} "
+              f"= {expected} bytes")
+    remaining = len(data) - _value_offset(data, pixel_element_start, ts.is_implicit_VR)
+    if remaining < expected:
+        _fail("pixel_data_length",
+              f"Pixel Data truncated: {remaining} bytes present, {expected} expected")
+    return ipp, iop
+
+
+def _rtstruct_frame(ds, for_uid: str) -> str:
+    """An RT Structure Set's frame: its own, else the first referenced one (validated)."""
+    seq = ds.get("ReferencedFrameOfReferenceSequence", None)
+    if not seq:
+        _fail("missing_reference", "ReferencedFrameOfReferenceSequence is missing")
+    if not for_uid:
+        for_uid = _text(seq[0], "FrameOfReferenceUID")
+        ok, why = validate_uid(for_uid) if for_uid else (True, "")
+        if not ok:
+            _fail("invalid_uid", f"referenced FrameOfReferenceUID invalid: {why}")
+    return for_uid
+
+
+def _check(ds, data, ts, pixel, pixel_element_start, context, extra, expected_sop_class,
+           expected_sop_instance):
+    sop_class = context["sop_class_uid"]
+    for_uid = extra["frame_of_reference_uid"]
+    _check_identity(context, for_uid, expected_sop_class, expected_sop_instance)
     ipp = iop = None
     try:
+        needs_frame = sop_class in IMAGE_CLASSES or sop_class in (SPATIAL_REG, DEFORMABLE_REG)
+        if needs_frame and not for_uid:
+            _fail("missing_uid", "FrameOfReferenceUID is missing")
         if sop_class in IMAGE_CLASSES:
-            if not for_uid:
-                _fail("missing_uid", "FrameOfReferenceUID is missing")
-            ipp = _numbers(ds, "ImagePositionPatient", 3)
-            iop = _numbers(ds, "ImageOrientationPatient", 6)
-            r, c = iop[:3], iop[3:]
-            nr = math.sqrt(sum(x * x for x in r))
-            nc = math.sqrt(sum(x * x for x in c))
-            dot = sum(a * b for a, b in zip(r, c))
-            if abs(nr - 1) > 1e-3 or abs(nc - 1) > 1e-3 or abs(dot) > 1e-3:
-                _fail("bad_geometry", "ImageOrientationPatient is not orthonormal")
-            ps = _numbers(ds, "PixelSpacing", 2)
-            if min(ps) <= 0:
-                _fail("bad_geometry", "PixelSpacing must be positive")
-            rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
-            bits = _int(ds, "BitsAllocated")
-            spp = _int(ds, "SamplesPerPixel", 1)
-            frames = _int(ds, "NumberOfFrames", 1)
-            if rows <= 0 or cols <= 0 or bits not in (8, 16, 32, 64) or spp <= 0 or frames <= 0:
-                _fail("bad_image_attribute",
-                      f"Rows/Columns/BitsAllocated/SamplesPerPixel/NumberOfFrames invalid "
-                      f"({rows}, {cols}, {bits}, {spp}, {frames})")
-            if "length" not in pixel:
-                _fail("missing_pixel_data", "Pixel Data is missing")
-            expected = rows * cols * spp * (bits // 8) * frames
-            got = pixel["length"]
-            if got == 0xFFFFFFFF or not (got == expected or (expected % 2 and got == expected + 1)):
-                _fail("pixel_data_length",
-                      f"Pixel Data length {got} != {rows}x{cols}x{spp}x{bits // 8}x{frames} "
-                      f"= {expected} bytes")
-            remaining = len(data) - _value_offset(data, pixel_element_start,
-                                                  ts.is_implicit_VR)
-            if remaining < expected:
-                _fail("pixel_data_length",
-                      f"Pixel Data truncated: {remaining} bytes present, {expected} expected")
-        elif sop_class in (SPATIAL_REG, DEFORMABLE_REG):
-            if not for_uid:
-                _fail("missing_uid", "FrameOfReferenceUID is missing")
+            ipp, iop = _check_image(ds, data, ts, pixel, pixel_element_start)
         elif sop_class == RT_STRUCT:
-            seq = ds.get("ReferencedFrameOfReferenceSequence", None)
-            if not seq:
-                _fail("missing_reference", "ReferencedFrameOfReferenceSequence is missing")
-            if not for_uid:
-                for_uid = _text(seq[0], "FrameOfReferenceUID")
-                ok, why = validate_uid(for_uid) if for_uid else (True, "")
-                if not ok:
-                    _fail("invalid_uid", f"referenced FrameOfReferenceUID invalid: {why}")
+            for_uid = _rtstruct_frame(ds, for_uid)
         count, count_source = _expected_count(ds)
     except ValidationFailure:
         raise
@@ -337,8 +362,9 @@ def _check(ds, data, ts, pixel, pixel_element_start, context, extra, expected_so
               STATUS_CANNOT_UNDERSTAND)
 
     return InstanceHeader(
-        sop_class_uid=sop_class, sop_instance_uid=sop_inst, patient_id=patient_id,
-        study_uid=study, series_uid=series, modality=modality,
+        sop_class_uid=sop_class, sop_instance_uid=context["sop_instance_uid"],
+        patient_id=context["patient_id"], study_uid=context["study_uid"],
+        series_uid=context["series_uid"], modality=context["modality"],
         **dict(extra, frame_of_reference_uid=for_uid),
         pixel_data_bytes=pixel.get("length"),
         image_position=tuple(ipp) if ipp else None,

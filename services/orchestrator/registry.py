@@ -16,11 +16,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.uid import SpatialRegistrationStorage
+
 from adaptive.dicom.daily_image import is_daily_image
 from adaptive.dicom.inventory import inventory
 from adaptive.log import get_logger
-
-SPATIAL_REG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
 
 
 @dataclass
@@ -78,7 +78,7 @@ class PlanningRegistry:
                                    "treatment_protocols": o.details.get("treatment_protocols", ""),
                                    "for": o.frame_of_reference_uid,
                                    "study": o.study_instance_uid, "t": t})
-            elif o.kind == "REG" and o.sop_class_uid == SPATIAL_REG_STORAGE:
+            elif o.kind == "REG" and o.sop_class_uid == SpatialRegistrationStorage:
                 pd.regs = [r for r in pd.regs if r["sop"] != o.sop_instance_uid]
                 pd.regs.append({"path": o.path, "sop": o.sop_instance_uid, "t": t,
                                 "frames": sorted({o.frame_of_reference_uid,

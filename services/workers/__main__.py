@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         try:
             warm()
             log.info("worker_warmed_up", service=args.service)
-        except Exception as e:  # a failed warm-up is logged; the task will fail clearly
+        except Exception as e:  # noqa: BLE001 - a failed warm-up is logged; the task will fail clearly
             log.error("warm_up_failed", service=args.service, error=repr(e))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -24,9 +24,9 @@ planning result
     "metrics": {...}, "fallback": None | "best_iterate"}``. Only an adapted plan with
     ``checks_passed`` true is ever offered for hand-off.
 
-If the pipeline's stage functions are not installed, the task fails with
-:class:`StageUnavailableError` (the session falls back to the scheduled plan) - there is
-no stand-in computation here.
+The stage functions are imported directly from :mod:`adaptive.pipeline.fraction`
+(:func:`registration_task` and :func:`planning_task` adapt the task payload to them); there
+is no stand-in computation here.
 
 Each stage runs in a child process forked from the worker (:func:`run_in_child`, through
 :func:`adaptive.forked.call_in_child`): native code (ITK/elastix, numba) can hold the GIL for
@@ -44,43 +44,64 @@ again before hand-off.
 
 from __future__ import annotations
 
-import importlib
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
 
 import adaptive.errors as aerr
-from adaptive.errors import StageUnavailableError
 from adaptive.forked import ChildError, call_in_child
-from adaptive.pipeline.records import RECORDS, sha256_file
+from adaptive.log import bind
+from adaptive.optimization.protocols import load_protocol
+from adaptive.pipeline.fraction import Progress, planning_stage, registration_stage
+from adaptive.pipeline.records import RECORDS, PlanningRecord, RegistrationRecord, sha256_file
+from adaptive.registration.core import warm_up
+from adaptive.registration.review import preload_plotting
 
-REGISTRATION_FN = "service_registration_stage"
-PLANNING_FN = "service_planning_stage"
+
+def registration_task(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir,
+                      budget_s: float | None = None, progress: Progress | None = None,
+                      spatial_registration=None) -> dict:
+    """The registration stage of one task (runs in the forked child). ``budget_s``: seconds
+    left of the stage budget (the deformable step is cut to fit; ``fallback="rigid"`` then).
+    ``spatial_registration``: a rigid Spatial Registration received with the CBCT (path), one
+    candidate of the initial alignment. ``$ADAPTIVE_REGISTRATION_CONFIG``: another
+    registration config (default ``config/registration.toml``). Returns the record of
+    :func:`adaptive.pipeline.fraction.registration_stage`, validated, as JSON types (it
+    crosses the pipe to the worker)."""
+    rec = registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir,
+                             budget_s=budget_s, progress=progress,
+                             spatial_registration=spatial_registration,
+                             config=os.environ.get("ADAPTIVE_REGISTRATION_CONFIG") or None)
+    return RegistrationRecord.model_validate(rec).model_dump(mode="json")
 
 
-def _pipeline_fn(name: str):
+def planning_task(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, registration: dict,
+                  out_dir, protocol: dict, budget_s: float | None = None,
+                  progress: Progress | None = None) -> dict:
+    """The planning stage of one task (runs in the forked child): ``{"adapted": {...},
+    "scheduled": {...}, "metrics": {...}, "fallback": None | "best_iterate", "protocol":
+    {...}, ...}``. ``protocol``: the session's clinical protocol ``{"name", "source"}`` (goals
+    ``config/goals/<name>.toml``; the scheduled plan's prescription must match it).
+    ``budget_s`` sets the optimiser deadline. The planning CT, planning RT Struct and CBCT are
+    not re-read: the registration record carries everything derived from them (synthetic CT
+    covering the planning CT's extent, propagated structures, rigid matrix)."""
+    t0 = time.perf_counter()
+    goals = load_protocol(protocol["name"])
+    left = None if budget_s is None else budget_s - (time.perf_counter() - t0)
+    po = planning_stage(rtplan_path, registration, out_dir, goals, budget_s=left,
+                        progress=progress, protocol=protocol)
+    return PlanningRecord.model_validate(po.result).model_dump(mode="json")
+
+
+def run_in_child(fn: Callable[..., dict], kwargs: dict, ctx) -> dict:
+    """Run ``fn(**kwargs, progress=...)`` in a forked child; forward its progress to ``ctx``;
+    stop it when ``ctx.cancelled`` is set; return its result or re-raise its error (same
+    :mod:`adaptive.errors` class when it is one)."""
     try:
-        mod = importlib.import_module("adaptive.pipeline")
-    except ImportError as e:
-        raise StageUnavailableError(f"adaptive.pipeline is not installed: {e}") from e
-    fn = getattr(mod, name, None)
-    if fn is None:
-        raise StageUnavailableError(f"adaptive.pipeline has no {name}(); the online "
-                                    f"services need it (see services/workers/stages.py)")
-    return fn
-
-
-def _stage(name: str, kwargs: dict, progress):
-    return _pipeline_fn(name)(**kwargs, progress=progress)
-
-
-def run_in_child(name: str, kwargs: dict, ctx) -> dict:
-    """Run ``adaptive.pipeline.<name>(**kwargs, progress=...)`` in a forked child; forward
-    its progress to ``ctx``; stop it when ``ctx.cancelled`` is set; return its result or
-    re-raise its error (same :mod:`adaptive.errors` class when it is one)."""
-    _pipeline_fn(name)  # fail fast, in the worker, when the stage is not installed
-    try:
-        return call_in_child(_stage, (name, kwargs), on_progress=ctx.progress,
+        return call_in_child(fn, (), kwargs, on_progress=ctx.progress,
                              cancelled=getattr(ctx, "cancelled", None))
     except ChildError as e:
         cls = getattr(aerr, e.type_name, None)
@@ -91,7 +112,7 @@ def run_in_child(name: str, kwargs: dict, ctx) -> dict:
                 err = None
             if err is not None:
                 raise err from None
-        raise aerr.AdaptiveError(f"{name}: {e.type_name}: {e.message}\n{e.tb}") from None
+        raise aerr.AdaptiveError(f"{fn.__name__}: {e.type_name}: {e.message}\n{e.tb}") from None
 
 
 def seal(stage: str, record: dict, payload: dict) -> dict:
@@ -114,8 +135,6 @@ def seal(stage: str, record: dict, payload: dict) -> dict:
 
 def _bind_session(payload: dict, stage: str) -> None:
     """Every log line of the stage carries the session (and the patient) it works for."""
-    from adaptive.log import bind
-
     bind(session_id=payload.get("session_id"), patient_id=payload.get("patient_id"),
          stage=stage)
 
@@ -123,7 +142,7 @@ def _bind_session(payload: dict, stage: str) -> None:
 def run_registration(payload: dict, arrays: dict, ctx) -> dict:
     _bind_session(payload, "registration")
     ctx.progress("registration", 0.0)
-    result = run_in_child(REGISTRATION_FN, {
+    result = run_in_child(registration_task, {
         "planning_ct_dir": payload["planning_ct_dir"], "rtstruct_path": payload["rtstruct_path"],
         "rtplan_path": payload["rtplan_path"], "cbct_dir": payload["cbct_dir"],
         "out_dir": payload["out_dir"], "budget_s": ctx.remaining_s(),
@@ -135,7 +154,7 @@ def run_registration(payload: dict, arrays: dict, ctx) -> dict:
 def run_planning(payload: dict, arrays: dict, ctx) -> dict:
     _bind_session(payload, "planning")
     ctx.progress("planning", 0.0)
-    result = run_in_child(PLANNING_FN, {
+    result = run_in_child(planning_task, {
         "planning_ct_dir": payload["planning_ct_dir"], "rtstruct_path": payload["rtstruct_path"],
         "rtplan_path": payload["rtplan_path"], "cbct_dir": payload["cbct_dir"],
         "registration": payload["registration"], "out_dir": payload["out_dir"],
@@ -145,9 +164,6 @@ def run_planning(payload: dict, arrays: dict, ctx) -> dict:
 
 
 def _warm_up_registration() -> None:
-    from adaptive.registration.core import warm_up
-    from adaptive.registration.review import preload_plotting
-
     warm_up()
     preload_plotting()  # the review images' matplotlib import (~1 s), inherited by the fork
 

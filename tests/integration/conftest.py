@@ -17,8 +17,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from adaptive.config import config_path
 from services.config import write_config_variant
+from services.local_peers import write_synthetic_ct
 from services.orthanc import OrthancServer, start_orthanc
-from services.sample_data import write_ct_series
 from tests.conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def write_planning_data(folder: Path, patient_id: str, *, slices: int = 8, size:
     structure set (minimal but consistent references). Returns dict of paths/UIDs."""
     study = generate_uid()
     ct_series, for_uid = generate_uid(), generate_uid()
-    ct = write_ct_series(folder / "CT", slices, size, size, patient_id=patient_id,
+    ct = write_synthetic_ct(folder / "CT", slices, size, size, patient_id=patient_id,
                          description="Planning CT", study_uid=study, series_uid=ct_series,
                          for_uid=for_uid)
     rs_uid, rp_uid = generate_uid(), generate_uid()
@@ -82,7 +82,7 @@ def write_planning_data(folder: Path, patient_id: str, *, slices: int = 8, size:
     rp.ReferencedStructureSetSequence = Sequence([ref])
     (folder / "RP").mkdir(parents=True)
     rp.save_as(folder / "RP" / "RP.dcm", enforce_file_format=True)
-    cbct = write_ct_series(folder / "CBCT", slices, size, size, patient_id=patient_id,
+    cbct = write_synthetic_ct(folder / "CBCT", slices, size, size, patient_id=patient_id,
                            description="CBCT daily", study_uid=generate_uid())
     return {"ct": ct, "rs": folder / "RS" / "RS.dcm", "rp": folder / "RP" / "RP.dcm",
             "cbct": cbct, "rs_uid": rs_uid, "rp_uid": rp_uid, "for_uid": for_uid}

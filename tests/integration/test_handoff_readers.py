@@ -144,8 +144,8 @@ def _run_scenario(tmp_path_factory, request) -> None:
     for f in (fx, b_fx):
         assert storescu(port, sorted((f / "CBCT").glob("*.dcm"))).returncode == 0
     sessions = {}
-    for s in (sa, sb):
-        s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
+    for started in (sa, sb):
+        s = cl.wait_for_state(started["session_id"], {"awaiting_decision", "fallback", "failed"},
                               1500, poll_s=0.5)
         assert s["state"] == "awaiting_decision", (s["notes"], s["error"])
         sessions[s["session_id"]] = s

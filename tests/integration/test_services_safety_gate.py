@@ -25,11 +25,11 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from adaptive.commands.demo import find_fraction
 from adaptive.config import config_path, load_toml
 from adaptive.dicom.ct_series import read_ct_series, write_ct_series
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.model.identity import PatientInfo, SeriesInfo, StudyIdentity
+from services.local_peers import find_fraction
 from tests.integration.conftest import make_config, storescu
 from tests.integration.events import EventWatch
 from tests.waiting import wait_until

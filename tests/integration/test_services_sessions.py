@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from services.console import ConsoleError
-from services.sample_data import write_ct_series
+from services.local_peers import write_synthetic_ct
 from tests.integration.conftest import make_config, storescu, write_planning_data
 from tests.integration.events import EventWatch
 from tests.waiting import wait_until
@@ -75,7 +75,7 @@ def test_normal_session_end_to_end_to_orthanc(tmp_path, orthanc, stack_factory):
     assert {t["PatientID"] for t in tags} == {"PAT-E2E"}
     plans = [t for t in tags if t.get("Modality") == "RTPLAN"]
     assert len(plans) == 1
-    adapted = [p for p in plans if p["RTPlanLabel"] == "ADAPTED"][0]
+    adapted = next(p for p in plans if p["RTPlanLabel"] == "ADAPTED")
     # it references the structure set handed off with it (today's, in the CBCT's study)
     rs = [t for t in tags if t.get("Modality") == "RTSTRUCT"]
     assert [t["SOPInstanceUID"] for t in rs] == [
@@ -274,7 +274,7 @@ def test_aborted_cbct_then_resent_and_duplicate_series(tmp_path, orthanc, stack_
     ab = watch.wait_for(lambda e: e["event"] == "association_aborted", 30,
                         "association_aborted")
     assert ab["details"]["series"][0]["count"] == 3
-    probe = write_ct_series(tmp_path / "probe", 1, 16, 16, patient_id="PAT-AB",
+    probe = write_synthetic_ct(tmp_path / "probe", 1, 16, 16, patient_id="PAT-AB",
                             description="probe", for_uid=d["for_uid"])
     assert storescu(_port(st), probe).returncode == 0
     probe_uid = pydicom.dcmread(probe[0], stop_before_pixels=True).SeriesInstanceUID

@@ -1,0 +1,1 @@
+"""HTML reports of replayed fractions and archives (rendering only: the replay hands them its data)."""
