@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import zmq
 from pydicom.uid import UID
 from pynetdicom._validators import validate_ae as pynetdicom_validate_ae
 
@@ -154,9 +155,13 @@ def orchestrator(tmp_path):
     cfg = load_services_config(write_config_variant(None, tmp_path / "s.toml", {
         "paths": {"root": str(tmp_path / "var")},
         "orchestrator": dict.fromkeys(("worker_endpoint", "gateway_events_endpoint", "console_endpoint", "console_events_endpoint"), "tcp://127.0.0.1:0")}))
-    o = Orchestrator(cfg, load_budgets(config_path("budgets.toml")))
+    # its own context: the ZAP endpoint (inproc://zeromq.zap.01) is per context, and the
+    # process-wide one may hold another test's authenticator
+    ctx = zmq.Context()
+    o = Orchestrator(cfg, load_budgets(config_path("budgets.toml")), context=ctx)
     yield o
     o.close()
+    ctx.term()
 
 
 @pytest.mark.parametrize("room", ["/tmp/adaptive-escape", "../../escape", "a/../../b", None, 7])

@@ -80,24 +80,40 @@ class Orchestrator(StageFlow, Decision):
         server = self.keys.server_keys()
         self.auth = Authenticator(self.ctx, self.keys)
         self.auth.start()
-        self.broker = broker or WorkerBroker(
-            oc.worker_endpoint, heartbeat_interval_s=oc.heartbeat_interval_s,
-            liveness=oc.heartbeat_liveness, max_attempts=oc.max_task_attempts,
-            context=self.ctx, secure=lambda s: secure_server(s, server, "workers"))
-        self.gw_sock = self._bind(zmq.PULL, oc.gateway_events_endpoint, server, "gateway", 0)
-        self.console = self._bind(zmq.ROUTER, oc.console_endpoint, server, "console", 0)
-        self.pub = self._bind(zmq.PUB, oc.console_events_endpoint, server, "console", 500)
-        self.store = OrchestratorStore(cfg.paths.root / "state" / "orchestrator.sqlite3")
-        self.registry = PlanningRegistry(self.store, oc.cbct_markers)
-        self.handoff = HandOff(cfg.tms, cfg.paths.outbox, self.store)
-        self.api = ConsoleApi(self)
-        self.sessions: dict[str, Session] = {}
-        self.used_cbcts: set[str] = set()
-        self.bad_gateway_messages = 0
-        self.gateway_events = 0
-        self._bad_reported: dict[str, tuple[float, int]] = {}   # socket -> (when, count)
-        self.protocols = ProtocolTable.load()
-        self.recover()
+        try:
+            self.broker = broker or WorkerBroker(
+                oc.worker_endpoint, heartbeat_interval_s=oc.heartbeat_interval_s,
+                liveness=oc.heartbeat_liveness, max_attempts=oc.max_task_attempts,
+                context=self.ctx, secure=lambda s: secure_server(s, server, "workers"))
+            self.gw_sock = self._bind(zmq.PULL, oc.gateway_events_endpoint, server, "gateway", 0)
+            self.console = self._bind(zmq.ROUTER, oc.console_endpoint, server, "console", 0)
+            self.pub = self._bind(zmq.PUB, oc.console_events_endpoint, server, "console", 500)
+            self.store = OrchestratorStore(cfg.paths.root / "state" / "orchestrator.sqlite3")
+            self.registry = PlanningRegistry(self.store, oc.cbct_markers)
+            self.handoff = HandOff(cfg.tms, cfg.paths.outbox, self.store)
+            self.api = ConsoleApi(self)
+            self.sessions: dict[str, Session] = {}
+            self.used_cbcts: set[str] = set()
+            self.bad_gateway_messages = 0
+            self.gateway_events = 0
+            self._bad_reported: dict[str, tuple[float, int]] = {}   # socket -> (when, count)
+            self.protocols = ProtocolTable.load()
+            self.recover()
+        except BaseException:
+            # a half-built orchestrator must not keep the context's ZAP endpoint
+            # (inproc://zeromq.zap.01) or its ports: the next one could not start
+            self._close_partial()
+            raise
+
+    def _close_partial(self) -> None:
+        for name in ("broker", "gw_sock", "console", "pub", "store"):
+            part = getattr(self, name, None)
+            if part is not None:
+                try:
+                    part.close()
+                except Exception as e:  # noqa: BLE001 - closing what exists, then re-raise
+                    self.log.warning("close_after_failed_start", part=name, error=repr(e))
+        self.auth.stop()
 
     def _bind(self, kind, endpoint: str, server, domain: str, linger_ms: int):
         sock = self.ctx.socket(kind)
