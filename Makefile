@@ -35,7 +35,7 @@ $(PEERS_STAMP): Makefile
 
 # Debian tools the tests use as real DICOM peers/validators. Installed when
 # missing and running as root; otherwise the tests that need them fail naming the tool.
-SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl plastimatch:plastimatch
+SYSTEM_TOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc openssl:openssl plastimatch:plastimatch chromium:chromium
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do cmd=$${t%%:*}; pkg=$${t##*:}; \
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

@@ -120,6 +120,21 @@ class GridOutsideImageError(DicomWriteError):
     """A grid (e.g. an RT Dose grid) is not inside the image it was computed on."""
 
 
+# --- child processes (adaptive.forked) -------------------------------------------
+
+
+class ChildTimeoutError(AdaptiveError):
+    """A function run in a forked child gave no result by its deadline; the child was killed."""
+
+
+class ChildCancelledError(AdaptiveError):
+    """A function run in a forked child was cancelled; the child was killed."""
+
+
+class ChildDiedError(AdaptiveError):
+    """A forked child ended (killed, crashed) without sending a result."""
+
+
 # --- real-time services ---------------------------------------------------------
 
 
@@ -153,6 +168,20 @@ class HandOffError(ServiceError):
         self.report = report or []
         self.outbox = Path(outbox) if outbox is not None else None
         super().__init__(message + (f" (objects kept in {outbox})" if outbox else ""))
+
+
+class ResultRefusedError(ServiceError):
+    """A worker's result does not belong to the task it answers (another patient, session or
+    series, files outside the session folder, content hashes that do not match) or does not
+    follow its record schema: refused, never used."""
+
+
+class AuthenticationError(ServiceError):
+    """Keys for the services' CURVE authentication are missing, unreadable or unsafe."""
+
+
+class NotAuthorizedError(ServiceError):
+    """A console client's role does not allow the command it sent."""
 
 
 class StageUnavailableError(ServiceError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import time
 from collections.abc import Iterator
@@ -9,8 +10,10 @@ from collections.abc import Iterator
 import zmq
 
 from adaptive.errors import ServiceError
-from services.protocol import decode, encode
+from services.auth import KeyStore, apply_client_keys
+from services.protocol import ProtocolError, decode, encode
 from services.ready import orchestrator_endpoint
+from services.schemas import ConsoleEvent, ConsoleReply, parse
 
 
 class ConsoleError(ServiceError):
@@ -22,8 +25,12 @@ class ConsoleClient:
     replaced so a late reply cannot be mistaken for the next one)."""
 
     def __init__(self, endpoint: str, events_endpoint: str | None = None, *,
-                 timeout_s: float = 5.0, context: zmq.Context | None = None):
+                 timeout_s: float = 5.0, context: zmq.Context | None = None,
+                 keys: dict | None = None):
+        """``keys``: this client's CURVE keys (:meth:`services.auth.KeyStore.client_keys`);
+        the orchestrator answers (and publishes to) authenticated clients only."""
         self.endpoint = endpoint
+        self.keys = keys
         self.events_endpoint = events_endpoint
         self.timeout_s = timeout_s
         self.ctx = context or zmq.Context.instance()
@@ -32,17 +39,26 @@ class ConsoleClient:
         self._sub = None
 
     @classmethod
-    def from_config(cls, cfg, *, timeout_s: float = 5.0) -> ConsoleClient:
+    def from_config(cls, cfg, *, timeout_s: float = 5.0, key: str = "console") -> ConsoleClient:
         """A client for the orchestrator of services config ``cfg``: its configured console
         endpoints, or, when they say port 0, the ones in the running orchestrator's ready
-        record (``<paths.root>/run/orchestrator.json``, see :mod:`services.ready`)."""
+        record (``<paths.root>/run/orchestrator.json``, see :mod:`services.ready`); ``key``:
+        the name of this client's key under ``<paths.root>/keys`` (default ``console``, a
+        therapist; ``viewer`` may only look)."""
         return cls(orchestrator_endpoint(cfg, "console_endpoint"),
-                   orchestrator_endpoint(cfg, "console_events_endpoint"), timeout_s=timeout_s)
+                   orchestrator_endpoint(cfg, "console_events_endpoint"), timeout_s=timeout_s,
+                   keys=KeyStore(cfg.paths.root).client_keys(key))
+
+    def _new(self, kind):
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            apply_client_keys(sock, self.keys)
+        return sock
 
     def _socket(self):
         if self._sock is None:
-            self._sock = self.ctx.socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock = self._new(zmq.DEALER)
             self._sock.connect(self.endpoint)
         return self._sock
 
@@ -59,7 +75,11 @@ class ConsoleClient:
                 raise ConsoleError(f"no reply from orchestrator at {self.endpoint} within "
                                    f"{self.timeout_s:g} s ({cmd})")
             frames = sock.recv_multipart()
-            h, _ = decode(frames[1:] if frames and frames[0] == b"" else frames)
+            try:
+                h, _ = decode(frames[1:] if frames and frames[0] == b"" else frames)
+                parse(h, {"reply": ConsoleReply})
+            except ProtocolError as e:
+                raise ConsoleError(f"malformed reply from {self.endpoint}: {e}") from None
             if h.get("request_id") != rid:
                 continue
             if check and not h.get("ok"):
@@ -88,8 +108,6 @@ class ConsoleClient:
     def review(self, session_id: str) -> dict:
         """The session's review images: ``{"images": [{"name", "png"}], "validity",
         "summary"}`` with the PNG bytes decoded."""
-        import base64
-
         r = self.request("review", session_id=session_id)
         return {"images": [{"name": i["name"], "png": base64.b64decode(i["png_base64"])}
                            for i in r["images"]],
@@ -98,12 +116,16 @@ class ConsoleClient:
     def cancel(self, session_id: str, reason: str = "") -> dict:
         return self.request("cancel", session_id=session_id, reason=reason)["session"]
 
+    def retry_handoff(self, session_id: str) -> dict:
+        """Send the chosen plan to the TMS again after a failed hand-off (same objects, same
+        SOP Instance UIDs; those the TMS confirmed are not sent again)."""
+        return self.request("retry-handoff", session_id=session_id)["session"]
+
     def subscribe(self, room: str | None = None):
         if self.events_endpoint is None:
             raise ConsoleError("no events endpoint configured")
         if self._sub is None:
-            self._sub = self.ctx.socket(zmq.SUB)
-            self._sub.setsockopt(zmq.LINGER, 0)
+            self._sub = self._new(zmq.SUB)
             self._sub.connect(self.events_endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, (f"session.{room}" if room else "").encode())
         return self._sub
@@ -120,7 +142,11 @@ class ConsoleClient:
                     return
                 continue
             frames = sub.recv_multipart()
-            h, _ = decode(frames[1:])
+            try:
+                h, _ = decode(frames[1:])
+                parse(h, {"event": ConsoleEvent})
+            except ProtocolError:
+                continue            # not an event of ours: skipped, the stream goes on
             yield h
 
     def wait_for_state(self, session_id: str, states, timeout_s: float = 60.0,

@@ -2,7 +2,9 @@
 
 PUSH queues messages while the orchestrator is not (yet) connected instead of dropping
 them as PUB would; the pynetdicom handler threads put events on a queue and a single
-sender thread owns the socket (ZeroMQ sockets are not thread-safe)."""
+sender thread owns the socket (ZeroMQ sockets are not thread-safe). With ``keys`` (the
+gateway's, :mod:`services.auth`) the socket is a CURVE client: the orchestrator accepts
+gateway events only from keys with the ``gateway`` role."""
 
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ import time
 
 import zmq
 
+from services.auth import apply_client_keys
 from services.protocol import encode
 
 
 class EventPusher:
     def __init__(self, endpoint: str, *, context: zmq.Context | None = None,
-                 linger_ms: int = 2000, hwm: int = 10000):
+                 linger_ms: int = 2000, hwm: int = 10000, keys: dict | None = None):
         self.endpoint = endpoint
+        self._keys = keys
         self._ctx = context or zmq.Context.instance()
         self._q: queue.Queue = queue.Queue()
         self._linger = linger_ms
@@ -33,6 +37,8 @@ class EventPusher:
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, self._linger)
         sock.setsockopt(zmq.SNDHWM, self._hwm)
+        if self._keys is not None:
+            apply_client_keys(sock, self._keys)
         sock.connect(self.endpoint)
         try:
             while True:

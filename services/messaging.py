@@ -10,6 +10,14 @@ style of the ZeroMQ guide's Paranoid Pirate / Majordomo patterns.
   service, or to the restarted one when it announces READY, at most ``max_attempts``
   times in all; then the task fails. A late result from a worker declared dead is
   ignored (first result wins, by task id).
+* The broker owns task assignment (Majordomo): a ``RESULT`` or ``PROGRESS`` is accepted
+  only from the worker the task was given to (its ZeroMQ identity and, with CURVE, the
+  authenticated key of its connection); anything else is refused and reported
+  (``refused`` outcome), never used.
+* ``CANCEL`` tells the worker holding a task to stop it (session cancelled, stage over its
+  budget and grace): the worker kills its stage and becomes idle.
+* Every message is parsed into its typed schema (:mod:`services.schemas`) first; a malformed
+  one is logged and dropped, the sender's state untouched.
 * A worker runs its task in a thread, so it keeps heartbeating while computing, and
   sends ``PROGRESS`` messages the handler reports; ``RESULT`` carries the worker's
   timings. A worker that loses the broker reconnects with exponential backoff.
@@ -35,10 +43,22 @@ import zmq
 
 from adaptive.errors import AdaptiveError
 from adaptive.log import get_logger
-from services.protocol import ProtocolError, decode, encode, split_routed
+from services import schemas as M
+from services.auth import apply_client_keys
+from services.protocol import ProtocolError, encode, split_routed
 
-READY, HEARTBEAT, TASK, RESULT, PROGRESS, DISCONNECT = (
-    "READY", "HEARTBEAT", "TASK", "RESULT", "PROGRESS", "DISCONNECT")
+
+def frame_user_id(frame) -> str | None:
+    """The ZAP User-Id of the connection a received frame came over (with CURVE: the
+    authenticated client, see :mod:`services.auth`); None without authentication."""
+    try:
+        uid = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return None
+    return uid or None
+
+READY, HEARTBEAT, TASK, RESULT, PROGRESS, DISCONNECT, CANCEL = (
+    "READY", "HEARTBEAT", "TASK", "RESULT", "PROGRESS", "DISCONNECT", "CANCEL")
 BUSY = "__busy__"  # a reconnecting worker still finishing a task from before
 
 
@@ -62,6 +82,7 @@ class TaskOutcome:
     """What the broker reports to its owner (one per finished/failed task or event)."""
 
     kind: str                 # "result" | "failed" | "progress" | "reissued" | "worker_lost"
+    #                           | "refused" (a result/progress not from the task's worker)
     task: Task | None
     ok: bool = False
     result: dict = field(default_factory=dict)
@@ -80,17 +101,22 @@ class WorkerInfo:
     expiry: float
     task_id: str | None = None
     last_sent: float = 0.0
+    user_id: str | None = None      # authenticated key (CURVE User-Id) of its connection
 
 
 class WorkerBroker:
     """The orchestrator side. Not thread-safe: call from the owner's poll loop."""
 
     def __init__(self, endpoint: str, *, heartbeat_interval_s: float = 0.5, liveness: int = 6,
-                 max_attempts: int = 3, context: zmq.Context | None = None):
+                 max_attempts: int = 3, context: zmq.Context | None = None, secure=None):
+        """``secure(sock)``: applied to the ROUTER socket before it binds (CURVE server
+        settings, :func:`services.auth.secure_server`)."""
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if secure is not None:
+            secure(self.sock)
         self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.interval = heartbeat_interval_s
@@ -101,6 +127,7 @@ class WorkerBroker:
         self.queues: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.log = get_logger("services.broker")
         self._ids = itertools.count(1)
+        self.bad_messages = 0           # malformed messages received (and dropped)
 
     def close(self):
         for w in list(self.workers.values()):
@@ -118,15 +145,21 @@ class WorkerBroker:
         self._dispatch()
         return t
 
-    def cancel(self, task_id: str) -> None:
-        """Forget a task: its result, if it ever comes, is ignored."""
+    def cancel(self, task_id: str, reason: str = "cancelled") -> None:
+        """Forget a task (its result, if it ever comes, is ignored) and send ``CANCEL`` to
+        the worker holding it, which stops its stage and becomes idle."""
         t = self.tasks.get(task_id)
-        if t is not None:
-            t.done = True
-            try:
-                self.queues[t.service].remove(task_id)
-            except ValueError:
-                pass
+        if t is None:
+            return
+        t.done = True
+        try:
+            self.queues[t.service].remove(task_id)
+        except ValueError:
+            pass
+        w = self.workers.get(t.worker) if t.worker is not None else None
+        if w is not None and w.task_id == task_id:
+            self._send(w, CANCEL, {"task_id": task_id, "reason": reason[:2000]})
+            self.log.info("task_cancel_sent", task_id=task_id, worker=w.name, reason=reason)
 
     def services(self) -> dict[str, int]:
         c = collections.Counter(w.service for w in self.workers.values())
@@ -142,11 +175,12 @@ class WorkerBroker:
                 break
             try:
                 ident, rest = split_routed(frames)
-                header, arrays = decode(rest)
+                msg, arrays = M.decode_message(rest, M.WORKER_TO_BROKER)
             except ProtocolError as e:
-                self.log.warning("bad_worker_message", error=str(e))
+                self.bad_messages += 1
+                self.log.warning("bad_worker_message", error=str(e)[:500])
                 continue
-            out.extend(self._on_message(ident, header, arrays))
+            out.extend(self._on_message(ident, msg, arrays, frame_user_id(frames[-1])))
         self._dispatch()
         return out
 
@@ -172,57 +206,70 @@ class WorkerBroker:
             self.log.warning("send_to_worker_failed", worker=w.name, error=str(e))
             return False
 
-    def _on_message(self, ident: bytes, h: dict, arrays) -> list[TaskOutcome]:
-        kind = h["type"]
+    def _on_message(self, ident: bytes, m: M.Message, arrays,
+                    user_id: str | None = None) -> list[TaskOutcome]:
+        kind = m.type
         now = time.monotonic()
         w = self.workers.get(ident)
-        if kind == READY:
+        if w is not None and w.user_id != user_id:
+            # an identity is bound to the key that announced it: another key cannot speak
+            # for it (ZeroMQ identities are chosen by the peer)
+            self.log.warning("worker_identity_key_mismatch", worker=w.name, type=kind)
+            return [TaskOutcome("refused", self.tasks.get(getattr(m, "task_id", "") or ""),
+                                info={"worker": w.name, "why": "message from another key "
+                                      "under this worker's identity", "type": kind})]
+        if isinstance(m, M.Ready):
             if w is not None and w.task_id:     # re-registration: its task is lost
                 out = self._worker_lost(w, "worker re-announced")
             else:
                 out = []
-            self.workers[ident] = WorkerInfo(ident=ident, service=h.get("service", ""),
-                                             name=h.get("name", ident.hex()),
+            self.workers[ident] = WorkerInfo(ident=ident, service=m.service, name=m.name,
                                              expiry=now + self.interval * self.liveness,
-                                             task_id=BUSY if h.get("busy") else None)
-            self.log.info("worker_ready", worker=h.get("name"), service=h.get("service"),
-                          pid=h.get("pid"), host=h.get("host"))
+                                             task_id=BUSY if m.busy else None,
+                                             user_id=user_id)
+            self.log.info("worker_ready", worker=m.name, service=m.service, pid=m.pid,
+                          host=m.host, user_id=user_id)
             return out
         if w is None:
             # Unknown peer (e.g. we restarted): ask it to re-register.
             self.sock.send_multipart([ident, *encode(DISCONNECT, {})])
             return []
         w.expiry = now + self.interval * self.liveness
-        if kind == HEARTBEAT:
+        if isinstance(m, M.Heartbeat):
             return []
-        if kind == DISCONNECT:
+        if isinstance(m, M.Disconnect):
             return self._worker_lost(w, "worker disconnected")
-        t = self.tasks.get(h.get("task_id", ""))
-        if kind == PROGRESS:
-            if t is None or t.done or t.worker != ident:
-                return []
-            return [TaskOutcome("progress", t, info=h.get("info", {}))]
-        if kind == RESULT:
-            if w.task_id in (h.get("task_id"), BUSY):
-                w.task_id = None
+        t = self.tasks.get(m.task_id)
+        if t is not None and not t.done and t.worker != ident:
+            # Majordomo: only the worker holding a task may report on it
+            self.log.warning("result_from_wrong_worker", task_id=m.task_id, worker=w.name,
+                             type=kind)
+            return [TaskOutcome("refused", t, info={
+                "worker": w.name, "task_id": m.task_id, "type": kind,
+                "why": "the task was not given to this worker"})]
+        if isinstance(m, M.Progress):
             if t is None or t.done:
-                self.log.info("late_result_ignored", task_id=h.get("task_id"), worker=w.name)
                 return []
-            if h.get("error_type") == "WorkerBusy":
-                t.worker = None
-                t.attempts -= 1
-                self.queues[t.service].append(t.task_id)
-                return []
-            t.done = True
-            timings = dict(h.get("timings", {}))
-            timings["round_trip_s"] = round(time.time() - (t.dispatched_at or t.submitted_at), 4)
-            timings["worker"] = w.name
-            return [TaskOutcome("result" if h.get("ok") else "failed", t, ok=bool(h.get("ok")),
-                                result=h.get("result", {}) or {}, arrays=arrays,
-                                error=h.get("error", ""), error_type=h.get("error_type", ""),
-                                timings=timings)]
-        self.log.warning("unknown_worker_message", type=kind)
-        return []
+            return [TaskOutcome("progress", t, info=m.info)]
+        # RESULT
+        if w.task_id in (m.task_id, BUSY):
+            w.task_id = None
+        if t is None or t.done:
+            self.log.info("late_result_ignored", task_id=m.task_id, worker=w.name)
+            return []
+        if m.error_type == "WorkerBusy":
+            t.worker = None
+            t.attempts -= 1
+            self.queues[t.service].append(t.task_id)
+            return []
+        t.done = True
+        timings = dict(m.timings)
+        timings["round_trip_s"] = round(time.time() - (t.dispatched_at or t.submitted_at), 4)
+        timings["worker"] = w.name
+        timings["attempt"] = t.attempts
+        return [TaskOutcome("result" if m.ok else "failed", t, ok=m.ok, result=m.result,
+                            arrays=arrays, error=m.error, error_type=m.error_type,
+                            timings=timings)]
 
     def _worker_lost(self, w: WorkerInfo, why: str) -> list[TaskOutcome]:
         self.workers.pop(w.ident, None)
@@ -276,13 +323,16 @@ class WorkerBroker:
 
 
 class TaskContext:
-    """Given to a handler: deadline, progress reporting, identity."""
+    """Given to a handler: deadline, progress reporting, identity, cancellation
+    (``cancelled`` is set when the broker sends ``CANCEL``: a handler stops as soon as it
+    can; :mod:`services.workers.stages` kills its stage child at once)."""
 
     def __init__(self, task_id: str, attempt: int, deadline_s: float | None, out_q):
         self.task_id = task_id
         self.attempt = attempt
         self.started = time.monotonic()
         self.deadline = (self.started + deadline_s) if deadline_s else None
+        self.cancelled = threading.Event()
         self._q = out_q
 
     def remaining_s(self) -> float | None:
@@ -311,11 +361,17 @@ class Worker:
         self.log = get_logger("services.worker")
         self._out: queue.Queue = queue.Queue()
         self._busy: threading.Thread | None = None
+        self._ctx: TaskContext | None = None   # the task being run
         self.reconnects = 0          # times the broker was declared lost and reconnected
+        self.cancelled: list[str] = []          # task ids cancelled by the broker
+        self.bad_messages = 0                   # malformed messages received (and dropped)
+        self.curve: dict | None = None          # CURVE client keys (services.auth)
 
     def _connect(self):
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            apply_client_keys(s, self.curve)
         s.setsockopt_string(zmq.IDENTITY, f"{self.name}-{uuid.uuid4().hex[:6]}")
         s.connect(self.endpoint)
         busy = self._busy is not None and self._busy.is_alive()
@@ -324,12 +380,11 @@ class Worker:
                                         "busy": busy}))
         return s
 
-    def _run_task(self, h: dict, arrays: dict):
-        tid = h["task_id"]
-        ctx = TaskContext(tid, int(h.get("attempt", 1)), h.get("deadline_s"), self._out)
+    def _run_task(self, task: M.Task, arrays: dict, ctx: TaskContext):
+        tid = task.task_id
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            res = self.handler(h.get("payload", {}), arrays, ctx)
+            res = self.handler(dict(task.payload), arrays, ctx)
             res_arrays = {}
             if isinstance(res, tuple):
                 res, res_arrays = res
@@ -369,27 +424,39 @@ class Worker:
                         except zmq.Again:
                             break
                         try:
-                            h, arrays = decode(frames)
+                            m, arrays = M.decode_message(frames, M.BROKER_TO_WORKER)
                         except ProtocolError as e:
-                            self.log.warning("bad_broker_message", error=str(e))
+                            self.bad_messages += 1
+                            self.log.warning("bad_broker_message", error=str(e)[:500])
                             continue
                         broker_expiry = now + self.interval * self.liveness
                         backoff = self.interval
-                        if h["type"] == TASK:
+                        if isinstance(m, M.Task):
                             if self._busy is not None and self._busy.is_alive():
-                                self.log.error("task_while_busy", task_id=h.get("task_id"))
+                                self.log.error("task_while_busy", task_id=m.task_id)
                                 sock.send_multipart(encode(RESULT, {
-                                    "task_id": h["task_id"], "ok": False,
+                                    "task_id": m.task_id, "ok": False,
                                     "error": "worker busy", "error_type": "WorkerBusy"}))
                                 continue
-                            self.log.info("task_received", task_id=h["task_id"],
-                                          attempt=h.get("attempt"))
+                            self.log.info("task_received", task_id=m.task_id,
+                                          attempt=m.attempt)
                             # own the buffers: the frames die with this loop iteration
                             arrays = {k: np.array(v) for k, v in arrays.items()}
+                            self._ctx = TaskContext(m.task_id, m.attempt, m.deadline_s,
+                                                    self._out)
                             self._busy = threading.Thread(target=self._run_task,
-                                                          args=(h, arrays), daemon=True)
+                                                          args=(m, arrays, self._ctx),
+                                                          daemon=True)
                             self._busy.start()
-                        elif h["type"] == DISCONNECT:
+                        elif isinstance(m, M.Cancel):
+                            c = self._ctx
+                            if c is not None and c.task_id == m.task_id and \
+                                    self._busy is not None and self._busy.is_alive():
+                                c.cancelled.set()
+                                self.cancelled.append(m.task_id)
+                                self.log.warning("task_cancelled", task_id=m.task_id,
+                                                 reason=m.reason)
+                        elif isinstance(m, M.Disconnect):
                             broker_expiry = 0  # re-register now
                 while True:
                     try:

@@ -8,8 +8,14 @@ their command lines; then the gateway's ready record gives its DICOM port. So a 
 may ask for port 0 everywhere (tests, ``adaptive demo``, benchmarks): every process binds
 an ephemeral port itself and :attr:`ServiceStack.endpoints` reports the real ones (once
 started, :attr:`ServiceStack.cfg` holds them too).
-A worker that dies is restarted (at most ``max_restarts`` times per slot); the
-orchestrator re-issues its task. ``stop()`` sends SIGTERM, waits, then SIGKILLs.
+Any process that dies is restarted by :meth:`ServiceStack.poll` (``adaptive serve`` calls it
+twice a second), at most ``[workers].max_restarts`` times per process, after a backoff that
+doubles from :data:`RESTART_BACKOFF_S` (logged ``process_restarting``): a worker (the
+orchestrator re-issues its task), the gateway (on the same DICOM port; every acknowledged
+instance is on disk), the orchestrator (on the same endpoints, so the gateway, the workers
+and the consoles reconnect by themselves; it recovers its sessions from its store). Only
+when a process has used up its restarts does ``poll`` raise and ``serve`` stop.
+``stop()`` sends SIGTERM, waits, then SIGKILLs.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adaptive.errors import ServiceError
 from adaptive.log import get_logger
+from services.auth import KeyStore
 from services.config import load_services_config
 from services.console import ConsoleClient, ConsoleError
 from services.ready import (
@@ -38,13 +45,18 @@ from services.ready import (
 REPO = Path(__file__).resolve().parent.parent
 
 
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 8.0
+
+
 @dataclass
 class Proc:
     name: str
     argv: list[str]
     popen: subprocess.Popen | None = None
     restarts: int = 0
-    restartable: bool = False
+    restart_at: float | None = None      # monotonic time of the pending restart
+    extra: list[str] = field(default_factory=list)   # arguments added for restarts
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ class ServiceStack:
         self.env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO)] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.root = self.cfg.paths.root
+        self.keys = KeyStore(self.root)
         self.log_dir = self.root / "logs"
         self.log = get_logger("services.supervisor")
         self._endpoints: ServiceEndpoints | None = None
@@ -95,8 +108,7 @@ class ServiceStack:
             for i in range(n):
                 self.workers.append(Proc(f"worker-{service}-{i}",
                                          [sys.executable, "-m", "services.workers", *cfgargs,
-                                          "--service", service, "--name", f"{service}-{i}"],
-                                         restartable=True))
+                                          "--service", service, "--name", f"{service}-{i}"]))
         self.procs: list[Proc] = [self.orchestrator, self.gateway, *self.workers]
 
     @property
@@ -106,16 +118,18 @@ class ServiceStack:
             raise ServiceError("services not started: no endpoints yet")
         return self._endpoints
 
-    def console_client(self, timeout_s: float = 5.0) -> ConsoleClient:
-        """A console client connected to the running orchestrator's real endpoints."""
+    def console_client(self, timeout_s: float = 5.0, key: str = "console") -> ConsoleClient:
+        """A console client connected to the running orchestrator's real endpoints, with
+        the key named ``key`` (default ``console``: a therapist)."""
         e = self.endpoints
-        return ConsoleClient(e.console, e.console_events, timeout_s=timeout_s)
+        return ConsoleClient(e.console, e.console_events, timeout_s=timeout_s,
+                             keys=self.keys.client_keys(key))
 
     def _spawn(self, p: Proc) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_dir / f"{p.name}.log", "ab")
-        p.popen = subprocess.Popen(p.argv, cwd=os.getcwd(), env=self.env, stdout=logf,
-                                   stderr=logf, start_new_session=True)
+        p.popen = subprocess.Popen(p.argv + p.extra, cwd=os.getcwd(), env=self.env,
+                                   stdout=logf, stderr=logf, start_new_session=True)
         logf.close()
         self.log.info("process_started", name=p.name, pid=p.popen.pid)
 
@@ -145,6 +159,7 @@ class ServiceStack:
                 raise ServiceError(f"a {name} (pid {rec.pid}) is already running with "
                                    f"{ready_path(self.root, name)}; stop it first")
             clear_ready(self.root, name)        # a record left by a killed earlier run
+        self.keys.ensure_defaults()             # CURVE keys of every process (services.auth)
         try:
             self._spawn(self.orchestrator)
             orch = self._await_record(self.orchestrator, timeout_s)
@@ -159,6 +174,10 @@ class ServiceStack:
             self.stop()                          # nothing started here outlives a failed start
             raise
         self._endpoints = e = ServiceEndpoints.from_records(orch, gw)
+        # a restarted orchestrator binds the same endpoints, a restarted gateway the same port
+        self.orchestrator.extra = [a for k, v in orch.endpoints.items()
+                                   for a in ("--bind", f"{k}={v}")]
+        self.gateway.extra = ["--port", str(e.gateway_port)]
         # from now on cfg describes the running services: the endpoints as bound
         self.cfg = replace(self.cfg, gateway=replace(self.cfg.gateway, port=e.gateway_port),
                            orchestrator=replace(
@@ -177,19 +196,28 @@ class ServiceStack:
         raise ServiceError(f"no process {name!r}")
 
     def poll(self) -> None:
-        """Restart dead workers; raise if the gateway or the orchestrator died."""
+        """Restart dead processes (bounded, with backoff); raise :class:`ServiceError` when
+        one has used up its ``max_restarts``."""
+        now = time.monotonic()
         for p in self.procs:
             rc = p.popen.poll() if p.popen else None
             if rc is None:
                 continue
-            if not p.restartable:
-                raise ServiceError(f"{p.name} exited with code {rc}; see "
-                                   f"{self.log_dir / (p.name + '.log')}")
             if p.restarts >= self.cfg.workers.max_restarts:
+                raise ServiceError(f"{p.name} exited with code {rc} after {p.restarts} "
+                                   f"restart(s); see {self.log_dir / (p.name + '.log')}")
+            if p.restart_at is None:
+                delay = min(RESTART_BACKOFF_S * 2 ** p.restarts, RESTART_BACKOFF_MAX_S)
+                p.restart_at = now + delay
+                self.log.warning("process_restarting", name=p.name, exit_code=rc,
+                                 restart=p.restarts + 1, in_s=delay)
+                continue
+            if now < p.restart_at:
                 continue
             p.restarts += 1
-            self.log.warning("worker_restarting", name=p.name, exit_code=rc,
-                             restart=p.restarts)
+            p.restart_at = None
+            if p in (self.orchestrator, self.gateway):
+                clear_ready(self.root, p.name, pid=p.popen.pid)
             self._spawn(p)
 
     def wait_ready(self, timeout_s: float = 120.0) -> dict:
@@ -197,7 +225,8 @@ class ServiceStack:
         has its workers connected and the gateway answers a C-ECHO at its real port;
         returns the ping reply."""
         want = {s: n for s, n in self.worker_counts.items() if n}
-        cl = ConsoleClient(self.endpoints.console, timeout_s=1.0)
+        cl = ConsoleClient(self.endpoints.console, timeout_s=1.0,
+                           keys=self.keys.client_keys("viewer"))
         end = time.monotonic() + timeout_s
         try:
             while time.monotonic() < end:

@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
+from services.auth import Authenticator, KeyStore, secure_server
 from services.config import DicomPeer, GatewayAccessConfig, GatewayConfig, default_dicom_peers
 from services.events import EventPusher
 from services.gateway.scp import Gateway
@@ -30,14 +31,26 @@ RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
 
 class EventCapture:
     """A PULL socket bound on 127.0.0.1 and the gateway's own :class:`EventPusher`
-    connected to it: the events exactly as ``adaptive serve`` sends them."""
+    connected to it: the events exactly as ``adaptive serve`` sends them. With
+    ``keys_root``, authenticated as the orchestrator's socket is (CURVE, services.auth):
+    the keys under ``<keys_root>/keys`` are created, and only the gateway's key is admitted
+    (for a gateway process started with that root)."""
 
-    def __init__(self):
+    def __init__(self, keys_root: Path | None = None):
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
+        self.auth = None
+        keys = None
+        if keys_root is not None:
+            store = KeyStore(keys_root)
+            store.ensure_defaults()
+            self.auth = Authenticator(self.ctx, store)
+            self.auth.start()
+            secure_server(self.pull, store.server_keys(), "gateway")
+            keys = store.client_keys("gateway")
         port = self.pull.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.pusher = EventPusher(self.endpoint, context=self.ctx, linger_ms=500)
+        self.pusher = EventPusher(self.endpoint, context=self.ctx, linger_ms=500, keys=keys)
         self.items: list[tuple[float, str, dict]] = []
         self.cv = threading.Condition()
         self._stop = threading.Event()
@@ -75,6 +88,8 @@ class EventCapture:
         self._stop.set()
         self._thread.join(5)
         self.pull.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 

@@ -506,7 +506,9 @@ def test_strangers_are_rejected_with_the_proper_reason(start, tmp_path):
              (associate(rg.port, "IMAGER", bind_address=("127.0.0.2", 0)), 3)]
     for assoc, diag in cases:
         p = assoc.acceptor.primitive
-        assert assoc.is_rejected and (p.result, p.result_source, p.diagnostic) == (1, 1, diag)
+        state = {k: getattr(assoc, k) for k in ("is_rejected", "is_aborted", "is_established")}
+        assert assoc.is_rejected, (diag, state)
+        assert (p.result, p.result_source, p.diagnostic) == (1, 1, diag)
     rej = rg.events.wait_for("association_rejected", n=3)
     assert [r["reason"] for r in rej] == ["calling_ae_not_recognized",
                                           "called_ae_not_recognized",
@@ -684,7 +686,7 @@ def test_killed_gateway_keeps_every_acknowledged_instance(tmp_path):
     """kill -9 of the gateway process after the 15th acknowledged slice of 40: every
     acknowledged slice is on disk intact; a restarted gateway takes the resend and
     reports one complete series of 40."""
-    events = EventCapture()
+    events = EventCapture(keys_root=tmp_path / "var")   # the gateway process's keys
     try:
         proc, port, store = _gateway_process(tmp_path, events.endpoint)
         slices = stack(40, rows=32, cols=32)
@@ -726,7 +728,7 @@ def test_disk_full_gets_out_of_resources_and_leaves_no_partial_file(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
-    events = EventCapture()
+    events = EventCapture(keys_root=tmp_path / "var")   # the gateway process's keys
     try:
         proc, port, store = _gateway_process(tmp_path, events.endpoint, preexec_fn=limit)
         small = stack(2)

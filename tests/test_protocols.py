@@ -44,8 +44,11 @@ def test_table_maps_treatment_protocols_first_then_label(tmp_path):
         ProtocolTable.load(bad)
 
 
-def _rtplan(path, label, treatment_protocols=None):
+def _rtplan(path, label, treatment_protocols=None, patient_id="P"):
     ds = Dataset()
+    ds.PatientID = patient_id
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
@@ -59,7 +62,7 @@ def _rtplan(path, label, treatment_protocols=None):
 
 def test_console_start_validates_or_maps_the_protocol(tmp_path, refused_port):
     from services.config import load_budgets, load_services_config
-    from services.orchestrator.core import Orchestrator, PatientData
+    from services.orchestrator.core import Orchestrator
     from tests.integration.conftest import make_config
 
     cfg, bud = make_config(tmp_path, tms_port=refused_port)
@@ -80,9 +83,12 @@ def test_console_start_validates_or_maps_the_protocol(tmp_path, refused_port):
         for pid, label, tp, want in (("P2", "SCHEDULED", None, None),
                                      ("P3", "SCHEDULED", "TG119 C-SHAPE", "tg119_cshape"),
                                      ("P4", "PROST_60_20", None, "prostate")):
-            rp = _rtplan(tmp_path / f"{pid}.dcm", label, tp)
-            orch.patients[pid] = PatientData(pid, rtplans=[{"path": rp, "sop": "1", "ref_rs": "",
-                                                            "label": label, "t": 0.0}])
+            (tmp_path / pid).mkdir()
+            _rtplan(tmp_path / pid / "RP.dcm", label, tp, patient_id=pid)
+            # registered as the gateway reports it; its headers read by the registry
+            orch.registry.add_series({"patient_id": pid, "series_uid": "1.2.3", "count": 1,
+                                      "modality": "RTPLAN", "path": str(tmp_path / pid),
+                                      "completed_at": 0.0})
             cmd = {"cmd": "start", "room": f"R{pid}", "patient_id": pid}
             if want is None:
                 with pytest.raises(ClinicalProtocolError, match="start the session with a "

@@ -17,9 +17,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from adaptive.errors import ServiceError
 from services import config as C
+from services.auth import apply_client_keys
 from services.orchestrator import state as S
-from services.orchestrator.core import Orchestrator, PatientData, Session
-from services.protocol import decode
+from services.orchestrator.core import Orchestrator, Session
+from services.protocol import ProtocolError, decode
 
 
 @pytest.fixture
@@ -30,6 +31,7 @@ def orch(tmp_path, refused_port):
     cfg, bud = make_config(tmp_path, tms_port=refused_port)
     o = Orchestrator(C.load_services_config(cfg), C.load_budgets(bud), context=zmq.Context())
     sub = o.ctx.socket(zmq.SUB)
+    apply_client_keys(sub, o.keys.client_keys("viewer"))    # events go to authenticated clients
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(bound_endpoints(o)["console_events_endpoint"])
     # slow joiner: PUB drops messages until the subscription arrives, so publish probes
@@ -109,17 +111,22 @@ def test_reviews_must_be_acknowledged_before_the_adapted_plan(orch, tmp_path):
                                 "rtdose": str(tmp_path / "RD.dcm"),
                                 "registration": str(tmp_path / "REG.dcm")}, "metrics": {}})
     assert s.offered == ["scheduled", "adapted"]
+    # the review gate is what this test is about: the hand-off's own checks and sending
+    # (tests/test_services_handoff.py) are replaced by a record of what was asked
+    sent = []
+    o.handoff.prepare = lambda sess, plan: [("1.2.3", "x", "0")]
+    o.handoff.start = lambda sess, items, batch=None: sent.append(items) or "batch"
     with pytest.raises(ServiceError, match="review of setup_translation"):
         o.choose(s, "adapted")
     with pytest.raises(ServiceError, match="review of setup_translation"):
         o.handle_command({"cmd": "choose", "session_id": s.session_id, "plan": "adapted",
                           "acknowledge": ["setup_rotation"]})
-    with pytest.raises(ServiceError, match="list of check names"):
+    with pytest.raises(ProtocolError, match="acknowledge: Input should be a valid list"):
         o.handle_command({"cmd": "choose", "session_id": s.session_id, "plan": "adapted",
                           "acknowledge": "setup_translation"})
     o.handle_command({"cmd": "choose", "session_id": s.session_id, "plan": "adapted",
                       "acknowledge": ["setup_translation"]})
-    assert s.state == S.HANDING_OFF and s.chosen == "adapted"
+    assert s.state == S.HANDING_OFF and s.chosen == "adapted" and len(sent) == 1
 
 
 def test_failed_deformable_checks_are_events_and_planning_still_runs(orch):
@@ -166,6 +173,7 @@ def _spatial_registration(path, own_for, other_for, matrix):
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.1"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality = "REG"
+    ds.PatientID = "P"
     ds.FrameOfReferenceUID = own_for
     items = []
     for f, m in ((own_for, np.eye(4)), (other_for, matrix)):
@@ -187,18 +195,18 @@ def test_a_received_spatial_registration_is_passed_to_the_registration(orch, tmp
     o, _ = orch
     s = _session(o)
     plan_for, cbct_for, other = generate_uid(), generate_uid(), generate_uid()
-    pd = o.patients.setdefault("P", PatientData("P"))
-    pd.series["CT1"] = {"series_uid": "CT1", "modality": "CT", "frame_of_reference_uid": plan_for,
-                        "completed_at": 1.0}
-    s.planning = {"ct_series_uid": "CT1"}
-    s.cbct = {"series_uid": "CB1", "frame_of_reference_uid": cbct_for}
+    o.registry.add_series({"series_uid": "1.2.3.1", "patient_id": "P", "modality": "CT",
+                           "frame_of_reference_uid": plan_for, "path": str(tmp_path / "ct"),
+                           "completed_at": 1.0})
+    s.planning = {"ct_series_uid": "1.2.3.1"}
+    s.cbct = {"series_uid": "1.2.3.2", "frame_of_reference_uid": cbct_for}
     m = np.eye(4)
     m[:3, 3] = (1.0, 2.0, 3.0)
     _spatial_registration(tmp_path / "a" / "REG.dcm", plan_for, other, m)  # unrelated frame
-    pd.series["REG1"] = {"series_uid": "REG1", "modality": "REG", "path": str(tmp_path / "a"),
-                         "completed_at": 3.0}
+    o.registry.add_series({"series_uid": "1.2.3.3", "patient_id": "P", "modality": "REG",
+                           "path": str(tmp_path / "a"), "completed_at": 3.0})
     assert o._spatial_registration_for(s) is None
     _spatial_registration(tmp_path / "b" / "REG.dcm", plan_for, cbct_for, m)
-    pd.series["REG2"] = {"series_uid": "REG2", "modality": "REG", "path": str(tmp_path / "b"),
-                         "completed_at": 2.0}
+    o.registry.add_series({"series_uid": "1.2.3.4", "patient_id": "P", "modality": "REG",
+                           "path": str(tmp_path / "b"), "completed_at": 2.0})
     assert o._spatial_registration_for(s) == str(tmp_path / "b" / "REG.dcm")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
+from services.auth import Authenticator, KeyStore, secure_server
 from services.config import write_config_variant
 from services.messaging import Worker, WorkerBroker
 from services.protocol import ProtocolError, decode, encode
@@ -95,10 +96,16 @@ def test_tasks_results_progress_and_errors_in_threads():
 
 def test_killed_worker_task_is_reissued_to_another(tmp_path):
     cfg = write_config_variant(None, tmp_path / "s.toml", {
+        "paths": {"root": str(tmp_path / "var")},
         "orchestrator": {"heartbeat_interval_s": 0.1, "heartbeat_liveness": 10},
         "workers": {"handlers": {"sum": "tests.integration.doubles:array_sum"}}})
+    keys = KeyStore(tmp_path / "var")
+    keys.ensure_defaults()                 # the workers authenticate with the worker key
+    auth = Authenticator(zmq.Context.instance(), keys)
+    auth.start()
+    server = keys.server_keys()
     broker = WorkerBroker("tcp://127.0.0.1:0", heartbeat_interval_s=0.1, liveness=10,
-                          max_attempts=3)
+                          max_attempts=3, secure=lambda s: secure_server(s, server, "workers"))
     env = dict(os.environ, PYTHONPATH=str(REPO), ADAPTIVE_LOG_JSON="1")
     procs = [subprocess.Popen([sys.executable, "-m", "services.workers", "--config", str(cfg),
                                "--endpoint", broker.endpoint, "--service", "sum",
@@ -130,6 +137,7 @@ def test_killed_worker_task_is_reissued_to_another(tmp_path):
                 p.kill()
                 p.wait(5)
         broker.close()
+        auth.stop()
 
 
 def test_worker_reconnects_after_broker_restart(tmp_path):

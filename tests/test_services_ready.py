@@ -17,8 +17,9 @@ import zmq
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from adaptive.errors import ServiceError
+from adaptive.errors import AuthenticationError, ServiceError
 from services import config as C
+from services.auth import KeyStore
 from services.console import ConsoleClient
 from services.orthanc import pick_ports
 from services.ready import (
@@ -100,6 +101,9 @@ def test_client_endpoint_from_config_or_running_orchestrators_record(tmp_path):
         ConsoleClient.from_config(cfg)
     write_ready(cfg.paths.root, "orchestrator", {"console_endpoint": "tcp://127.0.0.1:41000",
                                                  "console_events_endpoint": "tcp://127.0.0.1:41001"})
+    with pytest.raises(AuthenticationError, match="console.key_secret"):
+        ConsoleClient.from_config(cfg)              # no key: no client (services.auth)
+    KeyStore(cfg.paths.root).ensure_defaults()
     cl = ConsoleClient.from_config(cfg)
     assert (cl.endpoint, cl.events_endpoint) == ("tcp://127.0.0.1:41000",
                                                  "tcp://127.0.0.1:41001")

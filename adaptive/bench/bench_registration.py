@@ -313,6 +313,7 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
     from adaptive.registration.evaluate import dilate_mm, tre
     from adaptive.replay.manifest import load_manifest
     from adaptive.replay.truth import read_dvf
+    from services.orchestrator.state import HANDOFF_ENDS
 
     mpath = REPO / "replay_data" / "manifest.toml"
     case = next(c for c in load_manifest(mpath).cases if c.fractions)
@@ -333,7 +334,7 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
                      "registration_result.json")
             if not rpath.is_file():  # the registration stage failed: said in the notes
                 cl.choose(s["session_id"], "scheduled")
-                cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
+                cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
                 rows.append({"fx": fx.label, "convention": fx.convention, "failed_stage":
                              "; ".join(s.get("notes", []))[:200]})
                 continue
@@ -346,7 +347,7 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
             offered = "adapted" in s["offered"]
             plan = "adapted" if offered else "scheduled"
             cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
-            s2 = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
+            s2 = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
             ia = reg.get("initial_alignment") or {}
             sc = reg.get("setup_correction") or {}
             plan_failed = [c["name"] + ": " + c["message"] for c in

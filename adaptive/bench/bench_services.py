@@ -146,6 +146,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
     stand-in). p50/p95 per stage (orchestrator clocks: dispatch to result) and end to end
     (CBCT complete to plan stored, excluding the decision)."""
     from adaptive.commands.demo import Tms, _patient_id, find_fraction, push
+    from services.orchestrator.state import HANDOFF_ENDS
 
     fx0, planning = find_fraction(None)
     fractions = sorted(p.parent for p in fx0.parent.glob("fx*/CBCT"))
@@ -167,7 +168,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
                 raise RuntimeError(f"session {i + 1} failed: {s['error']}")
             plan = "adapted" if "adapted" in s["offered"] else "scheduled"
             cl.choose(s["session_id"], plan)
-            s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
+            s = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
             st = s["stages"]
             rows.append({"fraction": fx.name, "plan": plan, "state": s["state"],
                          "registration": st.get("registration", {}).get("duration_s"),

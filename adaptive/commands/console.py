@@ -14,6 +14,9 @@ def register(subparsers) -> None:
                    help="services TOML (endpoints; where they say port 0, the running "
                         "orchestrator's <paths.root>/run/orchestrator.json is read)")
     p.add_argument("--json", action="store_true", help="print raw JSON")
+    p.add_argument("--key", default="console",
+                   help="this client's key under <paths.root>/keys (default 'console', a "
+                        "therapist; a viewer key may only look: status, watch, review)")
     sub = p.add_subparsers(dest="console_cmd", metavar="ACTION", required=True)
     s = sub.add_parser("start", help="start (or attach to) a session")
     s.add_argument("room")
@@ -36,6 +39,10 @@ def register(subparsers) -> None:
     s = sub.add_parser("review", help="save the session's registration review images")
     s.add_argument("session")
     s.add_argument("-o", "--out", required=True, help="directory for the PNG files")
+    s = sub.add_parser("retry-handoff", help=("send the chosen plan to the TMS again after "
+                                              "a failed hand-off (same objects and SOP "
+                                              "Instance UIDs)"))
+    s.add_argument("session")
     s = sub.add_parser("cancel", help="cancel a session")
     s.add_argument("session")
     s.add_argument("--reason", default="cancelled at the console")
@@ -71,7 +78,12 @@ def format_session(s: dict) -> str:
         lines.append("  metrics: " + json.dumps(s["metrics"])[:500])
     if s.get("handoff"):
         h = s["handoff"]
-        lines.append(f"  hand-off: {h.get('plan')} -> {h.get('tms')} (outbox {h.get('outbox')})")
+        lines.append(f"  hand-off: {h.get('plan')} -> {h.get('tms')}: {h.get('outcome')} "
+                     f"(outbox {h.get('outbox')})")
+        for i in h.get("recorded") or []:
+            if i["status"] != "stored":
+                lines.append(f"    {i['status'].upper()} {i['sop_instance_uid']} "
+                             f"({i['attempts']} attempt(s)) {i['error']}")
     if s.get("error"):
         lines.append(f"  error: {s['error']}")
     return "\n".join(lines)
@@ -82,7 +94,7 @@ def run(args) -> int:
     from services.console import ConsoleClient
 
     cfg = load_services_config(args.config)
-    cl = ConsoleClient.from_config(cfg)
+    cl = ConsoleClient.from_config(cfg, key=args.key)
     out = None
     try:
         c = args.console_cmd
@@ -104,6 +116,8 @@ def run(args) -> int:
             return 0
         elif c == "cancel":
             out = cl.cancel(args.session, args.reason)
+        elif c == "retry-handoff":
+            out = cl.retry_handoff(args.session)
         elif c == "watch":
             for ev in cl.events(args.room, timeout_s=args.timeout):
                 if args.json:

@@ -130,6 +130,7 @@ def push(port: int, files: list[Path], calling_ae_title: str) -> str:
 
 def run(args) -> int:
     from services.config import write_local_config
+    from services.orchestrator.state import HANDOFF_ENDS
     from services.supervisor import ServiceStack
 
     fx, planning = find_fraction(args.fraction)
@@ -175,7 +176,7 @@ def run(args) -> int:
         for r in s.get("reviews", []):  # the demo stands in for the clinician who looked
             print(f"review: {r['message']} (acknowledged by the demo)")
         cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
-        s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120, poll_s=0.25)
+        s = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
         _print_timeline(s)
         if s["state"] != "handed_off":
             raise ServiceError(f"hand-off failed: {s['error']}")

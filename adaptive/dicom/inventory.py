@@ -58,6 +58,11 @@ class SeriesEntry:
     sop_instance_uids: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     geometry_ok: bool = True
+    image_type: list[str] = field(default_factory=list)
+    #: acquisition date/time of the images (Acquisition, else Content, else Series Date and
+    #: Time of the first instance read; DICOM DA/TM text, "" when absent)
+    date: str = ""
+    time: str = ""
 
 
 @dataclass
@@ -73,6 +78,7 @@ class RtObject:
     patient_id: str
     frame_of_reference_uid: str = ""
     details: dict = field(default_factory=dict)
+    sop_class_uid: str = ""
 
 
 @dataclass
@@ -160,6 +166,15 @@ def _s(ds, kw) -> str:
     return "" if v is None else str(v)
 
 
+def _first_date_time(ds, prefixes) -> tuple[str, str]:
+    """The first non-empty ``<prefix>Date`` of ``ds`` and its ``<prefix>Time``."""
+    for p in prefixes:
+        d = _s(ds, f"{p}Date")
+        if d:
+            return d, _s(ds, f"{p}Time")
+    return "", ""
+
+
 def _rt_details(kind: str, ds) -> tuple[dict, str]:
     d: dict = {}
     for_uid = _s(ds, "FrameOfReferenceUID")
@@ -174,6 +189,8 @@ def _rt_details(kind: str, ds) -> tuple[dict, str]:
                     d["referenced_series_uid"] = d["referenced_series_uid"] or str(se.get("SeriesInstanceUID", ""))
     elif kind == "RTPLAN":
         d["label"] = _s(ds, "RTPlanLabel")
+        d["treatment_protocols"] = _s(ds, "TreatmentProtocols")
+        d["date"], d["time"] = _first_date_time(ds, ("RTPlan", "Study"))
         d["intent"] = _s(ds, "PlanIntent")
         d["n_beams"] = len(ds.get("BeamSequence") or [])
         mu, nfx = 0.0, None
@@ -194,6 +211,7 @@ def _rt_details(kind: str, ds) -> tuple[dict, str]:
         d["referenced_plan_uid"] = next(
             (str(r.get("ReferencedSOPInstanceUID", "")) for r in ds.get("ReferencedRTPlanSequence") or []), "")
     elif kind == "REG":
+        d["deformable"] = bool(ds.get("DeformableRegistrationSequence"))
         fors = []
         for seq_kw in ("RegistrationSequence", "DeformableRegistrationSequence"):
             for r in ds.get(seq_kw) or []:
@@ -291,7 +309,7 @@ def inventory(folder: str | Path) -> Inventory:
         if kind is not None:
             details, for_uid = _rt_details(kind, ds)
             inv.rt_objects.append(RtObject(kind, str(f), sop_uid, _s(ds, "SeriesInstanceUID"), study, pid,
-                                           for_uid, details))
+                                           for_uid, details, sop_class))
             continue
         suid = _s(ds, "SeriesInstanceUID")
         if not suid:
@@ -306,6 +324,9 @@ def inventory(folder: str | Path) -> Inventory:
                 e.rows, e.columns = int(ds.Rows), int(ds.get("Columns", 0) or 0)
             if ds.get("PixelSpacing"):
                 e.pixel_spacing_mm = [float(v) for v in ds.PixelSpacing]
+            it = ds.get("ImageType") or []
+            e.image_type = [str(it)] if isinstance(it, str) else [str(v) for v in it]
+            e.date, e.time = _first_date_time(ds, ("Acquisition", "Content", "Series"))
         e.n_instances += 1
         e.sop_instance_uids.append(sop_uid)
         e.files.append(str(f))

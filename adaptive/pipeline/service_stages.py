@@ -1,6 +1,8 @@
 """The pipeline's entry points for the services' workers (see services/workers/stages.py for
 the payload/result contract). Thin: they call the same stage functions as the offline chain
-(:mod:`adaptive.pipeline.fraction`) and return JSON-able records.
+(:mod:`adaptive.pipeline.fraction`) and return their records validated against the typed
+models of :mod:`adaptive.pipeline.records` (as JSON-able dicts: they cross a process
+boundary).
 
 Clinical goals: each planning task names the session's clinical protocol (payload
 ``protocol``: ``{"name", "source"}``, see :mod:`adaptive.optimization.protocols`); the stage
@@ -15,6 +17,7 @@ import os
 import time
 
 from adaptive.pipeline.fraction import Progress, planning_stage, registration_stage
+from adaptive.pipeline.records import PlanningRecord, RegistrationRecord
 
 
 def service_registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir,
@@ -27,10 +30,11 @@ def service_registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct
     alignment. ``$ADAPTIVE_REGISTRATION_CONFIG``: another registration config (default
     ``config/registration.toml``). Returns the registration record of
     :func:`adaptive.pipeline.fraction.registration_stage`."""
-    return registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir,
-                              budget_s=budget_s, progress=progress,
-                              spatial_registration=spatial_registration,
-                              config=os.environ.get("ADAPTIVE_REGISTRATION_CONFIG") or None)
+    rec = registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, out_dir,
+                             budget_s=budget_s, progress=progress,
+                             spatial_registration=spatial_registration,
+                             config=os.environ.get("ADAPTIVE_REGISTRATION_CONFIG") or None)
+    return RegistrationRecord.model_validate(rec).model_dump(mode="json")
 
 
 def service_planning_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir,
@@ -51,4 +55,4 @@ def service_planning_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir
     left = None if budget_s is None else budget_s - (time.perf_counter() - t0)
     po = planning_stage(rtplan_path, registration, out_dir, goals, budget_s=left,
                         progress=progress, protocol=protocol)
-    return po.result
+    return PlanningRecord.model_validate(po.result).model_dump(mode="json")

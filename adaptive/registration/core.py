@@ -37,13 +37,18 @@ threads differ by at most 0.10 mm (mean 0.016 mm); the tests bound it at 0.5 mm.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from adaptive.errors import PatientMismatchError, RegistrationError
+from adaptive.errors import (
+    ChildDiedError,
+    ChildTimeoutError,
+    PatientMismatchError,
+    RegistrationError,
+)
+from adaptive.forked import ChildError, call_in_child
 from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
@@ -217,39 +222,20 @@ def _validity(vs, cbct: Volume, planning_ct: Volume, valid: np.ndarray, body: np
 # --- the B-spline worker ----------------------------------------------------------------
 
 
-def _bspline_child(conn, args):
-    try:
-        conn.send(("ok", eb.run_elastix(*args)))
-    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-    finally:
-        conn.close()
-
-
 def _run_bspline(args: tuple, timeout_s: float | None, in_subprocess: bool):
-    """Run the B-spline elastix stage; returns transform maps or None on timeout."""
+    """Run the B-spline elastix stage; returns transform maps or None on timeout. In a
+    subprocess it is a forked child with a parent-death signal (:mod:`adaptive.forked`):
+    killed at the deadline, and with whatever process runs this registration."""
     if not in_subprocess:
         return eb.run_elastix(*args)
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_bspline_child, args=(child, args), daemon=True)
-    proc.start()
-    child.close()
     try:
-        if not parent.poll(timeout_s):
-            return None
-        status, payload = parent.recv()
-    except EOFError:
-        proc.join(5)
-        raise RegistrationError(f"B-spline worker died (exit code {proc.exitcode})") from None
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
-        parent.close()
-    if status != "ok":
-        raise RegistrationError(f"B-spline stage failed: {payload}")
-    return payload
+        return call_in_child(eb.run_elastix, args, timeout_s=timeout_s)
+    except ChildTimeoutError:
+        return None
+    except ChildDiedError as e:
+        raise RegistrationError(f"B-spline worker died: {e}") from None
+    except ChildError as e:
+        raise RegistrationError(f"B-spline stage failed: {e}") from None
 
 
 # --- main entry point -----------------------------------------------------------------------

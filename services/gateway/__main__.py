@@ -15,7 +15,9 @@ import signal
 import sys
 import threading
 
+from adaptive.errors import AuthenticationError
 from adaptive.log import bind, configure_logging
+from services.auth import KeyStore
 from services.config import load_services_config
 from services.events import EventPusher
 from services.gateway.scp import Gateway
@@ -27,12 +29,22 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--events-endpoint", default=None,
                    help="orchestrator's gateway events endpoint (default: from config)")
+    p.add_argument("--key", default="gateway",
+                   help="name of this gateway's key under <paths.root>/keys (role gateway)")
+    p.add_argument("--port", type=int, default=None,
+                   help="DICOM port (default: from config; a restart keeps the first port)")
     args = p.parse_args(argv)
     configure_logging()
     bind(process="gateway")
     cfg = load_services_config(args.config)
     events = endpoint_argument(p, cfg, "gateway_events_endpoint", args.events_endpoint)
-    pusher = EventPusher(events)
+    if args.port is not None:
+        cfg.gateway.port = args.port
+    try:
+        keys = KeyStore(cfg.paths.root).client_keys(args.key)
+    except AuthenticationError as e:
+        p.error(str(e))
+    pusher = EventPusher(events, keys=keys)
     gw = Gateway(cfg.gateway, cfg.paths.store, cfg.paths.quarantine, pusher)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

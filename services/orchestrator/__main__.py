@@ -17,6 +17,9 @@ from services.config import load_budgets, load_services_config
 from services.orchestrator.core import Orchestrator
 from services.ready import bound_endpoint, clear_ready, write_ready
 
+ENDPOINT_KEYS = ("worker_endpoint", "gateway_events_endpoint", "console_endpoint",
+                 "console_events_endpoint")
+
 
 def bound_endpoints(orch: Orchestrator) -> dict[str, str]:
     """The endpoints ``orch``'s sockets are bound to, by config key."""
@@ -32,10 +35,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m services.orchestrator")
     p.add_argument("--config", default=None)
     p.add_argument("--budgets", default=None)
+    p.add_argument("--bind", action="append", default=[], metavar="KEY=ENDPOINT",
+                   help="bind this endpoint instead of the configured one (the supervisor "
+                        "restarts an orchestrator on the endpoints the first one bound)")
     args = p.parse_args(argv)
     configure_logging()
     bind(process="orchestrator")
     cfg = load_services_config(args.config)
+    for b in args.bind:
+        key, _, endpoint = b.partition("=")
+        if key not in ENDPOINT_KEYS or not endpoint:
+            p.error(f"--bind {b!r}: expected one of {', '.join(ENDPOINT_KEYS)}=tcp://...")
+        setattr(cfg.orchestrator, key, endpoint)
     budgets = load_budgets(args.budgets)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

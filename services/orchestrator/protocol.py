@@ -5,9 +5,6 @@ chosen at the console's ``start`` or mapped from the scheduled RT Plan through
 
 from __future__ import annotations
 
-import pydicom
-
-from adaptive.errors import ClinicalProtocolError
 from adaptive.optimization.protocols import ProtocolSource, ProtocolTable, protocol_path
 
 
@@ -20,13 +17,11 @@ def protocol_at_start(name) -> dict | None:
     return {"name": name, "source": ProtocolSource.CONSOLE}
 
 
-def protocol_from_plan(rtplan_path: str, table: ProtocolTable) -> dict:
-    """The protocol mapped from a scheduled RT Plan's Treatment Protocols or label;
-    :class:`ClinicalProtocolError` (naming both and the table) when unmapped or unreadable."""
-    try:
-        ds = pydicom.dcmread(rtplan_path, stop_before_pixels=True)
-    except Exception as e:  # an unreadable plan cannot name a protocol
-        raise ClinicalProtocolError(f"cannot read the scheduled plan {rtplan_path}: {e}") from e
-    name, source = table.for_plan(str(ds.get("TreatmentProtocols", "") or ""),
-                                  str(ds.get("RTPlanLabel", "") or ""))
-    return {"name": name, "source": source, "rtplan_sop": str(ds.get("SOPInstanceUID", ""))}
+def protocol_from_plan(rtplan: dict, table: ProtocolTable) -> dict:
+    """The protocol mapped from a scheduled RT Plan's Treatment Protocols or label (the
+    registry's record of the plan, :mod:`services.orchestrator.registry`, headers read by
+    adaptive.dicom.inventory); :class:`ClinicalProtocolError` (naming both and the table)
+    when unmapped."""
+    name, source = table.for_plan(str(rtplan.get("treatment_protocols", "") or ""),
+                                  str(rtplan.get("label", "") or ""))
+    return {"name": name, "source": source, "rtplan_sop": str(rtplan.get("sop", ""))}

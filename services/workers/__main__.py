@@ -10,7 +10,9 @@ import signal
 import sys
 import threading
 
+from adaptive.errors import AuthenticationError
 from adaptive.log import bind, configure_logging, get_logger
+from services.auth import KeyStore
 from services.config import load_services_config
 from services.messaging import Worker
 from services.ready import endpoint_argument
@@ -25,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--endpoint", default=None, help="broker endpoint (default: from config)")
     p.add_argument("--name", default=None)
     p.add_argument("--no-warm-up", action="store_true")
+    p.add_argument("--key", default="worker",
+                   help="name of this worker's key under <paths.root>/keys (role worker)")
     args = p.parse_args(argv)
     configure_logging()
     cfg = load_services_config(args.config)
@@ -35,6 +39,10 @@ def main(argv=None) -> int:
         print(f"no handler configured for service {args.service!r}", file=sys.stderr)
         return 2
     endpoint = endpoint_argument(p, cfg, "worker_endpoint", args.endpoint)
+    try:
+        keys = KeyStore(cfg.paths.root).client_keys(args.key)
+    except AuthenticationError as e:
+        p.error(str(e))
     handler = load_handler(spec)
     warm = getattr(handler, "warm_up", None)
     if warm is not None and not args.no_warm_up:
@@ -49,6 +57,7 @@ def main(argv=None) -> int:
     w = Worker(endpoint, args.service, handler,
                heartbeat_interval_s=cfg.orchestrator.heartbeat_interval_s,
                liveness=cfg.orchestrator.heartbeat_liveness, name=args.name)
+    w.curve = keys
     w.run(stop)
     return 0
 

@@ -28,24 +28,31 @@ If the pipeline's stage functions are not installed, the task fails with
 :class:`StageUnavailableError` (the session falls back to the scheduled plan) - there is
 no stand-in computation here.
 
-Each stage runs in a child process forked from the worker (:func:`run_in_child`): native
-code (ITK/elastix, numba) can hold the GIL for tens of seconds, which would starve the
-worker's heartbeat thread and make the broker declare a busy worker dead. The child
-inherits the worker's warmed-up state (fork), reports progress and its result over a
-pipe, and dies with the worker (PR_SET_PDEATHSIG), so a killed worker leaves no orphan
-computing.
+Each stage runs in a child process forked from the worker (:func:`run_in_child`, through
+:func:`adaptive.forked.call_in_child`): native code (ITK/elastix, numba) can hold the GIL for
+tens of seconds, which would starve the worker's heartbeat thread and make the broker declare
+a busy worker dead. The child inherits the worker's warmed-up state (fork), reports progress
+and its result over a pipe, and dies with the worker (parent-death signal; the registration's
+own B-spline grandchild dies with it the same way), so a killed worker leaves no orphan
+computing. A ``CANCEL`` from the broker kills the child at once and the worker becomes idle.
+
+Results are sealed at this boundary (:func:`seal`): validated against the typed stage
+record (:mod:`adaptive.pipeline.records`), stamped with the task's session and patient, and
+given the SHA-256 of every file they name, which the orchestrator checks on receipt and
+again before hand-off.
 """
 
 from __future__ import annotations
 
 import importlib
-import multiprocessing as mp
-import os
-import signal
-import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
 
 import adaptive.errors as aerr
 from adaptive.errors import StageUnavailableError
+from adaptive.forked import ChildError, call_in_child
+from adaptive.pipeline.records import RECORDS, sha256_file
 
 REGISTRATION_FN = "service_registration_stage"
 PLANNING_FN = "service_planning_stage"
@@ -63,74 +70,46 @@ def _pipeline_fn(name: str):
     return fn
 
 
-def _set_pdeathsig() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _child(conn, name: str, kwargs: dict) -> None:
-    _set_pdeathsig()
-    try:
-        fn = _pipeline_fn(name)
-
-        def progress(step, fraction=None, **info):
-            conn.send(("progress", step, fraction, info))
-        conn.send(("result", fn(**kwargs, progress=progress)))
-    except BaseException as e:  # noqa: BLE001 - everything goes back to the worker
-        conn.send(("error", type(e).__name__, str(e), traceback.format_exc()[-4000:]))
-    finally:
-        conn.close()
-        os._exit(0)
+def _stage(name: str, kwargs: dict, progress):
+    return _pipeline_fn(name)(**kwargs, progress=progress)
 
 
 def run_in_child(name: str, kwargs: dict, ctx) -> dict:
     """Run ``adaptive.pipeline.<name>(**kwargs, progress=...)`` in a forked child; forward
-    its progress to ``ctx``; return its result or re-raise its error (same
-    :mod:`adaptive.errors` class when it is one)."""
+    its progress to ``ctx``; stop it when ``ctx.cancelled`` is set; return its result or
+    re-raise its error (same :mod:`adaptive.errors` class when it is one)."""
     _pipeline_fn(name)  # fail fast, in the worker, when the stage is not installed
-    parent, child = mp.get_context("fork").Pipe(duplex=False)
-    proc = mp.get_context("fork").Process(target=_child, args=(child, name, kwargs),
-                                          daemon=False)  # the stage forks its own helpers
-    proc.start()
-    # not joined at interpreter exit (a stopping worker must not wait for it): it dies with
-    # the task thread via PR_SET_PDEATHSIG, or is killed below
-    mp.process._children.discard(proc)
-    child.close()
     try:
-        while True:
-            if parent.poll(0.2):
-                try:
-                    msg = parent.recv()
-                except EOFError:
-                    msg = None
-                if msg is None:
-                    break
-                if msg[0] == "progress":
-                    ctx.progress(msg[1], msg[2], **msg[3])
-                    continue
-                if msg[0] == "result":
-                    return msg[1]
-                cls = getattr(aerr, msg[1], None)
-                if isinstance(cls, type) and issubclass(cls, aerr.AdaptiveError):
-                    try:
-                        raise cls(msg[2])
-                    except TypeError:
-                        pass
-                raise aerr.AdaptiveError(f"{name}: {msg[1]}: {msg[2]}\n{msg[3]}")
-            if not proc.is_alive() and not parent.poll(0):
-                break
-        proc.join(5)
-        raise aerr.AdaptiveError(f"{name}: stage process ended without a result "
-                                 f"(exit code {proc.exitcode})")
-    finally:
-        parent.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
+        return call_in_child(_stage, (name, kwargs), on_progress=ctx.progress,
+                             cancelled=getattr(ctx, "cancelled", None))
+    except ChildError as e:
+        cls = getattr(aerr, e.type_name, None)
+        if isinstance(cls, type) and issubclass(cls, aerr.AdaptiveError):
+            try:
+                err = cls(e.message)
+            except TypeError:
+                err = None
+            if err is not None:
+                raise err from None
+        raise aerr.AdaptiveError(f"{name}: {e.type_name}: {e.message}\n{e.tb}") from None
+
+
+def seal(stage: str, record: dict, payload: dict) -> dict:
+    """``record`` validated against the stage's typed model, stamped with the task's
+    ``session_id`` and ``patient_id`` and the SHA-256 of every file it names."""
+    try:
+        rec = RECORDS[stage].model_validate(record)
+    except ValidationError as e:
+        raise aerr.ServiceError(f"{stage} stage returned a malformed record: "
+                                f"{str(e)[:1500]}") from None
+    rec = rec.model_copy(update={"session_id": str(payload.get("session_id", "")),
+                                 "patient_id": str(payload.get("patient_id", ""))})
+    files = {}
+    for f in rec.named_files():
+        if not Path(f).is_file():
+            raise aerr.ServiceError(f"{stage} record names {f}, which does not exist")
+        files[str(f)] = sha256_file(f)
+    return rec.model_copy(update={"files": files}).model_dump(mode="json")
 
 
 def _bind_session(payload: dict, stage: str) -> None:
@@ -150,7 +129,7 @@ def run_registration(payload: dict, arrays: dict, ctx) -> dict:
         "out_dir": payload["out_dir"], "budget_s": ctx.remaining_s(),
         "spatial_registration": payload.get("spatial_registration")}, ctx)
     ctx.progress("registration", 1.0)
-    return result
+    return seal("registration", result, payload)
 
 
 def run_planning(payload: dict, arrays: dict, ctx) -> dict:
@@ -162,7 +141,7 @@ def run_planning(payload: dict, arrays: dict, ctx) -> dict:
         "registration": payload["registration"], "out_dir": payload["out_dir"],
         "protocol": payload["protocol"], "budget_s": ctx.remaining_s()}, ctx)
     ctx.progress("planning", 1.0)
-    return result
+    return seal("planning", result, payload)
 
 
 def _warm_up_registration() -> None:

@@ -29,7 +29,6 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from adaptive.optimization.protocols import load_protocol
-from services.console import ConsoleClient
 from tests.conftest import require_tool
 from tests.integration.conftest import make_config, storescu
 from tests.integration.test_services_pipeline import REAL, _require_stages
@@ -131,8 +130,7 @@ def _run_scenario(tmp_path_factory, request) -> None:
     cfg, bud = make_config(work, tms_port=orthanc.dicom_port, handlers=REAL, budgets=BUDGETS,
                            counts={"planning": 2})
     st = stack_factory(cfg, bud)
-    oc = st.cfg.orchestrator
-    cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint, timeout_s=20)
+    cl = st.console_client(timeout_s=20)          # with the therapist's key (CURVE)
     pid_a = str(pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True).PatientID)
     port = st.cfg.gateway.port
     for pl in (planning, b_planning):
@@ -158,7 +156,7 @@ def _run_scenario(tmp_path_factory, request) -> None:
     for sid in sessions:
         cl.choose(sid, "adapted")
     for sid in list(sessions):
-        s = cl.wait_for_state(sid, {"handed_off", "failed"}, 300)
+        s = cl.wait_for_state(sid, {"handed_off", "handoff_failed", "failed"}, 300)
         assert s["state"] == "handed_off", s["error"]
         sessions[sid] = s
     cl.close()

@@ -29,8 +29,7 @@ from adaptive.commands.demo import find_fraction
 from adaptive.config import config_path, load_toml
 from adaptive.dicom.ct_series import read_ct_series, write_ct_series
 from adaptive.geometry.volume import Grid, Volume
-from adaptive.model.identity import PatientInfo, SeriesInfo
-from services.console import ConsoleClient
+from adaptive.model.identity import PatientInfo, SeriesInfo, StudyIdentity
 from tests.integration.conftest import make_config, storescu
 from tests.integration.events import EventWatch
 from tests.waiting import wait_until
@@ -54,12 +53,15 @@ def _replay():
         pytest.skip(f"replay data not available: {e}")
 
 
-def _write_cbct(vol: Volume, folder: Path, patient_id: str, label: str) -> list[Path]:
-    info = SeriesInfo(patient=PatientInfo(patient_id=patient_id, patient_name="FAULT^CASE"),
+def _write_cbct(vol: Volume, folder: Path, patient: PatientInfo, label: str) -> list[Path]:
+    """The fault CBCT under this patient's identity (ID and name, as an imager would send
+    it for the patient on the couch)."""
+    info = SeriesInfo(patient=patient,
                       study_instance_uid=generate_uid(), series_instance_uid=generate_uid(),
                       frame_of_reference_uid=generate_uid(), series_description="CBCT",
                       study_id="FAULT")
-    write_ct_series(vol, info, folder, description=f"CBCT ({label})")
+    write_ct_series(vol, info, folder, study=StudyIdentity.from_series(info),
+                    description=f"CBCT ({label})")
     return sorted(folder.glob("*.dcm"))
 
 
@@ -141,7 +143,7 @@ def _run_fault(st, cl, orthanc, pid: str, room: str, files: list[Path], schedule
     """One session on a fault CBCT: returns the session after the scheduled plan was handed
     off, with the console events seen."""
     watch = EventWatch(cl, [room])       # subscription confirmed live before the session
-    s = cl.start(room, pid)
+    s = cl.start(room, pid, protocol="prostate")
     assert storescu(st.cfg.gateway.port, files).returncode == 0
     watch.wait_for(lambda e: e["event"] in ("fallback", "plans_ready")
                    or e.get("state") == "failed", 900, "fallback/plans_ready/failed")
@@ -163,7 +165,7 @@ def _run_fault(st, cl, orthanc, pid: str, room: str, files: list[Path], schedule
     with pytest.raises(Exception, match="not offered"):
         cl.choose(s["session_id"], "adapted")
     cl.choose(s["session_id"], "scheduled")
-    s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 120)
+    s = cl.wait_for_state(s["session_id"], {"handed_off", "handoff_failed", "failed"}, 120)
     assert s["state"] == "handed_off", s["error"]
     plans = [t for t in orthanc.instances_tags() if t.get("Modality") == "RTPLAN"]
     assert {p["SOPInstanceUID"] for p in plans} == {scheduled_uid}, case
@@ -177,12 +179,13 @@ def test_fault_cbcts_never_offer_an_adapted_plan(tmp_path, orthanc, stack_factor
     cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port, handlers=REAL,
                            budgets=BUDGETS)
     st = stack_factory(cfg, bud)
-    oc = st.cfg.orchestrator
-    cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint, timeout_s=10)
+    cl = st.console_client(timeout_s=10)          # with the therapist's key (CURVE)
     pid = _push_planning(st, cl, planning)
-    sched = str(pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True).SOPInstanceUID)
+    rp = pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True)
+    sched = str(rp.SOPInstanceUID)
+    patient = PatientInfo(patient_id=pid, patient_name=str(rp.PatientName))
     for i, (case, vol) in enumerate(fault_cbcts(fx).items()):
-        files = _write_cbct(vol, tmp_path / f"fault{i}", pid, case)
+        files = _write_cbct(vol, tmp_path / f"fault{i}", patient, case)
         r = _run_fault(st, cl, orthanc, pid, f"ROOM{i}", files, sched, case)
         s = r["session"]
         reg_failed = [c for c in s["checks_failed"] if c["stage"] == "registration"]
@@ -209,8 +212,7 @@ def test_registration_stopped_after_one_iteration(tmp_path, orthanc, stack_facto
     cfg, bud = make_config(tmp_path, tms_port=orthanc.dicom_port, handlers=REAL,
                            budgets=BUDGETS)
     st = stack_factory(cfg, bud, env={"ADAPTIVE_REGISTRATION_CONFIG": str(one)})
-    oc = st.cfg.orchestrator
-    cl = ConsoleClient(oc.console_endpoint, oc.console_events_endpoint, timeout_s=10)
+    cl = st.console_client(timeout_s=10)          # with the therapist's key (CURVE)
     pid = _push_planning(st, cl, planning)
     sched = str(pydicom.dcmread(planning / "RP.dcm", stop_before_pixels=True).SOPInstanceUID)
     r = _run_fault(st, cl, orthanc, pid, "ROOM1", sorted((fx / "CBCT").glob("*.dcm")), sched,

@@ -6,6 +6,7 @@ with the real stages is in test_services_pipeline.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -63,7 +64,7 @@ def test_normal_session_end_to_end_to_orthanc(tmp_path, orthanc, stack_factory):
     with pytest.raises(ConsoleError):
         cl.choose(s["session_id"], "bogus")
     cl.choose(s["session_id"], "adapted")
-    s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 60)
+    s = cl.wait_for_state(s["session_id"], {"handed_off", "handoff_failed", "failed"}, 60)
     assert s["state"] == "handed_off", s["error"]
     assert all(i["ok"] and i["status"] == 0 for i in s["handoff"]["instances"])
     assert s["end_to_end"]["within_budget"] and s["end_to_end"]["duration_s"] > 0
@@ -75,8 +76,15 @@ def test_normal_session_end_to_end_to_orthanc(tmp_path, orthanc, stack_factory):
     plans = [t for t in tags if t.get("Modality") == "RTPLAN"]
     assert len(plans) == 1
     adapted = [p for p in plans if p["RTPlanLabel"] == "ADAPTED"][0]
-    assert adapted["ReferencedStructureSetSequence"][0]["ReferencedSOPInstanceUID"] == \
-        data["rs_uid"]
+    # it references the structure set handed off with it (today's, in the CBCT's study)
+    rs = [t for t in tags if t.get("Modality") == "RTSTRUCT"]
+    assert [t["SOPInstanceUID"] for t in rs] == [
+        adapted["ReferencedStructureSetSequence"][0]["ReferencedSOPInstanceUID"]]
+    assert rs[0]["SOPInstanceUID"] != data["rs_uid"]
+    assert rs[0]["StudyInstanceUID"] == adapted["StudyInstanceUID"] == \
+        pydicom.dcmread(data["cbct"][0], stop_before_pixels=True).StudyInstanceUID
+    # the image the plan rests on came first and in full (the synthetic CT series)
+    assert sum(t.get("Modality") == "CT" for t in tags) == len(data["cbct"])
     pred = adapted["ReferencedRTPlanSequence"][0]
     assert pred["ReferencedSOPInstanceUID"] == data["rp_uid"]
     assert pred["RTPlanRelationship"] == "PREDECESSOR"
@@ -122,8 +130,8 @@ def test_two_rooms_at_once_and_robust_reception(tmp_path, orthanc, stack_factory
     assert len(q) == 1 and Path(rej["details"]["quarantine_path"]).with_suffix(".json") == q[0]
     cl.choose(sa["session_id"], "adapted")
     cl.choose(sb["session_id"], "scheduled")
-    sa = cl.wait_for_state(sa["session_id"], {"handed_off", "failed"}, 60)
-    sb = cl.wait_for_state(sb["session_id"], {"handed_off", "failed"}, 60)
+    sa = cl.wait_for_state(sa["session_id"], {"handed_off", "handoff_failed", "failed"}, 60)
+    sb = cl.wait_for_state(sb["session_id"], {"handed_off", "handoff_failed", "failed"}, 60)
     assert sa["state"] == sb["state"] == "handed_off"
     labels = sorted(t["RTPlanLabel"] for t in orthanc.instances_tags()
                     if t.get("Modality") == "RTPLAN")
@@ -154,7 +162,7 @@ def test_worker_killed_during_planning_is_reissued(tmp_path, orthanc, stack_fact
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 60)
     assert s["state"] == "awaiting_decision", s["notes"]
     assert s["stages"]["planning"]["ok"]
-    assert s["plans"]["attempt"] == 2                            # re-issued, run again
+    assert s["stages"]["planning"]["worker_timings"]["attempt"] == 2   # re-issued, run again
     assert s["stages"]["planning"]["worker_timings"]["worker"] != holder[0].split("-", 1)[1]
     ev = watch.wait_for(lambda e: e["event"] == "task_reissued", 10, "task_reissued")
     assert ev["details"]["stage"] == "planning" and ev["details"]["attempt"] == 2
@@ -173,8 +181,10 @@ def test_tms_down_at_handoff_fails_clearly_and_keeps_outbox(tmp_path, stack_fact
     assert storescu(_port(st), d["cbct"]).returncode == 0
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision"}, 60)
     cl.choose(s["session_id"], "adapted")
-    s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 60)
-    assert s["state"] == "failed" and "not stored at TMS" in s["error"]
+    s = cl.wait_for_state(s["session_id"], {"handed_off", "handoff_failed", "failed"}, 60)
+    assert s["state"] == "handoff_failed" and "not confirmed stored at TMS" in s["error"]
+    assert s["handoff"]["outcome"] == "not_stored"          # never associated: certainly not
+    assert {i["status"] for i in s["handoff"]["recorded"]} == {"not_stored"}
     outbox = Path(s["handoff"]["outbox"])
     assert (outbox / "report.json").is_file()
     assert any(p.name.endswith("RP_adapted.dcm") for p in outbox.iterdir())
@@ -195,10 +205,22 @@ def test_budget_overrun_forces_scheduled_only_fallback(tmp_path, orthanc, stack_
     s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 60)
     assert s["state"] == "fallback" and s["offered"] == ["scheduled"]
     assert s["budgets_exceeded"][0]["stage"] == "planning"
+    # CANCEL reached the worker: its 4 s stage stopped early and it became idle
+    task = s["stages"]["planning"]["task_id"]
+    log = st.log_dir / "worker-planning-0.log"
+
+    def done_line():
+        for line in log.read_text().splitlines():
+            if line.startswith("{") and task in line and '"task_done"' in line:
+                return json.loads(line)
+        return None
+    done = wait_until(done_line, 30, f"the worker to end the cancelled {task}")
+    assert done["ok"] is False and done["run_s"] < 4.0, done
+    assert '"task_cancelled"' in log.read_text()
     with pytest.raises(ConsoleError):
         cl.choose(s["session_id"], "adapted")
     cl.choose(s["session_id"], "scheduled")
-    s = cl.wait_for_state(s["session_id"], {"handed_off", "failed"}, 60)
+    s = cl.wait_for_state(s["session_id"], {"handed_off", "handoff_failed", "failed"}, 60)
     assert s["state"] == "handed_off"
     plans = [t for t in orthanc.instances_tags() if t.get("Modality") == "RTPLAN"]
     assert [p["RTPlanLabel"] for p in plans] == ["SCHEDULED"]
