@@ -69,3 +69,46 @@ def test_pull_back_of_a_mask_restricted_to_its_box_is_exact():
     got2 = pull_back(Volume(mask, mg), grid, matrix=m, dvf_lps_mm=u, dvf_bounds=field_bounds(u))
     np.testing.assert_array_equal(got, got2)
     assert not pull_back(Volume(np.zeros(mg.shape, bool), mg), grid).any()
+
+
+_FORK_CHECK = """
+import numpy as np
+from adaptive.forked import call_in_child
+from adaptive.geometry.volume import Grid, Volume
+from adaptive.geometry.warp import pull_back
+from adaptive.registration.core import warm_up
+
+warm_up()  # as a registration worker does before its stages run in forked children
+g = Grid(shape=(40, 120, 120), origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+m = Volume(np.random.default_rng(0).normal(0, 100, g.shape).astype(np.float32), g)
+
+def child():
+    return float(np.abs(pull_back(m, g, fill=-1000.0) - m.array).max())
+
+import signal
+import threading
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # a worker handles SIGTERM (graceful stop)
+out = []
+t = threading.Thread(target=lambda: out.append(call_in_child(child, timeout_s=120)))
+t.start()  # stages are started from the worker's task thread
+t.join(150)
+print("MAXDIFF", out[0])
+"""
+
+
+def test_parallel_kernel_works_in_a_child_of_a_warmed_up_worker(tmp_path):
+    """The registration warm-up must leave no OpenMP pool behind: in a forked child of a
+    process that used it, numba refuses every parallel region (GNU OpenMP is not fork-safe)
+    and the stage's images come out unwritten (seen as a 0.63 body Dice in the services).
+    Run in a fresh interpreter: this test process may have used the pool already."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FORK_CHECK], capture_output=True, text=True,
+                       timeout=600, check=False, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Terminating" not in r.stderr
+    line = [x for x in r.stdout.splitlines() if x.startswith("MAXDIFF")][-1]
+    assert float(line.split()[1]) == 0.0

@@ -15,6 +15,9 @@ each voxel's moving index on the fly from the two grids' affines, in parallel ov
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numba as nb
 import numpy as np
 
@@ -63,6 +66,28 @@ def _pull_back(moving, a, b, minv, u, fill, box, sub, out):
                 c0 = c00 * (1.0 - fy) + c01 * fy
                 c1 = c10 * (1.0 - fy) + c11 * fy
                 out[k, j, i] = c0 * (1.0 - fz) + c1 * fz
+
+
+# the same kernel on one thread, without numba's thread pool (see no_thread_pool)
+_pull_back_serial = nb.njit(cache=True)(_pull_back.py_func)
+_serial_depth = 0
+
+
+@contextmanager
+def no_thread_pool() -> Iterator[None]:
+    """Inside: :func:`pull_back` runs on one thread and does not start numba's thread pool in
+    this process. For work done in a process that later forks children using the parallel
+    kernel (a service worker's warm-up before its stages run in forked children): numba's
+    OpenMP layer is not fork-safe with GNU OpenMP; in a child of a process that already used
+    it every parallel region is refused ("Terminating: fork() called from a process already
+    using GNU OpenMP, this is unsafe.", SIGTERM to the child) and, where SIGTERM is handled,
+    silently skipped, leaving the output array unwritten."""
+    global _serial_depth
+    _serial_depth += 1
+    try:
+        yield
+    finally:
+        _serial_depth -= 1
 
 
 def _box_of(mask: np.ndarray) -> np.ndarray:
@@ -140,7 +165,8 @@ def pull_back(moving: Volume, grid: Grid, *, matrix=None, dvf_lps_mm: np.ndarray
         and sub[5] == nx
     out = np.empty(grid.shape, dtype=np.float32) if full else np.full(grid.shape, fill,
                                                                        dtype=np.float32)
-    _pull_back(np.ascontiguousarray(src), np.ascontiguousarray(a), np.ascontiguousarray(b),
+    kernel = _pull_back_serial if _serial_depth else _pull_back
+    kernel(np.ascontiguousarray(src), np.ascontiguousarray(a), np.ascontiguousarray(b),
                np.ascontiguousarray(minv), np.ascontiguousarray(u), float(fill), box, sub, out)
     return out
 

@@ -51,6 +51,7 @@ from adaptive.errors import (
 from adaptive.forked import ChildError, call_in_child
 from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid, Volume
+from adaptive.geometry.warp import no_thread_pool
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.registration import elastix_backend as eb
@@ -485,7 +486,10 @@ def warm_up(config=None) -> float:
     moving = Volume(a.astype(np.float32), g, "HU")
     s = load_registration_settings(config)
     try:
-        register(fixed, moving, config=s)
+        # no numba thread pool in the warmed-up process: its stages run in forked children
+        # that use the parallel kernels (adaptive.geometry.warp.no_thread_pool)
+        with no_thread_pool():
+            register(fixed, moving, config=s)
     except RegistrationError as e:  # a tiny featureless pair may fold; loading is the point
         log.info("warm_up_result_refused", error=str(e))
     _warm = True
