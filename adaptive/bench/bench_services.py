@@ -189,8 +189,8 @@ def _loadavg() -> str:
 
 def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
                    fraction_dir: str | Path | None = None) -> str:
-    """N sessions (default: one per replay fraction of the case, at least 5, cycling through
-    the fractions) through one service stack with the real stages: planning data pushed
+    """N sessions (default: one per replay fraction of the case; a CBCT series is used by
+    one session only, so at most that many) through one service stack with the real stages: planning data pushed
     once, then per session the CBCT of the next fraction by storescu, the adapted plan
     chosen as soon as it is offered (the scheduled plan otherwise) and handed off to a local
     Orthanc (or the pynetdicom TMS stand-in). ``fraction_dir``: a fraction of the case
@@ -203,7 +203,9 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
 
     fx0, planning = find_fraction(None if fraction_dir is None else str(fraction_dir))
     fractions = sorted(p.parent for p in fx0.parent.glob("fx*/CBCT"))
-    n = n or max(5, len(fractions))
+    n = n or len(fractions)
+    if n > len(fractions):
+        raise ValueError(f"{n} sessions need {n} fractions; {fx0.parent} has {len(fractions)}")
     pid = _patient_id(planning / "RP.dcm")
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-sessions-"))
     tms = Tms(work)
@@ -217,7 +219,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
             return {p.popen.pid: p.name for p in st.procs if p.popen is not None}
         with PeakRss(roots) as rss:
             for i in range(n):
-                fx = fractions[i % len(fractions)]
+                fx = fractions[i]
                 s = cl.start("BENCH_ROOM", pid, protocol="prostate")
                 push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
                 s = cl.wait_for_state(s["session_id"],
@@ -247,7 +249,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
         tms.stop()
     load1 = _loadavg()
     out = [(f"Sessions: {n} online sessions through the services with the real stages "
-            f"(replay case {fx0.parent.name}, {len(fractions)} fractions cycled; "
+            f"(replay case {fx0.parent.name}, one per fraction; "
             f"registration + planning workers, 1 each; TMS: {tms.label.split(' ')[0]}). "
             f"Budgets from config/budgets.toml. Load average (1/5/15 min) {load0} before, "
             f"{load1} after."), "",
