@@ -53,6 +53,13 @@ def _child_main(conn, parent_pid: int, fn: Callable, args: tuple, kwargs: dict,
     set_parent_death_signal()
     if os.getppid() != parent_pid:          # the parent died before the prctl took effect
         os._exit(1)
+    # default SIGTERM/SIGINT in the child: a parent's graceful-stop handler must not make a
+    # SIGTERM to the child harmless (numba's OpenMP layer answers a parallel region in a
+    # child of a process that used its pool with SIGTERM; handled, the region was silently
+    # skipped and its output left unwritten; unhandled, the child dies and the caller gets
+    # ChildDiedError)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         if with_progress:
             def progress(step, fraction=None, **info):

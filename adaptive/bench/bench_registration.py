@@ -63,8 +63,10 @@ def evaluate_fraction(case, fx, ct, ct_info, planning_ss, repeats: int = 3) -> d
         t0, c0 = time.perf_counter(), time.process_time()
         res = register(cbct, ct, isocenter_lps_mm=case.isocenter_lps_mm, cbct_info=cb_info,
                        ct_info=ct_info)
-        synthetic_ct(ct, cbct, res.dvf_lps_mm)
-        propagate_structures(planning_ss, res.dvf_lps_mm, cbct.grid, cb_info,
+        # the outputs on the CBCT's grid (the registration may run at a working resolution)
+        native = res.field_on(cbct.grid)
+        synthetic_ct(ct, cbct, native)
+        propagate_structures(planning_ss, native, cbct.grid, cb_info,
                              planning_grid=ct.grid, names=list(ORGANS))
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
@@ -73,7 +75,7 @@ def evaluate_fraction(case, fx, ct, ct_info, planning_ss, repeats: int = 3) -> d
            "jacobian_min": res.quality["jacobian_min"],
            "jacobian_fraction_nonpositive": res.quality["jacobian_fraction_nonpositive"],
            "stage_times": res.timings_s}
-    for label, field in (("dir", res.dvf_lps_mm), ("rigid", rigid)):
+    for label, field in (("dir", native), ("rigid", rigid)):
         out[f"tre_body_{label}"] = tre(field, truth, body, cbct.grid)
         out[f"tre_ptv20_{label}"] = tre(field, truth, ptv20, cbct.grid)
         for organ in ORGANS:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -19,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from adaptive.bench.rss import PeakRss
 from adaptive.bench.stats import summary
 
 TARGET_S = 2.0
@@ -88,11 +90,31 @@ def run(args) -> str:
     return "\n".join(out) + "\n"
 
 
+LARGE_DIR = Path(__file__).resolve().parents[2] / "replay_data_large"
+
+
+def _large_case() -> Path:
+    """A fraction of the clinical-size case (``adaptive replay-data build --large``), built
+    into ``replay_data_large/`` when missing (not committed; takes minutes)."""
+    from adaptive.replay.build import build_replay_data
+
+    fx = sorted(LARGE_DIR.glob("*/fx*/CBCT"))
+    if not fx:
+        build_replay_data(LARGE_DIR, large=True)
+        fx = sorted(LARGE_DIR.glob("*/fx*/CBCT"))
+    return fx[0].parent
+
+
 def _sessions_note() -> str:
-    try:
-        return bench_sessions()
-    except Exception as e:  # noqa: BLE001 - reported in the benchmark text
-        return f"Sessions through the services with the real stages: FAILED ({type(e).__name__}: {e})."
+    out = []
+    # the committed pelvis, then the clinical-size case: same settings for both
+    for label, where in (("committed pelvis", None), ("clinical-size case", _large_case)):
+        try:
+            fx = where() if where else None
+            out.append(f"### Sessions: {label}\n\n" + bench_sessions(fraction_dir=fx))
+        except Exception as e:  # noqa: BLE001 - reported in the benchmark text
+            out.append(f"### Sessions: {label}\n\nFAILED ({type(e).__name__}: {e}).")
+    return "\n\n".join(out)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -126,63 +148,109 @@ def session_stack(work: Path, tms, planning: Path, pid: str):
     return stack, cl, gw_port
 
 
-def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> str:
-    """N sessions (default: one per replay fraction of the first case, at most 3) through one
-    service stack with the real stages: planning data pushed once, then per session the CBCT
-    of the next fraction by storescu, the adapted plan chosen as soon as it is offered (the
-    scheduled plan otherwise) and handed off to a local Orthanc (or the pynetdicom TMS
-    stand-in). p50/p95 per stage (orchestrator clocks: dispatch to result) and end to end
-    (CBCT complete to plan stored, excluding the decision)."""
+def _stage_timings(session_dir: Path) -> dict[str, float]:
+    """The stages' own clocks (``timings_s`` of the registration and planning records),
+    prefixed ``registration.`` / ``planning.``; empty when a record is missing."""
+    out = {}
+    for stage, name in (("registration", "registration_result.json"),
+                        ("planning", "planning_result.json")):
+        f = session_dir / stage / name
+        if f.is_file():
+            for k, v in (json.loads(f.read_text()).get("timings_s") or {}).items():
+                if isinstance(v, (int, float)):
+                    out[f"{stage}.{k}"] = float(v)
+    return out
+
+
+# the stage-internal timings the breakdown shows (others are in the session folders)
+BREAKDOWN = ("registration.load", "registration.working_images", "registration.initial_alignment",
+             "registration.rigid", "registration.deformable", "registration.gate",
+             "registration.native_field", "registration.synthetic_ct",
+             "registration.propagation", "registration.write", "registration.total",
+             "planning.load", "planning.plan_total", "planning.scheduled_recalc",
+             "planning.checks", "planning.write", "planning.total")
+
+
+def _loadavg() -> str:
+    return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
+                   fraction_dir: str | Path | None = None) -> str:
+    """N sessions (default: one per replay fraction of the case; a CBCT series is used by
+    one session only, so at most that many) through one service stack with the real stages: planning data pushed
+    once, then per session the CBCT of the next fraction by storescu, the adapted plan
+    chosen as soon as it is offered (the scheduled plan otherwise) and handed off to a local
+    Orthanc (or the pynetdicom TMS stand-in). ``fraction_dir``: a fraction of the case
+    (default: the first committed replay case). p50/p95 per stage (orchestrator clocks:
+    dispatch to result) and end to end (CBCT complete to plan stored, excluding the
+    decision), the stages' own sub-stage clocks, the load average and the peak resident
+    memory of each service process with its stage children (:mod:`adaptive.bench.rss`)."""
     from services.local_peers import Tms, find_fraction, patient_id_of, push
     from services.orchestrator.state import HANDOFF_ENDS
 
-    fx0, planning = find_fraction(None)
+    fx0, planning = find_fraction(None if fraction_dir is None else str(fraction_dir))
     fractions = sorted(p.parent for p in fx0.parent.glob("fx*/CBCT"))
-    n = n or min(3, len(fractions))
+    n = n or len(fractions)
+    if n > len(fractions):
+        raise ValueError(f"{n} sessions need {n} fractions; {fx0.parent} has {len(fractions)}")
     pid = patient_id_of(planning / "RP.dcm")
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-sessions-"))
     tms = Tms(work)
     stack, cl, gw_port = None, None, None
     rows = []
+    load0 = _loadavg()
     try:
         stack, cl, gw_port = session_stack(work, tms, planning, pid)
-        for i in range(n):
-            fx = fractions[i % len(fractions)]
-            s = cl.start("BENCH_ROOM", pid, protocol="prostate")
-            push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
-            s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
-                                  900, poll_s=0.25)
-            if s["state"] == "failed":
-                raise RuntimeError(f"session {i + 1} failed: {s['error']}")
-            plan = "adapted" if "adapted" in s["offered"] else "scheduled"
-            cl.choose(s["session_id"], plan)
-            s = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
-            st = s["stages"]
-            rows.append({"fraction": fx.name, "plan": plan, "state": s["state"],
-                         "registration": st.get("registration", {}).get("duration_s"),
-                         "planning": st.get("planning", {}).get("duration_s"),
-                         "handoff": st.get("handoff", {}).get("duration_s"),
-                         "end_to_end": s["end_to_end"].get("duration_s"),
-                         "within": s["end_to_end"].get("within_budget"),
-                         "notes": "; ".join(s.get("notes", []))[:300]})
+
+        def roots(st=stack):
+            return {p.popen.pid: p.name for p in st.procs if p.popen is not None}
+        with PeakRss(roots) as rss:
+            for i in range(n):
+                fx = fractions[i]
+                s = cl.start("BENCH_ROOM", pid, protocol="prostate")
+                push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
+                s = cl.wait_for_state(s["session_id"],
+                                      {"awaiting_decision", "fallback", "failed"}, 900,
+                                      poll_s=0.25)
+                if s["state"] == "failed":
+                    raise RuntimeError(f"session {i + 1} failed: {s['error']}")
+                plan = "adapted" if "adapted" in s["offered"] else "scheduled"
+                cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
+                s = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
+                st = s["stages"]
+                rows.append({"fraction": fx.name, "plan": plan, "state": s["state"],
+                             "registration": st.get("registration", {}).get("duration_s"),
+                             "planning": st.get("planning", {}).get("duration_s"),
+                             "handoff": st.get("handoff", {}).get("duration_s"),
+                             "end_to_end": s["end_to_end"].get("duration_s"),
+                             "within": s["end_to_end"].get("within_budget"),
+                             "notes": "; ".join(s.get("notes", []))[:300],
+                             "inner": _stage_timings(stack.cfg.paths.sessions
+                                                     / s["session_id"]),
+                             "load": os.getloadavg()[0]})
     finally:
         if cl:
             cl.close()
         if stack:
             stack.stop()
         tms.stop()
+    load1 = _loadavg()
     out = [(f"Sessions: {n} online sessions through the services with the real stages "
-            f"(replay case {fx0.parent.name}; registration + planning workers, 1 each; "
-            f"TMS: {tms.label.split(' ')[0]}). Budgets from config/budgets.toml."), "",
+            f"(replay case {fx0.parent.name}, one per fraction; "
+            f"registration + planning workers, 1 each; TMS: {tms.label.split(' ')[0]}). "
+            f"Budgets from config/budgets.toml. Load average (1/5/15 min) {load0} before, "
+            f"{load1} after."), "",
            ("| session | fraction | plan handed off | registration s | planning s | hand-off s "
-            "| end to end s | within budget |"), "|---|---|---|---|---|---|---|---|"]
+            "| end to end s | within budget | load (1 min) |"),
+           "|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return "-" if v is None else f"{v:.1f}"
     for i, r in enumerate(rows):
         out.append(f"| {i + 1} | {r['fraction']} | {r['plan']} ({r['state']}) | "
                    f"{f(r['registration'])} | {f(r['planning'])} | {f(r['handoff'])} | "
-                   f"{f(r['end_to_end'])} | {r['within']} |")
+                   f"{f(r['end_to_end'])} | {r['within']} | {r['load']:.2f} |")
     for i, r in enumerate(rows):
         if r["plan"] != "adapted":
             out.append(f"\nSession {i + 1}: scheduled plan only: {r['notes']}")
@@ -191,4 +259,14 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None) -> s
         xs = [r[k] for r in rows if r[k] is not None]
         if xs:
             out.append(f"| {k} | {_pct(xs, 50):.1f} | {_pct(xs, 95):.1f} | {len(xs)} |")
+    out += ["", "Inside the stages (their own clocks):", "",
+            "| part | p50 s | p95 s | n |", "|---|---|---|---|"]
+    for k in BREAKDOWN:
+        xs = [r["inner"][k] for r in rows if k in r["inner"]]
+        if xs:
+            out.append(f"| {k} | {_pct(xs, 50):.2f} | {_pct(xs, 95):.2f} | {len(xs)} |")
+    out += ["", ("Peak resident memory per service process with its stage children (sampled "
+                 "every 0.25 s from /proc):"), "", "| process | peak RSS GiB |", "|---|---|"]
+    for name, b in sorted(rss.peaks.items()):
+        out.append(f"| {name} | {b / 2**30:.2f} |")
     return "\n".join(out)

@@ -16,6 +16,8 @@ from pydicom.sequence import Sequence
 from adaptive.dicom._common import (
     RT_PLAN_STORAGE,
     RT_STRUCT_STORAGE,
+    ds_element,
+    ds_floats,
     ds_list,
     ds_str,
     new_dataset,
@@ -61,7 +63,7 @@ def _device(kind: str, n: int, boundaries=None) -> Dataset:
 def _position(kind: str, values) -> Dataset:
     d = Dataset()
     d.RTBeamLimitingDeviceType = kind
-    d.LeafJawPositions = ds_list(values)
+    d.add(ds_element("LeafJawPositions", values))
     return d
 
 
@@ -318,7 +320,7 @@ def read_rtplan(path: str | Path) -> Plan:
         for idx, c in enumerate(cps_ds):
             for pos in c.get("BeamLimitingDevicePositionSequence") or []:
                 kind = str(pos.get("RTBeamLimitingDeviceType", ""))
-                vals = _floats(require(pos, "LeafJawPositions", path, f"{ctx} CP {idx} {kind}"))
+                vals = ds_floats(pos, "LeafJawPositions", path, f"{ctx} CP {idx} {kind}")
                 if kind in ("ASYMX", "X"):
                     jx = (float(vals[0]), float(vals[1]))
                 elif kind in ("ASYMY", "Y"):

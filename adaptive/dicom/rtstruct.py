@@ -11,7 +11,8 @@ from pydicom.sequence import Sequence
 
 from adaptive.dicom._common import (
     RT_STRUCT_STORAGE,
-    ds_list,
+    ds_element,
+    ds_floats,
     new_dataset,
     new_series,
     patient_from_ds,
@@ -148,7 +149,7 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, study: StudyIdentity,
             ci.ContourGeometricType = "CLOSED_PLANAR" if c.shape[0] >= 3 else (
                 "POINT" if c.shape[0] == 1 else "OPEN_PLANAR")
             ci.NumberOfContourPoints = int(c.shape[0])
-            ci.ContourData = ds_list(c)
+            ci.add(ds_element("ContourData", c))
             citems.append(ci)
         if citems:
             rc.ContourSequence = Sequence(citems)
@@ -263,8 +264,7 @@ def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
                 color = tuple(int(v) for v in rc.ROIDisplayColor)[:3]
             for cn, c in enumerate(rc.get("ContourSequence") or [], start=1):
                 gtype = str(c.get("ContourGeometricType", "") or "")
-                data = require(c, "ContourData", path, f"ROI {name!r} contour #{cn}")
-                pts = np.asarray([float(v) for v in data], dtype=np.float64)
+                pts = ds_floats(c, "ContourData", path, f"ROI {name!r} contour #{cn}")
                 if pts.size % 3:
                     raise DicomInputError(f"ROI {name!r} contour #{cn}: ContourData has {pts.size} "
                                           f"values (not a multiple of 3)", path)

@@ -123,7 +123,7 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
         "registration_json": str(fr.paths["json"]),
         "rigid_matrix": r.rigid_matrix,
         "frame_of_reference_uid": cbct_info.frame_of_reference_uid,
-        "cbct_grid": r.fixed_grid.to_dict(),
+        "cbct_grid": (r.native_grid or r.fixed_grid).to_dict(),
         "study": fr.synthetic_ct_info.study.to_dict(),  # the session's (the CBCT's)
         "cbct_series_uid": cbct_info.series_instance_uid,
         "synthetic_ct_series_uid": fr.synthetic_ct_info.series_instance_uid,

@@ -105,8 +105,10 @@ def gate_record(fr, planning_ct: Volume, structures: StructureSet | None, cbct: 
            "initial_alignment": r.quality.get("initial_alignment"),
            "setup_correction": r.quality.get("setup_correction")}
     if structures is not None and r.valid_mask is not None:
-        out["roi_fov"] = V.roi_field_of_view(structures, planning_ct.grid, r.dvf_lps_mm,
-                                             r.fixed_grid, r.valid_mask)
+        # on the registration's (working) grids, as the gate measured
+        pgrid = (r.moving_image or planning_ct).grid
+        out["roi_fov"] = V.roi_field_of_view(structures, pgrid, r.dvf_lps_mm,
+                                             r.fixed_grid, r.valid_mask, det=r.jacobian)
     if review_dir is not None:
         out["review_images"] = [str(p) for p in write_review_images(
             review_dir, cbct, fr.synthetic_ct, fr.structures, target,

@@ -51,11 +51,13 @@ from adaptive.errors import (
 from adaptive.forked import ChildError, call_in_child
 from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid, Volume
+from adaptive.geometry.warp import no_thread_pool
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.registration import elastix_backend as eb
 from adaptive.registration import validity as V
 from adaptive.registration.evaluate import dilate_mm
+from adaptive.registration.field import mapping_field
 from adaptive.registration.initialization import (
     InitialAlignment,
     SetupCorrection,
@@ -65,6 +67,7 @@ from adaptive.registration.initialization import (
 from adaptive.registration.masks import (
     body_and_gas,
     erode_mask,
+    padding_value,
     soft_tissue_mode,
     valid_region_mask,
 )
@@ -76,6 +79,7 @@ from adaptive.registration.quality import (
 )
 from adaptive.registration.settings import RegistrationSettings, load_registration_settings
 from adaptive.registration.shading import apply_shading, estimate_shading
+from adaptive.registration.working import working_volume
 
 log = get_logger("adaptive.registration")
 
@@ -106,10 +110,29 @@ class RegistrationResult:
     valid_mask: np.ndarray | None = None  # CBCT field of view (not eroded)
     initial: InitialAlignment | None = None  # every candidate's score and the winner
     setup: SetupCorrection | None = None  # rigid match vs the nearest frame convention
+    # the working-resolution images everything above was measured on (adaptive.registration.
+    # working), the input CBCT's grid and the B-spline transform, to evaluate the mapping there
+    fixed_image: Volume | None = None
+    moving_image: Volume | None = None
+    native_grid: Grid | None = None
+    bspline_maps: list | None = None
+    jacobian: np.ndarray | None = None  # det of dvf_lps_mm (working grid), float32
 
     @property
     def ok(self) -> bool:
         return self.fallback is None
+
+    def field_on(self, grid: Grid | None = None) -> np.ndarray:
+        """The final mapping's displacement (float32 (z, y, x, 3), LPS mm; CBCT point x ↦
+        planning point x + u(x)) on ``grid`` (default: the input CBCT's grid): ``dvf_lps_mm``
+        itself on the working grid; elsewhere the rigid matrix composed with the B-spline
+        transform evaluated analytically (:func:`adaptive.registration.field.mapping_field`),
+        or the rigid match alone for a rigid result."""
+        grid = grid or self.native_grid or self.fixed_grid
+        if grid.same_as(self.fixed_grid):
+            return self.dvf_lps_mm
+        return mapping_field(self.rigid_matrix, grid,
+                             self.bspline_maps if self.fallback is None else None)
 
 
 # --- geometry helpers -----------------------------------------------------------------
@@ -255,6 +278,20 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     q: dict = {}
     check_same_patient(cbct_info, ct_info)
 
+    # --- working resolution (adaptive.registration.working) ----------------------------
+    t = time.perf_counter()
+    native_grid = cbct.grid
+    native_valid = valid_region_mask(cbct, erode_mm=0.0)
+    pad = padding_value(np.asarray(cbct.array))
+    cbct, valid, fac = working_volume(cbct, s.working_voxel_mm, native_valid,
+                                      outside=-1000.0 if pad is None else pad)
+    planning_ct, _, fac_ct = working_volume(planning_ct, s.working_voxel_mm)
+    del native_valid
+    q["working_grid"] = {"cbct_factors_zyx": list(fac), "planning_factors_zyx": list(fac_ct),
+                         "cbct_spacing_mm": [round(float(v), 4) for v in cbct.grid.spacing],
+                         "working_voxel_mm": s.working_voxel_mm}
+    timings["working_images"] = time.perf_counter() - t
+
     # --- content checks ---------------------------------------------------------------
     t = time.perf_counter()
     fgrid = cbct.grid
@@ -264,7 +301,6 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
         if not np.all(np.isfinite(a)):
             raise RegistrationError(f"{name} contains non-finite voxel values")
     min_std = s.quality["min_intensity_std"]
-    valid = valid_region_mask(cbct, erode_mm=0.0)
     if valid.mean() < s.min_valid_fraction or float(fixed[valid].std()) < min_std:
         raise RegistrationError(
             f"CBCT is empty or constant (valid fraction {valid.mean():.3f}, std "
@@ -427,7 +463,9 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     return RegistrationResult(dvf_lps_mm=dvf, fixed_grid=fgrid, rigid_matrix=m_rigid,
                               fallback=fallback, quality=q, timings_s=timings, parameters=params,
                               initial_matrix=m0, initial_alignment=how, fixed_mask=fmask,
-                              body_mask=body, valid_mask=valid, initial=ia, setup=sc)
+                              body_mask=body, valid_mask=valid, initial=ia, setup=sc,
+                              fixed_image=cbct, moving_image=planning_ct,
+                              native_grid=native_grid, bspline_maps=bmaps, jacobian=det)
 
 
 _warm = False
@@ -448,7 +486,10 @@ def warm_up(config=None) -> float:
     moving = Volume(a.astype(np.float32), g, "HU")
     s = load_registration_settings(config)
     try:
-        register(fixed, moving, config=s)
+        # no numba thread pool in the warmed-up process: its stages run in forked children
+        # that use the parallel kernels (adaptive.geometry.warp.no_thread_pool)
+        with no_thread_pool():
+            register(fixed, moving, config=s)
     except RegistrationError as e:  # a tiny featureless pair may fold; loading is the point
         log.info("warm_up_result_refused", error=str(e))
     _warm = True

@@ -65,5 +65,19 @@ def dilate_mm(mask: np.ndarray, grid: Grid, margin_mm: float) -> np.ndarray:
     """Mask grown by ``margin_mm`` (Euclidean, anisotropic voxels handled)."""
     if margin_mm <= 0:
         return mask.copy()
-    d = ndimage.distance_transform_edt(~mask.astype(bool), sampling=grid.spacing[::-1])
-    return d <= margin_mm
+    m = np.asarray(mask, dtype=bool)
+    out = np.zeros(m.shape, dtype=bool)
+    if not m.any():
+        return out
+    # only voxels within the margin of the mask's bounding box can be reached: the distance
+    # transform on that box alone is exact and much smaller than the volume
+    r = np.ceil(margin_mm / grid.spacing[::-1]).astype(int) + 1
+    sl = []
+    for ax, n in enumerate(m.shape):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.flatnonzero(m.any(axis=other))
+        sl.append(slice(max(0, idx[0] - r[ax]), min(n, idx[-1] + r[ax] + 1)))
+    sl = tuple(sl)
+    d = ndimage.distance_transform_edt(~m[sl], sampling=grid.spacing[::-1])
+    out[sl] = d <= margin_mm
+    return out

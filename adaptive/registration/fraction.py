@@ -54,6 +54,7 @@ def use_rigid_match(result: RegistrationResult, reason: str) -> None:
     """Replace the result's field by its rigid match (``fallback="rigid"``)."""
     centres = result.fixed_grid.voxel_centers_lps()
     result.dvf_lps_mm = affine_field(result.rigid_matrix, centres).astype(np.float32)
+    result.jacobian = None  # of the replaced field
     result.fallback = "rigid"
     result.quality["fallback_reason"] = reason
 
@@ -124,21 +125,27 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     decision = None
     if gate is not None:
         t = time.perf_counter()
-        decision = gate(result, cb, ct, ss)
+        # the gate measures on the images the registration measured on (working resolution)
+        decision = gate(result, result.fixed_image or cb, result.moving_image or ct, ss)
         if decision.mapping not in MAPPINGS:
             raise RegistrationError(f"gate returned unknown mapping {decision.mapping!r}")
         if decision.mapping == "rigid" and result.fallback is None:
             use_rigid_match(result, f"deformable result failed its checks: {decision.reason}")
         T["gate"] = time.perf_counter() - t
+    # outputs on the CBCT's own grid: the mapping evaluated there (analytic B-spline + rigid)
     t = time.perf_counter()
-    sct = synthetic_ct(ct, cb, result.dvf_lps_mm, config=s)
+    field = result.field_on(cb.grid)
+    T["native_field"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sct = synthetic_ct(ct, cb, field, config=s)
     T["synthetic_ct"] = time.perf_counter() - t
     today = None
     if ss is not None:
         t = time.perf_counter()
-        today = propagate_structures(ss, result.dvf_lps_mm, result.fixed_grid, cb_info,
+        today = propagate_structures(ss, field, cb.grid, cb_info,
                                      planning_grid=ct.grid, threshold=s.propagation_threshold)
         T["propagation"] = time.perf_counter() - t
+    del field
     out = FractionRegistration(result=result, synthetic_ct=sct, synthetic_ct_info=None,
                                structures=today, timings_s=T, decision=decision)
     if out_dir is None:
@@ -160,7 +167,10 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
                                                      "fallback": result.fallback},
                       timings_s={**result.timings_s, **T}, description="adaptive register")
     study = session_study(cb_info)
-    out.paths["dvf"] = write_dvf(od / "dvf.mha", result.dvf_lps_mm, result.fixed_grid)
+    # the field on the registration's grid (the CBCT's, block-averaged to the working
+    # resolution: the mapping is smooth on that scale); uncompressed (a session output)
+    out.paths["dvf"] = write_dvf(od / "dvf.mha", result.dvf_lps_mm, result.fixed_grid,
+                                 compress=False)
     full = extend_synthetic_ct(sct, ct, result.rigid_matrix, air_hu=s.synthetic_ct["air_hu"])
     out.synthetic_ct_info = write_synthetic_ct(full, cb_info, od / "synthetic_ct", study=study,
                                                provenance=prov, planning_ct_info=ct_info)

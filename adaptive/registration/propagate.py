@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from adaptive.geometry.volume import Grid, Volume, displacement_warp
+from adaptive.geometry.volume import Grid, Volume
+from adaptive.geometry.warp import field_bounds, pull_back
 from adaptive.model.identity import SeriesInfo
 from adaptive.model.structures import Roi, StructureSet
 
 
 def propagate_mask(mask: Volume, dvf_lps_mm: np.ndarray, fixed_grid: Grid,
-                   threshold: float = 0.5) -> np.ndarray:
+                   threshold: float = 0.5, dvf_bounds: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask on ``fixed_grid``: the planning mask (bool Volume on its own grid) sampled
-    at x + u(x) with trilinear interpolation of the 0/1 mask, then ``>= threshold``."""
-    m = Volume(mask.array.astype(np.float32), mask.grid, "mask")
-    w = displacement_warp(m, dvf_lps_mm, fixed_grid, order=1, fill=0.0)
-    return w.array >= threshold
+    at x + u(x) with trilinear interpolation of the 0/1 mask, then ``>= threshold``.
+    ``dvf_bounds``: the field's per-axis (min, max) when the caller has it (see
+    :func:`adaptive.geometry.warp.pull_back`)."""
+    m = Volume(np.asarray(mask.array).astype(bool, copy=False), mask.grid, "mask")
+    return pull_back(m, fixed_grid, dvf_lps_mm=dvf_lps_mm, dvf_bounds=dvf_bounds) >= threshold
 
 
 def propagate_structures(structures: StructureSet, dvf_lps_mm: np.ndarray, fixed_grid: Grid,
@@ -28,6 +30,7 @@ def propagate_structures(structures: StructureSet, dvf_lps_mm: np.ndarray, fixed
     ROIs without a mask are rasterised on ``planning_grid`` (required then) first.
     """
     rois = []
+    bounds = field_bounds(dvf_lps_mm)
     for roi in structures.rois:
         if names is not None and roi.name not in names:
             continue
@@ -37,7 +40,7 @@ def propagate_structures(structures: StructureSet, dvf_lps_mm: np.ndarray, fixed
             src = Volume(structures.mask(roi.name, planning_grid), planning_grid, "mask")
         else:
             continue
-        out = propagate_mask(src, dvf_lps_mm, fixed_grid, threshold)
+        out = propagate_mask(src, dvf_lps_mm, fixed_grid, threshold, bounds)
         if not out.any():
             continue
         rois.append(Roi(number=roi.number, name=roi.name, color=roi.color,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from adaptive.geometry.volume import Grid
+from adaptive.geometry.volume import Grid, apply_affine
 
 
 def jacobian_stats(det: np.ndarray, mask: np.ndarray) -> dict:
@@ -47,6 +47,26 @@ def similarity(fixed_vals: np.ndarray, moving_vals: np.ndarray, bins: int = 32) 
 def affine_field(matrix: np.ndarray, points_lps: np.ndarray) -> np.ndarray:
     """Displacement (…, 3) of the affine map ``matrix`` (4×4, x ↦ A x + t) at LPS points."""
     return points_lps @ matrix[:3, :3].T + matrix[:3, 3] - points_lps
+
+
+def affine_field_on_grid(matrix: np.ndarray, grid: Grid, ub: np.ndarray | None = None
+                         ) -> np.ndarray:
+    """Displacement (float32 (z, y, x, 3), LPS mm) of x ↦ M (x + ub(x)) on every voxel
+    centre of ``grid`` (``ub``: an inner displacement on the grid, e.g. a B-spline's; None =
+    the affine map alone), computed slab by slab so a 512 × 512 CBCT needs no float64 copy
+    of its voxel centres."""
+    m = np.asarray(matrix, dtype=np.float64)
+    out = np.empty(grid.shape + (3,), dtype=np.float32)
+    nz, ny, nx = grid.shape
+    step = max(1, 1_000_000 // max(1, ny * nx))
+    for z0 in range(0, nz, step):
+        z1 = min(nz, z0 + step)
+        sub = Grid(shape=(z1 - z0, ny, nx), origin=grid.ijk_to_lps([0.0, 0.0, float(z0)]),
+                   spacing=grid.spacing, direction=grid.direction)
+        x = sub.voxel_centers_lps()
+        p = x if ub is None else x + ub[z0:z1]
+        out[z0:z1] = apply_affine(p, m[:3, :3], m[:3, 3]) - x
+    return out
 
 
 def deformation_beyond_rigid(dvf_lps_mm: np.ndarray, rigid_matrix: np.ndarray, grid: Grid,

@@ -22,7 +22,7 @@ DEFAULT_CONFIG = config_path("registration.toml")
 _SECTIONS = {
     "registration": {"threads", "random_seed", "moving_crop_margin_mm", "deformable_in_subprocess",
                      "default_budget_s", "finish_reserve_s", "min_deformable_s",
-                     "intensity_window_hu"},
+                     "intensity_window_hu", "working_voxel_mm"},
     "initial_alignment": {"use_isocenter", "use_image_centres", "use_identity",
                           "use_body_centroids", "search", "search_range_mm", "search_step_mm",
                           "final_step_mm", "refine_best", "coarse_voxel_mm", "samples", "bins",
@@ -70,6 +70,7 @@ class RegistrationSettings:
     finish_reserve_s: float = 1.0
     min_deformable_s: float = 0.5
     intensity_window_hu: tuple[float, float] | None = None
+    working_voxel_mm: float = 0.0
     init: InitSettings = field(default_factory=InitSettings)
     mask_erode_mm: float = 4.0
     min_valid_fraction: float = 0.02
@@ -129,6 +130,8 @@ def load_registration_settings(path: str | Path | dict | RegistrationSettings | 
     s.default_budget_s = get_number(r, "default_budget_s", w, minimum=0, default=0.0)
     s.finish_reserve_s = get_number(r, "finish_reserve_s", w, minimum=0, default=1.0)
     s.min_deformable_s = get_number(r, "min_deformable_s", w, minimum=0, default=0.5)
+    s.working_voxel_mm = get_number(r, "working_voxel_mm", w, minimum=0, maximum=10,
+                                    default=0.0)
     win = r.get("intensity_window_hu", [])
     if not isinstance(win, list) or len(win) not in (0, 2) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in win) or (

@@ -17,33 +17,74 @@ import numpy as np
 from scipy import ndimage
 
 from adaptive.errors import GeometryError
-from adaptive.geometry.volume import Grid, Volume, displacement_warp, resample_array
+from adaptive.geometry.volume import Grid, Volume, displacement_warp
+from adaptive.geometry.warp import pull_back
 from adaptive.model.identity import SeriesInfo, StudyIdentity
-from adaptive.registration.masks import body_and_gas, valid_region_mask
+from adaptive.registration.masks import body_and_gas, padding_value, valid_region_mask
 from adaptive.registration.settings import load_registration_settings
+from adaptive.registration.validity import fill_slices
+from adaptive.registration.working import block_all, block_factors, block_grid, block_mean
+
+
+def _upsample(mask: np.ndarray, f: tuple[int, int, int], shape) -> np.ndarray:
+    """A working-grid mask back on the native grid (each block's value on its voxels; the
+    remainder voxels beyond the last whole block are False)."""
+    out = np.zeros(shape, dtype=bool)
+    up = mask.repeat(f[0], 0).repeat(f[1], 1).repeat(f[2], 2)
+    out[:up.shape[0], :up.shape[1], :up.shape[2]] = up
+    return out
+
+
+def cbct_masks(cbct: Volume, sc: dict, factors=(1, 1, 1)
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(body, gas, trusted) of the CBCT on its grid for the synthetic CT (``sc``: the
+    ``[synthetic_ct]`` settings): body outline and gas (:func:`body_and_gas`) inside the field
+    of view, and the part of the field of view farther than 2 x max(smoothing, voxel) from its
+    edge, where the CBCT's outline is trusted (smoothing mixes in the padding near the edge).
+
+    ``factors`` > 1: computed on the CBCT block-averaged by them (the registration's working
+    resolution, :mod:`adaptive.registration.working`; the masks come from a CBCT smoothed
+    by ``smoothing_mm`` ~ one working voxel anyway) and expanded back to the CBCT's grid."""
+    f = tuple(int(v) for v in factors)
+    r = 2.0 * max(sc["smoothing_mm"], float(cbct.grid.spacing.max()))
+    if f == (1, 1, 1):
+        vol, fov = cbct, valid_region_mask(cbct, erode_mm=0.0)
+    else:
+        pad = padding_value(np.asarray(cbct.array))
+        raw = np.isfinite(cbct.array) if pad is None else np.asarray(cbct.array) != pad
+        fov = fill_slices(block_all(raw, f))
+        arr = block_mean(cbct.array, f)
+        arr[~fov] = np.float32(sc["air_hu"] if pad is None else pad)
+        vol = Volume(arr, block_grid(cbct.grid, f), cbct.units)
+    body, gas, _ = body_and_gas(vol, fov, smoothing_mm=sc["smoothing_mm"],
+                                body_offset_hu=sc["body_offset_hu"],
+                                gas_offset_hu=sc["gas_offset_hu"],
+                                min_gas_volume_mm3=sc["min_gas_volume_mm3"])
+    dist = ndimage.distance_transform_edt(fov, sampling=vol.grid.spacing[::-1])
+    trusted = fov & (dist > r)
+    if f == (1, 1, 1):
+        return body, gas, trusted
+    shape = cbct.grid.shape
+    return _upsample(body, f, shape), _upsample(gas, f, shape), _upsample(trusted, f, shape)
 
 
 def synthetic_ct(planning_ct: Volume, cbct: Volume, dvf_lps_mm: np.ndarray, *, config=None,
-                 return_masks: bool = False):
+                 return_masks: bool = False, mask_factors=None):
     """Planning CT (HU) pulled back through ``dvf_lps_mm`` (CBCT grid, LPS mm, CBCT x ↦
     planning x + u(x)) onto the CBCT grid, with outside-body and gas voxels (from the CBCT,
     inside its field of view) set to air HU, and planning-CT gas that the CBCT shows as
     tissue set to ``tissue_fill_hu``. Returns a float32 :class:`Volume` on
-    ``cbct.grid`` (and the (body, gas, fov) masks when ``return_masks``)."""
+    ``cbct.grid`` (and the (body, gas, trusted) masks when ``return_masks``).
+    ``mask_factors``: block factors of the CBCT masks (:func:`cbct_masks`; default: the
+    registration's working resolution, ``working_voxel_mm``)."""
     s = load_registration_settings(config)
     sc = s.synthetic_ct
     air = sc["air_hu"]
     warped = displacement_warp(planning_ct, dvf_lps_mm, cbct.grid, order=1, fill=air)
     out = warped.array.astype(np.float32)
-    fov = valid_region_mask(cbct, erode_mm=0.0)
-    body, gas, _ = body_and_gas(cbct, fov, smoothing_mm=sc["smoothing_mm"],
-                                body_offset_hu=sc["body_offset_hu"],
-                                gas_offset_hu=sc["gas_offset_hu"],
-                                min_gas_volume_mm3=sc["min_gas_volume_mm3"])
-    # trust the CBCT's outline only away from the FOV edge (smoothing mixes in the padding)
-    r = 2.0 * max(sc["smoothing_mm"], float(cbct.grid.spacing.max()))
-    dist = ndimage.distance_transform_edt(fov, sampling=cbct.grid.spacing[::-1])
-    trusted = fov & (dist > r)
+    if mask_factors is None:
+        mask_factors = block_factors(cbct.grid.spacing, s.working_voxel_mm)
+    body, gas, trusted = cbct_masks(cbct, sc, mask_factors)
     out[trusted & ~body] = air
     # CBCT gas overrides tissue only (lung-like planning values stay as planned)
     planned_low = warped.array < sc["planned_gas_hu"]
@@ -85,10 +126,7 @@ def extend_synthetic_ct(sct: Volume, planning_ct: Volume, rigid_matrix, *,
     n = np.floor((hi - o) / sp + 1e-6).astype(int) + 1
     grid = Grid(shape=(n[2], n[1], n[0]), origin=o, spacing=sp)
     # the same voxels seen from the planning frame (m is rigid): one affine resampling
-    moved = Grid(shape=grid.shape, origin=m[:3, :3] @ o + m[:3, 3], spacing=sp,
-                 direction=m[:3, :3] @ grid.direction)
-    out = resample_array(planning_ct.array, planning_ct.grid, moved, order=1,
-                         fill=air_hu).astype(np.float32)
+    out = pull_back(planning_ct, grid, matrix=m, fill=air_hu)
     off = np.rint((sct.grid.origin - o) / sp).astype(int)  # (i, j, k) offset
     nz, ny, nx = sct.grid.shape
     out[off[2]:off[2] + nz, off[1]:off[1] + ny, off[0]:off[0] + nx] = sct.array

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from adaptive.geometry.volume import Grid, Volume
+from adaptive.geometry.warp import pull_back
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -198,12 +199,15 @@ def mapped_planning_body(planning_ct: Volume, grid: Grid, region: np.ndarray, *,
     """The planning body (> ``threshold_hu``, holes filled per slice) mapped onto the CBCT
     ``grid`` inside ``region`` (the planning CT sampled at the mapped voxel centres), and the
     part of ``region`` that maps inside the planning CT at all."""
+    # the mapped planning CT on the whole grid (numba kernel; same values as sampling it at
+    # the mapped points), the coverage from the mapped points of the region
+    v = pull_back(planning_ct, grid, matrix=None if dvf is not None else matrix,
+                  dvf_lps_mm=dvf, fill=-1000.0)
+    body = (v > threshold_hu) & region
+    del v
     idx = np.nonzero(region)
-    pts = grid.voxel_centers_lps()[idx]
+    pts = grid.ijk_to_lps(np.stack(idx[::-1], axis=-1))
     p = map_points(pts, matrix, None if dvf is None else dvf[idx])
-    v = planning_ct.sample_lps(p, order=1, fill=-1000.0)
-    body = np.zeros(grid.shape, bool)
-    body[idx] = v > threshold_hu
     covered = np.zeros(grid.shape, bool)
     covered[idx] = planning_ct.grid.contains_lps(p)
     return fill_slices(body) & region, covered
@@ -224,19 +228,20 @@ def body_dice(cbct_body: np.ndarray, planning_ct: Volume, grid: Grid, region: np
 
 
 def roi_field_of_view(structures, planning_grid: Grid, dvf: np.ndarray, grid: Grid,
-                      fov: np.ndarray, names=None) -> dict[str, dict]:
+                      fov: np.ndarray, names=None, det: np.ndarray | None = None
+                      ) -> dict[str, dict]:
     """Per planning ROI: its planned volume, the part of it that maps into the CBCT field of
     view, and whether today's (propagated) ROI touches the edge of that field of view.
 
     The planned part inside the field of view is measured in planning space as
     ``∫_FOV m(x + u(x)) J(x) dx`` (``m``: the planning mask interpolated trilinearly, ``J``:
     the Jacobian determinant of x ↦ x + u(x)), so it is exact for any deformation; today's
-    ROI is ``m(x + u(x)) ≥ 0.5``. Volumes in cm³."""
+    ROI is ``m(x + u(x)) ≥ 0.5``. Volumes in cm³. ``det``: the Jacobian determinant of
+    ``dvf`` when the caller has it."""
     from adaptive.geometry.jacobian import jacobian_determinant
 
-    det = jacobian_determinant(dvf, grid)
-    idx = np.nonzero(fov)
-    pts = grid.voxel_centers_lps()[idx] + dvf[idx]
+    if det is None:
+        det = jacobian_determinant(dvf, grid)
     edge = fov & ~ndimage.binary_erosion(fov, border_value=0)
     dv_cbct = grid.voxel_volume_mm3 / 1000.0
     out = {}
@@ -245,10 +250,11 @@ def roi_field_of_view(structures, planning_grid: Grid, dvf: np.ndarray, grid: Gr
             continue
         m = structures.mask(roi.name, planning_grid)
         planned = float(m.sum()) * planning_grid.voxel_volume_mm3 / 1000.0
-        w = Volume(m.astype(np.float32), planning_grid).sample_lps(pts, order=1, fill=0.0)
-        in_fov = float((w * det[idx]).sum()) * dv_cbct
-        today = np.zeros(grid.shape, bool)
-        today[idx] = w >= 0.5
+        # m(x + u(x)) on the grid (trilinear, computed only near the ROI: numba kernel)
+        w = pull_back(Volume(m, planning_grid), grid, dvf_lps_mm=dvf)
+        w[~fov] = 0.0
+        in_fov = float((w * det).sum(dtype=np.float64)) * dv_cbct
+        today = w >= 0.5
         out[roi.name] = {"planned_cc": round(planned, 3), "planned_in_fov_cc": round(in_fov, 3),
                          "share_in_fov": round(min(1.0, in_fov / planned), 4) if planned else 0.0,
                          "touches_fov_edge": bool((today & edge).any())}
