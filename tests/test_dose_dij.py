@@ -115,3 +115,32 @@ def test_coarse_far_scatter_and_fan_depths_match_reference(setup):
         assert np.max(np.abs(d[hi] - d_ref[hi])) < 0.01 * d_ref.max(), opts
     with pytest.raises(Exception, match="depth_method"):
         compute_dij(rho, beams, tgt, None, depth_method="guess", **kw)
+
+
+def test_beams_with_different_beamlet_grids_each_get_their_own_columns(setup):
+    """Beams whose beamlet grids differ (collimator 0 vs 30 deg on a target longer than wide:
+    other numbers of beamlet rows) are counted and filled with the right per-beam layout:
+    each beam's columns in a two-beam Dij equal that beam's Dij computed alone."""
+    bm, rho, _ = setup
+    p = rho.grid.voxel_centers_lps()
+    tgt = (np.abs(p[..., 0]) <= 10) & (np.abs(p[..., 1]) <= 20) & (np.abs(p[..., 2]) <= 40)
+    a = _beam(0, number=1)
+    b = Beam(2, "c30", 90.0, 30.0, 0.0, np.zeros(3), a.control_points, 100.0)
+    kw = dict(beam_model=bm, dose_grid_spacing_mm=None, cutoff_mm=20.0,
+              scatter_correction=False)
+    both = compute_dij(rho, [a, b], tgt, None, **kw)
+    rows = [len(np.unique(both.bev_y_mm[both.beamlets_of(i)])) for i in (0, 1)]
+    assert rows[0] != rows[1], rows   # the case the layout must handle
+    for i, beam in enumerate((a, b)):
+        alone = compute_dij(rho, [beam], tgt, None, **kw)
+        cols = both.beamlets_of(i)
+        np.testing.assert_array_equal(both.bev_x_mm[cols], alone.bev_x_mm)
+        np.testing.assert_array_equal(both.bev_y_mm[cols], alone.bev_y_mm)
+        # rows: the voxels either beam reaches; this beam's rows sit among them
+        at = np.searchsorted(both.voxel_indices, alone.voxel_indices)
+        assert np.array_equal(both.voxel_indices[at], alone.voxel_indices)
+        mine = both.matrix[:, cols].tocsr()
+        diff = abs(mine[at] - alone.matrix)
+        assert diff.max() <= 1e-6 * alone.matrix.max()
+        others = np.setdiff1d(np.arange(len(both.voxel_indices)), at)
+        assert mine[others].nnz == 0 or abs(mine[others]).max() == 0

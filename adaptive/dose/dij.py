@@ -215,11 +215,11 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
 
     body_idx = np.flatnonzero(body.ravel())
     pts, _ = dose_points(dgrid, body_idx, density)
-    pref = active_prefix(lut, lut_off, nbx, nby)
+    pref, pref_off = active_prefix(lut, lut_off, nbx, nby)
     t_setup = time.perf_counter()
     counts = np.zeros(len(body_idx), dtype=np.int64)
     dij_count(pts, rots, isos, bm.sad_mm, ex0, ey0, nbx, nby, lut_off, lut, w[0], w[1], cutoff,
-              counts, pref)
+              counts, pref, pref_off)
     keep = counts > 0
     rows = body_idx[keep]
     counts = counts[keep]

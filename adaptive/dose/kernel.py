@@ -121,12 +121,13 @@ def _row_span(x, dy2, r2, e0, w, n):
 
 @nb.njit(cache=True, parallel=True)
 def dij_count(pts, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut, wx, wy, cutoff, counts,
-              pref):
+              pref, pref_off):
     """counts[v] = number of active beamlets (all beams) whose centre is within ``cutoff`` of
     point v's isocenter-plane projection. ``lut`` (flat, per beam row-major (iy, ix) at
     ``lut_off[b]``) holds the global beamlet (column) index or -1; ``pref`` (per beam
     (nby, nbx + 1) at ``lut_off[b] + nby[b] * b``) the running count of active beamlets
-    along each beamlet row (see :func:`active_prefix`)."""
+    along each beamlet row (see :func:`active_prefix`), beam b's block starting at
+    ``pref_off[b]``."""
     n = pts.shape[0]
     nbeams = rots.shape[0]
     r2 = cutoff * cutoff
@@ -137,7 +138,7 @@ def dij_count(pts, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut, wx, wy, cu
             if z <= 0.0:
                 continue
             iy0, iy1 = _window(y, cutoff, ey0[b], wy, nby[b])
-            base = lut_off[b] + nby[b] * b
+            base = pref_off[b]
             for iy in range(iy0, iy1 + 1):
                 dy = ey0[b] + (iy + 0.5) * wy - y
                 ix0, ix1 = _row_span(x, dy * dy, r2, ex0[b], wx, nbx[b])
@@ -148,16 +149,22 @@ def dij_count(pts, rots, isos, sad, ex0, ey0, nbx, nby, lut_off, lut, wx, wy, cu
 
 
 def active_prefix(lut: np.ndarray, lut_off: np.ndarray, nbx: np.ndarray, nby: np.ndarray
-                  ) -> np.ndarray:
-    """Per beam and beamlet row, the running count of active beamlets (lut >= 0): beam b's
-    (nby, nbx + 1) block starts at ``lut_off[b] + nby[b] * b``."""
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per beam and beamlet row, the running count of active beamlets (lut >= 0), and where
+    each beam's (nby, nbx + 1) block starts. The blocks are as long as the beams' beamlet grids
+    (plus one column per row), so the offsets are their running sum: beams with different
+    grids (other jaw or collimator settings) do not share a stride (an offset computed as
+    ``lut_off[b] + nby[b] * b`` held only for equal grids; the count pass then disagreed with
+    the fill pass)."""
     out = []
     for b in range(len(nbx)):
         act = lut[lut_off[b]:lut_off[b] + nbx[b] * nby[b]].reshape(nby[b], nbx[b]) >= 0
         pre = np.zeros((nby[b], nbx[b] + 1), dtype=np.int64)
         np.cumsum(act, axis=1, out=pre[:, 1:])
         out.append(pre.ravel())
-    return np.concatenate(out)
+    sizes = np.asarray([len(o) for o in out], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return np.concatenate(out), offsets
 
 
 @nb.njit(cache=True, parallel=True)
