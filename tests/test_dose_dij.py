@@ -126,8 +126,8 @@ def test_beams_with_different_beamlet_grids_each_get_their_own_columns(setup):
     tgt = (np.abs(p[..., 0]) <= 10) & (np.abs(p[..., 1]) <= 20) & (np.abs(p[..., 2]) <= 40)
     a = _beam(0, number=1)
     b = Beam(2, "c30", 90.0, 30.0, 0.0, np.zeros(3), a.control_points, 100.0)
-    kw = dict(beam_model=bm, dose_grid_spacing_mm=None, cutoff_mm=20.0,
-              scatter_correction=False)
+    kw = {"beam_model": bm, "dose_grid_spacing_mm": None, "cutoff_mm": 20.0,
+          "scatter_correction": False}
     both = compute_dij(rho, [a, b], tgt, None, **kw)
     rows = [len(np.unique(both.bev_y_mm[both.beamlets_of(i)])) for i in (0, 1)]
     assert rows[0] != rows[1], rows   # the case the layout must handle
