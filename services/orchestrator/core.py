@@ -102,18 +102,8 @@ class Orchestrator(StageFlow, Decision):
         except BaseException:
             # a half-built orchestrator must not keep the context's ZAP endpoint
             # (inproc://zeromq.zap.01) or its ports: the next one could not start
-            self._close_partial()
+            self.close()
             raise
-
-    def _close_partial(self) -> None:
-        for name in ("broker", "gw_sock", "console", "pub", "store"):
-            part = getattr(self, name, None)
-            if part is not None:
-                try:
-                    part.close()
-                except Exception as e:  # noqa: BLE001 - closing what exists, then re-raise
-                    self.log.warning("close_after_failed_start", part=name, error=repr(e))
-        self.auth.stop()
 
     def _bind(self, kind, endpoint: str, server, domain: str, linger_ms: int):
         sock = self.ctx.socket(kind)
@@ -225,11 +215,16 @@ class Orchestrator(StageFlow, Decision):
                                              "see the orchestrator log")
 
     def close(self):
-        self.broker.close()
-        for s in (self.gw_sock, self.console, self.pub):
-            s.close()
+        """Close what exists (also after a start that failed half-way) and stop the
+        authenticator; a part that fails to close is logged and the rest still closed."""
+        for name in ("broker", "gw_sock", "console", "pub", "store"):
+            part = getattr(self, name, None)
+            if part is not None:
+                try:
+                    part.close()
+                except Exception as e:  # noqa: BLE001 - close the rest, say which failed
+                    self.log.warning("close_failed", part=name, error=repr(e))
         self.auth.stop()
-        self.store.close()
 
     def _safe(self, fn, *args):
         try:
