@@ -47,6 +47,15 @@ def itk_module(threads: int = 2):
         return _itk
 
 
+def default_thread_count() -> int | None:
+    """ITK's global default thread count in this process, None when itk is not loaded yet
+    (a record of the compute environment must not pay the ~15 s import)."""
+    with _lock:
+        if _itk is None:
+            return None
+        return int(_itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads())
+
+
 def preload(threads: int = 2) -> None:
     """Import itk and resolve its lazily loaded elastix/transform modules (one-time ~10 s)."""
     itk = itk_module(threads)

@@ -14,7 +14,8 @@ own image guidance; no metrics may be computed).
 Outputs in ``out_dir`` are those of the two stages (``registration_result.json``,
 ``planning_result.json``, ``dvf.mha``, ``synthetic_ct/``, ``RS.dcm``, ``REG.dcm``, the adapted
 ``RP.dcm``/``RD.dcm`` when it passed its checks, ``scheduled_today/RD.dcm``,
-``comparison.json``) and ``timings.json`` (s, wall clock).
+``comparison.json``), ``timings.json`` (s, wall clock) and ``environment.json`` (thread counts
+and the like: :mod:`adaptive.replay.environment`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from adaptive.pipeline.fraction import Progress, planning_stage, registration_st
 from adaptive.pipeline.safety import NONE
 from adaptive.pipeline.session import PlanSettings
 from adaptive.replay.discover import FractionInputs
+from adaptive.replay.environment import compute_environment, count_fraction
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsCho
     ct_files = [Path(f) for f in inputs.planning.planning_ct.files]
     cbct_files = [Path(f) for f in inputs.cbct.files]
     T: dict[str, float] = {}
+    count_fraction()
     t = time.perf_counter()
     reg = registration_stage(ct_files, inputs.planning.rtstruct, inputs.planning.rtplan,
                              cbct_files, out, budget_s=settings.registration_budget_s,
@@ -114,6 +117,7 @@ def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsCho
         # as in a session: no planning on an invalid registration (no metrics at all)
         T["total"] = round(time.perf_counter() - t, 3)
         write_json_atomic(out / "timings.json", T)
+        write_json_atomic(out / "environment.json", compute_environment())
         return {"registration": reg, "planning": None, "timings_s": T}
     po = planning_stage(inputs.planning.rtplan, reg, out, goals.load(),
                         settings=settings.plan_settings(), progress=progress,
@@ -123,4 +127,5 @@ def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsCho
     T["planning_total"] = round(time.perf_counter() - t - T["registration_total"], 3)
     T["total"] = round(time.perf_counter() - t, 3)
     write_json_atomic(out / "timings.json", T)
+    write_json_atomic(out / "environment.json", compute_environment())
     return {"registration": reg, "planning": po.result, "timings_s": T}

@@ -168,7 +168,10 @@ def _run_scenario(tmp_path_factory, request) -> None:
     _SCENARIO.update(a=sessions[sa["session_id"]], b=sessions[sb["session_id"]],
                      downloads=downloads, cbct={pid_a: fx / "CBCT", pid_b: b_fx / "CBCT"},
                      planning_ct={pid_a: planning / "CT", pid_b: b_planning / "CT"},
-                     work=work, pids=(pid_a, pid_b))
+                     work=work, pids=(pid_a, pid_b),
+                     scheduled_uid={pid: str(pydicom.dcmread(pl / "RP.dcm",
+                                                             stop_before_pixels=True).SOPInstanceUID)
+                                    for pid, pl in ((pid_a, planning), (pid_b, b_planning))})
 
 
 @pytest.fixture
@@ -202,6 +205,35 @@ def test_two_rooms_two_protocols_each_planned_with_its_own_goals(scenario):
 
         rp = pydicom.dcmread(scenario["downloads"][pid]["RTPLAN"][0])
         assert read_provenance(rp)["parameters"]["protocol"]["name"] == name
+
+
+def test_sessions_are_measured_and_hand_off_the_adapted_plan_with_its_predecessor(scenario):
+    """The console's goal table, the end-to-end time judged against the session's budget, and
+    what Orthanc holds: one ADAPTED plan per patient whose predecessor is that patient's
+    scheduled plan, and the propagated structure set it references, in the plan's frame."""
+    for pid, s in zip(scenario["pids"], (scenario["a"], scenario["b"])):
+        m = s["metrics"]
+        assert m["n_goals"] == len(m["rows"]) > 0
+        for row in m["rows"]:
+            assert {"structure", "goal", "scheduled_value", "adapted_value",
+                    "scheduled_passed", "adapted_passed"} <= set(row)
+        assert s["stages"]["registration"]["ok"]
+        # its time is a benchmark figure; here only that it was measured and judged
+        e2e = s["end_to_end"]
+        budget = BUDGETS["end_to_end"]["budget_s"]
+        assert e2e["duration_s"] > 0 and e2e["within_budget"] == (e2e["duration_s"] <= budget)
+        assert e2e["within_budget"], e2e
+        dl = scenario["downloads"][pid]
+        assert len(dl["RTPLAN"]) == 1 and len(dl["RTSTRUCT"]) == 1, {k: len(v) for k, v in dl.items()}
+        rp = pydicom.dcmread(dl["RTPLAN"][0], stop_before_pixels=True)
+        rs = pydicom.dcmread(dl["RTSTRUCT"][0], stop_before_pixels=True)
+        assert rp.RTPlanLabel == "ADAPTED"
+        ref = rp.ReferencedRTPlanSequence[0]
+        assert ref.ReferencedSOPInstanceUID == scenario["scheduled_uid"][pid]
+        assert ref.RTPlanRelationship == "PREDECESSOR"
+        assert rp.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == rs.SOPInstanceUID
+        assert rs.FrameOfReferenceUID == rp.FrameOfReferenceUID
+        assert {"RTPLAN", "RTSTRUCT", "RTDOSE", "REG", "CT"} <= set(dl)
 
 
 # --- independent readers -----------------------------------------------------------------
