@@ -290,6 +290,38 @@ def test_other_patient_refused(ct):
         register(cb, ct, cbct_info=a, ct_info=b)
 
 
+def test_same_id_under_another_name_refused_before_registering(ct):
+    """A CBCT with the planning CT's Patient ID but another Patient's Name (or a known birth
+    date that differs) is refused before any registration work, by the rule the writers
+    apply (it used to pass here and fail only when the synthetic CT was written)."""
+    g = cbct_grid()
+    cb = simulate_cbct(g, np.zeros(g.shape + (3,), np.float32))
+    plan = SeriesInfo(PatientInfo("PAT-1", "DOE^JANE", "19600101"), "1.2.3", "1.2.3.4",
+                      "1.2.3.5", modality="CT")
+    other = SeriesInfo(PatientInfo("PAT-1", "ROE^RICHARD", "19600101"), "1.2.3", "1.2.3.6",
+                       "1.2.3.7", modality="CT")
+    with pytest.raises(PatientMismatchError, match=r"patient_name 'ROE\^RICHARD' != 'DOE\^JANE'"):
+        register(cb, ct, cbct_info=other, ct_info=plan)
+    born = SeriesInfo(PatientInfo("PAT-1", "DOE^JANE", "19610101"), "1.2.3", "1.2.3.6",
+                      "1.2.3.7", modality="CT")
+    with pytest.raises(PatientMismatchError, match="birth_date"):
+        register(cb, ct, cbct_info=born, ct_info=plan)
+
+
+def test_patient_mismatch_rule():
+    me = PatientInfo("PAT-1", "DOE^JANE", "19600101", "F")
+    assert me.mismatches(PatientInfo("PAT-1", "DOE^JANE", "19600101", "F")) == []
+    # birth date and sex count only when both sides know them
+    assert me.mismatches(PatientInfo("PAT-1", "DOE^JANE")) == []
+    assert PatientInfo("PAT-1", "DOE^JANE").mismatches(me) == []
+    assert me.mismatches(PatientInfo("PAT-1", "DOE^JANE", "19600101", "M")) == ["sex 'M' != 'F'"]
+    # ID and name always count, an empty one included
+    assert me.mismatches(PatientInfo("PAT-1", "", "19600101", "F")) == \
+        ["patient_name '' != 'DOE^JANE'"]
+    assert [m.split()[0] for m in me.mismatches(PatientInfo("PAT-2", "ROE^R"))] == \
+        ["patient_id", "patient_name"]
+
+
 def test_bad_initial_matrix_and_config(ct):
     g = cbct_grid()
     cb = simulate_cbct(g, np.zeros(g.shape + (3,), np.float32))

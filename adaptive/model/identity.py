@@ -23,6 +23,17 @@ class PatientInfo:
     birth_date: str = ""  # DICOM DA, YYYYMMDD or ""
     sex: str = ""  # "M", "F", "O" or ""
 
+    def mismatches(self, other: PatientInfo) -> list[str]:
+        """Attributes (``name 'ours' != 'theirs'``) by which ``other`` is not this patient:
+        ID and name must be equal; birth date and sex only when both are known. The one rule
+        every identity check uses (a CBCT against the planning CT before registration, an
+        object against the session's study before it is written)."""
+        return [f"{f.name} {getattr(other, f.name)!r} != {getattr(self, f.name)!r}"
+                for f in fields(PatientInfo)
+                if getattr(other, f.name) != getattr(self, f.name)
+                and (f.name in ("patient_id", "patient_name")
+                     or (getattr(other, f.name) and getattr(self, f.name)))]
+
 
 @dataclass(frozen=True)
 class StudyIdentity:
@@ -64,11 +75,7 @@ class StudyIdentity:
     def check_patient(self, patient: PatientInfo, what: str) -> None:
         """Raise :class:`StudyMismatchError` when ``patient`` (of ``what``) is not this
         study's patient (ID and name must match; birth date and sex when both are known)."""
-        bad = [f"{f.name} {getattr(patient, f.name)!r} != {getattr(self.patient, f.name)!r}"
-               for f in fields(PatientInfo)
-               if getattr(patient, f.name) != getattr(self.patient, f.name)
-               and (f.name in ("patient_id", "patient_name")
-                    or (getattr(patient, f.name) and getattr(self.patient, f.name)))]
+        bad = self.patient.mismatches(patient)
         if bad:
             raise StudyMismatchError(f"{what} belongs to another patient than study "
                                      f"{self.study_instance_uid}: {'; '.join(bad)}")

@@ -243,15 +243,17 @@ def _run_bspline(args: tuple, timeout_s: float | None, in_subprocess: bool):
 
 
 def check_same_patient(cbct_info: SeriesInfo | None, ct_info: SeriesInfo | None) -> None:
-    """Raise :class:`PatientMismatchError` when both identities are known and differ."""
+    """Raise :class:`PatientMismatchError` when both identities are known and the CBCT is
+    not the planning CT's patient, by the rule the writers apply later
+    (:meth:`~adaptive.model.identity.PatientInfo.mismatches`: ID and name, birth date and sex
+    when both known): before the registration, not after it."""
     if cbct_info is None or ct_info is None:
         return
-    a = (cbct_info.patient.patient_id or "").strip()
-    b = (ct_info.patient.patient_id or "").strip()
-    if a != b:
+    bad = ct_info.patient.mismatches(cbct_info.patient)
+    if bad:
         raise PatientMismatchError(
-            f"CBCT PatientID {a!r} (series {cbct_info.series_instance_uid}) does not match the "
-            f"planning CT PatientID {b!r} (series {ct_info.series_instance_uid})")
+            f"CBCT series {cbct_info.series_instance_uid} is not the patient of the planning CT "
+            f"series {ct_info.series_instance_uid}: {'; '.join(bad)}")
 
 
 def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=None,
