@@ -238,9 +238,18 @@ def dask_client(cluster: ClusterSettings):
                 yield client, None
             return
         n = cluster.n_workers or os.cpu_count() or 1
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=f"127.0.0.1:{cluster.dashboard_port}",
-                          env=local_cluster_env(n)) as lc, Client(lc) as client:
+        env = local_cluster_env(n)
+        # before the worker interpreter starts: the Nanny's ``env`` is applied only after the
+        # spawned process has imported its modules, too late for NUMBA_NUM_THREADS (numba
+        # reads it once, at import) and the BLAS variables; with ``env`` alone every worker
+        # ran numba's pool at the machine's core count (measured: 2 workers x 2 threads on
+        # 2 cores, environment.json)
+        spawn_env = {**(dask.config.get("distributed.nanny.pre-spawn-environ") or {}), **env}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}), \
+                LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                             host="127.0.0.1",
+                             dashboard_address=f"127.0.0.1:{cluster.dashboard_port}",
+                             env=env) as lc, Client(lc) as client:
             yield client, lc
 
 

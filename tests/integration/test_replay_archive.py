@@ -121,6 +121,23 @@ def test_bad_series_fails_alone_with_its_reason(replayed):
     assert bad["reason"].split(":")[0] in (d / "report.html").read_text()
 
 
+def test_each_worker_computes_with_its_share_of_the_cores(replayed):
+    """Two worker processes on this machine: each runs numba's pool with cores ÷ 2 threads,
+    as recorded by the fraction itself (the variables given as the Nanny's ``env`` arrive
+    after numba's import and were ignored: every worker ran the machine's core count)."""
+    import os
+
+    share = max(1, (os.cpu_count() or 1) // 2)
+    done = [r for r in replayed["result"].rows if r["status"] == "done"]
+    assert len(done) == 3
+    for r in done:
+        env = json.loads((replayed["out"] / Path(r["report"]).parent /
+                          "environment.json").read_text())
+        assert env["numba_threads"] == share, env
+        assert env["env"]["NUMBA_NUM_THREADS"] == str(share), env
+        assert env["numba_threading_layer"] is not None, env  # the kernels did run parallel code
+
+
 def test_reports_equal_adaptive_replay_of_each_fraction(replayed, tmp_path):
     rows = _rows(replayed)
     for c in replayed["cases"]:
