@@ -22,14 +22,24 @@ from pathlib import Path
 
 from adaptive.bench.rss import PeakRss
 from adaptive.bench.stats import summary
+from adaptive.replay.build import build_replay_data
+from services.config import GatewayConfig, write_local_config
+from services.gateway.scp import Gateway
+from services.local_peers import (
+    Tms,
+    find_fraction,
+    patient_id_of,
+    push,
+    wait_planning_data,
+    write_synthetic_ct,
+)
+from services.orchestrator.state import HANDOFF_ENDS
+from services.supervisor import ServiceStack
 
 TARGET_S = 2.0
 
 
 def _receive_once(paths, root: Path, fsync: str, idle_s: float) -> tuple[float, float, int]:
-    from services.config import GatewayConfig
-    from services.gateway.scp import Gateway
-
     done = threading.Event()
     got = {}
 
@@ -61,8 +71,6 @@ def _receive_once(paths, root: Path, fsync: str, idle_s: float) -> tuple[float, 
 
 
 def run(args) -> str:
-    from services.local_peers import write_synthetic_ct
-
     out = ["## services", ""]
     if not shutil.which("storescu"):
         return "\n".join(out + ["storescu (dcmtk) not installed: receive benchmark not run."])
@@ -96,8 +104,6 @@ LARGE_DIR = Path(__file__).resolve().parents[2] / "replay_data_large"
 def _large_case() -> Path:
     """A fraction of the clinical-size case (``adaptive replay-data build --large``), built
     into ``replay_data_large/`` when missing (not committed; takes minutes)."""
-    from adaptive.replay.build import build_replay_data
-
     fx = sorted(LARGE_DIR.glob("*/fx*/CBCT"))
     if not fx:
         build_replay_data(LARGE_DIR, large=True)
@@ -128,10 +134,6 @@ def session_stack(work: Path, tms, planning: Path, pid: str):
     with a console client and the case's planning data (``planning``: CT/, RS.dcm, RP.dcm)
     registered by the orchestrator. Returns (stack, console client, gateway port); the
     caller stops the stack and closes the client."""
-    from services.config import write_local_config
-    from services.local_peers import push, wait_planning_data
-    from services.supervisor import ServiceStack
-
     stack = None
     try:
         stack = ServiceStack(write_local_config(work, tms.port))
@@ -186,9 +188,6 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
     dispatch to result) and end to end (CBCT complete to plan stored, excluding the
     decision), the stages' own sub-stage clocks, the load average and the peak resident
     memory of each service process with its stage children (:mod:`adaptive.bench.rss`)."""
-    from services.local_peers import Tms, find_fraction, patient_id_of, push
-    from services.orchestrator.state import HANDOFF_ENDS
-
     fx0, planning = find_fraction(None if fraction_dir is None else str(fraction_dir))
     fractions = sorted(p.parent for p in fx0.parent.glob("fx*/CBCT"))
     n = n or len(fractions)

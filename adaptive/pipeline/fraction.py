@@ -29,14 +29,31 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive.dicom.ct_series import read_ct_series
+from adaptive.dicom.provenance import Provenance
+from adaptive.dicom.rtdose import write_rtdose
+from adaptive.dicom.rtplan import read_rtplan
+from adaptive.dicom.rtstruct import read_rtstruct
+from adaptive.dose.plan_dose import plan_dose
 from adaptive.errors import OptimizationError, PlanCheckError
 from adaptive.geometry.volume import Volume
 from adaptive.jsonable import to_jsonable, write_json_atomic
 from adaptive.log import get_logger
+from adaptive.optimization.checks import CheckItem
+from adaptive.optimization.compare import compare_plans
 from adaptive.optimization.goals import ClinicalGoals
-from adaptive.pipeline.safety import DEFORMABLE
+from adaptive.pipeline import handoff as H
+from adaptive.pipeline.registration_gate import gate_record, make_gate, target_roi_name
+from adaptive.pipeline.safety import (
+    DEFORMABLE,
+    SafetySettings,
+    contour_checks,
+    registration_checks,
+    roi_volumes_cc,
+)
 from adaptive.pipeline.scheduled_today import rigid_match_statement, run_scheduled_only
 from adaptive.pipeline.session import PlanSettings, moved_plan, plan_case, write_plan_outputs
+from adaptive.registration.fraction import register_fraction
 
 log = get_logger("adaptive.pipeline.fraction")
 
@@ -83,13 +100,6 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
     ``dvf``, ``registration_json`` (paths), ``rigid_matrix`` (4×4, CBCT LPS → planning LPS),
     ``frame_of_reference_uid`` (CBCT/synthetic CT), ``quality``, ``timings_s``, ``fallback``.
     """
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.pipeline.registration_gate import gate_record, make_gate, target_roi_name
-    from adaptive.pipeline.safety import roi_volumes_cc
-    from adaptive.registration.fraction import register_fraction
-
     progress = progress or _noop
     t0 = time.perf_counter()
     T: dict[str, float] = {}
@@ -181,9 +191,6 @@ def handoff_safety_checks(registration: dict, today, grid, goals: ClinicalGoals,
     deformable-level checks (from the record; recomputed from its quality figures for a
     record made without the gate) and the field-of-view-aware contour checks
     (:mod:`adaptive.pipeline.safety`) of today's structures on the synthetic-CT ``grid``."""
-    from adaptive.optimization.checks import CheckItem
-    from adaptive.pipeline.safety import SafetySettings, contour_checks, registration_checks
-
     s = settings or SafetySettings.load()
     gate = registration.get("registration_checks")
     if gate:
@@ -229,15 +236,6 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     :mod:`adaptive.pipeline.handoff`. ``protocol``: the session's clinical protocol
     (``{"name", "source"}``), recorded in the result and the written objects' provenance.
     """
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.provenance import Provenance
-    from adaptive.dicom.rtdose import write_rtdose
-    from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.dose.plan_dose import plan_dose
-    from adaptive.optimization.compare import compare_plans
-    from adaptive.pipeline import handoff as H
-
     progress = progress or _noop
     t0 = time.perf_counter()
     out = Path(out_dir)

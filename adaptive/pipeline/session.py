@@ -13,7 +13,9 @@ Doses per fraction in Gy, MU per fraction, LPS mm.
 
 from __future__ import annotations
 
+import copy
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,13 @@ from pathlib import Path
 import numpy as np
 
 import adaptive.optimization.kernels  # noqa: F401  (sets OMP_WAIT_POLICY before numba runs)
+from adaptive.dicom.ct_series import read_ct_series
 from adaptive.dicom.enums import DoseSummationType
+from adaptive.dicom.provenance import Provenance
+from adaptive.dicom.rtdose import write_rtdose
+from adaptive.dicom.rtplan import read_rtplan, write_rtplan
+from adaptive.dicom.rtstruct import read_rtstruct
+from adaptive.dicom.study import new_study
 from adaptive.dose.beam_model import BeamModel, load_beam_model
 from adaptive.dose.density import hu_to_density
 from adaptive.dose.dij import compute_dij
@@ -34,13 +42,13 @@ from adaptive.log import get_logger
 from adaptive.model.identity import PatientInfo, SeriesInfo, StudyIdentity
 from adaptive.model.plan import Beam, Plan
 from adaptive.model.structures import StructureSet
-from adaptive.optimization.checks import PlanCheckReport, check_plan
+from adaptive.optimization.checks import PlanCheckReport, check_plan, require_passed
 from adaptive.optimization.fluence import (
     FluenceResult,
     fluence_from_plan,
     optimize_fluence_goals,
 )
-from adaptive.optimization.goals import ClinicalGoals, GoalResult, evaluate_goals
+from adaptive.optimization.goals import ClinicalGoals, GoalResult, evaluate_goals, load_goals
 from adaptive.optimization.normalize import normalization_factor
 from adaptive.optimization.objective import Objective
 from adaptive.optimization.plan_builder import build_plan, equispaced_beams, templates_from_plan
@@ -277,10 +285,6 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
 
 def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings,
                       depth_cache: dict | None = None) -> Volume:
-    import tempfile
-
-    from adaptive.dicom.rtplan import read_rtplan, write_rtplan
-
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "RP.dcm"
         write_rtplan(_copy_plan(plan), p, study=_plan_study(plan))
@@ -292,8 +296,6 @@ def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings,
 
 def _plan_study(plan: Plan) -> StudyIdentity:
     """The study a plan names (a new one when it names none)."""
-    from adaptive.dicom.study import new_study
-
     patient = PatientInfo(plan.patient_id, plan.patient_name)
     if plan.study_instance_uid:
         return StudyIdentity(patient, plan.study_instance_uid)
@@ -301,8 +303,6 @@ def _plan_study(plan: Plan) -> StudyIdentity:
 
 
 def _copy_plan(plan: Plan) -> Plan:
-    import copy
-
     c = copy.copy(plan)
     c.sop_instance_uid = ""
     return c
@@ -318,11 +318,6 @@ def write_plan_outputs(result: PlanResult, series: SeriesInfo, out_dir: str | Pa
     ``series`` / ``image_grid``: the image the dose was computed on; ``study``: the study the
     objects belong to; ``summation``: what ``result.dose`` holds for ``result.plan`` (e.g.
     FRACTION_SESSION for one session of a multi-fraction plan, PLAN for a one-session plan)."""
-    from adaptive.dicom.provenance import Provenance
-    from adaptive.dicom.rtdose import write_rtdose
-    from adaptive.dicom.rtplan import write_rtplan
-    from adaptive.optimization.checks import require_passed
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = result.report()
@@ -354,10 +349,6 @@ def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
     """Plan a replay case from scratch on its planning CT (``planning/CT``,
     ``planning/RS.dcm``) and write the scheduled plan ``planning/RP.dcm`` + ``planning/RD.dcm``
     (+ plan_report.json). Meant to be called at the end of the replay-data build."""
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.optimization.goals import load_goals
-
     case = Path(case_dir)
     goals = load_goals(goals_path)
     ct, series = read_ct_series(case / "planning" / "CT")
@@ -374,8 +365,6 @@ def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
 def moved_plan(plan: Plan, m: np.ndarray, frame_uid: str) -> Plan:
     """Copy of ``plan`` with isocenters mapped by the 4×4 ``m`` (LPS mm) into another frame;
     keeps the SOP Instance UID so the adapted plan references it as PREDECESSOR."""
-    import copy
-
     p = copy.deepcopy(plan)
     for b in p.beams:
         b.isocenter_lps_mm = (m @ np.append(b.isocenter_lps_mm, 1.0))[:3]

@@ -13,13 +13,23 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive.dicom.ct_series import read_ct_series
+from adaptive.dicom.provenance import Provenance
+from adaptive.dicom.rtplan import read_rtplan
+from adaptive.dicom.rtstruct import read_rtstruct, write_rtstruct
+from adaptive.dicom.study import session_study
 from adaptive.errors import RegistrationError
+from adaptive.geometry.dvf_io import write_dvf
 from adaptive.geometry.volume import Volume
 from adaptive.jsonable import write_json_atomic
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.model.structures import StructureSet
 from adaptive.registration.core import RegistrationResult, register
+from adaptive.registration.dicom_reg import (
+    initial_matrix_from_spatial_registration,
+    write_deformable_registration,
+)
 from adaptive.registration.propagate import propagate_structures
 from adaptive.registration.quality import affine_field
 from adaptive.registration.settings import load_registration_settings
@@ -95,9 +105,6 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     study, the CBCT's (:func:`adaptive.dicom.study.session_study`), in the CBCT's Frame of
     Reference.
     """
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.provenance import Provenance
-
     s = load_registration_settings(config)
     T: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -106,14 +113,11 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
                    else planning_ct)
     ss = structures
     if isinstance(structures, (str, Path)):
-        from adaptive.dicom.rtstruct import read_rtstruct
         ss = read_rtstruct(structures, series=ct_info, grid=ct.grid)
     if initial_matrix is None and spatial_registration is not None:
-        from adaptive.registration.dicom_reg import initial_matrix_from_spatial_registration
         initial_matrix = initial_matrix_from_spatial_registration(
             spatial_registration, cb_info.frame_of_reference_uid, ct_info.frame_of_reference_uid)
     if isocenter_lps_mm is None and plan is not None:
-        from adaptive.dicom.rtplan import read_rtplan
         p = read_rtplan(plan) if isinstance(plan, (str, Path)) else plan
         isocenter_lps_mm = p.beams[0].isocenter_lps_mm
     T["load"] = time.perf_counter() - t0
@@ -150,11 +154,6 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
                                structures=today, timings_s=T, decision=decision)
     if out_dir is None:
         return out
-
-    from adaptive.dicom.rtstruct import write_rtstruct
-    from adaptive.dicom.study import session_study
-    from adaptive.geometry.dvf_io import write_dvf
-    from adaptive.registration.dicom_reg import write_deformable_registration
 
     t = time.perf_counter()
     od = Path(out_dir)
