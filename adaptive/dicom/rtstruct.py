@@ -72,14 +72,7 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, study: StudyIdentity,
     sop_uid = ss.sop_instance_uid or new_uid()
     sops = list(series.sop_instance_uids)
     grid_explicit = grid is not None
-    if grid is None:
-        for roi in ss.rois:
-            if roi.mask is not None and sops and roi.mask.grid.shape[0] == len(sops):
-                grid = roi.mask.grid
-                break
-    if grid is not None and sops and grid.shape[0] != len(sops):
-        raise DicomInputError(f"grid has {grid.shape[0]} slices but the referenced series has "
-                              f"{len(sops)} SOP instances", path)
+    grid = _image_grid(ss, sops, grid, path)
     date, tm = dicom_date_time()
     ds = new_dataset(RT_STRUCT_STORAGE, sop_uid)
     set_patient_study(ds, study)
@@ -94,6 +87,55 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, study: StudyIdentity,
     ds.StructureSetDescription = ""
     ds.StructureSetDate, ds.StructureSetTime = date, tm
 
+    ds.ReferencedFrameOfReferenceSequence = Sequence([_referenced_frame(series, sops)])
+
+    numbers = [r.number for r in ss.rois]
+    if len(set(numbers)) != len(numbers):
+        raise DicomInputError(f"duplicate ROI numbers {numbers}", path)
+    roi_items, contour_items, obs_items = [], [], []
+    for n, roi in enumerate(ss.rois, start=1):
+        it = Dataset()
+        it.ROINumber = int(roi.number)
+        it.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
+        it.ROIName = roi.name[:64]
+        it.ROIGenerationAlgorithm = roi.generation_algorithm or ""
+        roi_items.append(it)
+
+        contour_items.append(_roi_contour(roi, series, sops, grid, grid_explicit, path))
+
+        ob = Dataset()
+        ob.ObservationNumber = n
+        ob.ReferencedROINumber = int(roi.number)
+        ob.RTROIInterpretedType = roi.interpreted_type or ""
+        ob.ROIInterpreter = ""
+        obs_items.append(ob)
+    ds.StructureSetROISequence = Sequence(roi_items)
+    ds.ROIContourSequence = Sequence(contour_items)
+    ds.RTROIObservationsSequence = Sequence(obs_items)
+    apply_provenance(ds, provenance)
+    save_atomic(ds, path)
+    ss.sop_instance_uid = sop_uid
+    log.debug("rtstruct_written", path=str(path), rois=len(ss.rois), sop_uid=sop_uid)
+    return sop_uid
+
+
+def _image_grid(ss: StructureSet, sops: list[str], grid: Grid | None, path: Path) -> Grid | None:
+    """The image grid contours are referenced on: ``grid``, or else that of an ROI mask with
+    one slice per referenced SOP instance; its slice count must match ``sops``."""
+    if grid is None:
+        for roi in ss.rois:
+            if roi.mask is not None and sops and roi.mask.grid.shape[0] == len(sops):
+                grid = roi.mask.grid
+                break
+    if grid is not None and sops and grid.shape[0] != len(sops):
+        raise DicomInputError(f"grid has {grid.shape[0]} slices but the referenced series has "
+                              f"{len(sops)} SOP instances", path)
+    return grid
+
+
+def _referenced_frame(series: SeriesInfo, sops: list[str]) -> Dataset:
+    """Referenced Frame of Reference Sequence item, with the image series' study, series and
+    instances (RT Referenced Study Sequence) when they are known."""
     ref_for = Dataset()
     ref_for.FrameOfReferenceUID = series.frame_of_reference_uid
     if sops and series.series_instance_uid and series.study_instance_uid:
@@ -111,65 +153,43 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, study: StudyIdentity,
         rstudy.ReferencedSOPInstanceUID = series.study_instance_uid
         rstudy.RTReferencedSeriesSequence = Sequence([rser])
         ref_for.RTReferencedStudySequence = Sequence([rstudy])
-    ds.ReferencedFrameOfReferenceSequence = Sequence([ref_for])
+    return ref_for
 
-    numbers = [r.number for r in ss.rois]
-    if len(set(numbers)) != len(numbers):
-        raise DicomInputError(f"duplicate ROI numbers {numbers}", path)
-    roi_items, contour_items, obs_items = [], [], []
-    for n, roi in enumerate(ss.rois, start=1):
-        it = Dataset()
-        it.ROINumber = int(roi.number)
-        it.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
-        it.ROIName = roi.name[:64]
-        it.ROIGenerationAlgorithm = roi.generation_algorithm or ""
-        roi_items.append(it)
 
-        rc = Dataset()
-        rc.ROIDisplayColor = [int(v) for v in roi.color]
-        contours = _roi_contours(roi)
-        citems = []
-        for cn, c in enumerate(contours, start=1):
-            if c.shape[0] == 0:
-                continue
-            ci = Dataset()
-            ci.ContourNumber = cn
-            if grid is not None and sops:
-                try:
-                    k = contour_slice_index(c, grid, what=f"ROI {roi.name!r} contour #{cn}")
-                except ContourOutsideImageError as e:
-                    if grid_explicit:
-                        raise ContourOutsideImageError(str(e), path) from e
-                    k = None  # inferred grid: leave this contour without an image reference
-                if k is not None:
-                    im = Dataset()
-                    im.ReferencedSOPClassUID = series.sop_class_uid
-                    im.ReferencedSOPInstanceUID = sops[k]
-                    ci.ContourImageSequence = Sequence([im])
-            ci.ContourGeometricType = "CLOSED_PLANAR" if c.shape[0] >= 3 else (
-                "POINT" if c.shape[0] == 1 else "OPEN_PLANAR")
-            ci.NumberOfContourPoints = int(c.shape[0])
-            ci.add(ds_element("ContourData", c))
-            citems.append(ci)
-        if citems:
-            rc.ContourSequence = Sequence(citems)
-        rc.ReferencedROINumber = int(roi.number)
-        contour_items.append(rc)
-
-        ob = Dataset()
-        ob.ObservationNumber = n
-        ob.ReferencedROINumber = int(roi.number)
-        ob.RTROIInterpretedType = roi.interpreted_type or ""
-        ob.ROIInterpreter = ""
-        obs_items.append(ob)
-    ds.StructureSetROISequence = Sequence(roi_items)
-    ds.ROIContourSequence = Sequence(contour_items)
-    ds.RTROIObservationsSequence = Sequence(obs_items)
-    apply_provenance(ds, provenance)
-    save_atomic(ds, path)
-    ss.sop_instance_uid = sop_uid
-    log.debug("rtstruct_written", path=str(path), rois=len(ss.rois), sop_uid=sop_uid)
-    return sop_uid
+def _roi_contour(roi: Roi, series: SeriesInfo, sops: list[str], grid: Grid | None,
+                 grid_explicit: bool, path: Path) -> Dataset:
+    """ROI Contour Sequence item: display colour and the ROI's contours (LPS mm), each
+    referencing the image slice it lies on when the grid is known."""
+    rc = Dataset()
+    rc.ROIDisplayColor = [int(v) for v in roi.color]
+    contours = _roi_contours(roi)
+    citems = []
+    for cn, c in enumerate(contours, start=1):
+        if c.shape[0] == 0:
+            continue
+        ci = Dataset()
+        ci.ContourNumber = cn
+        if grid is not None and sops:
+            try:
+                k = contour_slice_index(c, grid, what=f"ROI {roi.name!r} contour #{cn}")
+            except ContourOutsideImageError as e:
+                if grid_explicit:
+                    raise ContourOutsideImageError(str(e), path) from e
+                k = None  # inferred grid: leave this contour without an image reference
+            if k is not None:
+                im = Dataset()
+                im.ReferencedSOPClassUID = series.sop_class_uid
+                im.ReferencedSOPInstanceUID = sops[k]
+                ci.ContourImageSequence = Sequence([im])
+        ci.ContourGeometricType = "CLOSED_PLANAR" if c.shape[0] >= 3 else (
+            "POINT" if c.shape[0] == 1 else "OPEN_PLANAR")
+        ci.NumberOfContourPoints = int(c.shape[0])
+        ci.add(ds_element("ContourData", c))
+        citems.append(ci)
+    if citems:
+        rc.ContourSequence = Sequence(citems)
+    rc.ReferencedROINumber = int(roi.number)
+    return rc
 
 
 def _referenced(ds: Dataset, path) -> tuple[str, str, str, list[str], str]:
