@@ -52,7 +52,13 @@ from adaptive.pipeline.safety import (
     roi_volumes_cc,
 )
 from adaptive.pipeline.scheduled_today import rigid_match_statement, run_scheduled_only
-from adaptive.pipeline.session import PlanSettings, moved_plan, plan_case, write_plan_outputs
+from adaptive.pipeline.session import (
+    PlanResult,
+    PlanSettings,
+    moved_plan,
+    plan_case,
+    write_plan_outputs,
+)
 from adaptive.registration.fraction import register_fraction
 
 log = get_logger("adaptive.pipeline.fraction")
@@ -74,8 +80,6 @@ MIN_OPTIMIZER_S = 3.0
 
 def _noop(stage: str, fraction: float) -> None:
     return None
-
-
 
 
 # --- registration ---------------------------------------------------------------------------
@@ -242,20 +246,8 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     out.mkdir(parents=True, exist_ok=True)
     T: dict[str, float] = {}
     progress("planning.load", 0.0)
-    sct, sct_info = read_ct_series(registration["synthetic_ct_dir"])
-    today = read_rtstruct(registration["rtstruct"], grid=sct.grid)
-    scheduled = read_rtplan(rtplan_path)
-    check_prescription(scheduled, goals, rtplan_path)
-    if (registration.get("scheduled_plan_uid") and
-            registration["scheduled_plan_uid"] != scheduled.sop_instance_uid):
-        raise OptimizationError(f"{rtplan_path}: plan {scheduled.sop_instance_uid} is not the "
-                                f"plan the registration used ({registration['scheduled_plan_uid']})")
-    if sct_info.frame_of_reference_uid != registration["frame_of_reference_uid"]:
-        raise OptimizationError(f"synthetic CT {registration['synthetic_ct_dir']} is not in the "
-                                f"registration's frame {registration['frame_of_reference_uid']}")
-    # the synthetic CT lives in the CBCT frame: map the isocenters with the rigid part
-    m = np.linalg.inv(np.asarray(registration["rigid_matrix"], dtype=float))
-    sched_today = moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
+    sct, sct_info, today, scheduled, sched_today = _planning_inputs(rtplan_path, registration,
+                                                                    goals)
     dose_ct = sct  # covers the planning CT's extent (extended at registration)
     T["load"] = round(time.perf_counter() - t0, 3)
 
@@ -299,6 +291,46 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
               "plan_scope": "one session of the course (see adaptive.pipeline.handoff)",
               "protocol": protocol}
     fallback = "best_iterate" if adapted.fluence.reason == "deadline" else None
+    adapted_rec = _write_adapted(adapted, registration, today, sct_info, dose_ct.grid, goals,
+                                 out, input_uids, params, comparison, fallback)
+    sd_dir = _write_scheduled_today(sdose, sched_today, sct_info, dose_ct.grid, out, input_uids)
+    T["write"] = round(time.perf_counter() - t, 3)
+    T["total"] = round(time.perf_counter() - t0, 3)
+    result = _planning_result(adapted, adapted_rec, sdose, comparison, registration, goals,
+                              rtplan_path, scheduled.sop_instance_uid, sd_dir, s, protocol,
+                              fallback, T, budget_s)
+    (out / "comparison.json").write_text(comparison.to_json())
+    write_json_atomic(out / "planning_result.json", result)
+    log.info("planning_stage_done", checks_passed=adapted.checks.passed, fallback=fallback,
+             total_s=T["total"])
+    return PlanningOutputs(adapted, sdose, comparison, result, T)
+
+
+def _planning_inputs(rtplan_path, registration: dict, goals: ClinicalGoals):
+    """(synthetic CT (HU), its series, today's structures on it, the scheduled plan, the
+    scheduled plan moved into the CBCT frame by the rigid part of the registration)."""
+    sct, sct_info = read_ct_series(registration["synthetic_ct_dir"])
+    today = read_rtstruct(registration["rtstruct"], grid=sct.grid)
+    scheduled = read_rtplan(rtplan_path)
+    check_prescription(scheduled, goals, rtplan_path)
+    if (registration.get("scheduled_plan_uid") and
+            registration["scheduled_plan_uid"] != scheduled.sop_instance_uid):
+        raise OptimizationError(f"{rtplan_path}: plan {scheduled.sop_instance_uid} is not the "
+                                f"plan the registration used ({registration['scheduled_plan_uid']})")
+    if sct_info.frame_of_reference_uid != registration["frame_of_reference_uid"]:
+        raise OptimizationError(f"synthetic CT {registration['synthetic_ct_dir']} is not in the "
+                                f"registration's frame {registration['frame_of_reference_uid']}")
+    # the synthetic CT lives in the CBCT frame: map the isocenters with the rigid part
+    m = np.linalg.inv(np.asarray(registration["rigid_matrix"], dtype=float))
+    sched_today = moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
+    return sct, sct_info, today, scheduled, sched_today
+
+
+def _write_adapted(adapted: PlanResult, registration: dict, today, sct_info, image_grid,
+                   goals: ClinicalGoals, out: Path, input_uids: dict, params: dict, comparison,
+                   fallback: str | None) -> dict:
+    """Write the adapted plan and its dose (RP.dcm, RD.dcm in ``out``) when it passed its
+    checks; returns its record (``rtplan``/``rtdose`` None when it did not)."""
     adapted_rec = {"rtplan": None, "rtdose": None, "rtstruct": registration["rtstruct"],
                    "registration": registration["reg"],
                    "checks_passed": bool(adapted.checks.passed),
@@ -310,7 +342,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     study = sct_info.study  # the session's: the CBCT's (adaptive.dicom.study)
     H.make_session_plan(adapted.plan, goals.prescription)
     try:
-        rep = write_plan_outputs(adapted, sct_info, out, study=study, image_grid=dose_ct.grid,
+        rep = write_plan_outputs(adapted, sct_info, out, study=study, image_grid=image_grid,
                                  summation=H.ADAPTED_DOSE_SUMMATION, input_uids=input_uids,
                                  parameters=params,
                                  extra_report={"comparison": comparison.to_dict(),
@@ -319,15 +351,30 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                            rtplan_uid=rep["plan"]["sop_instance_uid"])
     except PlanCheckError as e:
         log.warning("adapted_plan_failed_checks", error=str(e))
+    return adapted_rec
+
+
+def _write_scheduled_today(sdose: Volume, sched_today, sct_info, image_grid, out: Path,
+                           input_uids: dict) -> Path:
+    """Write the scheduled plan's dose on today's anatomy (total-course Gy, CBCT frame) as
+    ``out/scheduled_today/RD.dcm``; returns that folder."""
+    study = sct_info.study  # the session's: the CBCT's (adaptive.dicom.study)
     sd_dir = out / "scheduled_today"
     sd_dir.mkdir(exist_ok=True)
     prov = Provenance(input_uids=input_uids, parameters={"recalculated_on": "synthetic CT"},
                       description="scheduled plan recalculated on today's anatomy")
     write_rtdose(sdose, sd_dir / "RD.dcm", summation=H.SCHEDULED_TODAY_SUMMATION,
-                 plan=sched_today, series=sct_info, image_grid=dose_ct.grid, study=study,
+                 plan=sched_today, series=sct_info, image_grid=image_grid, study=study,
                  provenance=prov, comment="scheduled plan recalculated on the synthetic CT")
-    T["write"] = round(time.perf_counter() - t, 3)
-    T["total"] = round(time.perf_counter() - t0, 3)
+    return sd_dir
+
+
+def _planning_result(adapted: PlanResult, adapted_rec: dict, sdose: Volume, comparison,
+                     registration: dict, goals: ClinicalGoals, rtplan_path, scheduled_uid: str,
+                     sd_dir: Path, s: PlanSettings, protocol: dict | None, fallback: str | None,
+                     T: dict, budget_s: float | None) -> dict:
+    """The stage's JSON-able result: adapted and scheduled objects, metrics (total-course
+    Gy), optimiser outcome and timings (s)."""
     metrics = {**comparison.to_dict(), "units": "total-course Gy (V: %)",
                "on": "synthetic CT + propagated structures; "
                      + rigid_match_statement(registration),
@@ -336,7 +383,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                                                       goals.prescription)}
     result = to_jsonable({
         "adapted": adapted_rec,
-        "scheduled": {"rtplan": str(rtplan_path), "rtplan_uid": scheduled.sop_instance_uid,
+        "scheduled": {"rtplan": str(rtplan_path), "rtplan_uid": scheduled_uid,
                       # the dose on today's anatomy is in the CBCT frame, not the plan's:
                       # reported, not handed off with the scheduled plan
                       "rtdose": None, "rtdose_today": str(sd_dir / "RD.dcm")},
@@ -348,11 +395,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
         "timings_s": T,
         "budget_s": budget_s,
     })
-    (out / "comparison.json").write_text(comparison.to_json())
-    write_json_atomic(out / "planning_result.json", result)
-    log.info("planning_stage_done", checks_passed=adapted.checks.passed, fallback=fallback,
-             total_s=T["total"])
-    return PlanningOutputs(adapted, sdose, comparison, result, T)
+    return result
 
 
 # --- the offline chain ----------------------------------------------------------------------
