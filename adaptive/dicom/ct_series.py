@@ -300,6 +300,85 @@ def _series_info(items: list[tuple[Path, Dataset]], series_uid: str, for_uid: st
     )
 
 
+def _completed_info(info: SeriesInfo, study: StudyIdentity, nz: int, description: str,
+                    out_dir: Path) -> SeriesInfo:
+    """``info`` with ``study``'s patient and study, and the series, Frame of Reference and
+    ``nz`` SOP Instance UIDs it lacks; raises :class:`StudyMismatchError` when it names
+    another patient or study."""
+    sops = list(info.sop_instance_uids) if len(info.sop_instance_uids) == nz else [new_uid() for _ in range(nz)]
+    if info.study_instance_uid and info.study_instance_uid != study.study_instance_uid:
+        raise StudyMismatchError(f"series info names study {info.study_instance_uid}, the "
+                                 f"study identity is {study.study_instance_uid} [{out_dir}]")
+    if info.study_instance_uid:
+        study.check_series(info, f"CT series [{out_dir}]")
+    else:
+        study.check_patient(info.patient, f"CT series [{out_dir}]")
+    return dataclasses.replace(
+        info,
+        patient=study.patient, study_date=study.study_date, study_time=study.study_time,
+        study_id=study.study_id, accession_number=study.accession_number,
+        referring_physician_name=study.referring_physician_name,
+        study_instance_uid=study.study_instance_uid,
+        series_instance_uid=info.series_instance_uid or new_uid(),
+        frame_of_reference_uid=info.frame_of_reference_uid or new_uid(),
+        sop_instance_uids=sops,
+        sop_class_uid=CT_IMAGE_STORAGE,
+        modality=info.modality or "CT",
+        series_description=description or info.series_description,
+    )
+
+
+def _slice_dataset(done: SeriesInfo, study: StudyIdentity, grid: Grid, k: int,
+                   date_time: tuple[str, str], derivation: str, slope: float,
+                   intercept: float) -> Dataset:
+    """CT Image Storage dataset of slice ``k`` without Pixel Data: position (LPS mm),
+    orientation and spacing (mm) from ``grid``, rescale to HU."""
+    date, tm = date_time
+    sops = done.sop_instance_uids
+    row, col = grid.direction[:, 0], grid.direction[:, 1]
+    normal = np.cross(row, col)
+    iop = ds_list(np.concatenate([row, col]))
+    pixel_spacing = ds_list([grid.spacing[1], grid.spacing[0]])
+    thickness = ds_str(grid.spacing[2])
+    wl_center, wl_width = "40", "400"
+    ds = new_dataset(CT_IMAGE_STORAGE, sops[k])
+    set_patient_study(ds, study)
+    ds.Modality = done.modality if done.modality == "CT" else "CT"
+    ds.SeriesInstanceUID = done.series_instance_uid
+    ds.SeriesNumber = int(done.series_number)
+    ds.SeriesDate, ds.SeriesTime = date, tm
+    ds.SeriesDescription = (done.series_description or "")[:64]
+    ds.PatientPosition = "HFS"
+    ds.Laterality = ""
+    ds.FrameOfReferenceUID = done.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.InstanceNumber = k + 1
+    ds.PatientOrientation = ""
+    ds.ContentDate, ds.ContentTime = date, tm
+    ds.AcquisitionNumber = 1
+    if derivation:
+        ds.DerivationDescription = derivation[:1024]
+    ds.ImageComments = derivation[:10240] if derivation else ""
+    ipp = grid.ijk_to_lps(np.array([0.0, 0.0, float(k)]))
+    ds.ImagePositionPatient = ds_list(ipp)
+    ds.ImageOrientationPatient = iop
+    ds.PixelSpacing = pixel_spacing
+    ds.SliceThickness = thickness
+    ds.SliceLocation = ds_str(float(ipp @ normal))
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = grid.shape[1], grid.shape[2]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = ds_str(intercept)
+    ds.RescaleSlope = ds_str(slope)
+    ds.RescaleType = "HU"
+    ds.WindowCenter, ds.WindowWidth = wl_center, wl_width
+    ds.KVP = ""
+    return ds
+
+
 def _rescale(arr: np.ndarray) -> tuple[float, float]:
     """(slope, intercept) so that value ≈ stored_int16 * slope + intercept for all of ``arr``."""
     if arr.size == 0:
@@ -341,74 +420,15 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     read back by :func:`read_ct_series` as the equivalent right-handed grid (slices reversed).
     """
     grid = volume.grid
-    nz, ny, nx = grid.shape
+    nz = grid.shape[0]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sops = list(info.sop_instance_uids) if len(info.sop_instance_uids) == nz else [new_uid() for _ in range(nz)]
-    if info.study_instance_uid and info.study_instance_uid != study.study_instance_uid:
-        raise StudyMismatchError(f"series info names study {info.study_instance_uid}, the "
-                                 f"study identity is {study.study_instance_uid} [{out_dir}]")
-    if info.study_instance_uid:
-        study.check_series(info, f"CT series [{out_dir}]")
-    else:
-        study.check_patient(info.patient, f"CT series [{out_dir}]")
-    done = dataclasses.replace(
-        info,
-        patient=study.patient, study_date=study.study_date, study_time=study.study_time,
-        study_id=study.study_id, accession_number=study.accession_number,
-        referring_physician_name=study.referring_physician_name,
-        study_instance_uid=study.study_instance_uid,
-        series_instance_uid=info.series_instance_uid or new_uid(),
-        frame_of_reference_uid=info.frame_of_reference_uid or new_uid(),
-        sop_instance_uids=sops,
-        sop_class_uid=CT_IMAGE_STORAGE,
-        modality=info.modality or "CT",
-        series_description=description or info.series_description,
-    )
+    done = _completed_info(info, study, nz, description, out_dir)
+    sops = done.sop_instance_uids
     slope, intercept = _rescale(volume.array)
     date, tm = dicom_date_time()
-    row, col = grid.direction[:, 0], grid.direction[:, 1]
-    normal = np.cross(row, col)
-    iop = ds_list(np.concatenate([row, col]))
-    pixel_spacing = ds_list([grid.spacing[1], grid.spacing[0]])
-    thickness = ds_str(grid.spacing[2])
-    wl_center, wl_width = "40", "400"
     for k in range(nz):
-        ds = new_dataset(CT_IMAGE_STORAGE, sops[k])
-        set_patient_study(ds, study)
-        ds.Modality = done.modality if done.modality == "CT" else "CT"
-        ds.SeriesInstanceUID = done.series_instance_uid
-        ds.SeriesNumber = int(done.series_number)
-        ds.SeriesDate, ds.SeriesTime = date, tm
-        ds.SeriesDescription = (done.series_description or "")[:64]
-        ds.PatientPosition = "HFS"
-        ds.Laterality = ""
-        ds.FrameOfReferenceUID = done.frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.InstanceNumber = k + 1
-        ds.PatientOrientation = ""
-        ds.ContentDate, ds.ContentTime = date, tm
-        ds.AcquisitionNumber = 1
-        if derivation:
-            ds.DerivationDescription = derivation[:1024]
-        ds.ImageComments = derivation[:10240] if derivation else ""
-        ipp = grid.ijk_to_lps(np.array([0.0, 0.0, float(k)]))
-        ds.ImagePositionPatient = ds_list(ipp)
-        ds.ImageOrientationPatient = iop
-        ds.PixelSpacing = pixel_spacing
-        ds.SliceThickness = thickness
-        ds.SliceLocation = ds_str(float(ipp @ normal))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = ny, nx
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = ds_str(intercept)
-        ds.RescaleSlope = ds_str(slope)
-        ds.RescaleType = "HU"
-        ds.WindowCenter, ds.WindowWidth = wl_center, wl_width
-        ds.KVP = ""
+        ds = _slice_dataset(done, study, grid, k, (date, tm), derivation, slope, intercept)
         apply_provenance(ds, provenance)
         ds.PixelData = _stored_slice(volume.array[k], slope, intercept)
         save_atomic(ds, out_dir / f"CT.{sops[k]}.dcm")

@@ -217,23 +217,9 @@ def _referenced(ds: Dataset, path) -> tuple[str, str, str, list[str], str]:
     return for_uid, study, series_uid, sops, sop_class
 
 
-def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
-                  grid: Grid | None = None) -> StructureSet:
-    """Read an RT Structure Set: ROI numbers, names, colours, interpreted types, generation
-    algorithms and CLOSED_PLANAR contours (float64 (n, 3) LPS mm; other geometric types are
-    skipped).
-
-    ``series``: the image series the caller will use; if the file references another
-    Frame of Reference or series → :class:`UnknownReferencedSeriesError` naming both UIDs.
-    ``grid``: contours are validated against it (:class:`ContourOutsideImageError` naming ROI
-    and file) and every ``Roi.mask`` is rasterised onto it (bool Volume, units "mask").
-    """
-    path = Path(path)
-    ds = read_dataset(path)
-    if str(ds.get("SOPClassUID", "")) != RT_STRUCT_STORAGE and str(ds.get("Modality", "")) != "RTSTRUCT":
-        raise UnsupportedObjectError(f"not an RT Structure Set (SOP class {ds.get('SOPClassUID', '?')}, "
-                                     f"modality {ds.get('Modality', '?')})", path)
-    sop_uid = str(require(ds, "SOPInstanceUID", path))
+def _referenced_series(ds: Dataset, series: SeriesInfo | None, path: Path) -> SeriesInfo:
+    """The image series the structure set references: ``series`` when given (checked against
+    the file's Frame of Reference, series and instances), else built from the file."""
     for_uid, ref_study, ref_series, ref_sops, ref_class = _referenced(ds, path)
     if series is not None:
         if for_uid and for_uid != series.frame_of_reference_uid:
@@ -263,6 +249,50 @@ def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
         if ref_class:
             ref_info.sop_class_uid = ref_class
 
+    return ref_info
+
+
+def _read_roi_contours(rc: Dataset | None, name: str, path: Path
+                       ) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """(display colour, CLOSED_PLANAR contours as float64 (n, 3) LPS mm) of an ROI Contour
+    Sequence item; other geometric types are skipped."""
+    color = (255, 0, 0)
+    contours: list[np.ndarray] = []
+    if rc is not None:
+        if rc.get("ROIDisplayColor"):
+            color = tuple(int(v) for v in rc.ROIDisplayColor)[:3]
+        for cn, c in enumerate(rc.get("ContourSequence") or [], start=1):
+            gtype = str(c.get("ContourGeometricType", "") or "")
+            pts = ds_floats(c, "ContourData", path, f"ROI {name!r} contour #{cn}")
+            if pts.size % 3:
+                raise DicomInputError(f"ROI {name!r} contour #{cn}: ContourData has {pts.size} "
+                                      f"values (not a multiple of 3)", path)
+            if gtype != "CLOSED_PLANAR":
+                log.debug("contour_skipped", roi=name, geometric_type=gtype, path=str(path))
+                continue
+            contours.append(pts.reshape(-1, 3))
+    return color, contours
+
+
+def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
+                  grid: Grid | None = None) -> StructureSet:
+    """Read an RT Structure Set: ROI numbers, names, colours, interpreted types, generation
+    algorithms and CLOSED_PLANAR contours (float64 (n, 3) LPS mm; other geometric types are
+    skipped).
+
+    ``series``: the image series the caller will use; if the file references another
+    Frame of Reference or series → :class:`UnknownReferencedSeriesError` naming both UIDs.
+    ``grid``: contours are validated against it (:class:`ContourOutsideImageError` naming ROI
+    and file) and every ``Roi.mask`` is rasterised onto it (bool Volume, units "mask").
+    """
+    path = Path(path)
+    ds = read_dataset(path)
+    if str(ds.get("SOPClassUID", "")) != RT_STRUCT_STORAGE and str(ds.get("Modality", "")) != "RTSTRUCT":
+        raise UnsupportedObjectError(f"not an RT Structure Set (SOP class {ds.get('SOPClassUID', '?')}, "
+                                     f"modality {ds.get('Modality', '?')})", path)
+    sop_uid = str(require(ds, "SOPInstanceUID", path))
+    ref_info = _referenced_series(ds, series, path)
+
     roi_seq = require(ds, "StructureSetROISequence", path)
     types = {}
     for ob in ds.get("RTROIObservationsSequence") or []:
@@ -276,22 +306,7 @@ def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
     for it in roi_seq:
         num = int(require(it, "ROINumber", path, "StructureSetROISequence item"))
         name = str(it.get("ROIName", "") or f"ROI_{num}")
-        rc = contour_by_roi.get(num)
-        color = (255, 0, 0)
-        contours: list[np.ndarray] = []
-        if rc is not None:
-            if rc.get("ROIDisplayColor"):
-                color = tuple(int(v) for v in rc.ROIDisplayColor)[:3]
-            for cn, c in enumerate(rc.get("ContourSequence") or [], start=1):
-                gtype = str(c.get("ContourGeometricType", "") or "")
-                pts = ds_floats(c, "ContourData", path, f"ROI {name!r} contour #{cn}")
-                if pts.size % 3:
-                    raise DicomInputError(f"ROI {name!r} contour #{cn}: ContourData has {pts.size} "
-                                          f"values (not a multiple of 3)", path)
-                if gtype != "CLOSED_PLANAR":
-                    log.debug("contour_skipped", roi=name, geometric_type=gtype, path=str(path))
-                    continue
-                contours.append(pts.reshape(-1, 3))
+        color, contours = _read_roi_contours(contour_by_roi.get(num), name, path)
         roi = Roi(number=num, name=name, color=color, interpreted_type=types.get(num, ""),
                   contours=contours,
                   generation_algorithm=str(it.get("ROIGenerationAlgorithm", "") or ""))
