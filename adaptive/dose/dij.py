@@ -156,10 +156,7 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
     body = body_on_dose_grid(density, dgrid, body_mask, bm.body_density_threshold)
     if not body.any():
         raise DoseError("no body voxels on the dose grid (check body_mask / density)")
-    geoms: list[BeamGeometry] = [geometry_of_beam(b, patient_position) for b in beams]
-    for b, g in zip(beams, geoms):
-        if abs(g.sad_mm - bm.sad_mm) > 1e-6:
-            raise DoseError(f"beam {b.number} SAD {g.sad_mm} mm != beam model SAD {bm.sad_mm} mm")
+    geoms = _beam_geometries(beams, patient_position, bm)
     w = (float(bixel_size_mm), float(bixel_size_mm))
     grids = _beamlet_grids(geoms, target_mask, density, dgrid, body, w, margin_mm)
 
@@ -174,17 +171,11 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
     body_idx = np.flatnonzero(body.ravel())
     pts, _ = dose_points(dgrid, body_idx, density)
     t_setup = time.perf_counter()
-    counts = _row_counts(pts, rots, isos, bm.sad_mm, lay, w, cutoff)
-    keep = counts > 0
-    rows = body_idx[keep]
-    counts = counts[keep]
-    del pts, body_idx, keep
+    rows, indptr = _count_pass(pts, body_idx, rots, isos, bm.sad_mm, lay, w, cutoff)
+    del pts, body_idx
     pts, gpts = dose_points(dgrid, rows, density)
-    nnz = int(counts.sum())
+    nnz = int(indptr[-1])
     idx_dtype = np.int32 if nnz < 2**31 - 1 else np.int64
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    del counts
     if scatter_correction:
         node_index, npts, ngpts = _scatter_nodes(dgrid, rows, stride, density)
     else:
@@ -212,16 +203,11 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
             _CsrParts(indptr, indices, data), lay.beam_index, grids, dgrid, rows, stride,
             node_index, (pts, depth), (npts, ndepth), rots, isos, bm, kp, w, cutoff)
     t_corr = time.perf_counter()
-    mat = sp.csr_matrix((data, indices, indptr.astype(idx_dtype)),
-                        shape=(len(rows), lay.n_beamlets), copy=False)
-    mat.has_sorted_indices = True
     timings = {"setup_s": t_setup - t_start, "count_s": t_count - t_setup,
                "depth_s": t_depth - t_count, "fill_s": t_fill - t_depth, "scatter_correction_s": t_corr - t_fill,
                "total_s": time.perf_counter() - t_start}
-    dij = DoseInfluence(matrix=mat, voxel_indices=rows.astype(np.int64), dose_grid=dgrid,
-                        beam_index=lay.beam_index,
-                        bev_x_mm=lay.bev_x_mm, bev_y_mm=lay.bev_y_mm,
-                        bixel_size_mm=w, timings_s=timings)
+    dij = _influence(_CsrParts(indptr.astype(idx_dtype), indices, data), rows, lay, dgrid, w,
+                     timings)
     log.info("dij_computed", beams=nbeams, beamlets=lay.n_beamlets, voxels=len(rows), nnz=nnz,
              memory_mb=round(dij.nbytes / 2**20, 1), cutoff_mm=cutoff,
              scatter_correction=scatter_correction, scatter_factor_capped=n_capped,
@@ -317,14 +303,42 @@ def _beamlet_layout(grids: list) -> _BeamletLayout:
                           np.concatenate(bev_x), np.concatenate(bev_y), col, pref, pref_off)
 
 
-def _row_counts(pts: np.ndarray, rots: np.ndarray, isos: np.ndarray, sad_mm: float,
-                lay: _BeamletLayout, w: tuple[float, float], cutoff: float) -> np.ndarray:
-    """Count pass: per dose point (LPS mm), the number of beamlets whose centre lies within
-    ``cutoff`` (mm, isocenter plane) of its projection."""
+def _beam_geometries(beams: list, patient_position: str, bm: BeamModel) -> list[BeamGeometry]:
+    """Each beam's geometry (IEC 61217 angles, LPS mm); its SAD must be the beam model's."""
+    geoms = [geometry_of_beam(b, patient_position) for b in beams]
+    for b, g in zip(beams, geoms):
+        if abs(g.sad_mm - bm.sad_mm) > 1e-6:
+            raise DoseError(f"beam {b.number} SAD {g.sad_mm} mm != beam model SAD {bm.sad_mm} mm")
+    return geoms
+
+
+def _count_pass(pts: np.ndarray, body_idx: np.ndarray, rots: np.ndarray, isos: np.ndarray,
+                sad_mm: float, lay: _BeamletLayout, w: tuple[float, float], cutoff: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per body dose point (LPS mm) the number of beamlets whose centre lies within ``cutoff``
+    (mm, isocenter plane) of its projection; returns (the rows: flat dose-grid indices of the
+    points with at least one, the CSR row pointer of their entries)."""
     counts = np.zeros(len(pts), dtype=np.int64)
     dij_count(pts, rots, isos, sad_mm, lay.ex0, lay.ey0, lay.nbx, lay.nby, lay.lut_off, lay.lut,
               w[0], w[1], cutoff, counts, lay.pref, lay.pref_off)
-    return counts
+    keep = counts > 0
+    rows = body_idx[keep]
+    counts = counts[keep]
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return rows, indptr
+
+
+def _influence(csr: _CsrParts, rows: np.ndarray, lay: _BeamletLayout, dgrid,
+               w: tuple[float, float], timings: dict) -> DoseInfluence:
+    """The filled CSR arrays as a :class:`DoseInfluence` (rows: flat dose-grid indices,
+    columns: beamlets; Gy per MU)."""
+    mat = sp.csr_matrix((csr.data, csr.indices, csr.indptr),
+                        shape=(len(rows), lay.n_beamlets), copy=False)
+    mat.has_sorted_indices = True
+    return DoseInfluence(matrix=mat, voxel_indices=rows.astype(np.int64), dose_grid=dgrid,
+                         beam_index=lay.beam_index, bev_x_mm=lay.bev_x_mm,
+                         bev_y_mm=lay.bev_y_mm, bixel_size_mm=w, timings_s=timings)
 
 
 def _radiological_depths(density: Volume, geoms: list[BeamGeometry], srcs: np.ndarray,
