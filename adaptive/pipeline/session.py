@@ -53,6 +53,7 @@ from adaptive.optimization.normalize import normalization_factor
 from adaptive.optimization.objective import Objective
 from adaptive.optimization.plan_builder import build_plan, equispaced_beams, templates_from_plan
 from adaptive.optimization.sequencing import (
+    MinimumMuReport,
     MlcGeometry,
     SequencingSettings,
     enforce_minimum_mu,
@@ -243,31 +244,14 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
                          depth_cache=depth_cache)
     for k in range(s.correction_rounds):
         with _Timer(T, f"dose_correction_{k + 1}"):
-            a = segment_beamlet_matrix(dij, seq, mlc)
-            m = np.array([sg.mu for sb in seq for sg in sb.segments])
-            dij_d = np.asarray(dij.matrix @ (a @ m).astype(np.float32), dtype=np.float64)
-            true_d = dose.array.ravel()[dij.voxel_indices]
-            info[f"correction_{k + 1}"] = obj.set_dose_correction(dij_d, true_d)
-            rw: list = []
-            seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings,
-                                           goal_rounds=s.goal_rounds, rounds_out=rw)
-            info[f"reweighting_segments_{k + 1}"] = [r.to_dict() for r in rw]
-            obj.clear_dose_correction()
+            seq = _corrected_segments(dij, obj, seq, dose, mlc, seq_settings, s.goal_rounds,
+                                      info, k + 1)
             plan = build_plan(seq, templates, mlc, **common)
             dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
                              depth_cache=depth_cache)
     if s.normalize:
         with _Timer(T, "normalization"):
-            nf = normalization_factor(dose, masks[target], goals)
-            for sb in seq:
-                for sg in sb.segments:
-                    sg.mu *= nf.factor
-            dose = Volume(dose.array * np.float32(nf.factor), dose.grid, dose.units)  # dose ∝ MU
-            info["normalization_deliverable"] = nf.to_dict()
-            # a factor < 1 can push a segment below the machine's minimum MU: raise it to the
-            # minimum (or drop a tiny one) and recompute the dose of the plan as delivered
-            mm = enforce_minimum_mu(seq, seq_settings.min_mu_per_segment)
-            info["minimum_mu_after_normalization"] = mm.to_dict(seq_settings.min_mu_per_segment)
+            dose, mm = _normalized_segments(seq, dose, masks[target], goals, seq_settings, info)
             plan = build_plan(seq, templates, mlc, **common)
         if mm.changed:
             with _Timer(T, "minimum_mu_dose"):
@@ -281,6 +265,43 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
     return PlanResult(plan=plan, dose=dose, fluence_dose=fluence_dose, fluence=fr,
                       goals_fluence=goals_fluence, goals_deliverable=checks.goal_results,
                       checks=checks, masks=masks, dij=dij, timings_s=T, info=info)
+
+
+def _corrected_segments(dij: DoseInfluence, obj: Objective, seq: list, dose: Volume,
+                        mlc: MlcGeometry, seq_settings: SequencingSettings, goal_rounds: int,
+                        info: dict, k: int) -> list:
+    """Correction round ``k``: the objective corrected by the difference between the
+    deliverable dose (Gy) and the Dij's estimate of it, the segment weights re-optimised on
+    it; records the correction and the re-weighting rounds in ``info``."""
+    a = segment_beamlet_matrix(dij, seq, mlc)
+    m = np.array([sg.mu for sb in seq for sg in sb.segments])
+    dij_d = np.asarray(dij.matrix @ (a @ m).astype(np.float32), dtype=np.float64)
+    true_d = dose.array.ravel()[dij.voxel_indices]
+    info[f"correction_{k}"] = obj.set_dose_correction(dij_d, true_d)
+    rw: list = []
+    seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings,
+                                   goal_rounds=goal_rounds, rounds_out=rw)
+    info[f"reweighting_segments_{k}"] = [r.to_dict() for r in rw]
+    obj.clear_dose_correction()
+    return seq
+
+
+def _normalized_segments(seq: list, dose: Volume, target_mask, goals: ClinicalGoals,
+                         seq_settings: SequencingSettings, info: dict
+                         ) -> tuple[Volume, MinimumMuReport]:
+    """Scale every segment's MU (in place) so the deliverable dose meets the prescription;
+    returns (the scaled dose (Gy), the minimum-MU enforcement result)."""
+    nf = normalization_factor(dose, target_mask, goals)
+    for sb in seq:
+        for sg in sb.segments:
+            sg.mu *= nf.factor
+    dose = Volume(dose.array * np.float32(nf.factor), dose.grid, dose.units)  # dose ∝ MU
+    info["normalization_deliverable"] = nf.to_dict()
+    # a factor < 1 can push a segment below the machine's minimum MU: raise it to the
+    # minimum (or drop a tiny one) and recompute the dose of the plan as delivered
+    mm = enforce_minimum_mu(seq, seq_settings.min_mu_per_segment)
+    info["minimum_mu_after_normalization"] = mm.to_dict(seq_settings.min_mu_per_segment)
+    return dose, mm
 
 
 def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings,
