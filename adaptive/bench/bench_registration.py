@@ -313,40 +313,7 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
     try:
         stack, cl, gw_port = session_stack(work, tms, planning, pid)
         for fx in fxs:
-            s = cl.start("BENCH_ROOM", pid, protocol="prostate")
-            push(gw_port, sorted(fx.cbct_dir.glob("*.dcm")), "IMAGER")
-            s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
-                                  900, poll_s=0.25)
-            rpath = (stack.cfg.paths.sessions / s["session_id"] / "registration" /
-                     "registration_result.json")
-            if not rpath.is_file():  # the registration stage failed: said in the notes
-                cl.choose(s["session_id"], "scheduled")
-                cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
-                rows.append({"fx": fx.label, "convention": fx.convention, "failed_stage":
-                             "; ".join(s.get("notes", []))[:200]})
-                continue
-            reg = json.loads(rpath.read_text())
-            cbct, _ = read_ct_series(fx.cbct_dir)
-            truth, _ = read_dvf(fx.truth_dvf)
-            got, _ = read_dvf(reg["dvf"])
-            ptv = read_rtstruct(fx.truth_rtstruct, grid=cbct.grid).mask("PTV", cbct.grid)
-            e = tre(got, truth, dilate_mm(ptv, cbct.grid, 20.0), cbct.grid)
-            offered = "adapted" in s["offered"]
-            plan = "adapted" if offered else "scheduled"
-            cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
-            s2 = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
-            ia = reg.get("initial_alignment") or {}
-            sc = reg.get("setup_correction") or {}
-            plan_failed = [c["name"] + ": " + c["message"] for c in
-                           ((s.get("plans") or {}).get("adapted") or {}).get("checks", [])
-                           if not c.get("passed", True) and c.get("blocking", True)]
-            rows.append({"fx": fx.label, "convention": fx.convention, "tre": e,
-                         "validity": reg.get("validity"), "offered": offered,
-                         "handed_off": s2["state"], "winner": ia.get("winner"),
-                         "init_s": ia.get("time_s"), "setup": sc,
-                         "reviews": [r["name"] for r in s.get("reviews", [])],
-                         "registration_s": s["stages"].get("registration", {}).get("duration_s"),
-                         "failed": (reg.get("registration_failed") or []) + plan_failed})
+            rows.append(_convention_session(cl, stack, gw_port, pid, fx))
     finally:
         if cl:
             cl.close()
@@ -383,3 +350,41 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
             f"{_f(r['registration_s'], 1)} |")
     lines += ["", "Target " + ("met on every fraction." if ok else "MISSED (see the rows)."), ""]
     return lines
+
+
+def _convention_session(cl, stack, gw_port: int, pid: str, fx) -> dict:
+    """One session on fraction ``fx``: initial alignment, TRE (mm) of the session's field
+    against the truth in PTV + 20 mm, the gate's verdict, the plan offered and handed off."""
+    s = cl.start("BENCH_ROOM", pid, protocol="prostate")
+    push(gw_port, sorted(fx.cbct_dir.glob("*.dcm")), "IMAGER")
+    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
+                          900, poll_s=0.25)
+    rpath = (stack.cfg.paths.sessions / s["session_id"] / "registration" /
+             "registration_result.json")
+    if not rpath.is_file():  # the registration stage failed: said in the notes
+        cl.choose(s["session_id"], "scheduled")
+        cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
+        return {"fx": fx.label, "convention": fx.convention,
+                "failed_stage": "; ".join(s.get("notes", []))[:200]}
+    reg = json.loads(rpath.read_text())
+    cbct, _ = read_ct_series(fx.cbct_dir)
+    truth, _ = read_dvf(fx.truth_dvf)
+    got, _ = read_dvf(reg["dvf"])
+    ptv = read_rtstruct(fx.truth_rtstruct, grid=cbct.grid).mask("PTV", cbct.grid)
+    e = tre(got, truth, dilate_mm(ptv, cbct.grid, 20.0), cbct.grid)
+    offered = "adapted" in s["offered"]
+    plan = "adapted" if offered else "scheduled"
+    cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
+    s2 = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
+    ia = reg.get("initial_alignment") or {}
+    sc = reg.get("setup_correction") or {}
+    plan_failed = [c["name"] + ": " + c["message"] for c in
+                   ((s.get("plans") or {}).get("adapted") or {}).get("checks", [])
+                   if not c.get("passed", True) and c.get("blocking", True)]
+    return {"fx": fx.label, "convention": fx.convention, "tre": e,
+            "validity": reg.get("validity"), "offered": offered,
+            "handed_off": s2["state"], "winner": ia.get("winner"),
+            "init_s": ia.get("time_s"), "setup": sc,
+            "reviews": [r["name"] for r in s.get("reviews", [])],
+            "registration_s": s["stages"].get("registration", {}).get("duration_s"),
+            "failed": (reg.get("registration_failed") or []) + plan_failed}

@@ -206,28 +206,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
             return {p.popen.pid: p.name for p in st.procs if p.popen is not None}
         with PeakRss(roots) as rss:
             for i in range(n):
-                fx = fractions[i]
-                s = cl.start("BENCH_ROOM", pid, protocol="prostate")
-                push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
-                s = cl.wait_for_state(s["session_id"],
-                                      {"awaiting_decision", "fallback", "failed"}, 900,
-                                      poll_s=0.25)
-                if s["state"] == "failed":
-                    raise RuntimeError(f"session {i + 1} failed: {s['error']}")
-                plan = "adapted" if "adapted" in s["offered"] else "scheduled"
-                cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
-                s = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
-                st = s["stages"]
-                rows.append({"fraction": fx.name, "plan": plan, "state": s["state"],
-                             "registration": st.get("registration", {}).get("duration_s"),
-                             "planning": st.get("planning", {}).get("duration_s"),
-                             "handoff": st.get("handoff", {}).get("duration_s"),
-                             "end_to_end": s["end_to_end"].get("duration_s"),
-                             "within": s["end_to_end"].get("within_budget"),
-                             "notes": "; ".join(s.get("notes", []))[:300],
-                             "inner": _stage_timings(stack.cfg.paths.sessions
-                                                     / s["session_id"]),
-                             "load": os.getloadavg()[0]})
+                rows.append(_one_session(cl, stack, gw_port, pid, fractions[i], i))
     finally:
         if cl:
             cl.close()
@@ -240,7 +219,38 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
             f"registration + planning workers, 1 each; TMS: {tms.label.split(' ')[0]}). "
             f"Budgets from config/budgets.toml. Load average (1/5/15 min) {load0} before, "
             f"{load1} after."), "",
-           ("| session | fraction | plan handed off | registration s | planning s | hand-off s "
+           *_session_tables(rows, rss.peaks)]
+    return "\n".join(out)
+
+
+def _one_session(cl, stack: ServiceStack, gw_port: int, pid: str, fx: Path, i: int) -> dict:
+    """Session ``i``: push the fraction's CBCT, choose the adapted plan when offered (the
+    scheduled plan otherwise), wait for the hand-off; returns its stage durations (s)."""
+    s = cl.start("BENCH_ROOM", pid, protocol="prostate")
+    push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
+    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 900,
+                          poll_s=0.25)
+    if s["state"] == "failed":
+        raise RuntimeError(f"session {i + 1} failed: {s['error']}")
+    plan = "adapted" if "adapted" in s["offered"] else "scheduled"
+    cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
+    s = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
+    st = s["stages"]
+    return {"fraction": fx.name, "plan": plan, "state": s["state"],
+            "registration": st.get("registration", {}).get("duration_s"),
+            "planning": st.get("planning", {}).get("duration_s"),
+            "handoff": st.get("handoff", {}).get("duration_s"),
+            "end_to_end": s["end_to_end"].get("duration_s"),
+            "within": s["end_to_end"].get("within_budget"),
+            "notes": "; ".join(s.get("notes", []))[:300],
+            "inner": _stage_timings(stack.cfg.paths.sessions / s["session_id"]),
+            "load": os.getloadavg()[0]}
+
+
+def _session_tables(rows: list[dict], peaks: dict) -> list[str]:
+    """Markdown tables of :func:`bench_sessions`: per session, p50/p95 per stage and inside the
+    stages (s), peak RSS per service process (GiB)."""
+    out = [("| session | fraction | plan handed off | registration s | planning s | hand-off s "
             "| end to end s | within budget | load (1 min) |"),
            "|---|---|---|---|---|---|---|---|---|"]
 
@@ -266,6 +276,6 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
             out.append(f"| {k} | {_pct(xs, 50):.2f} | {_pct(xs, 95):.2f} | {len(xs)} |")
     out += ["", ("Peak resident memory per service process with its stage children (sampled "
                  "every 0.25 s from /proc):"), "", "| process | peak RSS GiB |", "|---|---|"]
-    for name, b in sorted(rss.peaks.items()):
+    for name, b in sorted(peaks.items()):
         out.append(f"| {name} | {b / 2**30:.2f} |")
-    return "\n".join(out)
+    return out
