@@ -37,7 +37,9 @@ threads differ by at most 0.10 mm (mean 0.016 mm); the tests bound it at 0.5 mm.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -281,89 +283,79 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     check_same_patient(cbct_info, ct_info)
 
     # --- working resolution (adaptive.registration.working) ----------------------------
-    t = time.perf_counter()
     native_grid = cbct.grid
-    cbct, planning_ct, valid = _working_images(cbct, planning_ct, s, q)
-    timings["working_images"] = time.perf_counter() - t
+    with _clock(timings, "working_images"):
+        cbct, planning_ct, valid = _working_images(cbct, planning_ct, s, q)
 
     # --- content checks ---------------------------------------------------------------
-    t = time.perf_counter()
-    prep = _checked_content(cbct, planning_ct, valid, s, q)
     fgrid = cbct.grid
-    timings["prepare"] = time.perf_counter() - t
+    with _clock(timings, "prepare"):
+        prep = _checked_content(cbct, planning_ct, valid, s, q)
 
     # --- initial alignment: every candidate scored at the coarsest level -------------------
-    t = time.perf_counter()
-    if initial_matrix is not None:
-        initial_matrix = _check_matrix(initial_matrix, "initial_matrix")
-    ia = choose_initial_alignment(prep.fixed, fgrid, valid, prep.body, prep.moving_all,
-                                  planning_ct.grid, s.init, spatial_registration=initial_matrix,
-                                  isocenter_lps_mm=isocenter_lps_mm,
-                                  min_overlap=s.quality["min_overlap_fraction"])
-    m0, how = ia.matrix, ia.winner
-    q["initial_alignment"] = ia.to_record()
-    timings["initial_alignment"] = time.perf_counter() - t
-    t = time.perf_counter()
-    smp = _Sampler(fgrid, prep.fmask, prep.fixed, planning_ct, s.quality["subsample"],
-                   s.quality["mi_bins"])
-    q["overlap_initial"] = smp.overlap(m0)
-    if q["overlap_initial"] < s.quality["min_overlap_fraction"]:
-        raise RegistrationError(
-            f"CBCT and planning CT do not overlap after initial alignment ({how}): only "
-            f"{100 * q['overlap_initial']:.1f}% of the CBCT field of view maps inside the "
-            f"planning CT (minimum {100 * s.quality['min_overlap_fraction']:.0f}%)")
-    q["similarity_initial"] = smp.similarity(m0)
-    crop, moving, fixed_reg, mm = _cropped_moving(planning_ct, fgrid, m0, prep, s, q)
-    timings["prepare"] += time.perf_counter() - t
+    with _clock(timings, "initial_alignment"):
+        if initial_matrix is not None:
+            initial_matrix = _check_matrix(initial_matrix, "initial_matrix")
+        ia = choose_initial_alignment(prep.fixed, fgrid, valid, prep.body, prep.moving_all,
+                                      planning_ct.grid, s.init,
+                                      spatial_registration=initial_matrix,
+                                      isocenter_lps_mm=isocenter_lps_mm,
+                                      min_overlap=s.quality["min_overlap_fraction"])
+        m0, how = ia.matrix, ia.winner
+        q["initial_alignment"] = ia.to_record()
+    with _clock(timings, "prepare"):
+        smp = _Sampler(fgrid, prep.fmask, prep.fixed, planning_ct, s.quality["subsample"],
+                       s.quality["mi_bins"])
+        crop, moving, fixed_reg, mm = _cropped_moving(planning_ct, fgrid, m0, how, smp, prep,
+                                                      s, q)
 
     # --- rigid ----------------------------------------------------------------------------
-    t = time.perf_counter()
-    rmaps = eb.run_elastix(fixed_reg, fgrid, moving, grid_in_frame(crop.grid, m0),
-                           s.parameter_map("rigid"), prep.fmask)
-    m_rigid = m0 @ eb.euler_to_matrix(rmaps[-1])
-    timings["rigid"] = time.perf_counter() - t
+    with _clock(timings, "rigid"):
+        rmaps = eb.run_elastix(fixed_reg, fgrid, moving, grid_in_frame(crop.grid, m0),
+                               s.parameter_map("rigid"), prep.fmask)
+        m_rigid = m0 @ eb.euler_to_matrix(rmaps[-1])
     sc, vs = _rigid_quality(m_rigid, m0, ia, isocenter_lps_mm, smp, cbct, planning_ct, valid,
                             prep, s, q)
 
     # --- CBCT shading correction (planning CT as prior), for the deformable stage -------------
     if s.shading.enabled:
-        t_sh = time.perf_counter()
-        fixed_reg, q["shading"] = _shading_corrected(
-            prep.fixed, fgrid, smp.centres, planning_ct, m_rigid,
-            prep.fmask & prep.body if prep.body.any() else prep.fmask, prep.tissue_mode, mm, s)
-        timings["shading"] = time.perf_counter() - t_sh
+        fixed_reg = _shading_stage(prep, fgrid, smp, planning_ct, m_rigid, mm, s, q, timings)
 
     # --- B-spline under the deadline ----------------------------------------------------------
-    t = time.perf_counter()
-    bmaps, fallback = _deformable_stage(fixed_reg, fgrid, moving, grid_in_frame(crop.grid, m_rigid),
-                                        prep.fmask, deadline, budget_s, s, q)
-    timings["deformable"] = time.perf_counter() - t
+    with _clock(timings, "deformable"):
+        bmaps, fallback = _deformable_stage(fixed_reg, fgrid, moving,
+                                            grid_in_frame(crop.grid, m_rigid), prep.fmask,
+                                            deadline, budget_s, s, q)
 
     # --- field --------------------------------------------------------------------------------
-    t = time.perf_counter()
-    dvf = _displacement_field(bmaps, m_rigid, fgrid, smp.centres)
-    timings["field"] = time.perf_counter() - t
+    with _clock(timings, "field"):
+        dvf = _displacement_field(bmaps, m_rigid, fgrid, smp.centres)
 
     # --- quality ------------------------------------------------------------------------------
-    t = time.perf_counter()
-    det = _final_quality(dvf, m_rigid, fgrid, valid, prep.body, smp, vs, cbct, planning_ct, q)
-    timings["quality"] = time.perf_counter() - t
+    with _clock(timings, "quality"):
+        det = _final_quality(dvf, m_rigid, fgrid, valid, prep.body, smp, vs, cbct, planning_ct,
+                             q)
     timings["total"] = time.perf_counter() - t_start
     _refuse_folded_or_diverged(q, s)
-    params = {"settings": s.to_dict(), "initial_alignment": how,
-              "initial_matrix": m0.tolist(), "budget_s": budget_s, "threads": s.threads,
-              "bspline_transform": None if bmaps is None else
-              {k: v for k, v in bmaps[-1].items() if k != "TransformParameters"}}
     log.info("registration_done", fallback=fallback, initial_alignment=how,
              jacobian_min=round(q["jacobian_min"], 3),
              deformation_mean_mm=round(q["deformation_mean_mm"], 2),
              **{f"t_{k}_s": round(v, 3) for k, v in timings.items()})
     return RegistrationResult(dvf_lps_mm=dvf, fixed_grid=fgrid, rigid_matrix=m_rigid,
-                              fallback=fallback, quality=q, timings_s=timings, parameters=params,
+                              fallback=fallback, quality=q, timings_s=timings,
+                              parameters=_parameters(s, how, m0, budget_s, bmaps),
                               initial_matrix=m0, initial_alignment=how, fixed_mask=prep.fmask,
                               body_mask=prep.body, valid_mask=valid, initial=ia, setup=sc,
                               fixed_image=cbct, moving_image=planning_ct,
                               native_grid=native_grid, bspline_maps=bmaps, jacobian=det)
+
+
+@contextlib.contextmanager
+def _clock(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time (s) to ``timings[name]``."""
+    t = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
 
 
 def _working_images(cbct: Volume, planning_ct: Volume, s: RegistrationSettings, q: dict
@@ -391,6 +383,11 @@ class _Prepared:
     fmask: np.ndarray
     body: np.ndarray
     tissue_mode: float
+
+    @property
+    def metric_mask(self) -> np.ndarray:
+        """The metric mask inside the body (the metric mask when no body was found)."""
+        return self.fmask & self.body if self.body.any() else self.fmask
 
 
 def _checked_content(cbct: Volume, planning_ct: Volume, valid: np.ndarray,
@@ -451,11 +448,15 @@ class _Sampler:
         return similarity(self.fvals, mv, self.mi_bins)
 
 
-def _cropped_moving(planning_ct: Volume, fgrid: Grid, m0: np.ndarray, prep: _Prepared,
-                    s: RegistrationSettings, q: dict
+def _cropped_moving(planning_ct: Volume, fgrid: Grid, m0: np.ndarray, how: str,
+                    smp: _Sampler, prep: _Prepared, s: RegistrationSettings, q: dict
                     ) -> tuple[Volume, np.ndarray, np.ndarray, float]:
-    """The planning CT cropped to the aligned CBCT extent + margin (mm), both images windowed
-    for the metric, and the planning CT's soft-tissue mode (HU)."""
+    """After the initial alignment ``m0`` (``how``): refuse too little overlap, record it and
+    the similarity; the planning CT cropped to the aligned CBCT extent + margin (mm), both
+    images windowed for the metric, and the planning CT's soft-tissue mode (HU)."""
+    q["overlap_initial"] = _required_overlap(smp.overlap(m0), how, s)
+    q["similarity_initial"] = smp.similarity(m0)
+    # crop the planning CT to the aligned CBCT extent + margin
     c = _apply(m0, _corners(fgrid))
     margin = s.moving_crop_margin_mm
     try:
@@ -491,6 +492,18 @@ def _rigid_quality(m_rigid: np.ndarray, m0: np.ndarray, ia, isocenter_lps_mm, sm
     vs = _validity_samples(cbct, prep.fmask, prep.body, planning_ct)
     q["validity_rigid"] = _validity(vs, cbct, planning_ct, valid, prep.body, matrix=m_rigid)
     return sc, vs
+
+
+def _shading_stage(prep: _Prepared, fgrid: Grid, smp: _Sampler, planning_ct: Volume,
+                   m_rigid: np.ndarray, planning_mode_hu: float, s: RegistrationSettings,
+                   q: dict, timings: dict[str, float]) -> np.ndarray:
+    """The CBCT corrected for shading with the rigidly mapped planning CT as prior, windowed
+    for the deformable stage; records the correction in ``q`` and its time (s)."""
+    with _clock(timings, "shading"):
+        fixed_reg, q["shading"] = _shading_corrected(
+            prep.fixed, fgrid, smp.centres, planning_ct, m_rigid, prep.metric_mask,
+            prep.tissue_mode, planning_mode_hu, s)
+    return fixed_reg
 
 
 def _deformable_stage(fixed_reg: np.ndarray, fgrid: Grid, moving: np.ndarray, moving_grid: Grid,
@@ -538,6 +551,27 @@ def _final_quality(dvf: np.ndarray, m_rigid: np.ndarray, fgrid: Grid, valid: np.
     q["validity_final"] = _validity(vs, cbct, planning_ct, valid, body, dvf=dvf)
     q["overlap_final"] = smp.overlap(dvf=dvf)
     return det
+
+
+def _required_overlap(overlap: float, how: str, s: RegistrationSettings) -> float:
+    """``overlap`` (share of the CBCT samples mapped inside the planning CT by the initial
+    alignment ``how``); raises :class:`RegistrationError` below the minimum."""
+    if overlap < s.quality["min_overlap_fraction"]:
+        raise RegistrationError(
+            f"CBCT and planning CT do not overlap after initial alignment ({how}): only "
+            f"{100 * overlap:.1f}% of the CBCT field of view maps inside the "
+            f"planning CT (minimum {100 * s.quality['min_overlap_fraction']:.0f}%)")
+    return overlap
+
+
+def _parameters(s: RegistrationSettings, how: str, m0: np.ndarray, budget_s: float | None,
+                bmaps: list | None) -> dict:
+    """The parameters record of a result: settings, initial alignment and matrix, budget (s),
+    threads and the B-spline transform's parameters (without its coefficients)."""
+    return {"settings": s.to_dict(), "initial_alignment": how,
+            "initial_matrix": m0.tolist(), "budget_s": budget_s, "threads": s.threads,
+            "bspline_transform": None if bmaps is None else
+            {k: v for k, v in bmaps[-1].items() if k != "TransformParameters"}}
 
 
 def _refuse_folded_or_diverged(q: dict, s: RegistrationSettings) -> None:
