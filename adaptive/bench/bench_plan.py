@@ -19,7 +19,7 @@ from adaptive.dose.density import hu_to_density
 from adaptive.optimization.fluence import optimize_fluence_goals
 from adaptive.optimization.goals import goal_table, load_goals
 from adaptive.optimization.objective import Objective
-from adaptive.pipeline.session import PlanSettings, plan_case, stage_beams, stage_dij, stage_masks
+from adaptive.pipeline.planning import PlanSettings, plan_case, stage_beams, stage_dij, stage_masks
 
 REPO = Path(__file__).resolve().parents[2]
 

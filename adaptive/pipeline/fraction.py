@@ -5,7 +5,7 @@ the isocenter) → ``dvf.mha``, ``synthetic_ct/``, propagated ``RS.dcm``, ``REG.
 ``registration.json`` (via :func:`adaptive.registration.fraction.register_fraction`).
 
 :func:`planning_stage` — the registration outputs + the scheduled plan → Dij on the synthetic
-CT → warm-started re-optimisation (:func:`adaptive.pipeline.session.plan_case`, the adapted
+CT → warm-started re-optimisation (:func:`adaptive.pipeline.planning.plan_case`, the adapted
 plan references the scheduled plan as PREDECESSOR and the propagated structure set) →
 sequencing → deliverable dose → checks → the scheduled plan recalculated on the synthetic CT →
 goal-by-goal comparison. Writes the adapted ``RP.dcm`` + ``RD.dcm`` (only when the plan passed
@@ -43,6 +43,13 @@ from adaptive.optimization.checks import CheckItem
 from adaptive.optimization.compare import compare_plans
 from adaptive.optimization.goals import ClinicalGoals
 from adaptive.pipeline import handoff as H
+from adaptive.pipeline.planning import (
+    PlanResult,
+    PlanSettings,
+    moved_plan,
+    plan_case,
+    write_plan_outputs,
+)
 from adaptive.pipeline.registration_gate import gate_record, make_gate, target_roi_name
 from adaptive.pipeline.safety import (
     DEFORMABLE,
@@ -52,13 +59,6 @@ from adaptive.pipeline.safety import (
     roi_volumes_cc,
 )
 from adaptive.pipeline.scheduled_today import rigid_match_statement, run_scheduled_only
-from adaptive.pipeline.session import (
-    PlanResult,
-    PlanSettings,
-    moved_plan,
-    plan_case,
-    write_plan_outputs,
-)
 from adaptive.registration.fraction import register_fraction
 
 log = get_logger("adaptive.pipeline.fraction")
@@ -168,7 +168,7 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
 class PlanningOutputs:
     """In-memory results of :func:`planning_stage` (the offline chain uses them)."""
 
-    adapted: object  # adaptive.pipeline.session.PlanResult
+    adapted: object  # adaptive.pipeline.planning.PlanResult
     scheduled_dose: Volume
     comparison: object  # adaptive.optimization.compare.PlanComparison
     result: dict  # the JSON-able record (service contract)
@@ -229,7 +229,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     """Re-optimise the scheduled plan on today's anatomy (see the module docstring).
 
     ``registration``: the record returned by :func:`registration_stage`. ``settings``:
-    :class:`~adaptive.pipeline.session.PlanSettings`; when ``budget_s`` is given and
+    :class:`~adaptive.pipeline.planning.PlanSettings`; when ``budget_s`` is given and
     ``settings.deadline_s`` is None the optimiser deadline comes from the budget
     (:func:`optimizer_deadline`). The adapted plan is written only when it passed its
     checks (``adapted.rtplan`` is None otherwise); ``fallback`` is ``"best_iterate"`` when

@@ -6,7 +6,7 @@ For the pelvis case: ``planning/CT`` + ``planning/RS.dcm`` and, per fraction,
 ``fxNN/truth/truth.json``; then (``scheduled_plan=True``, the default for the pelvis case)
 the scheduled plan ``planning/RP.dcm`` + ``planning/RD.dcm`` + ``plan_report.json``, planned
 from scratch on the planning CT with ``config/goals/prostate.toml``
-(:func:`adaptive.pipeline.session.make_scheduled_plan`, ~1.5 min on 2 cores). TG-119 cases:
+(:func:`adaptive.pipeline.planning.make_scheduled_plan`, ~1.5 min on 2 cores). TG-119 cases:
 planning only (no plan; the manifest names where it would go).
 
 Same seed → identical voxel arrays, masks, DVFs and UIDs (UIDs are derived from the case
@@ -49,7 +49,7 @@ from adaptive.phantoms.pelvis import (
 )
 from adaptive.phantoms.phantom import Phantom
 from adaptive.phantoms.tg119 import tg119_cshape, tg119_prostate
-from adaptive.pipeline.session import make_scheduled_plan
+from adaptive.pipeline.planning import make_scheduled_plan
 from adaptive.replay.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_manifest
 from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_truth_json
 

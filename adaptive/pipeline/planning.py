@@ -1,4 +1,4 @@
-"""Planning and re-planning stages, and the whole chain for one fraction.
+"""Planning and re-planning of one CT + structure set: the stages and :func:`plan_case`.
 
 Stages (each a function; times in seconds recorded in ``timings_s``):
 
