@@ -2,7 +2,7 @@
 
 :func:`registration_stage` — CBCT + planning CT + planning structures (+ scheduled plan for
 the isocenter) → ``dvf.mha``, ``synthetic_ct/``, propagated ``RS.dcm``, ``REG.dcm``,
-``registration.json`` (via :func:`adaptive.registration.fraction.register_fraction`).
+``registration.json`` (via :func:`adaptive.registration.register_and_write.register_fraction`).
 
 :func:`planning_stage` — the registration outputs + the scheduled plan → Dij on the synthetic
 CT → warm-started re-optimisation (:func:`adaptive.pipeline.planning.plan_case`, the adapted
@@ -59,7 +59,7 @@ from adaptive.pipeline.safety import (
     roi_volumes_cc,
 )
 from adaptive.pipeline.scheduled_today import rigid_match_statement, run_scheduled_only
-from adaptive.registration.fraction import register_fraction
+from adaptive.registration.register_and_write import register_fraction
 
 log = get_logger("adaptive.pipeline.fraction")
 

@@ -39,7 +39,7 @@ from adaptive.registration.synthetic_ct import (
     write_synthetic_ct,
 )
 
-log = get_logger("adaptive.registration.fraction")
+log = get_logger("adaptive.registration.register_and_write")
 
 
 #: mappings a gate may allow (see :class:`GateDecision`)
