@@ -431,44 +431,12 @@ class Worker:
                         broker_expiry = now + self.interval * self.liveness
                         backoff = self.interval
                         if isinstance(m, M.Task):
-                            if self._busy is not None and self._busy.is_alive():
-                                self.log.error("task_while_busy", task_id=m.task_id)
-                                sock.send_multipart(encode(RESULT, {
-                                    "task_id": m.task_id, "ok": False,
-                                    "error": "worker busy", "error_type": "WorkerBusy"}))
-                                continue
-                            self.log.info("task_received", task_id=m.task_id,
-                                          attempt=m.attempt)
-                            # own the buffers: the frames die with this loop iteration
-                            arrays = {k: np.array(v) for k, v in arrays.items()}
-                            self._ctx = TaskContext(m.task_id, m.attempt, m.deadline_s,
-                                                    self._out)
-                            self._busy = threading.Thread(target=self._run_task,
-                                                          args=(m, arrays, self._ctx),
-                                                          daemon=True)
-                            self._busy.start()
+                            self._start_task(sock, m, arrays)
                         elif isinstance(m, M.Cancel):
-                            c = self._ctx
-                            if c is not None and c.task_id == m.task_id and \
-                                    self._busy is not None and self._busy.is_alive():
-                                c.cancelled.set()
-                                self.cancelled.append(m.task_id)
-                                self.log.warning("task_cancelled", task_id=m.task_id,
-                                                 reason=m.reason)
+                            self._cancel_task(m)
                         elif isinstance(m, M.Disconnect):
                             broker_expiry = 0  # re-register now
-                while True:
-                    try:
-                        kind, tid, data = self._out.get_nowait()
-                    except queue.Empty:
-                        break
-                    if kind == "progress":
-                        sock.send_multipart(encode(PROGRESS, {"task_id": tid, "info": data}))
-                    else:
-                        msg, res_arrays = data
-                        sock.send_multipart(encode(RESULT, msg, res_arrays), copy=False)
-                        self.log.info("task_done", task_id=tid, ok=msg["ok"],
-                                      run_s=msg["timings"]["run_s"])
+                if self._send_outbox(sock):
                     last_sent = now
                 if now > broker_expiry:
                     self.log.warning("broker_lost_reconnecting", backoff_s=backoff)
@@ -489,3 +457,46 @@ class Worker:
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart(encode(DISCONNECT, {}), zmq.NOBLOCK)
             sock.close(0)
+
+    def _start_task(self, sock, m: M.Task, arrays: dict) -> None:
+        """Run task ``m`` in a thread, or answer "worker busy" when one is running."""
+        if self._busy is not None and self._busy.is_alive():
+            self.log.error("task_while_busy", task_id=m.task_id)
+            sock.send_multipart(encode(RESULT, {
+                "task_id": m.task_id, "ok": False,
+                "error": "worker busy", "error_type": "WorkerBusy"}))
+            return
+        self.log.info("task_received", task_id=m.task_id, attempt=m.attempt)
+        # own the buffers: the frames die with the receiving loop's iteration
+        arrays = {k: np.array(v) for k, v in arrays.items()}
+        self._ctx = TaskContext(m.task_id, m.attempt, m.deadline_s, self._out)
+        self._busy = threading.Thread(target=self._run_task, args=(m, arrays, self._ctx),
+                                      daemon=True)
+        self._busy.start()
+
+    def _cancel_task(self, m: M.Cancel) -> None:
+        """Flag the running task cancelled when ``m`` names it."""
+        c = self._ctx
+        if c is not None and c.task_id == m.task_id and \
+                self._busy is not None and self._busy.is_alive():
+            c.cancelled.set()
+            self.cancelled.append(m.task_id)
+            self.log.warning("task_cancelled", task_id=m.task_id, reason=m.reason)
+
+    def _send_outbox(self, sock) -> bool:
+        """Send the queued progress reports and results; True when anything was sent."""
+        sent = False
+        while True:
+            try:
+                kind, tid, data = self._out.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "progress":
+                sock.send_multipart(encode(PROGRESS, {"task_id": tid, "info": data}))
+            else:
+                msg, res_arrays = data
+                sock.send_multipart(encode(RESULT, msg, res_arrays), copy=False)
+                self.log.info("task_done", task_id=tid, ok=msg["ok"],
+                              run_s=msg["timings"]["run_s"])
+            sent = True
+        return sent

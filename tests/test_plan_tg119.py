@@ -25,7 +25,7 @@ CASE = Path(__file__).resolve().parents[1] / "replay_data" / "tg119_cshape" / "p
 def test_tg119_cshape_plan_meets_goals(tmp_path, dciodvfy):
     from adaptive.dicom import read_ct_series, read_rtstruct
     from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.pipeline.session import PlanSettings, plan_case, write_plan_outputs
+    from adaptive.pipeline.planning import PlanSettings, plan_case, write_plan_outputs
 
     ct, series = read_ct_series(CASE / "CT")
     ss = read_rtstruct(CASE / "RS.dcm", series=series, grid=ct.grid)
@@ -65,7 +65,7 @@ def test_tg119_prostate_plan_meets_goals():
     D5 ≤ 83 Gy; rectum and bladder D30 ≤ 70 Gy, D10 ≤ 75 Gy) met by the optimised fluence and
     by the deliverable plan, driven only by the goal-derived terms (+ the BODY term)."""
     from adaptive.dicom import read_ct_series, read_rtstruct
-    from adaptive.pipeline.session import PlanSettings, plan_case
+    from adaptive.pipeline.planning import PlanSettings, plan_case
 
     case = CASE.parents[1] / "tg119_prostate" / "planning"
     ct, series = read_ct_series(case / "CT")

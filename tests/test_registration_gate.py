@@ -371,7 +371,7 @@ def test_missing_and_implausible_contours_fail():
 def test_rigid_field_of_the_gate_is_the_rigid_match():
     """use_rigid_match replaces the field by the rigid match exactly."""
     from adaptive.registration.core import RegistrationResult
-    from adaptive.registration.fraction import use_rigid_match
+    from adaptive.registration.register_and_write import use_rigid_match
 
     g = cbct_grid()
     m = translation([5.0, -2.0, 1.0])

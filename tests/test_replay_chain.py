@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     from adaptive.pipeline.fraction import run_fraction
-    from adaptive.pipeline.session import PlanSettings
+    from adaptive.pipeline.planning import PlanSettings
 
     m = load_manifest(REPO / "replay_data")
     case = m.case("pelvis01")

@@ -28,9 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from adaptive.bench.stats import summary
+from adaptive.config import load_toml
+from adaptive.dicom import read_ct_series, read_rtplan, read_rtstruct
+from adaptive.dose.beam_model import load_beam_model
+from adaptive.dose.density import hu_to_density
+from adaptive.dose.dij import compute_dij, full_kernel_dose
+from adaptive.dose.plan_dose import plan_dose
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.model.plan import Beam, ControlPoint
 
@@ -68,9 +75,6 @@ def nine_beams(iso=(0.0, 0.0, 0.0)) -> list[Beam]:
 
 def _replay_case(case_dir: Path):
     """(density, PTV mask, BODY mask) on the CT grid of a replay case's planning data."""
-    from adaptive.dicom import read_ct_series, read_rtstruct
-    from adaptive.dose.density import hu_to_density
-
     ct, _ = read_ct_series(case_dir / "planning" / "CT")
     ss = read_rtstruct(case_dir / "planning" / "RS.dcm", grid=ct.grid)
     return hu_to_density(ct), ss.mask("PTV", ct.grid), ss.mask("BODY", ct.grid)
@@ -93,8 +97,6 @@ def load_case(name: str):
         desc = "TG-119 C-shape, private phantom (water ellipse 40 x 25 cm, CT 2.5 mm)"
     else:
         if name == "pelvis01":
-            from adaptive.config import load_toml
-
             man = load_toml(REPLAY / "manifest.toml")
             case = next(c for c in man["cases"] if c["name"] == name)
             case_dir = REPLAY / case["path"]
@@ -109,8 +111,6 @@ def load_case(name: str):
 
 def _case_dir(name: str) -> Path | None:
     if name == "pelvis01":
-        from adaptive.config import load_toml
-
         man = load_toml(REPLAY / "manifest.toml")
         case = next(c for c in man["cases"] if c["name"] == name)
         return REPLAY / case["path"]
@@ -121,10 +121,6 @@ def _case_dir(name: str) -> Path | None:
 def plan_dose_case(name: str, repeats: int) -> dict | None:
     """Time plan_dose of the case's planning RP.dcm on its planning CT (HU): ``repeats``
     independent calls (median per stage) and a 3-call sequence sharing a depth cache."""
-    from adaptive.dicom import read_ct_series, read_rtplan
-    from adaptive.dose.beam_model import load_beam_model
-    from adaptive.dose.plan_dose import plan_dose
-
     case_dir = _case_dir(name)
     rp = None if case_dir is None else next(iter(sorted(case_dir.rglob("RP.dcm"))), None)
     if rp is None or not (rp.parent / "CT").is_dir():
@@ -155,9 +151,6 @@ def plan_dose_case(name: str, repeats: int) -> dict | None:
 def run_case(name: str, repeats: int) -> dict:
     """Time the Dij of one case ``repeats`` times (after a first, cache-loading call) and check
     it against the full-kernel dose; returns a JSON-able dict."""
-    from adaptive.dose.beam_model import load_beam_model
-    from adaptive.dose.dij import compute_dij, full_kernel_dose
-
     bm = load_beam_model()
     t0 = time.perf_counter()
     desc, rho, ptv, body, beams = load_case(name)
@@ -230,8 +223,6 @@ def compile_time() -> dict:
 
 
 def run(args) -> str:
-    import numba
-
     repeats = max(3, int(getattr(args, "repeats", 3) or 3))
     lines = ["## dose", "",
              ("Dose-influence matrix, 9 coplanar beams at the PTV centroid, 5 mm beamlets, 3 mm "

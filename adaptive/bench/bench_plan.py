@@ -13,25 +13,18 @@ import time
 from pathlib import Path
 
 from adaptive.bench.stats import summary
+from adaptive.dicom import read_ct_series, read_rtstruct
+from adaptive.dose.beam_model import load_beam_model
+from adaptive.dose.density import hu_to_density
+from adaptive.optimization.fluence import optimize_fluence_goals
+from adaptive.optimization.goals import goal_table, load_goals
+from adaptive.optimization.objective import Objective
+from adaptive.pipeline.planning import PlanSettings, plan_case, stage_beams, stage_dij, stage_masks
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _case(kind: str, repeats: int) -> list[str]:
-    from adaptive.dicom import read_ct_series, read_rtstruct
-    from adaptive.dose.beam_model import load_beam_model
-    from adaptive.dose.density import hu_to_density
-    from adaptive.optimization.fluence import optimize_fluence_goals
-    from adaptive.optimization.goals import goal_table, load_goals
-    from adaptive.optimization.objective import Objective
-    from adaptive.pipeline.session import (
-        PlanSettings,
-        plan_case,
-        stage_beams,
-        stage_dij,
-        stage_masks,
-    )
-
     case = REPO / "replay_data" / f"tg119_{kind}" / "planning"
     ct, series = read_ct_series(case / "CT")
     ss = read_rtstruct(case / "RS.dcm", series=series, grid=ct.grid)

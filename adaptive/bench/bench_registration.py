@@ -18,13 +18,39 @@ e.g. held-out cases built with ``adaptive replay-data build --out DIR --seed N -
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from adaptive.bench.bench_services import session_stack
+from adaptive.bench.gate_cases import evaluate, fault_cases, normal_cases
 from adaptive.bench.stats import summary
+from adaptive.dicom.ct_series import read_ct_series
+from adaptive.dicom.rtstruct import read_rtstruct
+from adaptive.geometry.dvf_io import read_dvf
+from adaptive.geometry.volume import Volume
+from adaptive.phantoms.cbct import CbctGeometry, simulate_fraction
+from adaptive.phantoms.deformation import DailyVariation
+from adaptive.phantoms.pelvis import (
+    PelvisAnatomy,
+    default_planning_grid,
+    isocenter_from_ptv,
+    pelvis_phantom,
+)
+from adaptive.registration.core import register, warm_up
+from adaptive.registration.evaluate import dice, dilate_mm, hausdorff95, tre
+from adaptive.registration.masks import valid_region_mask
+from adaptive.registration.propagate import propagate_mask, propagate_structures
+from adaptive.registration.quality import affine_field
+from adaptive.registration.synthetic_ct import synthetic_ct
+from adaptive.replay.build import load_replay_config
+from adaptive.replay.manifest import load_manifest
+from services.local_peers import Tms, patient_id_of, push
+from services.orchestrator.state import HANDOFF_ENDS
 
 REPO = Path(__file__).resolve().parents[2]
 ORGANS = ("PROSTATE", "BLADDER", "RECTUM")
@@ -40,16 +66,6 @@ def _masks(ss, grid, names):
 
 def evaluate_fraction(case, fx, ct, ct_info, planning_ss, repeats: int = 3) -> dict:
     """Run and score one replay fraction (see module doc). Returns a dict of figures."""
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.geometry.dvf_io import read_dvf
-    from adaptive.geometry.volume import Volume
-    from adaptive.registration.core import register
-    from adaptive.registration.evaluate import dice, dilate_mm, hausdorff95, tre
-    from adaptive.registration.propagate import propagate_mask, propagate_structures
-    from adaptive.registration.quality import affine_field
-    from adaptive.registration.synthetic_ct import synthetic_ct
-
     cbct, cb_info = read_ct_series(fx.cbct_dir)
     truth, tgrid = read_dvf(fx.truth_dvf)
     if not tgrid.same_as(cbct.grid):
@@ -89,11 +105,6 @@ def evaluate_fraction(case, fx, ct, ct_info, planning_ss, repeats: int = 3) -> d
 
 
 def run(args) -> str:
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.registration.core import warm_up
-    from adaptive.replay.manifest import load_manifest
-
     mpath = Path(os.environ.get("ADAPTIVE_BENCH_REPLAY_MANIFEST")
                  or REPO / "replay_data" / "manifest.toml")
     lines = ["## registration", ""]
@@ -165,18 +176,6 @@ SHIFT_CASES = ((21, (4.0, 3.0, -5.0)), (22, (-3.0, 6.0, 2.0)))  # (phantom seed,
 def pure_shift_case(seed: int, shift_mm, ct_spacing_mm, cbct_spacing_mm) -> dict:
     """Register a pure setup shift of the pelvis phantom (seed ``seed``) at the given voxel
     sizes; returns the full-field and rigid errors (mm) and the timings (s)."""
-    from adaptive.phantoms.cbct import CbctGeometry, simulate_fraction
-    from adaptive.phantoms.deformation import DailyVariation
-    from adaptive.phantoms.pelvis import (
-        PelvisAnatomy,
-        default_planning_grid,
-        isocenter_from_ptv,
-        pelvis_phantom,
-    )
-    from adaptive.registration.core import register
-    from adaptive.registration.masks import valid_region_mask
-    from adaptive.replay.build import load_replay_config
-
     cfg = load_replay_config().pelvis  # the committed case's generator parameters
     anat = PelvisAnatomy.sample(seed, ptv_margin_mm=cfg.ptv_margin_mm)
     ext = np.multiply(cfg.planning_size_ijk, cfg.planning_spacing_mm)
@@ -283,8 +282,6 @@ def gate_section(sets=(("calibration", GATE_CALIBRATION),
     """Every gate case (adaptive/bench/gate_cases.py): its figures and the gate's verdict;
     a correct registration must be offered (verdict deformable), a fault must not be, and no
     result with a mean TRE > 3 mm in PTV + 20 mm may pass."""
-    from adaptive.bench.gate_cases import evaluate, fault_cases, normal_cases
-
     lines = ["### registration safety gate (config/safety.toml)", "", *GATE_HEAD]
     bad = []
     for label, sel in sets:
@@ -305,18 +302,6 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
     services with the real stages: initial alignment, registration error against the truth
     (from the session's ``dvf.mha``), the gate's verdict, and whether an adapted plan was
     offered (chosen when offered, after acknowledging the reviews)."""
-    import json
-    import tempfile
-
-    from adaptive.bench.bench_services import session_stack
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.geometry.dvf_io import read_dvf
-    from adaptive.registration.evaluate import dilate_mm, tre
-    from adaptive.replay.manifest import load_manifest
-    from services.local_peers import Tms, patient_id_of, push
-    from services.orchestrator.state import HANDOFF_ENDS
-
     mpath = REPO / "replay_data" / "manifest.toml"
     case = next(c for c in load_manifest(mpath).cases if c.fractions)
     fxs = case.fractions[:max_sessions] if max_sessions else case.fractions
@@ -328,40 +313,7 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
     try:
         stack, cl, gw_port = session_stack(work, tms, planning, pid)
         for fx in fxs:
-            s = cl.start("BENCH_ROOM", pid, protocol="prostate")
-            push(gw_port, sorted(fx.cbct_dir.glob("*.dcm")), "IMAGER")
-            s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
-                                  900, poll_s=0.25)
-            rpath = (stack.cfg.paths.sessions / s["session_id"] / "registration" /
-                     "registration_result.json")
-            if not rpath.is_file():  # the registration stage failed: said in the notes
-                cl.choose(s["session_id"], "scheduled")
-                cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
-                rows.append({"fx": fx.label, "convention": fx.convention, "failed_stage":
-                             "; ".join(s.get("notes", []))[:200]})
-                continue
-            reg = json.loads(rpath.read_text())
-            cbct, _ = read_ct_series(fx.cbct_dir)
-            truth, _ = read_dvf(fx.truth_dvf)
-            got, _ = read_dvf(reg["dvf"])
-            ptv = read_rtstruct(fx.truth_rtstruct, grid=cbct.grid).mask("PTV", cbct.grid)
-            e = tre(got, truth, dilate_mm(ptv, cbct.grid, 20.0), cbct.grid)
-            offered = "adapted" in s["offered"]
-            plan = "adapted" if offered else "scheduled"
-            cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
-            s2 = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
-            ia = reg.get("initial_alignment") or {}
-            sc = reg.get("setup_correction") or {}
-            plan_failed = [c["name"] + ": " + c["message"] for c in
-                           ((s.get("plans") or {}).get("adapted") or {}).get("checks", [])
-                           if not c.get("passed", True) and c.get("blocking", True)]
-            rows.append({"fx": fx.label, "convention": fx.convention, "tre": e,
-                         "validity": reg.get("validity"), "offered": offered,
-                         "handed_off": s2["state"], "winner": ia.get("winner"),
-                         "init_s": ia.get("time_s"), "setup": sc,
-                         "reviews": [r["name"] for r in s.get("reviews", [])],
-                         "registration_s": s["stages"].get("registration", {}).get("duration_s"),
-                         "failed": (reg.get("registration_failed") or []) + plan_failed})
+            rows.append(_convention_session(cl, stack, gw_port, pid, fx))
     finally:
         if cl:
             cl.close()
@@ -398,3 +350,41 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
             f"{_f(r['registration_s'], 1)} |")
     lines += ["", "Target " + ("met on every fraction." if ok else "MISSED (see the rows)."), ""]
     return lines
+
+
+def _convention_session(cl, stack, gw_port: int, pid: str, fx) -> dict:
+    """One session on fraction ``fx``: initial alignment, TRE (mm) of the session's field
+    against the truth in PTV + 20 mm, the gate's verdict, the plan offered and handed off."""
+    s = cl.start("BENCH_ROOM", pid, protocol="prostate")
+    push(gw_port, sorted(fx.cbct_dir.glob("*.dcm")), "IMAGER")
+    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"},
+                          900, poll_s=0.25)
+    rpath = (stack.cfg.paths.sessions / s["session_id"] / "registration" /
+             "registration_result.json")
+    if not rpath.is_file():  # the registration stage failed: said in the notes
+        cl.choose(s["session_id"], "scheduled")
+        cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
+        return {"fx": fx.label, "convention": fx.convention,
+                "failed_stage": "; ".join(s.get("notes", []))[:200]}
+    reg = json.loads(rpath.read_text())
+    cbct, _ = read_ct_series(fx.cbct_dir)
+    truth, _ = read_dvf(fx.truth_dvf)
+    got, _ = read_dvf(reg["dvf"])
+    ptv = read_rtstruct(fx.truth_rtstruct, grid=cbct.grid).mask("PTV", cbct.grid)
+    e = tre(got, truth, dilate_mm(ptv, cbct.grid, 20.0), cbct.grid)
+    offered = "adapted" in s["offered"]
+    plan = "adapted" if offered else "scheduled"
+    cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
+    s2 = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
+    ia = reg.get("initial_alignment") or {}
+    sc = reg.get("setup_correction") or {}
+    plan_failed = [c["name"] + ": " + c["message"] for c in
+                   ((s.get("plans") or {}).get("adapted") or {}).get("checks", [])
+                   if not c.get("passed", True) and c.get("blocking", True)]
+    return {"fx": fx.label, "convention": fx.convention, "tre": e,
+            "validity": reg.get("validity"), "offered": offered,
+            "handed_off": s2["state"], "winner": ia.get("winner"),
+            "init_s": ia.get("time_s"), "setup": sc,
+            "reviews": [r["name"] for r in s.get("reviews", [])],
+            "registration_s": s["stages"].get("registration", {}).get("duration_s"),
+            "failed": (reg.get("registration_failed") or []) + plan_failed}

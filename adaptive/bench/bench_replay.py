@@ -18,14 +18,13 @@ import tempfile
 from pathlib import Path
 
 from adaptive.config import config_path
+from adaptive.replay.archive import ClusterSettings, replay_archive
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = (1, 2)
 
 
 def run(args) -> str:
-    from adaptive.replay.archive import ClusterSettings, replay_archive
-
     archive = Path(os.environ.get("ADAPTIVE_BENCH_REPLAY_ARCHIVE")
                    or REPO / "replay_data" / "pelvis01")
     lines = ["## replay", ""]

@@ -22,14 +22,24 @@ from pathlib import Path
 
 from adaptive.bench.rss import PeakRss
 from adaptive.bench.stats import summary
+from adaptive.replay.build import build_replay_data
+from services.config import GatewayConfig, write_local_config
+from services.gateway.scp import Gateway
+from services.local_peers import (
+    Tms,
+    find_fraction,
+    patient_id_of,
+    push,
+    wait_planning_data,
+    write_synthetic_ct,
+)
+from services.orchestrator.state import HANDOFF_ENDS
+from services.supervisor import ServiceStack
 
 TARGET_S = 2.0
 
 
 def _receive_once(paths, root: Path, fsync: str, idle_s: float) -> tuple[float, float, int]:
-    from services.config import GatewayConfig
-    from services.gateway.scp import Gateway
-
     done = threading.Event()
     got = {}
 
@@ -61,8 +71,6 @@ def _receive_once(paths, root: Path, fsync: str, idle_s: float) -> tuple[float, 
 
 
 def run(args) -> str:
-    from services.local_peers import write_synthetic_ct
-
     out = ["## services", ""]
     if not shutil.which("storescu"):
         return "\n".join(out + ["storescu (dcmtk) not installed: receive benchmark not run."])
@@ -96,8 +104,6 @@ LARGE_DIR = Path(__file__).resolve().parents[2] / "replay_data_large"
 def _large_case() -> Path:
     """A fraction of the clinical-size case (``adaptive replay-data build --large``), built
     into ``replay_data_large/`` when missing (not committed; takes minutes)."""
-    from adaptive.replay.build import build_replay_data
-
     fx = sorted(LARGE_DIR.glob("*/fx*/CBCT"))
     if not fx:
         build_replay_data(LARGE_DIR, large=True)
@@ -128,10 +134,6 @@ def session_stack(work: Path, tms, planning: Path, pid: str):
     with a console client and the case's planning data (``planning``: CT/, RS.dcm, RP.dcm)
     registered by the orchestrator. Returns (stack, console client, gateway port); the
     caller stops the stack and closes the client."""
-    from services.config import write_local_config
-    from services.local_peers import push, wait_planning_data
-    from services.supervisor import ServiceStack
-
     stack = None
     try:
         stack = ServiceStack(write_local_config(work, tms.port))
@@ -186,9 +188,6 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
     dispatch to result) and end to end (CBCT complete to plan stored, excluding the
     decision), the stages' own sub-stage clocks, the load average and the peak resident
     memory of each service process with its stage children (:mod:`adaptive.bench.rss`)."""
-    from services.local_peers import Tms, find_fraction, patient_id_of, push
-    from services.orchestrator.state import HANDOFF_ENDS
-
     fx0, planning = find_fraction(None if fraction_dir is None else str(fraction_dir))
     fractions = sorted(p.parent for p in fx0.parent.glob("fx*/CBCT"))
     n = n or len(fractions)
@@ -207,28 +206,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
             return {p.popen.pid: p.name for p in st.procs if p.popen is not None}
         with PeakRss(roots) as rss:
             for i in range(n):
-                fx = fractions[i]
-                s = cl.start("BENCH_ROOM", pid, protocol="prostate")
-                push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
-                s = cl.wait_for_state(s["session_id"],
-                                      {"awaiting_decision", "fallback", "failed"}, 900,
-                                      poll_s=0.25)
-                if s["state"] == "failed":
-                    raise RuntimeError(f"session {i + 1} failed: {s['error']}")
-                plan = "adapted" if "adapted" in s["offered"] else "scheduled"
-                cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
-                s = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
-                st = s["stages"]
-                rows.append({"fraction": fx.name, "plan": plan, "state": s["state"],
-                             "registration": st.get("registration", {}).get("duration_s"),
-                             "planning": st.get("planning", {}).get("duration_s"),
-                             "handoff": st.get("handoff", {}).get("duration_s"),
-                             "end_to_end": s["end_to_end"].get("duration_s"),
-                             "within": s["end_to_end"].get("within_budget"),
-                             "notes": "; ".join(s.get("notes", []))[:300],
-                             "inner": _stage_timings(stack.cfg.paths.sessions
-                                                     / s["session_id"]),
-                             "load": os.getloadavg()[0]})
+                rows.append(_one_session(cl, stack, gw_port, pid, fractions[i], i))
     finally:
         if cl:
             cl.close()
@@ -241,7 +219,38 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
             f"registration + planning workers, 1 each; TMS: {tms.label.split(' ')[0]}). "
             f"Budgets from config/budgets.toml. Load average (1/5/15 min) {load0} before, "
             f"{load1} after."), "",
-           ("| session | fraction | plan handed off | registration s | planning s | hand-off s "
+           *_session_tables(rows, rss.peaks)]
+    return "\n".join(out)
+
+
+def _one_session(cl, stack: ServiceStack, gw_port: int, pid: str, fx: Path, i: int) -> dict:
+    """Session ``i``: push the fraction's CBCT, choose the adapted plan when offered (the
+    scheduled plan otherwise), wait for the hand-off; returns its stage durations (s)."""
+    s = cl.start("BENCH_ROOM", pid, protocol="prostate")
+    push(gw_port, sorted((fx / "CBCT").glob("*.dcm")), "IMAGER")
+    s = cl.wait_for_state(s["session_id"], {"awaiting_decision", "fallback", "failed"}, 900,
+                          poll_s=0.25)
+    if s["state"] == "failed":
+        raise RuntimeError(f"session {i + 1} failed: {s['error']}")
+    plan = "adapted" if "adapted" in s["offered"] else "scheduled"
+    cl.choose(s["session_id"], plan, [r["name"] for r in s.get("reviews", [])])
+    s = cl.wait_for_state(s["session_id"], HANDOFF_ENDS, 120, poll_s=0.25)
+    st = s["stages"]
+    return {"fraction": fx.name, "plan": plan, "state": s["state"],
+            "registration": st.get("registration", {}).get("duration_s"),
+            "planning": st.get("planning", {}).get("duration_s"),
+            "handoff": st.get("handoff", {}).get("duration_s"),
+            "end_to_end": s["end_to_end"].get("duration_s"),
+            "within": s["end_to_end"].get("within_budget"),
+            "notes": "; ".join(s.get("notes", []))[:300],
+            "inner": _stage_timings(stack.cfg.paths.sessions / s["session_id"]),
+            "load": os.getloadavg()[0]}
+
+
+def _session_tables(rows: list[dict], peaks: dict) -> list[str]:
+    """Markdown tables of :func:`bench_sessions`: per session, p50/p95 per stage and inside the
+    stages (s), peak RSS per service process (GiB)."""
+    out = [("| session | fraction | plan handed off | registration s | planning s | hand-off s "
             "| end to end s | within budget | load (1 min) |"),
            "|---|---|---|---|---|---|---|---|---|"]
 
@@ -267,6 +276,6 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
             out.append(f"| {k} | {_pct(xs, 50):.2f} | {_pct(xs, 95):.2f} | {len(xs)} |")
     out += ["", ("Peak resident memory per service process with its stage children (sampled "
                  "every 0.25 s from /proc):"), "", "| process | peak RSS GiB |", "|---|---|"]
-    for name, b in sorted(rss.peaks.items()):
+    for name, b in sorted(peaks.items()):
         out.append(f"| {name} | {b / 2**30:.2f} |")
-    return "\n".join(out)
+    return out

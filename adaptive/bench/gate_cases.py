@@ -27,7 +27,31 @@ from functools import lru_cache
 
 import numpy as np
 
+from adaptive.config import load_toml
+from adaptive.errors import RegistrationError
 from adaptive.geometry.volume import Grid, Volume
+from adaptive.model.identity import PatientInfo, SeriesInfo
+from adaptive.phantoms.abdomen import (
+    AbdomenAnatomy,
+    AbdomenVariation,
+    abdomen_phantom,
+    simulate_abdomen_fraction,
+)
+from adaptive.phantoms.cbct import simulate_fraction
+from adaptive.phantoms.deformation import DailyVariation
+from adaptive.phantoms.pelvis import (
+    PelvisAnatomy,
+    default_planning_grid,
+    isocenter_from_ptv,
+    pelvis_phantom,
+)
+from adaptive.pipeline.registration_gate import target_residual
+from adaptive.pipeline.safety import SafetySettings, registration_gate
+from adaptive.registration.core import _validity, _validity_samples, register
+from adaptive.registration.evaluate import dilate_mm, tre
+from adaptive.registration.quality import deformation_beyond_rigid
+from adaptive.registration.settings import DEFAULT_CONFIG
+from adaptive.replay.build import load_replay_config
 
 CONVENTION_NAMES = {"a": "isocenter", "b": "planning coordinates", "c": "setup error 3-8 cm",
                     "d": "couch rotation 5-8 deg"}
@@ -49,14 +73,6 @@ class GateCase:
 
 @lru_cache(maxsize=8)
 def pelvis(seed: int):
-    from adaptive.phantoms.pelvis import (
-        PelvisAnatomy,
-        default_planning_grid,
-        isocenter_from_ptv,
-        pelvis_phantom,
-    )
-    from adaptive.replay.build import load_replay_config
-
     cfg = load_replay_config().pelvis
     anat = PelvisAnatomy.sample(seed, ptv_margin_mm=cfg.ptv_margin_mm)
     ph = pelvis_phantom(default_planning_grid(anat, cfg.planning_spacing_mm,
@@ -67,8 +83,6 @@ def pelvis(seed: int):
 
 @lru_cache(maxsize=4)
 def abdomen(seed: int):
-    from adaptive.phantoms.abdomen import AbdomenAnatomy, abdomen_phantom
-
     a = AbdomenAnatomy.sample(seed)
     ph = abdomen_phantom(seed, anatomy=a)
     return a, ph, ph.ct.grid.ijk_to_lps(np.argwhere(ph.masks["PTV"]).mean(0)[::-1])
@@ -88,11 +102,6 @@ def _convention(kind: str, rng, setup, rotation):
 
 
 def normal_cases(pelvis_seeds=(), abdomen_seeds=(), kinds="abcd") -> Iterator[GateCase]:
-    from adaptive.phantoms.abdomen import AbdomenVariation, simulate_abdomen_fraction
-    from adaptive.phantoms.cbct import simulate_fraction
-    from adaptive.phantoms.deformation import DailyVariation
-    from adaptive.replay.build import load_replay_config
-
     geom = load_replay_config().pelvis.cbct_geometry
     for seed in pelvis_seeds:
         anat, ph, iso = pelvis(seed)
@@ -119,9 +128,6 @@ def normal_cases(pelvis_seeds=(), abdomen_seeds=(), kinds="abcd") -> Iterator[Ga
 
 
 def one_iteration_config() -> dict:
-    from adaptive.config import load_toml
-    from adaptive.registration.settings import DEFAULT_CONFIG
-
     raw = load_toml(DEFAULT_CONFIG)
     raw["elastix"]["rigid"]["MaximumNumberOfIterations"] = 1
     raw["elastix"]["bspline"]["MaximumNumberOfIterations"] = 1
@@ -130,8 +136,6 @@ def one_iteration_config() -> dict:
 
 def other_patient(seed: int):
     """A pelvis of another patient: other organs, a 10-12 % larger body, wider hips."""
-    from adaptive.phantoms.pelvis import PelvisAnatomy
-
     o = PelvisAnatomy.sample(seed, ptv_margin_mm=6.0)
     return dataclasses.replace(o, body_semi_lr_mm=o.body_semi_lr_mm * 1.12,
                                body_semi_ap_mm=o.body_semi_ap_mm * 1.1, femoral_head_x_mm=100.0,
@@ -140,17 +144,6 @@ def other_patient(seed: int):
 
 
 def fault_cases(seed: int) -> Iterator[GateCase]:
-    from adaptive.phantoms.abdomen import simulate_abdomen_fraction
-    from adaptive.phantoms.cbct import simulate_fraction
-    from adaptive.phantoms.deformation import DailyVariation
-    from adaptive.phantoms.pelvis import (
-        PelvisAnatomy,
-        default_planning_grid,
-        isocenter_from_ptv,
-        pelvis_phantom,
-    )
-    from adaptive.replay.build import load_replay_config
-
     cfg = load_replay_config().pelvis
     geom = cfg.cbct_geometry
     anat, ph, iso = pelvis(seed)
@@ -206,14 +199,6 @@ def bump_field(d, centre, sigma_mm: float = 20.0) -> Callable:
 
 def evaluate(case: GateCase) -> dict:
     """Register ``case`` (or perturb its result), run the gate, score against the truth."""
-    from adaptive.errors import RegistrationError
-    from adaptive.model.identity import PatientInfo, SeriesInfo
-    from adaptive.pipeline.registration_gate import target_residual
-    from adaptive.pipeline.safety import SafetySettings, registration_gate
-    from adaptive.registration.core import _validity, _validity_samples, register
-    from adaptive.registration.evaluate import dilate_mm, tre
-    from adaptive.registration.quality import deformation_beyond_rigid
-
     ph = case.planning
     out = {"case": case.name, "kind": case.kind}
     t0 = time.perf_counter()

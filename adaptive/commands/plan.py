@@ -27,7 +27,7 @@ def run(args) -> int:
     from adaptive.dicom.rtplan import read_rtplan
     from adaptive.dicom.rtstruct import read_rtstruct
     from adaptive.optimization.goals import goal_table, load_goals
-    from adaptive.pipeline.session import PlanSettings, plan_case, write_plan_outputs
+    from adaptive.pipeline.planning import PlanSettings, plan_case, write_plan_outputs
 
     goals = load_goals(args.goals)
     ct, series = read_ct_series(args.ct_dir)

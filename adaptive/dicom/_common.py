@@ -15,6 +15,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from adaptive.atomic import atomic_file
+from adaptive.dicom.provenance import new_uid
 from adaptive.errors import DicomInputError, MissingTagError, NotDicomError
 from adaptive.model.identity import PatientInfo, StudyIdentity
 
@@ -173,8 +174,6 @@ def new_series(ds: Dataset, modality: str, description: str, date: str, time: st
                series_number: int = 1) -> str:
     """General Series of a new derived object: Modality, a new Series Instance UID,
     number, date/time and description (LO, cut to 64). Returns the series UID."""
-    from adaptive.dicom.provenance import new_uid  # provenance imports this module
-
     ds.Modality = modality
     ds.SeriesInstanceUID = new_uid()
     ds.SeriesNumber = int(series_number)

@@ -152,6 +152,29 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
     side of the gap or the duplicates), GeometryError (non-orthonormal or differing
     orientation, gantry tilt, differing rows/columns/pixel spacing), EmptySeriesError.
     """
+    items = _image_items(source, modality)
+
+    # identity checks: one series, one Frame of Reference
+    where = None if isinstance(source, (list, tuple)) else source
+    series_uid = _single_uid(items, "SeriesInstanceUID", MixedSeriesError, "{n} series mixed", where)
+    for_uid = _single_uid(items, "FrameOfReferenceUID", MixedFrameOfReferenceError,
+                          "series has {n} Frames of Reference", where)
+
+    # geometry
+    row, col, rows0, cols0, ps0, positions = _slice_geometry(items)
+    normal = np.cross(row, col)
+    items, positions, dz = _sorted_slices(items, positions, normal, ps0)
+    vol = _hu_volume(items, rows0, cols0)
+
+    direction = np.column_stack([row, col, normal])
+    grid = Grid(shape=(len(items), rows0, cols0), origin=positions[0],
+                spacing=np.array([ps0[1], ps0[0], dz]), direction=direction)
+    return Volume(vol, grid, "HU"), _series_info(items, series_uid, for_uid)
+
+
+def _image_items(source: str | Path | list[Path], modality: str | None) -> list[tuple[Path, Dataset]]:
+    """(path, dataset) of the image instances of ``source`` (of ``modality`` when given);
+    raises :class:`EmptySeriesError` when there are none."""
     files = _list_files(source)
     want = modality.upper() if modality else None
     items = []  # (path, ds)
@@ -168,17 +191,16 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
     if not items:
         raise EmptySeriesError(f"no {want or 'image'} instances found",
                                None if isinstance(source, (list, tuple)) else source)
+    return items
 
-    # identity checks: one series, one Frame of Reference
-    where = None if isinstance(source, (list, tuple)) else source
-    series_uid = _single_uid(items, "SeriesInstanceUID", MixedSeriesError, "{n} series mixed", where)
-    for_uid = _single_uid(items, "FrameOfReferenceUID", MixedFrameOfReferenceError,
-                          "series has {n} Frames of Reference", where)
 
-    # geometry
+def _slice_geometry(items: list[tuple[Path, Dataset]]
+                    ) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray, np.ndarray]:
+    """(row and column direction cosines (LPS), Rows, Columns, Pixel Spacing (row, column mm),
+    Image Position Patient (LPS mm) per slice); all slices must share orientation, size and
+    spacing (:class:`GeometryError` names the file that differs)."""
     f0, ds0 = items[0]
     row, col = _orientation(ds0, f0)
-    normal = np.cross(row, col)
     rows0, cols0 = int(require(ds0, "Rows", f0)), int(require(ds0, "Columns", f0))
     ps0 = np.asarray([float(v) for v in require(ds0, "PixelSpacing", f0)], dtype=np.float64)
     if ps0.shape != (2,) or np.any(ps0 <= 0):
@@ -198,6 +220,14 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
             raise GeometryError(f"invalid ImagePositionPatient {ipp.tolist()} [{f}]")
         positions.append(ipp)
     positions = np.asarray(positions)
+    return row, col, rows0, cols0, ps0, positions
+
+
+def _sorted_slices(items: list[tuple[Path, Dataset]], positions: np.ndarray, normal: np.ndarray,
+                   ps0: np.ndarray) -> tuple[list[tuple[Path, Dataset]], np.ndarray, float]:
+    """Slices sorted along the normal, their positions (LPS mm) and the slice spacing (mm);
+    raises :class:`SeriesGapError` for duplicate or unevenly spaced slices and
+    :class:`GeometryError` for a tilted or sheared stack."""
     s = positions @ normal
     order = np.argsort(s, kind="stable")
     items = [items[i] for i in order]
@@ -231,8 +261,12 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
         dz = float(items[0][1].get("SpacingBetweenSlices", 0) or items[0][1].get("SliceThickness", 0) or 1.0)
         if dz <= 0:
             dz = 1.0
+    return items, positions, dz
 
-    vol = np.empty((nz, rows0, cols0), dtype=np.float32)
+
+def _hu_volume(items: list[tuple[Path, Dataset]], rows0: int, cols0: int) -> np.ndarray:
+    """The slices' stored values rescaled to HU (Rescale Slope/Intercept), float32 (nz, ny, nx)."""
+    vol = np.empty((len(items), rows0, cols0), dtype=np.float32)
     for k, (f, ds) in enumerate(items):
         raw = _pixels(ds, f)
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
@@ -241,11 +275,14 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
             np.add(raw, intercept, out=vol[k], casting="unsafe")
         else:
             vol[k] = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return vol
 
-    direction = np.column_stack([row, col, normal])
-    grid = Grid(shape=(nz, rows0, cols0), origin=positions[0],
-                spacing=np.array([ps0[1], ps0[0], dz]), direction=direction)
-    info = SeriesInfo(
+
+def _series_info(items: list[tuple[Path, Dataset]], series_uid: str, for_uid: str) -> SeriesInfo:
+    """Patient, study and series identity from the first slice; SOP Instance UIDs in slice
+    order."""
+    f0, ds0 = items[0]
+    return SeriesInfo(
         patient=patient_from_ds(ds0),
         study_instance_uid=str(require(ds0, "StudyInstanceUID", f0)),
         series_instance_uid=series_uid,
@@ -261,7 +298,85 @@ def read_ct_series(source: str | Path | list[Path], *, modality: str | None = No
         referring_physician_name=str(ds0.get("ReferringPhysicianName", "") or ""),
         study_time=str(ds0.get("StudyTime", "") or ""),
     )
-    return Volume(vol, grid, "HU"), info
+
+
+def _completed_info(info: SeriesInfo, study: StudyIdentity, nz: int, description: str,
+                    out_dir: Path) -> SeriesInfo:
+    """``info`` with ``study``'s patient and study, and the series, Frame of Reference and
+    ``nz`` SOP Instance UIDs it lacks; raises :class:`StudyMismatchError` when it names
+    another patient or study."""
+    sops = list(info.sop_instance_uids) if len(info.sop_instance_uids) == nz else [new_uid() for _ in range(nz)]
+    if info.study_instance_uid and info.study_instance_uid != study.study_instance_uid:
+        raise StudyMismatchError(f"series info names study {info.study_instance_uid}, the "
+                                 f"study identity is {study.study_instance_uid} [{out_dir}]")
+    if info.study_instance_uid:
+        study.check_series(info, f"CT series [{out_dir}]")
+    else:
+        study.check_patient(info.patient, f"CT series [{out_dir}]")
+    return dataclasses.replace(
+        info,
+        patient=study.patient, study_date=study.study_date, study_time=study.study_time,
+        study_id=study.study_id, accession_number=study.accession_number,
+        referring_physician_name=study.referring_physician_name,
+        study_instance_uid=study.study_instance_uid,
+        series_instance_uid=info.series_instance_uid or new_uid(),
+        frame_of_reference_uid=info.frame_of_reference_uid or new_uid(),
+        sop_instance_uids=sops,
+        sop_class_uid=CT_IMAGE_STORAGE,
+        modality=info.modality or "CT",
+        series_description=description or info.series_description,
+    )
+
+
+def _slice_dataset(done: SeriesInfo, study: StudyIdentity, grid: Grid, k: int,
+                   date_time: tuple[str, str], derivation: str, slope: float,
+                   intercept: float) -> Dataset:
+    """CT Image Storage dataset of slice ``k`` without Pixel Data: position (LPS mm),
+    orientation and spacing (mm) from ``grid``, rescale to HU."""
+    date, tm = date_time
+    sops = done.sop_instance_uids
+    row, col = grid.direction[:, 0], grid.direction[:, 1]
+    normal = np.cross(row, col)
+    iop = ds_list(np.concatenate([row, col]))
+    pixel_spacing = ds_list([grid.spacing[1], grid.spacing[0]])
+    thickness = ds_str(grid.spacing[2])
+    wl_center, wl_width = "40", "400"
+    ds = new_dataset(CT_IMAGE_STORAGE, sops[k])
+    set_patient_study(ds, study)
+    ds.Modality = done.modality if done.modality == "CT" else "CT"
+    ds.SeriesInstanceUID = done.series_instance_uid
+    ds.SeriesNumber = int(done.series_number)
+    ds.SeriesDate, ds.SeriesTime = date, tm
+    ds.SeriesDescription = (done.series_description or "")[:64]
+    ds.PatientPosition = "HFS"
+    ds.Laterality = ""
+    ds.FrameOfReferenceUID = done.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.InstanceNumber = k + 1
+    ds.PatientOrientation = ""
+    ds.ContentDate, ds.ContentTime = date, tm
+    ds.AcquisitionNumber = 1
+    if derivation:
+        ds.DerivationDescription = derivation[:1024]
+    ds.ImageComments = derivation[:10240] if derivation else ""
+    ipp = grid.ijk_to_lps(np.array([0.0, 0.0, float(k)]))
+    ds.ImagePositionPatient = ds_list(ipp)
+    ds.ImageOrientationPatient = iop
+    ds.PixelSpacing = pixel_spacing
+    ds.SliceThickness = thickness
+    ds.SliceLocation = ds_str(float(ipp @ normal))
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = grid.shape[1], grid.shape[2]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = ds_str(intercept)
+    ds.RescaleSlope = ds_str(slope)
+    ds.RescaleType = "HU"
+    ds.WindowCenter, ds.WindowWidth = wl_center, wl_width
+    ds.KVP = ""
+    return ds
 
 
 def _rescale(arr: np.ndarray) -> tuple[float, float]:
@@ -305,74 +420,15 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     read back by :func:`read_ct_series` as the equivalent right-handed grid (slices reversed).
     """
     grid = volume.grid
-    nz, ny, nx = grid.shape
+    nz = grid.shape[0]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sops = list(info.sop_instance_uids) if len(info.sop_instance_uids) == nz else [new_uid() for _ in range(nz)]
-    if info.study_instance_uid and info.study_instance_uid != study.study_instance_uid:
-        raise StudyMismatchError(f"series info names study {info.study_instance_uid}, the "
-                                 f"study identity is {study.study_instance_uid} [{out_dir}]")
-    if info.study_instance_uid:
-        study.check_series(info, f"CT series [{out_dir}]")
-    else:
-        study.check_patient(info.patient, f"CT series [{out_dir}]")
-    done = dataclasses.replace(
-        info,
-        patient=study.patient, study_date=study.study_date, study_time=study.study_time,
-        study_id=study.study_id, accession_number=study.accession_number,
-        referring_physician_name=study.referring_physician_name,
-        study_instance_uid=study.study_instance_uid,
-        series_instance_uid=info.series_instance_uid or new_uid(),
-        frame_of_reference_uid=info.frame_of_reference_uid or new_uid(),
-        sop_instance_uids=sops,
-        sop_class_uid=CT_IMAGE_STORAGE,
-        modality=info.modality or "CT",
-        series_description=description or info.series_description,
-    )
+    done = _completed_info(info, study, nz, description, out_dir)
+    sops = done.sop_instance_uids
     slope, intercept = _rescale(volume.array)
     date, tm = dicom_date_time()
-    row, col = grid.direction[:, 0], grid.direction[:, 1]
-    normal = np.cross(row, col)
-    iop = ds_list(np.concatenate([row, col]))
-    pixel_spacing = ds_list([grid.spacing[1], grid.spacing[0]])
-    thickness = ds_str(grid.spacing[2])
-    wl_center, wl_width = "40", "400"
     for k in range(nz):
-        ds = new_dataset(CT_IMAGE_STORAGE, sops[k])
-        set_patient_study(ds, study)
-        ds.Modality = done.modality if done.modality == "CT" else "CT"
-        ds.SeriesInstanceUID = done.series_instance_uid
-        ds.SeriesNumber = int(done.series_number)
-        ds.SeriesDate, ds.SeriesTime = date, tm
-        ds.SeriesDescription = (done.series_description or "")[:64]
-        ds.PatientPosition = "HFS"
-        ds.Laterality = ""
-        ds.FrameOfReferenceUID = done.frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.InstanceNumber = k + 1
-        ds.PatientOrientation = ""
-        ds.ContentDate, ds.ContentTime = date, tm
-        ds.AcquisitionNumber = 1
-        if derivation:
-            ds.DerivationDescription = derivation[:1024]
-        ds.ImageComments = derivation[:10240] if derivation else ""
-        ipp = grid.ijk_to_lps(np.array([0.0, 0.0, float(k)]))
-        ds.ImagePositionPatient = ds_list(ipp)
-        ds.ImageOrientationPatient = iop
-        ds.PixelSpacing = pixel_spacing
-        ds.SliceThickness = thickness
-        ds.SliceLocation = ds_str(float(ipp @ normal))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = ny, nx
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 1
-        ds.RescaleIntercept = ds_str(intercept)
-        ds.RescaleSlope = ds_str(slope)
-        ds.RescaleType = "HU"
-        ds.WindowCenter, ds.WindowWidth = wl_center, wl_width
-        ds.KVP = ""
+        ds = _slice_dataset(done, study, grid, k, (date, tm), derivation, slope, intercept)
         apply_provenance(ds, provenance)
         ds.PixelData = _stored_slice(volume.array[k], slope, intercept)
         save_atomic(ds, out_dir / f"CT.{sops[k]}.dcm")

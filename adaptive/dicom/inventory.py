@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from adaptive import RESEARCH_USE_STATEMENT
 from adaptive.dicom._common import (
@@ -317,16 +318,7 @@ def inventory(folder: str | Path) -> Inventory:
             continue
         e = series.get(suid)
         if e is None:
-            e = series[suid] = SeriesEntry(suid, study, pid, _s(ds, "Modality"),
-                                           int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
-                                           _s(ds, "SeriesDescription"))
-            if ds.get("Rows"):
-                e.rows, e.columns = int(ds.Rows), int(ds.get("Columns", 0) or 0)
-            if ds.get("PixelSpacing"):
-                e.pixel_spacing_mm = [float(v) for v in ds.PixelSpacing]
-            it = ds.get("ImageType") or []
-            e.image_type = [str(it)] if isinstance(it, str) else [str(v) for v in it]
-            e.date, e.time = _first_date_time(ds, ("Acquisition", "Content", "Series"))
+            e = series[suid] = _new_series_entry(ds, suid, study, pid)
         e.n_instances += 1
         e.sop_instance_uids.append(sop_uid)
         e.files.append(str(f))
@@ -341,6 +333,30 @@ def inventory(folder: str | Path) -> Inventory:
         except (AttributeError, TypeError, ValueError):
             pass
     inv.series = list(series.values())
+    _check_series_and_frames(inv, geo)
+    _check_references(inv)
+    return inv
+
+
+def _new_series_entry(ds: Dataset, suid: str, study: str, pid: str) -> SeriesEntry:
+    """A series entry from its first instance's header: modality, number, description, size,
+    pixel spacing (mm), image type, acquisition date/time."""
+    e = SeriesEntry(suid, study, pid, _s(ds, "Modality"),
+                    int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
+                    _s(ds, "SeriesDescription"))
+    if ds.get("Rows"):
+        e.rows, e.columns = int(ds.Rows), int(ds.get("Columns", 0) or 0)
+    if ds.get("PixelSpacing"):
+        e.pixel_spacing_mm = [float(v) for v in ds.PixelSpacing]
+    it = ds.get("ImageType") or []
+    e.image_type = [str(it)] if isinstance(it, str) else [str(v) for v in it]
+    e.date, e.time = _first_date_time(ds, ("Acquisition", "Content", "Series"))
+    return e
+
+
+def _check_series_and_frames(inv: Inventory, geo: dict[str, list]) -> None:
+    """Flag series with several Frames of Reference or an irregular slice geometry; index
+    every Frame of Reference with the series and RT objects in it."""
     for e in inv.series:
         if len(e.frame_of_reference_uids) > 1:
             e.geometry_ok = False
@@ -356,8 +372,6 @@ def inventory(folder: str | Path) -> Inventory:
             inv.frames_of_reference.setdefault(o.frame_of_reference_uid, []).append(f"{o.kind} {o.sop_instance_uid}")
         for f_uid in o.details.get("frames_of_reference", []):
             inv.frames_of_reference.setdefault(f_uid, []).append(f"{o.kind} {o.sop_instance_uid}")
-    _check_references(inv)
-    return inv
 
 
 def _check_references(inv: Inventory) -> None:

@@ -65,27 +65,12 @@ def dose_grid_outside_image(dose_grid: Grid, image_grid: Grid, tol_mm: float = 0
             if not ok]
 
 
-def write_rtdose(dose: Volume, path: str | Path, *, summation: DoseSummationType,
-                 plan: Plan | None, series: SeriesInfo, image_grid: Grid, study: StudyIdentity,
-                 provenance: Provenance | None = None, comment: str = "",
-                 bits: int = 16) -> str:
-    """Write ``dose`` (Gy, any grid) as RT Dose Storage in ``series``' Frame of Reference.
-
-    ``summation`` (no default: the caller states what the values mean, see
-    :class:`~adaptive.dicom.enums.DoseSummationType`): e.g. PLAN for the dose of every
-    fraction of ``plan`` together, FRACTION_SESSION for the dose of one session of its
-    fraction group ``plan.fraction_group_number``. ``plan``: referenced in Referenced RT Plan
-    Sequence (its ``sop_instance_uid`` must be set, i.e. the plan has been written) and must
-    be in ``series``' Frame of Reference; required for every summation type but RECORD.
-    ``series`` / ``image_grid``: the image series the dose was computed on and its grid: the
-    dose grid must lie inside it (:class:`GridOutsideImageError`), so a receiver holding that
-    series can recompute and check the dose. ``study``: the session's study identity
-    (:class:`StudyMismatchError` if ``series`` or ``plan`` contradict it). Returns the new
-    SOP Instance UID. Raises DicomWriteError for negative/non-finite doses, a missing plan
-    reference or an unsupported summation type. ``bits``: 16 or 32 (stored integer size).
-    Atomic write.
-    """
-    path = Path(path)
+def _check_writable(dose: Volume, summation: DoseSummationType, plan: Plan | None,
+                    series: SeriesInfo, image_grid: Grid, study: StudyIdentity, bits: int,
+                    path: Path) -> None:
+    """Refuse a dose :func:`write_rtdose` cannot write: unsupported summation type, missing or
+    unwritten plan, plan or series in another frame, patient or study, dose grid outside the
+    image grid (LPS mm), stored integer size other than 16 or 32 bits."""
     if not isinstance(summation, DoseSummationType):
         raise DicomWriteError(f"summation must be a DoseSummationType, got {summation!r} [{path}]")
     st = summation
@@ -116,6 +101,31 @@ def write_rtdose(dose: Volume, path: str | Path, *, summation: DoseSummationType
                                     f"voxel centres span {[np.round(b, 2).tolist() for b in image_grid.bounds_lps()]}) [{path}]")
     if bits not in (16, 32):
         raise DicomWriteError(f"bits must be 16 or 32, got {bits} [{path}]")
+
+
+def write_rtdose(dose: Volume, path: str | Path, *, summation: DoseSummationType,
+                 plan: Plan | None, series: SeriesInfo, image_grid: Grid, study: StudyIdentity,
+                 provenance: Provenance | None = None, comment: str = "",
+                 bits: int = 16) -> str:
+    """Write ``dose`` (Gy, any grid) as RT Dose Storage in ``series``' Frame of Reference.
+
+    ``summation`` (no default: the caller states what the values mean, see
+    :class:`~adaptive.dicom.enums.DoseSummationType`): e.g. PLAN for the dose of every
+    fraction of ``plan`` together, FRACTION_SESSION for the dose of one session of its
+    fraction group ``plan.fraction_group_number``. ``plan``: referenced in Referenced RT Plan
+    Sequence (its ``sop_instance_uid`` must be set, i.e. the plan has been written) and must
+    be in ``series``' Frame of Reference; required for every summation type but RECORD.
+    ``series`` / ``image_grid``: the image series the dose was computed on and its grid: the
+    dose grid must lie inside it (:class:`GridOutsideImageError`), so a receiver holding that
+    series can recompute and check the dose. ``study``: the session's study identity
+    (:class:`StudyMismatchError` if ``series`` or ``plan`` contradict it). Returns the new
+    SOP Instance UID. Raises DicomWriteError for negative/non-finite doses, a missing plan
+    reference or an unsupported summation type. ``bits``: 16 or 32 (stored integer size).
+    Atomic write.
+    """
+    path = Path(path)
+    _check_writable(dose, summation, plan, series, image_grid, study, bits, path)
+    st = summation
     umax = 2**bits - 1
     a = np.asarray(dose.array, dtype=np.float64)
     if not np.all(np.isfinite(a)):
@@ -179,6 +189,27 @@ def write_rtdose(dose: Volume, path: str | Path, *, summation: DoseSummationType
     return sop_uid
 
 
+def _stored_frames(ds: Dataset, nf: int, rows: int, cols: int, path: Path) -> np.ndarray:
+    """The stored Pixel Data values (16 or 32 bits, signed or not, any byte order or a
+    compressed transfer syntax) as (frames, rows, columns), before Dose Grid Scaling."""
+    if "PixelData" not in ds:
+        raise MissingPixelDataError("RT Dose has no Pixel Data", path)
+    bits = int(require(ds, "BitsAllocated", path))
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    dt = {16: (np.uint16, np.int16), 32: (np.uint32, np.int32)}.get(bits)
+    if dt is None:
+        raise UnsupportedObjectError(f"RT Dose BitsAllocated {bits} not supported", path)
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is not None and ts.is_compressed:
+        return np.asarray(ds.pixel_array).reshape(nf, rows, cols)
+    dtype = np.dtype(dt[1 if signed else 0]).newbyteorder("<" if ts is None or ts.is_little_endian else ">")
+    need = nf * rows * cols * dtype.itemsize
+    if len(ds.PixelData) < need:
+        raise MissingPixelDataError(f"RT Dose Pixel Data truncated: {len(ds.PixelData)} bytes, "
+                                    f"expected {need}", path)
+    return np.frombuffer(ds.PixelData, dtype=dtype, count=nf * rows * cols).reshape(nf, rows, cols)
+
+
 def read_rtdose(path: str | Path) -> tuple[Volume, dict]:
     """Read an RT Dose grid: (Volume in Gy (float32, (nz, ny, nx)), info dict).
 
@@ -214,23 +245,7 @@ def read_rtdose(path: str | Path) -> tuple[Volume, dict]:
     if "DoseGridScaling" not in ds and int(ds.get("BitsAllocated", 32)) != 32:
         log.debug("rtdose_no_scaling", path=str(path))
     scaling = float(ds.get("DoseGridScaling", 1.0) or 1.0)
-    if "PixelData" not in ds:
-        raise MissingPixelDataError("RT Dose has no Pixel Data", path)
-    bits = int(require(ds, "BitsAllocated", path))
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    dt = {16: (np.uint16, np.int16), 32: (np.uint32, np.int32)}.get(bits)
-    if dt is None:
-        raise UnsupportedObjectError(f"RT Dose BitsAllocated {bits} not supported", path)
-    ts = ds.file_meta.get("TransferSyntaxUID")
-    if ts is not None and ts.is_compressed:
-        raw = np.asarray(ds.pixel_array).reshape(nf, rows, cols)
-    else:
-        dtype = np.dtype(dt[1 if signed else 0]).newbyteorder("<" if ts is None or ts.is_little_endian else ">")
-        need = nf * rows * cols * dtype.itemsize
-        if len(ds.PixelData) < need:
-            raise MissingPixelDataError(f"RT Dose Pixel Data truncated: {len(ds.PixelData)} bytes, "
-                                        f"expected {need}", path)
-        raw = np.frombuffer(ds.PixelData, dtype=dtype, count=nf * rows * cols).reshape(nf, rows, cols)
+    raw = _stored_frames(ds, nf, rows, cols, path)
     order = np.argsort(off, kind="stable")
     off = off[order]
     arr = (raw[order].astype(np.float64) * scaling).astype(np.float32)

@@ -72,14 +72,7 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, study: StudyIdentity,
     sop_uid = ss.sop_instance_uid or new_uid()
     sops = list(series.sop_instance_uids)
     grid_explicit = grid is not None
-    if grid is None:
-        for roi in ss.rois:
-            if roi.mask is not None and sops and roi.mask.grid.shape[0] == len(sops):
-                grid = roi.mask.grid
-                break
-    if grid is not None and sops and grid.shape[0] != len(sops):
-        raise DicomInputError(f"grid has {grid.shape[0]} slices but the referenced series has "
-                              f"{len(sops)} SOP instances", path)
+    grid = _image_grid(ss, sops, grid, path)
     date, tm = dicom_date_time()
     ds = new_dataset(RT_STRUCT_STORAGE, sop_uid)
     set_patient_study(ds, study)
@@ -94,6 +87,55 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, study: StudyIdentity,
     ds.StructureSetDescription = ""
     ds.StructureSetDate, ds.StructureSetTime = date, tm
 
+    ds.ReferencedFrameOfReferenceSequence = Sequence([_referenced_frame(series, sops)])
+
+    numbers = [r.number for r in ss.rois]
+    if len(set(numbers)) != len(numbers):
+        raise DicomInputError(f"duplicate ROI numbers {numbers}", path)
+    roi_items, contour_items, obs_items = [], [], []
+    for n, roi in enumerate(ss.rois, start=1):
+        it = Dataset()
+        it.ROINumber = int(roi.number)
+        it.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
+        it.ROIName = roi.name[:64]
+        it.ROIGenerationAlgorithm = roi.generation_algorithm or ""
+        roi_items.append(it)
+
+        contour_items.append(_roi_contour(roi, series, sops, grid, grid_explicit, path))
+
+        ob = Dataset()
+        ob.ObservationNumber = n
+        ob.ReferencedROINumber = int(roi.number)
+        ob.RTROIInterpretedType = roi.interpreted_type or ""
+        ob.ROIInterpreter = ""
+        obs_items.append(ob)
+    ds.StructureSetROISequence = Sequence(roi_items)
+    ds.ROIContourSequence = Sequence(contour_items)
+    ds.RTROIObservationsSequence = Sequence(obs_items)
+    apply_provenance(ds, provenance)
+    save_atomic(ds, path)
+    ss.sop_instance_uid = sop_uid
+    log.debug("rtstruct_written", path=str(path), rois=len(ss.rois), sop_uid=sop_uid)
+    return sop_uid
+
+
+def _image_grid(ss: StructureSet, sops: list[str], grid: Grid | None, path: Path) -> Grid | None:
+    """The image grid contours are referenced on: ``grid``, or else that of an ROI mask with
+    one slice per referenced SOP instance; its slice count must match ``sops``."""
+    if grid is None:
+        for roi in ss.rois:
+            if roi.mask is not None and sops and roi.mask.grid.shape[0] == len(sops):
+                grid = roi.mask.grid
+                break
+    if grid is not None and sops and grid.shape[0] != len(sops):
+        raise DicomInputError(f"grid has {grid.shape[0]} slices but the referenced series has "
+                              f"{len(sops)} SOP instances", path)
+    return grid
+
+
+def _referenced_frame(series: SeriesInfo, sops: list[str]) -> Dataset:
+    """Referenced Frame of Reference Sequence item, with the image series' study, series and
+    instances (RT Referenced Study Sequence) when they are known."""
     ref_for = Dataset()
     ref_for.FrameOfReferenceUID = series.frame_of_reference_uid
     if sops and series.series_instance_uid and series.study_instance_uid:
@@ -111,65 +153,43 @@ def write_rtstruct(ss: StructureSet, path: str | Path, *, study: StudyIdentity,
         rstudy.ReferencedSOPInstanceUID = series.study_instance_uid
         rstudy.RTReferencedSeriesSequence = Sequence([rser])
         ref_for.RTReferencedStudySequence = Sequence([rstudy])
-    ds.ReferencedFrameOfReferenceSequence = Sequence([ref_for])
+    return ref_for
 
-    numbers = [r.number for r in ss.rois]
-    if len(set(numbers)) != len(numbers):
-        raise DicomInputError(f"duplicate ROI numbers {numbers}", path)
-    roi_items, contour_items, obs_items = [], [], []
-    for n, roi in enumerate(ss.rois, start=1):
-        it = Dataset()
-        it.ROINumber = int(roi.number)
-        it.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
-        it.ROIName = roi.name[:64]
-        it.ROIGenerationAlgorithm = roi.generation_algorithm or ""
-        roi_items.append(it)
 
-        rc = Dataset()
-        rc.ROIDisplayColor = [int(v) for v in roi.color]
-        contours = _roi_contours(roi)
-        citems = []
-        for cn, c in enumerate(contours, start=1):
-            if c.shape[0] == 0:
-                continue
-            ci = Dataset()
-            ci.ContourNumber = cn
-            if grid is not None and sops:
-                try:
-                    k = contour_slice_index(c, grid, what=f"ROI {roi.name!r} contour #{cn}")
-                except ContourOutsideImageError as e:
-                    if grid_explicit:
-                        raise ContourOutsideImageError(str(e), path) from e
-                    k = None  # inferred grid: leave this contour without an image reference
-                if k is not None:
-                    im = Dataset()
-                    im.ReferencedSOPClassUID = series.sop_class_uid
-                    im.ReferencedSOPInstanceUID = sops[k]
-                    ci.ContourImageSequence = Sequence([im])
-            ci.ContourGeometricType = "CLOSED_PLANAR" if c.shape[0] >= 3 else (
-                "POINT" if c.shape[0] == 1 else "OPEN_PLANAR")
-            ci.NumberOfContourPoints = int(c.shape[0])
-            ci.add(ds_element("ContourData", c))
-            citems.append(ci)
-        if citems:
-            rc.ContourSequence = Sequence(citems)
-        rc.ReferencedROINumber = int(roi.number)
-        contour_items.append(rc)
-
-        ob = Dataset()
-        ob.ObservationNumber = n
-        ob.ReferencedROINumber = int(roi.number)
-        ob.RTROIInterpretedType = roi.interpreted_type or ""
-        ob.ROIInterpreter = ""
-        obs_items.append(ob)
-    ds.StructureSetROISequence = Sequence(roi_items)
-    ds.ROIContourSequence = Sequence(contour_items)
-    ds.RTROIObservationsSequence = Sequence(obs_items)
-    apply_provenance(ds, provenance)
-    save_atomic(ds, path)
-    ss.sop_instance_uid = sop_uid
-    log.debug("rtstruct_written", path=str(path), rois=len(ss.rois), sop_uid=sop_uid)
-    return sop_uid
+def _roi_contour(roi: Roi, series: SeriesInfo, sops: list[str], grid: Grid | None,
+                 grid_explicit: bool, path: Path) -> Dataset:
+    """ROI Contour Sequence item: display colour and the ROI's contours (LPS mm), each
+    referencing the image slice it lies on when the grid is known."""
+    rc = Dataset()
+    rc.ROIDisplayColor = [int(v) for v in roi.color]
+    contours = _roi_contours(roi)
+    citems = []
+    for cn, c in enumerate(contours, start=1):
+        if c.shape[0] == 0:
+            continue
+        ci = Dataset()
+        ci.ContourNumber = cn
+        if grid is not None and sops:
+            try:
+                k = contour_slice_index(c, grid, what=f"ROI {roi.name!r} contour #{cn}")
+            except ContourOutsideImageError as e:
+                if grid_explicit:
+                    raise ContourOutsideImageError(str(e), path) from e
+                k = None  # inferred grid: leave this contour without an image reference
+            if k is not None:
+                im = Dataset()
+                im.ReferencedSOPClassUID = series.sop_class_uid
+                im.ReferencedSOPInstanceUID = sops[k]
+                ci.ContourImageSequence = Sequence([im])
+        ci.ContourGeometricType = "CLOSED_PLANAR" if c.shape[0] >= 3 else (
+            "POINT" if c.shape[0] == 1 else "OPEN_PLANAR")
+        ci.NumberOfContourPoints = int(c.shape[0])
+        ci.add(ds_element("ContourData", c))
+        citems.append(ci)
+    if citems:
+        rc.ContourSequence = Sequence(citems)
+    rc.ReferencedROINumber = int(roi.number)
+    return rc
 
 
 def _referenced(ds: Dataset, path) -> tuple[str, str, str, list[str], str]:
@@ -197,23 +217,9 @@ def _referenced(ds: Dataset, path) -> tuple[str, str, str, list[str], str]:
     return for_uid, study, series_uid, sops, sop_class
 
 
-def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
-                  grid: Grid | None = None) -> StructureSet:
-    """Read an RT Structure Set: ROI numbers, names, colours, interpreted types, generation
-    algorithms and CLOSED_PLANAR contours (float64 (n, 3) LPS mm; other geometric types are
-    skipped).
-
-    ``series``: the image series the caller will use; if the file references another
-    Frame of Reference or series → :class:`UnknownReferencedSeriesError` naming both UIDs.
-    ``grid``: contours are validated against it (:class:`ContourOutsideImageError` naming ROI
-    and file) and every ``Roi.mask`` is rasterised onto it (bool Volume, units "mask").
-    """
-    path = Path(path)
-    ds = read_dataset(path)
-    if str(ds.get("SOPClassUID", "")) != RT_STRUCT_STORAGE and str(ds.get("Modality", "")) != "RTSTRUCT":
-        raise UnsupportedObjectError(f"not an RT Structure Set (SOP class {ds.get('SOPClassUID', '?')}, "
-                                     f"modality {ds.get('Modality', '?')})", path)
-    sop_uid = str(require(ds, "SOPInstanceUID", path))
+def _referenced_series(ds: Dataset, series: SeriesInfo | None, path: Path) -> SeriesInfo:
+    """The image series the structure set references: ``series`` when given (checked against
+    the file's Frame of Reference, series and instances), else built from the file."""
     for_uid, ref_study, ref_series, ref_sops, ref_class = _referenced(ds, path)
     if series is not None:
         if for_uid and for_uid != series.frame_of_reference_uid:
@@ -243,6 +249,50 @@ def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
         if ref_class:
             ref_info.sop_class_uid = ref_class
 
+    return ref_info
+
+
+def _read_roi_contours(rc: Dataset | None, name: str, path: Path
+                       ) -> tuple[tuple[int, ...], list[np.ndarray]]:
+    """(display colour, CLOSED_PLANAR contours as float64 (n, 3) LPS mm) of an ROI Contour
+    Sequence item; other geometric types are skipped."""
+    color = (255, 0, 0)
+    contours: list[np.ndarray] = []
+    if rc is not None:
+        if rc.get("ROIDisplayColor"):
+            color = tuple(int(v) for v in rc.ROIDisplayColor)[:3]
+        for cn, c in enumerate(rc.get("ContourSequence") or [], start=1):
+            gtype = str(c.get("ContourGeometricType", "") or "")
+            pts = ds_floats(c, "ContourData", path, f"ROI {name!r} contour #{cn}")
+            if pts.size % 3:
+                raise DicomInputError(f"ROI {name!r} contour #{cn}: ContourData has {pts.size} "
+                                      f"values (not a multiple of 3)", path)
+            if gtype != "CLOSED_PLANAR":
+                log.debug("contour_skipped", roi=name, geometric_type=gtype, path=str(path))
+                continue
+            contours.append(pts.reshape(-1, 3))
+    return color, contours
+
+
+def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
+                  grid: Grid | None = None) -> StructureSet:
+    """Read an RT Structure Set: ROI numbers, names, colours, interpreted types, generation
+    algorithms and CLOSED_PLANAR contours (float64 (n, 3) LPS mm; other geometric types are
+    skipped).
+
+    ``series``: the image series the caller will use; if the file references another
+    Frame of Reference or series → :class:`UnknownReferencedSeriesError` naming both UIDs.
+    ``grid``: contours are validated against it (:class:`ContourOutsideImageError` naming ROI
+    and file) and every ``Roi.mask`` is rasterised onto it (bool Volume, units "mask").
+    """
+    path = Path(path)
+    ds = read_dataset(path)
+    if str(ds.get("SOPClassUID", "")) != RT_STRUCT_STORAGE and str(ds.get("Modality", "")) != "RTSTRUCT":
+        raise UnsupportedObjectError(f"not an RT Structure Set (SOP class {ds.get('SOPClassUID', '?')}, "
+                                     f"modality {ds.get('Modality', '?')})", path)
+    sop_uid = str(require(ds, "SOPInstanceUID", path))
+    ref_info = _referenced_series(ds, series, path)
+
     roi_seq = require(ds, "StructureSetROISequence", path)
     types = {}
     for ob in ds.get("RTROIObservationsSequence") or []:
@@ -256,22 +306,7 @@ def read_rtstruct(path: str | Path, *, series: SeriesInfo | None = None,
     for it in roi_seq:
         num = int(require(it, "ROINumber", path, "StructureSetROISequence item"))
         name = str(it.get("ROIName", "") or f"ROI_{num}")
-        rc = contour_by_roi.get(num)
-        color = (255, 0, 0)
-        contours: list[np.ndarray] = []
-        if rc is not None:
-            if rc.get("ROIDisplayColor"):
-                color = tuple(int(v) for v in rc.ROIDisplayColor)[:3]
-            for cn, c in enumerate(rc.get("ContourSequence") or [], start=1):
-                gtype = str(c.get("ContourGeometricType", "") or "")
-                pts = ds_floats(c, "ContourData", path, f"ROI {name!r} contour #{cn}")
-                if pts.size % 3:
-                    raise DicomInputError(f"ROI {name!r} contour #{cn}: ContourData has {pts.size} "
-                                          f"values (not a multiple of 3)", path)
-                if gtype != "CLOSED_PLANAR":
-                    log.debug("contour_skipped", roi=name, geometric_type=gtype, path=str(path))
-                    continue
-                contours.append(pts.reshape(-1, 3))
+        color, contours = _read_roi_contours(contour_by_roi.get(num), name, path)
         roi = Roi(number=num, name=name, color=color, interpreted_type=types.get(num, ""),
                   contours=contours,
                   generation_algorithm=str(it.get("ROIGenerationAlgorithm", "") or ""))

@@ -149,6 +149,78 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
     bm = beam_model or load_beam_model()
     if not beams:
         raise DoseError("compute_dij: no beams")
+    cutoff, stride, fan_dxy, fan_dz = _checked_options(
+        bm, density, bixel_size_mm, margin_mm, cutoff_mm, depth_method, scatter_stride,
+        fan_spacing_mm)
+    dgrid = make_dose_grid(density, dose_grid_spacing_mm)
+    body = body_on_dose_grid(density, dgrid, body_mask, bm.body_density_threshold)
+    if not body.any():
+        raise DoseError("no body voxels on the dose grid (check body_mask / density)")
+    geoms = _beam_geometries(beams, patient_position, bm)
+    w = (float(bixel_size_mm), float(bixel_size_mm))
+    grids = _beamlet_grids(geoms, target_mask, density, dgrid, body, w, margin_mm)
+
+    # per-beam arrays for the kernels
+    nbeams = len(beams)
+    lay = _beamlet_layout(grids)
+    rots = np.ascontiguousarray(np.stack([g.rotation for g in geoms]))
+    isos = np.ascontiguousarray(np.stack([g.isocenter_lps_mm for g in geoms]))
+    srcs = np.ascontiguousarray(lps_to_grid_frame(density, np.stack([g.source_lps_mm
+                                                                      for g in geoms])))
+
+    body_idx = np.flatnonzero(body.ravel())
+    pts, _ = dose_points(dgrid, body_idx, density)
+    t_setup = time.perf_counter()
+    rows, indptr = _count_pass(pts, body_idx, rots, isos, bm.sad_mm, lay, w, cutoff)
+    del pts, body_idx
+    pts, gpts = dose_points(dgrid, rows, density)
+    nnz = int(indptr[-1])
+    idx_dtype = np.int32 if nnz < 2**31 - 1 else np.int64
+    if scatter_correction:
+        node_index, npts, ngpts = _scatter_nodes(dgrid, rows, stride, density)
+    else:
+        node_index, npts, ngpts = None, np.empty((0, 3)), np.empty((0, 3))
+    t_count = time.perf_counter()
+
+    depth, ndepth = _radiological_depths(density, geoms, srcs, rots, isos, bm.sad_mm,
+                                         (pts, gpts), (npts, ngpts), depth_method,
+                                         fan_dxy, fan_dz)
+    del gpts, ngpts
+    t_depth = time.perf_counter()
+
+    indices = np.empty(nnz, dtype=idx_dtype)
+    data = np.empty(nnz, dtype=np.float32)
+    bad = np.zeros(1, dtype=np.int64)
+    kp = bm.kernel_array()
+    dij_fill(pts, depth, rots, isos, bm.sad_mm, lay.ex0, lay.ey0, lay.nbx, lay.nby, lay.lut_off,
+             lay.lut, w[0], w[1], cutoff, kp, indptr, indices, data, numba.get_num_threads(), bad)
+    if bad[0]:
+        raise DoseError(f"internal error: Dij fill disagrees with the count pass in {bad[0]} rows")
+    t_fill = time.perf_counter()
+    n_capped = 0
+    if scatter_correction:
+        n_capped = _correct_far_scatter(
+            _CsrParts(indptr, indices, data), lay.beam_index, grids, dgrid, rows, stride,
+            node_index, (pts, depth), (npts, ndepth), rots, isos, bm, kp, w, cutoff)
+    t_corr = time.perf_counter()
+    timings = {"setup_s": t_setup - t_start, "count_s": t_count - t_setup,
+               "depth_s": t_depth - t_count, "fill_s": t_fill - t_depth, "scatter_correction_s": t_corr - t_fill,
+               "total_s": time.perf_counter() - t_start}
+    dij = _influence(_CsrParts(indptr.astype(idx_dtype), indices, data), rows, lay, dgrid, w,
+                     timings)
+    log.info("dij_computed", beams=nbeams, beamlets=lay.n_beamlets, voxels=len(rows), nnz=nnz,
+             memory_mb=round(dij.nbytes / 2**20, 1), cutoff_mm=cutoff,
+             scatter_correction=scatter_correction, scatter_factor_capped=n_capped,
+             **{k: round(v, 3) for k, v in timings.items()})
+    return dij
+
+
+def _checked_options(bm: BeamModel, density: Volume, bixel_size_mm: float, margin_mm: float,
+                     cutoff_mm: float | None, depth_method: str, scatter_stride: int,
+                     fan_spacing_mm: tuple[float, float] | None
+                     ) -> tuple[float, int, float, float]:
+    """Validated (cutoff mm at the isocenter plane, scatter stride, fan ray spacing mm, fan
+    step mm) of :func:`compute_dij`'s options; raises :class:`DoseError` on a bad one."""
     if bixel_size_mm <= 0 or margin_mm < 0:
         raise DoseError(f"bixel_size_mm must be > 0 and margin_mm >= 0 "
                         f"(got {bixel_size_mm}, {margin_mm})")
@@ -159,21 +231,19 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
         raise DoseError(f"depth_method must be 'fan' or 'exact', got {depth_method!r}")
     if int(scatter_stride) < 1:
         raise DoseError(f"scatter_stride must be >= 1, got {scatter_stride}")
-    stride = int(scatter_stride)
     ct_min = float(np.min(density.grid.spacing))
     fan_dxy, fan_dz = fan_spacing_mm if fan_spacing_mm is not None else (ct_min / 2,
                                                                         ct_min / 2)
     if not (fan_dxy > 0 and fan_dz > 0):
         raise DoseError(f"fan_spacing_mm must be > 0, got {fan_spacing_mm}")
-    dgrid = make_dose_grid(density, dose_grid_spacing_mm)
-    body = body_on_dose_grid(density, dgrid, body_mask, bm.body_density_threshold)
-    if not body.any():
-        raise DoseError("no body voxels on the dose grid (check body_mask / density)")
-    geoms: list[BeamGeometry] = [geometry_of_beam(b, patient_position) for b in beams]
-    for b, g in zip(beams, geoms):
-        if abs(g.sad_mm - bm.sad_mm) > 1e-6:
-            raise DoseError(f"beam {b.number} SAD {g.sad_mm} mm != beam model SAD {bm.sad_mm} mm")
+    return cutoff, int(scatter_stride), fan_dxy, fan_dz
 
+
+def _beamlet_grids(geoms: list[BeamGeometry], target_mask, density: Volume, dgrid,
+                   body: np.ndarray, w: tuple[float, float], margin_mm: float) -> list:
+    """Per beam, the beamlet grid (isocenter plane, mm) covering the beam's-eye-view
+    projection of the target (or of the body on the dose grid) plus ``margin_mm`` and half a
+    voxel."""
     if target_mask is not None:
         tpts = _mask_points_lps(target_mask, density)
         if len(tpts) == 0:
@@ -183,14 +253,35 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
     else:
         tpts = dgrid.ijk_to_lps(np.stack(np.nonzero(body)[::-1], axis=1).astype(np.float64))
         half_vox = 0.5 * float(np.max(dgrid.spacing))
-    w = (float(bixel_size_mm), float(bixel_size_mm))
     grids = []
     for g in geoms:
         x, y, _ = g.project_to_isoplane(tpts)
         grids.append(beamlet_grid_for_points(x, y, w, margin_mm + half_vox))
+    return grids
 
-    # per-beam arrays for the kernels
-    nbeams = len(beams)
+
+@dataclass
+class _BeamletLayout:
+    """The beamlet grids of all beams as flat arrays for the kernels: grid origins (mm,
+    isocenter plane), sizes, the lookup (beam block offset + flat grid cell -> matrix column
+    or -1), each column's beam and BEV centre (mm), and the active-beamlet prefix blocks."""
+
+    ex0: np.ndarray
+    ey0: np.ndarray
+    nby: np.ndarray
+    nbx: np.ndarray
+    lut_off: np.ndarray
+    lut: np.ndarray
+    beam_index: np.ndarray
+    bev_x_mm: np.ndarray
+    bev_y_mm: np.ndarray
+    n_beamlets: int
+    pref: np.ndarray
+    pref_off: np.ndarray
+
+
+def _beamlet_layout(grids: list) -> _BeamletLayout:
+    """Columns numbered beam by beam, active cells in raster order within a beam."""
     ex0 = np.array([bg.x0_mm for bg in grids])
     ey0 = np.array([bg.y0_mm for bg in grids])
     nby = np.array([bg.shape[0] for bg in grids], dtype=np.int64)
@@ -207,41 +298,64 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
         bev_x.append(cx)
         bev_y.append(cy)
         beam_index.append(np.full(flat.size, bi, dtype=np.int32))
-    n_beamlets = col
-    rots = np.ascontiguousarray(np.stack([g.rotation for g in geoms]))
-    isos = np.ascontiguousarray(np.stack([g.isocenter_lps_mm for g in geoms]))
-    srcs = np.ascontiguousarray(lps_to_grid_frame(density, np.stack([g.source_lps_mm
-                                                                      for g in geoms])))
-
-    body_idx = np.flatnonzero(body.ravel())
-    pts, _ = dose_points(dgrid, body_idx, density)
     pref, pref_off = active_prefix(lut, lut_off, nbx, nby)
-    t_setup = time.perf_counter()
-    counts = np.zeros(len(body_idx), dtype=np.int64)
-    dij_count(pts, rots, isos, bm.sad_mm, ex0, ey0, nbx, nby, lut_off, lut, w[0], w[1], cutoff,
-              counts, pref, pref_off)
+    return _BeamletLayout(ex0, ey0, nby, nbx, lut_off, lut, np.concatenate(beam_index),
+                          np.concatenate(bev_x), np.concatenate(bev_y), col, pref, pref_off)
+
+
+def _beam_geometries(beams: list, patient_position: str, bm: BeamModel) -> list[BeamGeometry]:
+    """Each beam's geometry (IEC 61217 angles, LPS mm); its SAD must be the beam model's."""
+    geoms = [geometry_of_beam(b, patient_position) for b in beams]
+    for b, g in zip(beams, geoms):
+        if abs(g.sad_mm - bm.sad_mm) > 1e-6:
+            raise DoseError(f"beam {b.number} SAD {g.sad_mm} mm != beam model SAD {bm.sad_mm} mm")
+    return geoms
+
+
+def _count_pass(pts: np.ndarray, body_idx: np.ndarray, rots: np.ndarray, isos: np.ndarray,
+                sad_mm: float, lay: _BeamletLayout, w: tuple[float, float], cutoff: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per body dose point (LPS mm) the number of beamlets whose centre lies within ``cutoff``
+    (mm, isocenter plane) of its projection; returns (the rows: flat dose-grid indices of the
+    points with at least one, the CSR row pointer of their entries)."""
+    counts = np.zeros(len(pts), dtype=np.int64)
+    dij_count(pts, rots, isos, sad_mm, lay.ex0, lay.ey0, lay.nbx, lay.nby, lay.lut_off, lay.lut,
+              w[0], w[1], cutoff, counts, lay.pref, lay.pref_off)
     keep = counts > 0
     rows = body_idx[keep]
     counts = counts[keep]
-    del pts, body_idx, keep
-    pts, gpts = dose_points(dgrid, rows, density)
-    nnz = int(counts.sum())
-    idx_dtype = np.int32 if nnz < 2**31 - 1 else np.int64
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    del counts
-    if scatter_correction:
-        node_index, npts, ngpts = _scatter_nodes(dgrid, rows, stride, density)
-    else:
-        node_index, npts, ngpts = None, np.empty((0, 3)), np.empty((0, 3))
-    t_count = time.perf_counter()
+    return rows, indptr
 
-    # radiological depths of rows and scatter nodes, per beam
+
+def _influence(csr: _CsrParts, rows: np.ndarray, lay: _BeamletLayout, dgrid,
+               w: tuple[float, float], timings: dict) -> DoseInfluence:
+    """The filled CSR arrays as a :class:`DoseInfluence` (rows: flat dose-grid indices,
+    columns: beamlets; Gy per MU)."""
+    mat = sp.csr_matrix((csr.data, csr.indices, csr.indptr),
+                        shape=(len(rows), lay.n_beamlets), copy=False)
+    mat.has_sorted_indices = True
+    return DoseInfluence(matrix=mat, voxel_indices=rows.astype(np.int64), dose_grid=dgrid,
+                         beam_index=lay.beam_index, bev_x_mm=lay.bev_x_mm,
+                         bev_y_mm=lay.bev_y_mm, bixel_size_mm=w, timings_s=timings)
+
+
+def _radiological_depths(density: Volume, geoms: list[BeamGeometry], srcs: np.ndarray,
+                         rots: np.ndarray, isos: np.ndarray, sad_mm: float,
+                         rows: tuple[np.ndarray, np.ndarray], nodes: tuple[np.ndarray, np.ndarray],
+                         depth_method: str, fan_dxy: float, fan_dz: float
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Radiological depths (mm water-equivalent), one column per beam, of the rows and of the
+    scatter nodes; ``rows``/``nodes``: (LPS mm points, the same in the density grid frame)."""
+    pts, gpts = rows
+    npts, ngpts = nodes
+    nbeams = len(geoms)
     dens = np.ascontiguousarray(density.array, dtype=np.float32)
     dsp = np.ascontiguousarray(density.grid.spacing, dtype=np.float64)
-    depth = np.empty((len(rows), nbeams), dtype=np.float64)
+    depth = np.empty((len(pts), nbeams), dtype=np.float64)
     ndepth = np.empty((len(npts), nbeams), dtype=np.float64)
-    col_buf = np.empty(len(rows))
+    col_buf = np.empty(len(pts))
     ncol_buf = np.empty(len(npts))
     empty = np.zeros((2, 2, 0), np.float32)
     for bi, g in enumerate(geoms):
@@ -254,60 +368,55 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
             tab, tx0, ty0, tdxy, tz0, tdz = empty, 0.0, 0.0, 1.0, 0.0, 1.0
         for p_, gp_, buf, dst in ((pts, gpts, col_buf, depth), (npts, ngpts, ncol_buf, ndepth)):
             if len(p_):
-                beam_depths(p_, gp_, srcs[bi], dens, dsp, rots[bi], isos[bi], bm.sad_mm, tab,
+                beam_depths(p_, gp_, srcs[bi], dens, dsp, rots[bi], isos[bi], sad_mm, tab,
                             tx0, ty0, tdxy, tz0, tdz, _FAN_MAX_GRADIENT * tdxy, buf)
                 dst[:, bi] = buf
         tab = None
-    del gpts, ngpts, col_buf, ncol_buf
-    t_depth = time.perf_counter()
+    return depth, ndepth
 
-    indices = np.empty(nnz, dtype=idx_dtype)
-    data = np.empty(nnz, dtype=np.float32)
-    bad = np.zeros(1, dtype=np.int64)
-    kp = bm.kernel_array()
-    dij_fill(pts, depth, rots, isos, bm.sad_mm, ex0, ey0, nbx, nby, lut_off, lut, w[0], w[1],
-             cutoff, kp, indptr, indices, data, numba.get_num_threads(), bad)
-    if bad[0]:
-        raise DoseError(f"internal error: Dij fill disagrees with the count pass in {bad[0]} rows")
-    t_fill = time.perf_counter()
-    n_capped = 0
-    if scatter_correction:
-        beam_of_col = np.concatenate(beam_index).astype(np.int64)
-        near = np.empty((len(rows), nbeams))
-        row_beam_sums(indptr, indices, data, beam_of_col, nbeams, near)
-        factor = np.ones((len(rows), nbeams))
-        cap = np.array([_MAX_SCATTER_FACTOR, 0.0])
-        parts = np.empty((len(npts), 2))
-        fcol = np.empty(len(rows))
-        dshape = np.array(dgrid.shape, dtype=np.int64)
-        for bi, bg in enumerate(grids):
-            pyr, pny, pnx = fluence_pyramid(bg.active.astype(np.float64))
-            far_scatter_parts(npts, np.ascontiguousarray(ndepth[:, bi]), rots[bi], isos[bi],
-                              bm.sad_mm, pyr, pny, pnx, bg.x0_mm, bg.y0_mm, w[0],
-                              max(bm.plan_cutoff_mm, cutoff), cutoff, kp, parts,
-                              numba.get_num_threads())
-            far_scatter_rows(pts, np.ascontiguousarray(depth[:, bi]), rots[bi], isos[bi],
-                             bm.sad_mm, kp, rows, dshape, stride, node_index, parts,
-                             np.ascontiguousarray(near[:, bi]), fcol, cap)
-            factor[:, bi] = fcol
-        n_capped = int(cap[1])
-        scale_row_beams(indptr, indices, data, beam_of_col, factor)
-    t_corr = time.perf_counter()
-    mat = sp.csr_matrix((data, indices, indptr.astype(idx_dtype)),
-                        shape=(len(rows), n_beamlets), copy=False)
-    mat.has_sorted_indices = True
-    timings = {"setup_s": t_setup - t_start, "count_s": t_count - t_setup,
-               "depth_s": t_depth - t_count, "fill_s": t_fill - t_depth, "scatter_correction_s": t_corr - t_fill,
-               "total_s": time.perf_counter() - t_start}
-    dij = DoseInfluence(matrix=mat, voxel_indices=rows.astype(np.int64), dose_grid=dgrid,
-                        beam_index=np.concatenate(beam_index),
-                        bev_x_mm=np.concatenate(bev_x), bev_y_mm=np.concatenate(bev_y),
-                        bixel_size_mm=w, timings_s=timings)
-    log.info("dij_computed", beams=nbeams, beamlets=n_beamlets, voxels=len(rows), nnz=nnz,
-             memory_mb=round(dij.nbytes / 2**20, 1), cutoff_mm=cutoff,
-             scatter_correction=scatter_correction, scatter_factor_capped=n_capped,
-             **{k: round(v, 3) for k, v in timings.items()})
-    return dij
+
+@dataclass
+class _CsrParts:
+    """The three arrays of a CSR matrix being filled in place."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+
+
+def _correct_far_scatter(csr: _CsrParts, beam_index: np.ndarray, grids: list, dgrid,
+                         rows: np.ndarray, stride: int, node_index,
+                         row_points: tuple[np.ndarray, np.ndarray],
+                         node_points: tuple[np.ndarray, np.ndarray], rots: np.ndarray,
+                         isos: np.ndarray, bm: BeamModel, kp: np.ndarray,
+                         w: tuple[float, float], cutoff: float) -> int:
+    """Scale each (row, beam) block of the CSR data in place by full / near dose of that beam
+    at unit beamlet weights (see :func:`compute_dij`); ``row_points``/``node_points``: (LPS mm
+    points, radiological depths per beam). Returns the number of factors capped at
+    ``_MAX_SCATTER_FACTOR``."""
+    pts, depth = row_points
+    npts, ndepth = node_points
+    nbeams = len(grids)
+    beam_of_col = beam_index.astype(np.int64)
+    near = np.empty((len(rows), nbeams))
+    row_beam_sums(csr.indptr, csr.indices, csr.data, beam_of_col, nbeams, near)
+    factor = np.ones((len(rows), nbeams))
+    cap = np.array([_MAX_SCATTER_FACTOR, 0.0])
+    parts = np.empty((len(npts), 2))
+    fcol = np.empty(len(rows))
+    dshape = np.array(dgrid.shape, dtype=np.int64)
+    for bi, bg in enumerate(grids):
+        pyr, pny, pnx = fluence_pyramid(bg.active.astype(np.float64))
+        far_scatter_parts(npts, np.ascontiguousarray(ndepth[:, bi]), rots[bi], isos[bi],
+                          bm.sad_mm, pyr, pny, pnx, bg.x0_mm, bg.y0_mm, w[0],
+                          max(bm.plan_cutoff_mm, cutoff), cutoff, kp, parts,
+                          numba.get_num_threads())
+        far_scatter_rows(pts, np.ascontiguousarray(depth[:, bi]), rots[bi], isos[bi],
+                         bm.sad_mm, kp, rows, dshape, stride, node_index, parts,
+                         np.ascontiguousarray(near[:, bi]), fcol, cap)
+        factor[:, bi] = fcol
+    scale_row_beams(csr.indptr, csr.indices, csr.data, beam_of_col, factor)
+    return int(cap[1])
 
 
 def _scatter_nodes(dgrid, rows: np.ndarray, stride: int, density: Volume):

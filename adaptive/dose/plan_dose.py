@@ -17,8 +17,9 @@ from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_gr
 from adaptive.dose.kernel import beam_depths, fluence_dose, fluence_pyramid
 from adaptive.dose.raytrace import lps_to_grid_frame
 from adaptive.errors import DoseError
-from adaptive.geometry.volume import Volume
+from adaptive.geometry.volume import Grid, Volume
 from adaptive.log import get_logger
+from adaptive.model.plan import Beam
 
 
 def _overlap(a0, a1, b0, b1):
@@ -134,6 +135,27 @@ def beam_point_depths(density: Volume, geometry, pts: np.ndarray, gpts: np.ndarr
     return out
 
 
+def _grid_key(dens: np.ndarray, density_grid: Grid, dgrid: Grid) -> tuple:
+    """Depth-cache key part of the density values and the density and dose grids (LPS mm)."""
+    return (_array_key(dens),
+            tuple(np.round(density_grid.origin, 6)), tuple(np.round(density_grid.spacing, 6)),
+            tuple(np.round(np.ravel(density_grid.direction), 9)),
+            tuple(np.round(dgrid.origin, 6)), tuple(np.round(dgrid.spacing, 6)),
+            tuple(np.round(np.ravel(dgrid.direction), 9)), tuple(dgrid.shape))
+
+
+def _segments_by_direction(beam: Beam) -> dict[tuple[float, float, float], list]:
+    """The beam's (control point, MU) segments grouped by (gantry, collimator, couch) angle
+    (deg, IEC 61217): a control point without its own angle has the beam's."""
+    groups: dict[tuple[float, float, float], list] = {}
+    for cp, mu in beam.segments():
+        key = (beam.gantry_deg if cp.gantry_deg is None else cp.gantry_deg,
+               beam.collimator_deg if cp.collimator_deg is None else cp.collimator_deg,
+               beam.couch_deg if cp.couch_deg is None else cp.couch_deg)
+        groups.setdefault(key, []).append((cp, mu))
+    return groups
+
+
 def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = None,
               dose_grid_spacing_mm: float | None = 3.0, body_mask=None,
               cutoff_mm: float | None = None, fluence_resolution_mm: float | None = None,
@@ -180,12 +202,7 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
     dsp = np.ascontiguousarray(density.grid.spacing)
     kp = bm.kernel_array()
     tm["points_s"] = time.perf_counter() - t2
-    grid_key = None if depth_cache is None else (
-                _array_key(dens),
-                tuple(np.round(density.grid.origin, 6)), tuple(np.round(density.grid.spacing, 6)),
-                tuple(np.round(np.ravel(density.grid.direction), 9)),
-                tuple(np.round(dgrid.origin, 6)), tuple(np.round(dgrid.spacing, 6)),
-                tuple(np.round(np.ravel(dgrid.direction), 9)), tuple(dgrid.shape))
+    grid_key = None if depth_cache is None else _grid_key(dens, density.grid, dgrid)
     n_maps = 0
     n_cached = 0
     for beam in plan.beams:
@@ -193,12 +210,7 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
             raise DoseError(f"beam {beam.number} SAD {beam.sad_mm} mm != model {bm.sad_mm} mm")
         lb = beam.leaf_boundaries_mm if beam.leaf_boundaries_mm is not None \
             else bm.mlc.leaf_boundaries_mm
-        groups: dict[tuple[float, float, float], list] = {}
-        for cp, mu in beam.segments():
-            key = (beam.gantry_deg if cp.gantry_deg is None else cp.gantry_deg,
-                   beam.collimator_deg if cp.collimator_deg is None else cp.collimator_deg,
-                   beam.couch_deg if cp.couch_deg is None else cp.couch_deg)
-            groups.setdefault(key, []).append((cp, mu))
+        groups = _segments_by_direction(beam)
         for (ga, co, cu), segs in groups.items():
             g = beam_geometry(ga, co, cu, beam.isocenter_lps_mm, beam.sad_mm, patient_position)
             ta = time.perf_counter()
@@ -209,12 +221,11 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
                     tuple(np.round(np.asarray(beam.isocenter_lps_mm, dtype=float), 6)),
                     float(beam.sad_mm), patient_position, grid_key)
             depths = _depth_cache_get(depth_cache, ckey, idx)
+            n_cached += depths is not None
             if depths is None:
                 depths = beam_point_depths(density, g, pts, gpts, sad_mm=bm.sad_mm, dens=dens)
                 if depth_cache is not None:
                     depth_cache[ckey] = (idx, depths)
-            else:
-                n_cached += 1
             tc = time.perf_counter()
             src = np.ascontiguousarray(lps_to_grid_frame(density, g.source_lps_mm))
             with numba.parallel_chunksize(_KERNEL_CHUNK):

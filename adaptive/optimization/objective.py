@@ -49,12 +49,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from adaptive.dose.influence import DoseInfluence
 from adaptive.errors import OptimizationError
 from adaptive.geometry.volume import Volume
-from adaptive.optimization.goals import ClinicalGoals, ObjectiveTerm
+from adaptive.optimization.goals import PRIORITY_WEIGHT, ClinicalGoals, ObjectiveTerm
 from adaptive.optimization.kernels import SparseOperator
+from adaptive.optimization.normalize import prescription_goal
 
 
 @dataclass
@@ -96,8 +98,6 @@ def masks_to_rows(dij: DoseInfluence, masks: dict) -> dict[str, np.ndarray]:
 
 def _target_distance_rows(dij: DoseInfluence, target_mask) -> np.ndarray:
     """Per Dij row: Euclidean distance (mm) to the nearest target voxel (0 inside)."""
-    from scipy import ndimage
-
     t = (target_mask.array if isinstance(target_mask, Volume) else np.asarray(target_mask)).astype(bool)
     dist = ndimage.distance_transform_edt(~t, sampling=dij.dose_grid.spacing[::-1])
     return dist.ravel()[dij.voxel_indices]
@@ -335,8 +335,6 @@ class Objective:
         """Every clinical goal on the used-row dose ``d`` (Gy per fraction), after scaling
         ``d`` so that the prescription goal is exact (as plan normalisation does) when
         ``normalize``. Goals on structures without rows fail (miss = inf)."""
-        from adaptive.optimization.normalize import prescription_goal
-
         d_raw = np.asarray(d, dtype=np.float64)
         d = d_raw
         pg = prescription_goal(self.goals)
@@ -393,8 +391,6 @@ class Objective:
         ``PRIORITY_WEIGHT``): rounds spent on a "nice to have" goal (e.g. TG-119's hard core
         goal) must not invert the priorities and trade away a "must" goal. Returns the number
         of terms re-weighted."""
-        from adaptive.optimization.goals import PRIORITY_WEIGHT
-
         n = 0
         failing = [st.priority for st in status if not st.passed]
         if not failing:

@@ -33,15 +33,18 @@ fraction.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import nnls
+import scipy.sparse as sp
+from scipy.optimize import minimize, nnls
 
 from adaptive.config import check_keys, config_path, get_number, load_toml
 from adaptive.dose.influence import DoseInfluence
 from adaptive.errors import ConfigError, OptimizationError
 from adaptive.model.plan import Beam, ControlPoint
+from adaptive.optimization.fluence import reweighting_loop
 
 
 @dataclass(frozen=True)
@@ -430,8 +433,6 @@ def segment_beamlet_matrix(dij: DoseInfluence, sequenced: list[SequencedBeam], m
     pair's minimum gap counts gap/bixel width); ``mlc.jaw_transmission`` × ``mlc_transmission`` outside the jaws (the
     leaves are behind the jaws there too). So D·(A·m) includes the leakage of every
     segment's MU at bixel resolution."""
-    import scipy.sparse as sp
-
     lb = np.asarray(mlc.leaf_boundaries_mm, dtype=np.float64)
     hx = 0.5 * float(dij.bixel_size_mm[0])
     rows, cols, vals = [], [], []
@@ -476,13 +477,7 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
     (:func:`adaptive.optimization.fluence.reweighting_loop`; rounds appended to
     ``rounds_out``); ``ftol``: L-BFGS-B relative decrease at which each solve stops. Returns new :class:`SequencedBeam` objects (beams left without segments
     keep none)."""
-    import time as _time
-
-    from scipy.optimize import minimize
-
-    from adaptive.optimization.fluence import reweighting_loop
-
-    t0 = _time.perf_counter()
+    t0 = time.perf_counter()
     seq = [SequencedBeam(sb.beam, list(sb.segments), sb.quantised_leaf_fluence_mu,
                          sb.leaf_fluence_mu, sb.delta_mu, sb.n_segments_raw, sb.column_edges_mm,
                          sb.n_levels)
@@ -505,7 +500,7 @@ def optimize_segment_weights(dij: DoseInfluence, objective, sequenced: list[Sequ
             f, gd, gw = objective.value_and_grads(ds @ m, a @ m)  # noqa: B023
             return f, (dst @ gd + at @ gw) * scale  # noqa: B023
 
-        budget = None if deadline_s is None else max(0.0, deadline_s - (_time.perf_counter() - t0))
+        budget = None if deadline_s is None else max(0.0, deadline_s - (time.perf_counter() - t0))
         if budget is not None and budget <= 0:
             break
 

@@ -2,10 +2,10 @@
 
 :func:`registration_stage` — CBCT + planning CT + planning structures (+ scheduled plan for
 the isocenter) → ``dvf.mha``, ``synthetic_ct/``, propagated ``RS.dcm``, ``REG.dcm``,
-``registration.json`` (via :func:`adaptive.registration.fraction.register_fraction`).
+``registration.json`` (via :func:`adaptive.registration.register_and_write.register_fraction`).
 
 :func:`planning_stage` — the registration outputs + the scheduled plan → Dij on the synthetic
-CT → warm-started re-optimisation (:func:`adaptive.pipeline.session.plan_case`, the adapted
+CT → warm-started re-optimisation (:func:`adaptive.pipeline.planning.plan_case`, the adapted
 plan references the scheduled plan as PREDECESSOR and the propagated structure set) →
 sequencing → deliverable dose → checks → the scheduled plan recalculated on the synthetic CT →
 goal-by-goal comparison. Writes the adapted ``RP.dcm`` + ``RD.dcm`` (only when the plan passed
@@ -29,14 +29,37 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive.dicom.ct_series import read_ct_series
+from adaptive.dicom.provenance import Provenance
+from adaptive.dicom.rtdose import write_rtdose
+from adaptive.dicom.rtplan import read_rtplan
+from adaptive.dicom.rtstruct import read_rtstruct
+from adaptive.dose.plan_dose import plan_dose
 from adaptive.errors import OptimizationError, PlanCheckError
 from adaptive.geometry.volume import Volume
 from adaptive.jsonable import to_jsonable, write_json_atomic
 from adaptive.log import get_logger
+from adaptive.optimization.checks import CheckItem
+from adaptive.optimization.compare import compare_plans
 from adaptive.optimization.goals import ClinicalGoals
-from adaptive.pipeline.safety import DEFORMABLE
+from adaptive.pipeline import handoff as H
+from adaptive.pipeline.planning import (
+    PlanResult,
+    PlanSettings,
+    moved_plan,
+    plan_case,
+    write_plan_outputs,
+)
+from adaptive.pipeline.registration_gate import gate_record, make_gate, target_roi_name
+from adaptive.pipeline.safety import (
+    DEFORMABLE,
+    SafetySettings,
+    contour_checks,
+    registration_checks,
+    roi_volumes_cc,
+)
 from adaptive.pipeline.scheduled_today import rigid_match_statement, run_scheduled_only
-from adaptive.pipeline.session import PlanSettings, moved_plan, plan_case, write_plan_outputs
+from adaptive.registration.register_and_write import register_fraction
 
 log = get_logger("adaptive.pipeline.fraction")
 
@@ -57,8 +80,6 @@ MIN_OPTIMIZER_S = 3.0
 
 def _noop(stage: str, fraction: float) -> None:
     return None
-
-
 
 
 # --- registration ---------------------------------------------------------------------------
@@ -83,13 +104,6 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
     ``dvf``, ``registration_json`` (paths), ``rigid_matrix`` (4×4, CBCT LPS → planning LPS),
     ``frame_of_reference_uid`` (CBCT/synthetic CT), ``quality``, ``timings_s``, ``fallback``.
     """
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.pipeline.registration_gate import gate_record, make_gate, target_roi_name
-    from adaptive.pipeline.safety import roi_volumes_cc
-    from adaptive.registration.fraction import register_fraction
-
     progress = progress or _noop
     t0 = time.perf_counter()
     T: dict[str, float] = {}
@@ -154,7 +168,7 @@ def registration_stage(planning_ct_dir, rtstruct_path, rtplan_path, cbct_dir, ou
 class PlanningOutputs:
     """In-memory results of :func:`planning_stage` (the offline chain uses them)."""
 
-    adapted: object  # adaptive.pipeline.session.PlanResult
+    adapted: object  # adaptive.pipeline.planning.PlanResult
     scheduled_dose: Volume
     comparison: object  # adaptive.optimization.compare.PlanComparison
     result: dict  # the JSON-able record (service contract)
@@ -181,9 +195,6 @@ def handoff_safety_checks(registration: dict, today, grid, goals: ClinicalGoals,
     deformable-level checks (from the record; recomputed from its quality figures for a
     record made without the gate) and the field-of-view-aware contour checks
     (:mod:`adaptive.pipeline.safety`) of today's structures on the synthetic-CT ``grid``."""
-    from adaptive.optimization.checks import CheckItem
-    from adaptive.pipeline.safety import SafetySettings, contour_checks, registration_checks
-
     s = settings or SafetySettings.load()
     gate = registration.get("registration_checks")
     if gate:
@@ -218,7 +229,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     """Re-optimise the scheduled plan on today's anatomy (see the module docstring).
 
     ``registration``: the record returned by :func:`registration_stage`. ``settings``:
-    :class:`~adaptive.pipeline.session.PlanSettings`; when ``budget_s`` is given and
+    :class:`~adaptive.pipeline.planning.PlanSettings`; when ``budget_s`` is given and
     ``settings.deadline_s`` is None the optimiser deadline comes from the budget
     (:func:`optimizer_deadline`). The adapted plan is written only when it passed its
     checks (``adapted.rtplan`` is None otherwise); ``fallback`` is ``"best_iterate"`` when
@@ -229,35 +240,14 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     :mod:`adaptive.pipeline.handoff`. ``protocol``: the session's clinical protocol
     (``{"name", "source"}``), recorded in the result and the written objects' provenance.
     """
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.provenance import Provenance
-    from adaptive.dicom.rtdose import write_rtdose
-    from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.dose.plan_dose import plan_dose
-    from adaptive.optimization.compare import compare_plans
-    from adaptive.pipeline import handoff as H
-
     progress = progress or _noop
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     T: dict[str, float] = {}
     progress("planning.load", 0.0)
-    sct, sct_info = read_ct_series(registration["synthetic_ct_dir"])
-    today = read_rtstruct(registration["rtstruct"], grid=sct.grid)
-    scheduled = read_rtplan(rtplan_path)
-    check_prescription(scheduled, goals, rtplan_path)
-    if (registration.get("scheduled_plan_uid") and
-            registration["scheduled_plan_uid"] != scheduled.sop_instance_uid):
-        raise OptimizationError(f"{rtplan_path}: plan {scheduled.sop_instance_uid} is not the "
-                                f"plan the registration used ({registration['scheduled_plan_uid']})")
-    if sct_info.frame_of_reference_uid != registration["frame_of_reference_uid"]:
-        raise OptimizationError(f"synthetic CT {registration['synthetic_ct_dir']} is not in the "
-                                f"registration's frame {registration['frame_of_reference_uid']}")
-    # the synthetic CT lives in the CBCT frame: map the isocenters with the rigid part
-    m = np.linalg.inv(np.asarray(registration["rigid_matrix"], dtype=float))
-    sched_today = moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
+    sct, sct_info, today, scheduled, sched_today = _planning_inputs(rtplan_path, registration,
+                                                                    goals)
     dose_ct = sct  # covers the planning CT's extent (extended at registration)
     T["load"] = round(time.perf_counter() - t0, 3)
 
@@ -301,6 +291,46 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
               "plan_scope": "one session of the course (see adaptive.pipeline.handoff)",
               "protocol": protocol}
     fallback = "best_iterate" if adapted.fluence.reason == "deadline" else None
+    adapted_rec = _write_adapted(adapted, registration, today, sct_info, dose_ct.grid, goals,
+                                 out, input_uids, params, comparison, fallback)
+    sd_dir = _write_scheduled_today(sdose, sched_today, sct_info, dose_ct.grid, out, input_uids)
+    T["write"] = round(time.perf_counter() - t, 3)
+    T["total"] = round(time.perf_counter() - t0, 3)
+    result = _planning_result(adapted, adapted_rec, sdose, comparison, registration, goals,
+                              rtplan_path, scheduled.sop_instance_uid, sd_dir, s, protocol,
+                              fallback, T, budget_s)
+    (out / "comparison.json").write_text(comparison.to_json())
+    write_json_atomic(out / "planning_result.json", result)
+    log.info("planning_stage_done", checks_passed=adapted.checks.passed, fallback=fallback,
+             total_s=T["total"])
+    return PlanningOutputs(adapted, sdose, comparison, result, T)
+
+
+def _planning_inputs(rtplan_path, registration: dict, goals: ClinicalGoals):
+    """(synthetic CT (HU), its series, today's structures on it, the scheduled plan, the
+    scheduled plan moved into the CBCT frame by the rigid part of the registration)."""
+    sct, sct_info = read_ct_series(registration["synthetic_ct_dir"])
+    today = read_rtstruct(registration["rtstruct"], grid=sct.grid)
+    scheduled = read_rtplan(rtplan_path)
+    check_prescription(scheduled, goals, rtplan_path)
+    if (registration.get("scheduled_plan_uid") and
+            registration["scheduled_plan_uid"] != scheduled.sop_instance_uid):
+        raise OptimizationError(f"{rtplan_path}: plan {scheduled.sop_instance_uid} is not the "
+                                f"plan the registration used ({registration['scheduled_plan_uid']})")
+    if sct_info.frame_of_reference_uid != registration["frame_of_reference_uid"]:
+        raise OptimizationError(f"synthetic CT {registration['synthetic_ct_dir']} is not in the "
+                                f"registration's frame {registration['frame_of_reference_uid']}")
+    # the synthetic CT lives in the CBCT frame: map the isocenters with the rigid part
+    m = np.linalg.inv(np.asarray(registration["rigid_matrix"], dtype=float))
+    sched_today = moved_plan(scheduled, m, sct_info.frame_of_reference_uid)
+    return sct, sct_info, today, scheduled, sched_today
+
+
+def _write_adapted(adapted: PlanResult, registration: dict, today, sct_info, image_grid,
+                   goals: ClinicalGoals, out: Path, input_uids: dict, params: dict, comparison,
+                   fallback: str | None) -> dict:
+    """Write the adapted plan and its dose (RP.dcm, RD.dcm in ``out``) when it passed its
+    checks; returns its record (``rtplan``/``rtdose`` None when it did not)."""
     adapted_rec = {"rtplan": None, "rtdose": None, "rtstruct": registration["rtstruct"],
                    "registration": registration["reg"],
                    "checks_passed": bool(adapted.checks.passed),
@@ -312,7 +342,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
     study = sct_info.study  # the session's: the CBCT's (adaptive.dicom.study)
     H.make_session_plan(adapted.plan, goals.prescription)
     try:
-        rep = write_plan_outputs(adapted, sct_info, out, study=study, image_grid=dose_ct.grid,
+        rep = write_plan_outputs(adapted, sct_info, out, study=study, image_grid=image_grid,
                                  summation=H.ADAPTED_DOSE_SUMMATION, input_uids=input_uids,
                                  parameters=params,
                                  extra_report={"comparison": comparison.to_dict(),
@@ -321,15 +351,30 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                            rtplan_uid=rep["plan"]["sop_instance_uid"])
     except PlanCheckError as e:
         log.warning("adapted_plan_failed_checks", error=str(e))
+    return adapted_rec
+
+
+def _write_scheduled_today(sdose: Volume, sched_today, sct_info, image_grid, out: Path,
+                           input_uids: dict) -> Path:
+    """Write the scheduled plan's dose on today's anatomy (total-course Gy, CBCT frame) as
+    ``out/scheduled_today/RD.dcm``; returns that folder."""
+    study = sct_info.study  # the session's: the CBCT's (adaptive.dicom.study)
     sd_dir = out / "scheduled_today"
     sd_dir.mkdir(exist_ok=True)
     prov = Provenance(input_uids=input_uids, parameters={"recalculated_on": "synthetic CT"},
                       description="scheduled plan recalculated on today's anatomy")
     write_rtdose(sdose, sd_dir / "RD.dcm", summation=H.SCHEDULED_TODAY_SUMMATION,
-                 plan=sched_today, series=sct_info, image_grid=dose_ct.grid, study=study,
+                 plan=sched_today, series=sct_info, image_grid=image_grid, study=study,
                  provenance=prov, comment="scheduled plan recalculated on the synthetic CT")
-    T["write"] = round(time.perf_counter() - t, 3)
-    T["total"] = round(time.perf_counter() - t0, 3)
+    return sd_dir
+
+
+def _planning_result(adapted: PlanResult, adapted_rec: dict, sdose: Volume, comparison,
+                     registration: dict, goals: ClinicalGoals, rtplan_path, scheduled_uid: str,
+                     sd_dir: Path, s: PlanSettings, protocol: dict | None, fallback: str | None,
+                     T: dict, budget_s: float | None) -> dict:
+    """The stage's JSON-able result: adapted and scheduled objects, metrics (total-course
+    Gy), optimiser outcome and timings (s)."""
     metrics = {**comparison.to_dict(), "units": "total-course Gy (V: %)",
                "on": "synthetic CT + propagated structures; "
                      + rigid_match_statement(registration),
@@ -338,7 +383,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
                                                       goals.prescription)}
     result = to_jsonable({
         "adapted": adapted_rec,
-        "scheduled": {"rtplan": str(rtplan_path), "rtplan_uid": scheduled.sop_instance_uid,
+        "scheduled": {"rtplan": str(rtplan_path), "rtplan_uid": scheduled_uid,
                       # the dose on today's anatomy is in the CBCT frame, not the plan's:
                       # reported, not handed off with the scheduled plan
                       "rtdose": None, "rtdose_today": str(sd_dir / "RD.dcm")},
@@ -350,11 +395,7 @@ def planning_stage(rtplan_path, registration: dict, out_dir, goals: ClinicalGoal
         "timings_s": T,
         "budget_s": budget_s,
     })
-    (out / "comparison.json").write_text(comparison.to_json())
-    write_json_atomic(out / "planning_result.json", result)
-    log.info("planning_stage_done", checks_passed=adapted.checks.passed, fallback=fallback,
-             total_s=T["total"])
-    return PlanningOutputs(adapted, sdose, comparison, result, T)
+    return result
 
 
 # --- the offline chain ----------------------------------------------------------------------

@@ -25,8 +25,8 @@ from adaptive.model.structures import StructureSet
 from adaptive.pipeline.safety import SafetySettings, registration_gate
 from adaptive.registration import validity as V
 from adaptive.registration.evaluate import dilate_mm
-from adaptive.registration.fraction import GateDecision
 from adaptive.registration.propagate import propagate_mask
+from adaptive.registration.register_and_write import GateDecision
 from adaptive.registration.review import write_review_images
 
 log = get_logger("adaptive.pipeline.registration_gate")
@@ -71,7 +71,7 @@ def target_residual(result, cbct: Volume, planning_ct: Volume, structures: Struc
 
 
 def make_gate(target: str | None, settings: SafetySettings | None = None):
-    """The gate :func:`adaptive.registration.fraction.register_fraction` calls on its result."""
+    """The gate :func:`adaptive.registration.register_and_write.register_fraction` calls on its result."""
     s = settings or SafetySettings.load()
 
     def gate(result, cbct: Volume, planning_ct: Volume, structures) -> GateDecision:
@@ -91,7 +91,7 @@ def make_gate(target: str | None, settings: SafetySettings | None = None):
 def gate_record(fr, planning_ct: Volume, structures: StructureSet | None, cbct: Volume,
                 target: str | None, review_dir=None) -> dict:
     """The gate's fields for the registration stage's record (see the module docstring),
-    from a :class:`~adaptive.registration.fraction.FractionRegistration`; with
+    from a :class:`~adaptive.registration.register_and_write.FractionRegistration`; with
     ``review_dir``, the review images (:mod:`adaptive.registration.review`) are written
     there and listed under ``review_images``."""
     t0 = time.perf_counter()

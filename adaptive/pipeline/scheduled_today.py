@@ -19,7 +19,7 @@ from adaptive.jsonable import to_jsonable, write_json_atomic
 from adaptive.log import get_logger
 from adaptive.optimization.goals import ClinicalGoals, evaluate_goals
 from adaptive.pipeline.handoff import SCHEDULED_TODAY_SUMMATION
-from adaptive.pipeline.session import stage_masks
+from adaptive.pipeline.planning import stage_masks
 
 log = get_logger("adaptive.pipeline.scheduled_today")
 

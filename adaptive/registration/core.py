@@ -37,7 +37,9 @@ threads differ by at most 0.10 mm (mean 0.016 mm); the tests bound it at 0.5 mm.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -281,8 +283,85 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     check_same_patient(cbct_info, ct_info)
 
     # --- working resolution (adaptive.registration.working) ----------------------------
-    t = time.perf_counter()
     native_grid = cbct.grid
+    with _clock(timings, "working_images"):
+        cbct, planning_ct, valid = _working_images(cbct, planning_ct, s, q)
+
+    # --- content checks ---------------------------------------------------------------
+    fgrid = cbct.grid
+    with _clock(timings, "prepare"):
+        prep = _checked_content(cbct, planning_ct, valid, s, q)
+
+    # --- initial alignment: every candidate scored at the coarsest level -------------------
+    with _clock(timings, "initial_alignment"):
+        if initial_matrix is not None:
+            initial_matrix = _check_matrix(initial_matrix, "initial_matrix")
+        ia = choose_initial_alignment(prep.fixed, fgrid, valid, prep.body, prep.moving_all,
+                                      planning_ct.grid, s.init,
+                                      spatial_registration=initial_matrix,
+                                      isocenter_lps_mm=isocenter_lps_mm,
+                                      min_overlap=s.quality["min_overlap_fraction"])
+        m0, how = ia.matrix, ia.winner
+        q["initial_alignment"] = ia.to_record()
+    with _clock(timings, "prepare"):
+        smp = _Sampler(fgrid, prep.fmask, prep.fixed, planning_ct, s.quality["subsample"],
+                       s.quality["mi_bins"])
+        crop, moving, fixed_reg, mm = _cropped_moving(planning_ct, fgrid, m0, how, smp, prep,
+                                                      s, q)
+
+    # --- rigid ----------------------------------------------------------------------------
+    with _clock(timings, "rigid"):
+        rmaps = eb.run_elastix(fixed_reg, fgrid, moving, grid_in_frame(crop.grid, m0),
+                               s.parameter_map("rigid"), prep.fmask)
+        m_rigid = m0 @ eb.euler_to_matrix(rmaps[-1])
+    sc, vs = _rigid_quality(m_rigid, m0, ia, isocenter_lps_mm, smp, cbct, planning_ct, valid,
+                            prep, s, q)
+
+    # --- CBCT shading correction (planning CT as prior), for the deformable stage -------------
+    if s.shading.enabled:
+        fixed_reg = _shading_stage(prep, fgrid, smp, planning_ct, m_rigid, mm, s, q, timings)
+
+    # --- B-spline under the deadline ----------------------------------------------------------
+    with _clock(timings, "deformable"):
+        bmaps, fallback = _deformable_stage(fixed_reg, fgrid, moving,
+                                            grid_in_frame(crop.grid, m_rigid), prep.fmask,
+                                            deadline, budget_s, s, q)
+
+    # --- field --------------------------------------------------------------------------------
+    with _clock(timings, "field"):
+        dvf = _displacement_field(bmaps, m_rigid, fgrid, smp.centres)
+
+    # --- quality ------------------------------------------------------------------------------
+    with _clock(timings, "quality"):
+        det = _final_quality(dvf, m_rigid, fgrid, valid, prep.body, smp, vs, cbct, planning_ct,
+                             q)
+    timings["total"] = time.perf_counter() - t_start
+    _refuse_folded_or_diverged(q, s)
+    log.info("registration_done", fallback=fallback, initial_alignment=how,
+             jacobian_min=round(q["jacobian_min"], 3),
+             deformation_mean_mm=round(q["deformation_mean_mm"], 2),
+             **{f"t_{k}_s": round(v, 3) for k, v in timings.items()})
+    return RegistrationResult(dvf_lps_mm=dvf, fixed_grid=fgrid, rigid_matrix=m_rigid,
+                              fallback=fallback, quality=q, timings_s=timings,
+                              parameters=_parameters(s, how, m0, budget_s, bmaps),
+                              initial_matrix=m0, initial_alignment=how, fixed_mask=prep.fmask,
+                              body_mask=prep.body, valid_mask=valid, initial=ia, setup=sc,
+                              fixed_image=cbct, moving_image=planning_ct,
+                              native_grid=native_grid, bspline_maps=bmaps, jacobian=det)
+
+
+@contextlib.contextmanager
+def _clock(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time (s) to ``timings[name]``."""
+    t = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+
+
+def _working_images(cbct: Volume, planning_ct: Volume, s: RegistrationSettings, q: dict
+                    ) -> tuple[Volume, Volume, np.ndarray]:
+    """(CBCT, planning CT) at the working resolution and the CBCT's valid (field-of-view)
+    mask on its working grid; records the factors and spacing (mm) in ``q``."""
     native_valid = valid_region_mask(cbct, erode_mm=0.0)
     pad = padding_value(np.asarray(cbct.array))
     cbct, valid, fac = working_volume(cbct, s.working_voxel_mm, native_valid,
@@ -292,10 +371,29 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     q["working_grid"] = {"cbct_factors_zyx": list(fac), "planning_factors_zyx": list(fac_ct),
                          "cbct_spacing_mm": [round(float(v), 4) for v in cbct.grid.spacing],
                          "working_voxel_mm": s.working_voxel_mm}
-    timings["working_images"] = time.perf_counter() - t
+    return cbct, planning_ct, valid
 
-    # --- content checks ---------------------------------------------------------------
-    t = time.perf_counter()
+
+@dataclass
+class _Prepared:
+    """The checked images (HU, float32) and the CBCT masks on its working grid."""
+
+    fixed: np.ndarray
+    moving_all: np.ndarray
+    fmask: np.ndarray
+    body: np.ndarray
+    tissue_mode: float
+
+    @property
+    def metric_mask(self) -> np.ndarray:
+        """The metric mask inside the body (the metric mask when no body was found)."""
+        return self.fmask & self.body if self.body.any() else self.fmask
+
+
+def _checked_content(cbct: Volume, planning_ct: Volume, valid: np.ndarray,
+                     s: RegistrationSettings, q: dict) -> _Prepared:
+    """Refuse non-finite, empty or constant images; the eroded metric mask, the body and the
+    CBCT's soft-tissue mode (HU)."""
     fgrid = cbct.grid
     fixed = np.asarray(cbct.array, dtype=np.float32)
     moving_all = np.asarray(planning_ct.array, dtype=np.float32)
@@ -319,45 +417,45 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     # tissue (> -500 HU: air stays air under CBCT offsets and cupping) in the field of view
     q["tissue_fraction_fov"] = float((fixed[valid] > -500.0).mean())
     q["cbct_tissue_mode_hu"] = tissue_mode
+    return _Prepared(fixed, moving_all, fmask, body, tissue_mode)
 
-    timings["prepare"] = time.perf_counter() - t
 
-    # --- initial alignment: every candidate scored at the coarsest level -------------------
-    t = time.perf_counter()
-    if initial_matrix is not None:
-        initial_matrix = _check_matrix(initial_matrix, "initial_matrix")
-    ia = choose_initial_alignment(fixed, fgrid, valid, body, moving_all, planning_ct.grid,
-                                  s.init, spatial_registration=initial_matrix,
-                                  isocenter_lps_mm=isocenter_lps_mm,
-                                  min_overlap=s.quality["min_overlap_fraction"])
-    m0, how = ia.matrix, ia.winner
-    q["initial_alignment"] = ia.to_record()
-    timings["initial_alignment"] = time.perf_counter() - t
-    t = time.perf_counter()
-    step = s.quality["subsample"]
-    sub = _sub(fmask, step)
-    centres = fgrid.voxel_centers_lps()  # CBCT voxel centres, LPS mm
-    pts_sub = centres[sub]
-    fm_sub = fmask[sub]
-    fvals = fixed[sub][fm_sub]
+class _Sampler:
+    """The subsampled CBCT metric points (LPS mm) and their HU, for overlap and similarity
+    checks of a matrix (CBCT LPS -> planning LPS) or a displacement field on the CBCT grid."""
 
-    def overlap(m):
-        return float(planning_ct.grid.contains_lps(_apply(m, pts_sub[fm_sub])).mean())
+    def __init__(self, fgrid: Grid, fmask: np.ndarray, fixed: np.ndarray, planning_ct: Volume,
+                 step: int, mi_bins: int) -> None:
+        self.sub = _sub(fmask, step)
+        self.centres = fgrid.voxel_centers_lps()  # CBCT voxel centres, LPS mm
+        self.fm_sub = fmask[self.sub]
+        self.pts = self.centres[self.sub][self.fm_sub]
+        self.fvals = fixed[self.sub][self.fm_sub]
+        self.planning_ct = planning_ct
+        self.mi_bins = mi_bins
 
-    q["overlap_initial"] = overlap(m0)
-    if q["overlap_initial"] < s.quality["min_overlap_fraction"]:
-        raise RegistrationError(
-            f"CBCT and planning CT do not overlap after initial alignment ({how}): only "
-            f"{100 * q['overlap_initial']:.1f}% of the CBCT field of view maps inside the "
-            f"planning CT (minimum {100 * s.quality['min_overlap_fraction']:.0f}%)")
+    def mapped(self, m: np.ndarray | None = None, dvf: np.ndarray | None = None) -> np.ndarray:
+        """The points mapped to planning LPS mm by ``dvf`` (when given) or ``m``."""
+        return self.pts + dvf[self.sub][self.fm_sub] if dvf is not None else _apply(m, self.pts)
 
-    def sim(m=None, dvf=None):
-        p = pts_sub[fm_sub] + dvf[sub][fm_sub] if dvf is not None else _apply(m, pts_sub[fm_sub])
-        mv = planning_ct.sample_lps(p, order=1, fill=-1000.0)
-        return similarity(fvals, mv, s.quality["mi_bins"])
+    def overlap(self, m: np.ndarray | None = None, dvf: np.ndarray | None = None) -> float:
+        """Fraction of the points that map inside the planning CT."""
+        return float(self.planning_ct.grid.contains_lps(self.mapped(m, dvf)).mean())
 
-    q["similarity_initial"] = sim(m0)
+    def similarity(self, m: np.ndarray | None = None, dvf: np.ndarray | None = None) -> float:
+        """Similarity of the CBCT and the mapped planning CT (outside: -1000 HU)."""
+        mv = self.planning_ct.sample_lps(self.mapped(m, dvf), order=1, fill=-1000.0)
+        return similarity(self.fvals, mv, self.mi_bins)
 
+
+def _cropped_moving(planning_ct: Volume, fgrid: Grid, m0: np.ndarray, how: str,
+                    smp: _Sampler, prep: _Prepared, s: RegistrationSettings, q: dict
+                    ) -> tuple[Volume, np.ndarray, np.ndarray, float]:
+    """After the initial alignment ``m0`` (``how``): refuse too little overlap, record it and
+    the similarity; the planning CT cropped to the aligned CBCT extent + margin (mm), both
+    images windowed for the metric, and the planning CT's soft-tissue mode (HU)."""
+    q["overlap_initial"] = _required_overlap(smp.overlap(m0), how, s)
+    q["similarity_initial"] = smp.similarity(m0)
     # crop the planning CT to the aligned CBCT extent + margin
     c = _apply(m0, _corners(fgrid))
     margin = s.moving_crop_margin_mm
@@ -368,82 +466,116 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
     moving = np.asarray(crop.array, dtype=np.float32)
     mm = soft_tissue_mode(moving[:: 2, :: 2, :: 2].ravel())
     q["planning_tissue_mode_hu"] = mm
-    fixed_reg = _window(fixed, tissue_mode, s)
+    fixed_reg = _window(prep.fixed, prep.tissue_mode, s)
     moving = _window(moving, mm, s)
-    timings["prepare"] += time.perf_counter() - t
+    return crop, moving, fixed_reg, mm
 
-    # --- rigid ----------------------------------------------------------------------------
-    t = time.perf_counter()
-    rmaps = eb.run_elastix(fixed_reg, fgrid, moving, grid_in_frame(crop.grid, m0),
-                           s.parameter_map("rigid"), fmask)
-    m_rigid = m0 @ eb.euler_to_matrix(rmaps[-1])
-    timings["rigid"] = time.perf_counter() - t
-    q["overlap_rigid"] = overlap(m_rigid)
+
+def _rigid_quality(m_rigid: np.ndarray, m0: np.ndarray, ia, isocenter_lps_mm, smp: _Sampler,
+                   cbct: Volume, planning_ct: Volume, valid: np.ndarray, prep: _Prepared,
+                   s: RegistrationSettings, q: dict):
+    """Refuse a diverged rigid stage; record its overlap, correction (mm), similarity and
+    validity; returns (the setup correction it implies, the validity samples)."""
+    fgrid = cbct.grid
+    q["overlap_rigid"] = smp.overlap(m_rigid)
     q["rigid_correction_mm"] = float(np.linalg.norm(
         _apply(m_rigid, fgrid.center_lps()[None]) - _apply(m0, fgrid.center_lps()[None])))
     if q["overlap_rigid"] < s.quality["min_overlap_fraction"]:
         raise RegistrationError(
             f"rigid stage diverged: only {100 * q['overlap_rigid']:.1f}% of the CBCT maps inside "
             f"the planning CT (correction {q['rigid_correction_mm']:.1f} mm)")
-    q["similarity_rigid"] = sim(m_rigid)
+    q["similarity_rigid"] = smp.similarity(m_rigid)
     sc = setup_correction(m_rigid, ia.conventions(), isocenter_lps_mm
                           if isocenter_lps_mm is not None else
                           _apply(m_rigid, fgrid.center_lps()[None])[0])
     q["setup_correction"] = sc.to_record() if sc is not None else None
-    vs = _validity_samples(cbct, fmask, body, planning_ct)
-    q["validity_rigid"] = _validity(vs, cbct, planning_ct, valid, body, matrix=m_rigid)
+    vs = _validity_samples(cbct, prep.fmask, prep.body, planning_ct)
+    q["validity_rigid"] = _validity(vs, cbct, planning_ct, valid, prep.body, matrix=m_rigid)
+    return sc, vs
 
-    # --- CBCT shading correction (planning CT as prior), for the deformable stage -------------
-    if s.shading.enabled:
-        t_sh = time.perf_counter()
-        fixed_reg, q["shading"] = _shading_corrected(fixed, fgrid, centres, planning_ct, m_rigid,
-                                                     fmask & body if body.any() else fmask,
-                                                     tissue_mode, mm, s)
-        timings["shading"] = time.perf_counter() - t_sh
 
-    # --- B-spline under the deadline ----------------------------------------------------------
-    fallback = None
-    bmaps = None
-    t = time.perf_counter()
+def _shading_stage(prep: _Prepared, fgrid: Grid, smp: _Sampler, planning_ct: Volume,
+                   m_rigid: np.ndarray, planning_mode_hu: float, s: RegistrationSettings,
+                   q: dict, timings: dict[str, float]) -> np.ndarray:
+    """The CBCT corrected for shading with the rigidly mapped planning CT as prior, windowed
+    for the deformable stage; records the correction in ``q`` and its time (s)."""
+    with _clock(timings, "shading"):
+        fixed_reg, q["shading"] = _shading_corrected(
+            prep.fixed, fgrid, smp.centres, planning_ct, m_rigid, prep.metric_mask,
+            prep.tissue_mode, planning_mode_hu, s)
+    return fixed_reg
+
+
+def _deformable_stage(fixed_reg: np.ndarray, fgrid: Grid, moving: np.ndarray, moving_grid: Grid,
+                      fmask: np.ndarray, deadline: float | None, budget_s: float | None,
+                      s: RegistrationSettings, q: dict) -> tuple[list | None, str | None]:
+    """The B-spline stage's parameter maps, or None and ``fallback="rigid"`` (reason in
+    ``q``) when the time left before ``deadline`` (perf_counter s) is too short or runs out."""
     remaining = None if deadline is None else deadline - time.perf_counter() - s.finish_reserve_s
     if remaining is not None and remaining < s.min_deformable_s:
-        fallback = "rigid"
         q["fallback_reason"] = (f"no time left for the deformable stage ({remaining:.2f} s after "
                                 f"rigid, need {s.min_deformable_s} s)")
-    else:
-        args = (fixed_reg, fgrid, moving, grid_in_frame(crop.grid, m_rigid),
-                s.parameter_map("bspline"), fmask)
-        bmaps = _run_bspline(args, remaining, s.deformable_in_subprocess and remaining is not None)
-        if bmaps is None:
-            fallback = "rigid"
-            q["fallback_reason"] = f"deformable stage exceeded the budget ({budget_s} s)"
-    timings["deformable"] = time.perf_counter() - t
+        return None, "rigid"
+    args = (fixed_reg, fgrid, moving, moving_grid, s.parameter_map("bspline"), fmask)
+    bmaps = _run_bspline(args, remaining, s.deformable_in_subprocess and remaining is not None)
+    if bmaps is None:
+        q["fallback_reason"] = f"deformable stage exceeded the budget ({budget_s} s)"
+        return None, "rigid"
+    return bmaps, None
 
-    # --- field --------------------------------------------------------------------------------
-    t = time.perf_counter()
-    if bmaps is not None:
-        ub = eb.bspline_field(bmaps[-1], fgrid) if len(bmaps) == 1 else None
-        if ub is None:
-            ub = eb.transform_field(bmaps, fgrid)
-        ub = ub.astype(np.float64)
-        dvf = (affine_field(m_rigid, centres + ub) + ub).astype(np.float32)
-    else:
-        dvf = affine_field(m_rigid, centres).astype(np.float32)
-    timings["field"] = time.perf_counter() - t
 
-    # --- quality ------------------------------------------------------------------------------
-    t = time.perf_counter()
+def _displacement_field(bmaps: list | None, m_rigid: np.ndarray, fgrid: Grid,
+                        centres: np.ndarray) -> np.ndarray:
+    """The displacement (LPS mm, float32, on the CBCT grid) of rigid ∘ B-spline, or of the
+    rigid matrix alone when there is no B-spline result."""
+    if bmaps is None:
+        return affine_field(m_rigid, centres).astype(np.float32)
+    ub = eb.bspline_field(bmaps[-1], fgrid) if len(bmaps) == 1 else None
+    if ub is None:
+        ub = eb.transform_field(bmaps, fgrid)
+    ub = ub.astype(np.float64)
+    return (affine_field(m_rigid, centres + ub) + ub).astype(np.float32)
+
+
+def _final_quality(dvf: np.ndarray, m_rigid: np.ndarray, fgrid: Grid, valid: np.ndarray,
+                   body: np.ndarray, smp: _Sampler, vs, cbct: Volume, planning_ct: Volume,
+                   q: dict) -> np.ndarray:
+    """Record the Jacobian, deformation beyond rigid (mm), similarity, validity and overlap
+    of the final field in ``q``; returns the Jacobian determinant on the CBCT grid."""
     if not np.all(np.isfinite(dvf)):
         raise RegistrationError("registration diverged: non-finite displacement")
     det = jacobian_determinant(dvf, fgrid)
     q.update(jacobian_stats(det, valid))
     q.update(deformation_beyond_rigid(dvf, m_rigid, fgrid, body if body.any() else valid))
-    q["similarity_final"] = sim(dvf=dvf)
+    q["similarity_final"] = smp.similarity(dvf=dvf)
     q["validity_final"] = _validity(vs, cbct, planning_ct, valid, body, dvf=dvf)
-    q["overlap_final"] = float(planning_ct.grid.contains_lps(
-        pts_sub[fm_sub] + dvf[sub][fm_sub]).mean())
-    timings["quality"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
+    q["overlap_final"] = smp.overlap(dvf=dvf)
+    return det
+
+
+def _required_overlap(overlap: float, how: str, s: RegistrationSettings) -> float:
+    """``overlap`` (share of the CBCT samples mapped inside the planning CT by the initial
+    alignment ``how``); raises :class:`RegistrationError` below the minimum."""
+    if overlap < s.quality["min_overlap_fraction"]:
+        raise RegistrationError(
+            f"CBCT and planning CT do not overlap after initial alignment ({how}): only "
+            f"{100 * overlap:.1f}% of the CBCT field of view maps inside the "
+            f"planning CT (minimum {100 * s.quality['min_overlap_fraction']:.0f}%)")
+    return overlap
+
+
+def _parameters(s: RegistrationSettings, how: str, m0: np.ndarray, budget_s: float | None,
+                bmaps: list | None) -> dict:
+    """The parameters record of a result: settings, initial alignment and matrix, budget (s),
+    threads and the B-spline transform's parameters (without its coefficients)."""
+    return {"settings": s.to_dict(), "initial_alignment": how,
+            "initial_matrix": m0.tolist(), "budget_s": budget_s, "threads": s.threads,
+            "bspline_transform": None if bmaps is None else
+            {k: v for k, v in bmaps[-1].items() if k != "TransformParameters"}}
+
+
+def _refuse_folded_or_diverged(q: dict, s: RegistrationSettings) -> None:
+    """Raise :class:`RegistrationError` when the field folds or deforms beyond the limits."""
     if q["jacobian_fraction_nonpositive"] > s.quality["max_fraction_folded"]:
         raise RegistrationError(
             f"registration folds: {100 * q['jacobian_fraction_nonpositive']:.3f}% of the CBCT "
@@ -454,20 +586,6 @@ def register(cbct: Volume, planning_ct: Volume, *, config=None, initial_matrix=N
             f"registration diverged: deformation beyond rigid reaches "
             f"{q['deformation_max_mm']:.1f} mm inside the body (limit "
             f"{s.quality['max_deformation_mm']} mm)")
-    params = {"settings": s.to_dict(), "initial_alignment": how,
-              "initial_matrix": m0.tolist(), "budget_s": budget_s, "threads": s.threads,
-              "bspline_transform": None if bmaps is None else
-              {k: v for k, v in bmaps[-1].items() if k != "TransformParameters"}}
-    log.info("registration_done", fallback=fallback, initial_alignment=how,
-             jacobian_min=round(q["jacobian_min"], 3),
-             deformation_mean_mm=round(q["deformation_mean_mm"], 2),
-             **{f"t_{k}_s": round(v, 3) for k, v in timings.items()})
-    return RegistrationResult(dvf_lps_mm=dvf, fixed_grid=fgrid, rigid_matrix=m_rigid,
-                              fallback=fallback, quality=q, timings_s=timings, parameters=params,
-                              initial_matrix=m0, initial_alignment=how, fixed_mask=fmask,
-                              body_mask=body, valid_mask=valid, initial=ia, setup=sc,
-                              fixed_image=cbct, moving_image=planning_ct,
-                              native_grid=native_grid, bspline_maps=bmaps, jacobian=det)
 
 
 _warm = False

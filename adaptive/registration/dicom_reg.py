@@ -138,7 +138,6 @@ def write_deformable_registration(path: str | Path, result: RegistrationResult,
         if info.frame_of_reference_uid != cbct_info.frame_of_reference_uid:
             raise DicomInputError(f"series {info.series_instance_uid} is not in the CBCT's Frame "
                                   f"of Reference (the registered RCS)", path)
-    g = result.fixed_grid
     sop = new_uid()
     date, tm = dicom_date_time()
     ds = new_dataset(DEFORMABLE_REG_STORAGE, sop)
@@ -162,6 +161,25 @@ def write_deformable_registration(path: str | Path, result: RegistrationResult,
     ds.ContentCreatorName = ""
     ds.ContentDate, ds.ContentTime = date, tm
 
+    ds.DeformableRegistrationSequence = Sequence([_registration_item(result, ct_info)])
+    _set_instance_references(ds, study, cbct_info, ct_info, registered_series)
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, tm
+    prov = provenance or Provenance(
+        input_uids={"cbct_series": cbct_info.series_instance_uid,
+                    "planning_ct_series": ct_info.series_instance_uid},
+        parameters={"fallback": result.fallback,
+                    "initial_alignment": result.initial_alignment},
+        timings_s=dict(result.timings_s), description="deformable registration")
+    apply_provenance(ds, prov)
+    save_atomic(ds, path)
+    return sop
+
+
+def _registration_item(result: RegistrationResult, ct_info: SeriesInfo) -> Dataset:
+    """Deformable Registration Sequence item: source frame (the planning CT's), pre-deformation
+    matrix (the rigid match, CBCT LPS -> planning LPS), identity post-deformation matrix and
+    the residual vector grid (LPS mm, float32) on the registration's grid."""
+    g = result.fixed_grid
     item = Dataset()
     item.SourceFrameOfReferenceUID = ct_info.frame_of_reference_uid
     if ct_info.sop_instance_uids:
@@ -181,10 +199,14 @@ def write_deformable_registration(path: str | Path, result: RegistrationResult,
     grid_item.GridResolution = [float(v) for v in g.spacing]
     grid_item.VectorGridData = np.ascontiguousarray(residual_vectors(result), "<f4").tobytes()
     item.DeformableRegistrationGridSequence = Sequence([grid_item])
-    ds.DeformableRegistrationSequence = Sequence([item])
+    return item
 
-    # Common Instance Reference: the series of this study (CBCT, synthetic CT, ...) and the
-    # planning CT (in its own study unless it shares this one)
+
+def _set_instance_references(ds: Dataset, study: StudyIdentity, cbct_info: SeriesInfo,
+                             ct_info: SeriesInfo, registered_series: tuple[SeriesInfo, ...]
+                             ) -> None:
+    """Common Instance Reference: the series of this study (CBCT, synthetic CT, ...) and the
+    planning CT (in its own study unless it shares this one)."""
     same = [cbct_info, *registered_series]
     if ct_info.study_instance_uid == study.study_instance_uid:
         ds.ReferencedSeriesSequence = Sequence([_series_ref(i) for i in (*same, ct_info)])
@@ -194,16 +216,6 @@ def write_deformable_registration(path: str | Path, result: RegistrationResult,
         st.StudyInstanceUID = ct_info.study_instance_uid
         st.ReferencedSeriesSequence = Sequence([_series_ref(ct_info)])
         ds.StudiesContainingOtherReferencedInstancesSequence = Sequence([st])
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, tm
-    prov = provenance or Provenance(
-        input_uids={"cbct_series": cbct_info.series_instance_uid,
-                    "planning_ct_series": ct_info.series_instance_uid},
-        parameters={"fallback": result.fallback,
-                    "initial_alignment": result.initial_alignment},
-        timings_s=dict(result.timings_s), description="deformable registration")
-    apply_provenance(ds, prov)
-    save_atomic(ds, path)
-    return sop
 
 
 def read_deformable_registration(path: str | Path) -> DeformableRegistration:

@@ -33,7 +33,7 @@ def itk_module(threads: int = 2):
     with _lock:
         if _itk is None:
             os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(threads))
-            import itk
+            import itk  # noqa: PLC0415 - deferred: ITK takes seconds; imported once, on first use
 
             enums = itk.MultiThreaderBaseEnums
             itk.MultiThreaderBase.SetGlobalDefaultThreader(enums.Threader_Platform)

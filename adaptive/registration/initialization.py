@@ -335,20 +335,7 @@ def choose_initial_alignment(fixed: np.ndarray, fixed_grid: Grid, region: np.nda
         c.nmi, c.overlap = float(v[0]), float(ov[0])
         c.best_nmi = c.nmi if ov[0] >= min_overlap else float("-inf")
     if s.search:
-        searched: list[Candidate] = []
-        for c in cands:  # preference order: a duplicate is searched with the first
-            pc = c.matrix[:3, :3] @ centre + c.matrix[:3, 3]
-            twin = next((d for d in searched if np.allclose(d.matrix[:3, :3], c.matrix[:3, :3],
-                                                           atol=1e-6) and np.linalg.norm(
-                d.matrix[:3, :3] @ centre + d.matrix[:3, 3] - pc) < s.dedupe_mm), None)
-            if twin is not None:
-                c.searched_with = twin.name
-                continue
-            best, off = _search(metric, c.matrix, s, min_overlap)
-            c.searched = True
-            if best > c.best_nmi:
-                c.best_nmi, c.best_offset_mm = best, off
-            searched.append(c)
+        _search_distinct(cands, metric, centre, s, min_overlap)
     valid = [c for c in cands if np.isfinite(c.best_nmi)]
     if not valid:
         raise RegistrationError(
@@ -367,6 +354,27 @@ def choose_initial_alignment(fixed: np.ndarray, fixed_grid: Grid, region: np.nda
     return InitialAlignment(matrix=win.best_matrix, winner=win.name, reason=reason,
                             candidates=cands, time_s=time.perf_counter() - t0,
                             evaluations=metric.evaluations, n_samples=len(pts))
+
+
+def _search_distinct(cands: list[Candidate], metric: CoarseMetric, centre: np.ndarray,
+                     s: InitSettings, min_overlap: float) -> None:
+    """Translation search around each distinct candidate (same rotation and a CBCT-centre
+    image within ``s.dedupe_mm`` mm: searched once, with the first in preference order);
+    updates each candidate's best NMI and offset (mm) in place."""
+    searched: list[Candidate] = []
+    for c in cands:  # preference order: a duplicate is searched with the first
+        pc = c.matrix[:3, :3] @ centre + c.matrix[:3, 3]
+        twin = next((d for d in searched if np.allclose(d.matrix[:3, :3], c.matrix[:3, :3],
+                                                       atol=1e-6) and np.linalg.norm(
+            d.matrix[:3, :3] @ centre + d.matrix[:3, 3] - pc) < s.dedupe_mm), None)
+        if twin is not None:
+            c.searched_with = twin.name
+            continue
+        best, off = _search(metric, c.matrix, s, min_overlap)
+        c.searched = True
+        if best > c.best_nmi:
+            c.best_nmi, c.best_offset_mm = best, off
+        searched.append(c)
 
 
 def _coarse_mask(mask: np.ndarray, grid: Grid, cgrid: Grid) -> np.ndarray:

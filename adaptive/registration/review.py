@@ -65,10 +65,10 @@ def checkerboard(shape: tuple[int, int], extent, square_mm: float = CHECKER_MM) 
 
 def preload_plotting() -> None:
     """Import matplotlib with the Agg backend now (a long-lived worker pays it once)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - deferred: matplotlib (3 s) only when a review is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot
+    import matplotlib.pyplot  # noqa: PLC0415 - deferred: after matplotlib.use("Agg")
 
 
 def write_review_images(out_dir: str | Path, cbct: Volume, synthetic_ct: Volume,
@@ -78,7 +78,7 @@ def write_review_images(out_dir: str | Path, cbct: Volume, synthetic_ct: Volume,
     ``review_sagittal.png``) in ``out_dir``; returns their paths. ``today``: today's
     structures (the target is outlined); both volumes on the CBCT grid."""
     preload_plotting()
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - deferred: matplotlib (3 s), Agg set above
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from adaptive.dicom.ct_series import write_ct_series
 from adaptive.errors import GeometryError
 from adaptive.geometry.volume import Grid, Volume, displacement_warp
 from adaptive.geometry.warp import pull_back
@@ -139,8 +140,6 @@ def write_synthetic_ct(sct: Volume, cbct_info: SeriesInfo, out_dir: str | Path, 
     """Write the synthetic CT (on its own grid, e.g. :func:`extend_synthetic_ct`'s) as a CT
     series in the CBCT's Frame of Reference and in ``study`` (the session's: the CBCT's), with
     a new series UID and a derivation description."""
-    from adaptive.dicom.ct_series import write_ct_series
-
     info = dataclasses.replace(cbct_info, series_instance_uid="", sop_instance_uids=[],
                                modality="CT", series_number=(cbct_info.series_number or 0) + 100,
                                series_description="")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.geometry.warp import pull_back
 
@@ -238,8 +239,6 @@ def roi_field_of_view(structures, planning_grid: Grid, dvf: np.ndarray, grid: Gr
     the Jacobian determinant of x ↦ x + u(x)), so it is exact for any deformation; today's
     ROI is ``m(x + u(x)) ≥ 0.5``. Volumes in cm³. ``det``: the Jacobian determinant of
     ``dvf`` when the caller has it."""
-    from adaptive.geometry.jacobian import jacobian_determinant
-
     if det is None:
         det = jacobian_determinant(dvf, grid)
     edge = fov & ~ndimage.binary_erosion(fov, border_value=0)

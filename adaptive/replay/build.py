@@ -6,7 +6,7 @@ For the pelvis case: ``planning/CT`` + ``planning/RS.dcm`` and, per fraction,
 ``fxNN/truth/truth.json``; then (``scheduled_plan=True``, the default for the pelvis case)
 the scheduled plan ``planning/RP.dcm`` + ``planning/RD.dcm`` + ``plan_report.json``, planned
 from scratch on the planning CT with ``config/goals/prostate.toml``
-(:func:`adaptive.pipeline.session.make_scheduled_plan`, ~1.5 min on 2 cores). TG-119 cases:
+(:func:`adaptive.pipeline.planning.make_scheduled_plan`, ~1.5 min on 2 cores). TG-119 cases:
 planning only (no plan; the manifest names where it would go).
 
 Same seed → identical voxel arrays, masks, DVFs and UIDs (UIDs are derived from the case
@@ -49,7 +49,7 @@ from adaptive.phantoms.pelvis import (
 )
 from adaptive.phantoms.phantom import Phantom
 from adaptive.phantoms.tg119 import tg119_cshape, tg119_prostate
-from adaptive.pipeline.session import make_scheduled_plan
+from adaptive.pipeline.planning import make_scheduled_plan
 from adaptive.replay.manifest import MANIFEST_NAME, SCHEMA_VERSION, write_manifest
 from adaptive.replay.truth import TRUTH_QUANTUM_MM, write_truth_json
 
@@ -233,67 +233,8 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
     plan_conv = ["isocenter"] * cfg.fractions + list(cfg.conventions)
     for f, convention in enumerate(plan_conv, start=1):
         t1 = time.perf_counter()
-        if convention == "isocenter":
-            fx = simulate_fraction(phantom, anat, iso, f, seed, geometry=geom)
-        else:
-            var, frame = convention_variation(DailyVariation.sample(seed, f, anat), convention,
-                                              seed, f, iso)
-            fx = simulate_fraction(phantom, anat, iso, f, seed, geometry=geom, variation=var,
-                                   frame_origin_lps_mm=frame)
-        label = f"fx{f:02d}"
-        fx_dir = case_dir / label
-        cgrid = fx.cbct.grid
-        info = SeriesInfo(
-            patient=patient, study_instance_uid=det_uid(cfg.name, seed, label, "study"),
-            series_instance_uid=det_uid(cfg.name, seed, label, "cbct"),
-            frame_of_reference_uid=det_uid(cfg.name, seed, label, "for"),
-            sop_instance_uids=[det_uid(cfg.name, seed, label, "cbct", k) for k in range(cgrid.shape[0])],
-            study_id=label.upper(), study_date=f"202502{f % 28 + 1:02d}", series_number=100 + f,
-            series_description="CBCT")
-        params = {"generator": "adaptive.replay.build", "case": cfg.name, "seed": seed, "fraction": f,
-                  "convention": convention,
-                  "variation": fx.variation.to_dict(), "degradation": fx.degradation.to_dict()}
-        info = write_ct_series(fx.cbct, info, fx_dir / "CBCT", study=info.study,
-                               provenance=Provenance(input_uids={"planning_ct_series": plan_info.series_instance_uid},
-                                                     parameters=params,
-                                                     description="Simulated CBCT (phantom)"),
-                               description="CBCT",
-                               derivation="Simulated cone-beam CT of a deformed analytic pelvis phantom")
-        write_dvf(fx_dir / "truth" / "dvf.mha", fx.dvf, cgrid, quantum_mm=TRUTH_QUANTUM_MM)
-        rois = [Roi(number=i, name=spec.name, color=spec.color, interpreted_type=spec.interpreted_type,
-                    mask=Volume(fx.truth_masks[spec.name], cgrid, "mask"), generation_algorithm="AUTOMATIC")
-                for i, spec in enumerate(phantom.rois, start=1)]
-        tss = StructureSet(rois=rois, referenced_series=info, label="TRUTH",
-                           name=f"{cfg.name} {label} truth structures",
-                           sop_instance_uid=det_uid(cfg.name, seed, label, "truth-rs"))
-        write_rtstruct(tss, fx_dir / "truth" / "RS.dcm", study=info.study,
-                       provenance=Provenance(input_uids={"cbct_series": info.series_instance_uid,
-                                                         "planning_ct_series": plan_info.series_instance_uid},
-                                             parameters={"method": "planning masks pulled back through "
-                                                         "truth/dvf.mha (trilinear, threshold 0.5)"},
-                                             description="Ground-truth structures (phantom)"),
-                       grid=cgrid)
-        record = fx.truth_dict(phantom)
-        record.update({"case": cfg.name, "convention": convention,
-                       "cbct_series_uid": info.series_instance_uid,
-                       "cbct_frame_of_reference_uid": info.frame_of_reference_uid,
-                       "planning_series_uid": plan_info.series_instance_uid,
-                       "planning_frame_of_reference_uid": plan_info.frame_of_reference_uid,
-                       "cbct_grid": _grid_entry(cgrid), "software_version": adaptive.__version__})
-        write_truth_json(fx_dir / "truth" / "truth.json", record)
-        rel = f"{cfg.name}/{label}"
-        fractions.append({
-            "number": f, "path": rel, "cbct": f"{rel}/CBCT", "truth_dvf": f"{rel}/truth/dvf.mha",
-            "truth_rtstruct": f"{rel}/truth/RS.dcm", "truth_json": f"{rel}/truth/truth.json",
-            "cbct_series_uid": info.series_instance_uid,
-            "cbct_frame_of_reference_uid": info.frame_of_reference_uid,
-            "convention": convention,
-            "isocenter_cbct_lps_mm": [round(float(v), 4) for v in fx.frame_origin_lps_mm],
-            "setup_rotation_deg": [round(v, 3) for v in fx.variation.setup_rotation_deg],
-            "rectal_gas": bool(fx.variation.gas_pockets),
-            "setup_translation_mm": [round(v, 3) for v in fx.variation.setup_translation_mm],
-            "bladder_scale": round(fx.variation.bladder_scale, 4),
-        })
+        fractions.append(_write_pelvis_fraction(case_dir, cfg, seed, f, convention, phantom,
+                                                anat, iso, patient, plan_info))
         log.info("replay_fraction_written", case=cfg.name, fraction=f,
                  seconds=round(time.perf_counter() - t1, 2))
     entry = _case_entry(cfg.name, "male_pelvis", seed, phantom, plan_info, patient, case_dir,
@@ -305,6 +246,77 @@ def build_pelvis_case(root: str | Path, cfg: PelvisCaseConfig | None = None,
     entry["fractions"] = fractions
     entry["size_bytes"] = _dir_size(case_dir)
     return entry
+
+
+def _write_pelvis_fraction(case_dir: Path, cfg: PelvisCaseConfig, seed: int, f: int,
+                           convention: str, phantom: Phantom, anat: PelvisAnatomy, iso: np.ndarray,
+                           patient: PatientInfo, plan_info: SeriesInfo) -> dict:
+    """Simulate fraction ``f`` (CBCT frame ``convention``) and write its CBCT series, truth
+    DVF (LPS mm, CBCT grid), truth structures and truth.json under ``case_dir/fxNN``;
+    returns its manifest entry."""
+    geom = cfg.cbct_geometry
+    if convention == "isocenter":
+        fx = simulate_fraction(phantom, anat, iso, f, seed, geometry=geom)
+    else:
+        var, frame = convention_variation(DailyVariation.sample(seed, f, anat), convention,
+                                          seed, f, iso)
+        fx = simulate_fraction(phantom, anat, iso, f, seed, geometry=geom, variation=var,
+                               frame_origin_lps_mm=frame)
+    label = f"fx{f:02d}"
+    fx_dir = case_dir / label
+    cgrid = fx.cbct.grid
+    info = SeriesInfo(
+        patient=patient, study_instance_uid=det_uid(cfg.name, seed, label, "study"),
+        series_instance_uid=det_uid(cfg.name, seed, label, "cbct"),
+        frame_of_reference_uid=det_uid(cfg.name, seed, label, "for"),
+        sop_instance_uids=[det_uid(cfg.name, seed, label, "cbct", k) for k in range(cgrid.shape[0])],
+        study_id=label.upper(), study_date=f"202502{f % 28 + 1:02d}", series_number=100 + f,
+        series_description="CBCT")
+    params = {"generator": "adaptive.replay.build", "case": cfg.name, "seed": seed, "fraction": f,
+              "convention": convention,
+              "variation": fx.variation.to_dict(), "degradation": fx.degradation.to_dict()}
+    info = write_ct_series(fx.cbct, info, fx_dir / "CBCT", study=info.study,
+                           provenance=Provenance(input_uids={"planning_ct_series": plan_info.series_instance_uid},
+                                                 parameters=params,
+                                                 description="Simulated CBCT (phantom)"),
+                           description="CBCT",
+                           derivation="Simulated cone-beam CT of a deformed analytic pelvis phantom")
+    write_dvf(fx_dir / "truth" / "dvf.mha", fx.dvf, cgrid, quantum_mm=TRUTH_QUANTUM_MM)
+    rois = [Roi(number=i, name=spec.name, color=spec.color, interpreted_type=spec.interpreted_type,
+                mask=Volume(fx.truth_masks[spec.name], cgrid, "mask"), generation_algorithm="AUTOMATIC")
+            for i, spec in enumerate(phantom.rois, start=1)]
+    tss = StructureSet(rois=rois, referenced_series=info, label="TRUTH",
+                       name=f"{cfg.name} {label} truth structures",
+                       sop_instance_uid=det_uid(cfg.name, seed, label, "truth-rs"))
+    write_rtstruct(tss, fx_dir / "truth" / "RS.dcm", study=info.study,
+                   provenance=Provenance(input_uids={"cbct_series": info.series_instance_uid,
+                                                     "planning_ct_series": plan_info.series_instance_uid},
+                                         parameters={"method": "planning masks pulled back through "
+                                                     "truth/dvf.mha (trilinear, threshold 0.5)"},
+                                         description="Ground-truth structures (phantom)"),
+                   grid=cgrid)
+    record = fx.truth_dict(phantom)
+    record.update({"case": cfg.name, "convention": convention,
+                   "cbct_series_uid": info.series_instance_uid,
+                   "cbct_frame_of_reference_uid": info.frame_of_reference_uid,
+                   "planning_series_uid": plan_info.series_instance_uid,
+                   "planning_frame_of_reference_uid": plan_info.frame_of_reference_uid,
+                   "cbct_grid": _grid_entry(cgrid), "software_version": adaptive.__version__})
+    write_truth_json(fx_dir / "truth" / "truth.json", record)
+    rel = f"{cfg.name}/{label}"
+    return {
+        "number": f, "path": rel, "cbct": f"{rel}/CBCT", "truth_dvf": f"{rel}/truth/dvf.mha",
+        "truth_rtstruct": f"{rel}/truth/RS.dcm", "truth_json": f"{rel}/truth/truth.json",
+        "cbct_series_uid": info.series_instance_uid,
+        "cbct_frame_of_reference_uid": info.frame_of_reference_uid,
+        "convention": convention,
+        "isocenter_cbct_lps_mm": [round(float(v), 4) for v in fx.frame_origin_lps_mm],
+        "setup_rotation_deg": [round(v, 3) for v in fx.variation.setup_rotation_deg],
+        "rectal_gas": bool(fx.variation.gas_pockets),
+        "setup_translation_mm": [round(v, 3) for v in fx.variation.setup_translation_mm],
+        "bladder_scale": round(fx.variation.bladder_scale, 4),
+    }
+
 
 
 def _case_entry(name, anatomy, seed, phantom: Phantom, info: SeriesInfo, patient: PatientInfo,

@@ -29,8 +29,8 @@ from adaptive.jsonable import write_json_atomic
 from adaptive.optimization.goals import ClinicalGoals, load_goals
 from adaptive.optimization.protocols import ProtocolTable, protocol_path
 from adaptive.pipeline.fraction import Progress, planning_stage, registration_stage
+from adaptive.pipeline.planning import PlanSettings
 from adaptive.pipeline.safety import NONE
-from adaptive.pipeline.session import PlanSettings
 from adaptive.replay.discover import FractionInputs
 from adaptive.replay.environment import compute_environment, count_fraction
 

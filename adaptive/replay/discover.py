@@ -202,32 +202,8 @@ def _discover_patient(pid: str, inv: Inventory, series_by_uid: dict[str, SeriesE
     derived_images = {structs[o.details["referenced_structure_set_uid"]].details.get(
         "referenced_series_uid") for o in adapted
         if o.details.get("referenced_structure_set_uid") in structs}
-    scheduled: list[PlanningData] = []
-    broken: list[str] = []
-    for o in plans:
-        if o in adapted:
-            continue
-        rs = structs.get(o.details.get("referenced_structure_set_uid", ""))
-        if rs is None:
-            broken.append(f"plan {o.details.get('label', '')!r} ({o.sop_instance_uid}): its "
-                          f"structure set {o.details.get('referenced_structure_set_uid') or '?'}"
-                          f" is not in the archive")
-            continue
-        ct = series_by_uid.get(rs.details.get("referenced_series_uid", ""))
-        if ct is None or ct.modality != "CT":
-            broken.append(f"plan {o.details.get('label', '')!r} ({o.sop_instance_uid}): the "
-                          f"planning CT {rs.details.get('referenced_series_uid') or '?'} its "
-                          f"structure set references is not in the archive")
-            continue
-        bad = (_series_problems(ct, problems_by_file) + problems_by_file.get(o.path, [])
-               + problems_by_file.get(rs.path, []))
-        if bad:
-            broken.append(f"plan {o.details.get('label', '')!r} ({o.sop_instance_uid}): "
-                          + "; ".join(bad))
-            continue
-        scheduled.append(PlanningData(o.path, o.sop_instance_uid, o.details.get("label", ""),
-                                      o.details.get("date", ""), rs.path, rs.sop_instance_uid,
-                                      ImageSeries.of(ct)))
+    scheduled, broken = _scheduled_plans([o for o in plans if o not in adapted], structs,
+                                         series_by_uid, problems_by_file)
     planning_uids = {p.planning_ct.series_instance_uid for p in scheduled}
     images = []
     for e in inv.series:
@@ -275,6 +251,39 @@ def _discover_patient(pid: str, inv: Inventory, series_by_uid: dict[str, SeriesE
         out.fractions.append(FractionInputs(pid, name, label, plan, series, how,
                                             reg.path if reg else None,
                                             truths.get(e.series_instance_uid)))
+
+
+def _scheduled_plans(plans: list[RtObject], structs: dict[str, RtObject],
+                     series_by_uid: dict[str, SeriesEntry], problems_by_file
+                     ) -> tuple[list[PlanningData], list[str]]:
+    """(the plans usable as scheduled plans: their structure set and planning CT are in the
+    archive and have no problems, why each other plan is not)."""
+    scheduled: list[PlanningData] = []
+    broken: list[str] = []
+    for o in plans:
+        rs = structs.get(o.details.get("referenced_structure_set_uid", ""))
+        if rs is None:
+            broken.append(f"plan {o.details.get('label', '')!r} ({o.sop_instance_uid}): its "
+                          f"structure set {o.details.get('referenced_structure_set_uid') or '?'}"
+                          f" is not in the archive")
+            continue
+        ct = series_by_uid.get(rs.details.get("referenced_series_uid", ""))
+        if ct is None or ct.modality != "CT":
+            broken.append(f"plan {o.details.get('label', '')!r} ({o.sop_instance_uid}): the "
+                          f"planning CT {rs.details.get('referenced_series_uid') or '?'} its "
+                          f"structure set references is not in the archive")
+            continue
+        bad = (_series_problems(ct, problems_by_file) + problems_by_file.get(o.path, [])
+               + problems_by_file.get(rs.path, []))
+        if bad:
+            broken.append(f"plan {o.details.get('label', '')!r} ({o.sop_instance_uid}): "
+                          + "; ".join(bad))
+            continue
+        scheduled.append(PlanningData(o.path, o.sop_instance_uid, o.details.get("label", ""),
+                                      o.details.get("date", ""), rs.path, rs.sop_instance_uid,
+                                      ImageSeries.of(ct)))
+    return scheduled, broken
+
 
 
 def _linking_registration(series: ImageSeries, plan: PlanningData, regs: list[RtObject]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 
 from adaptive.config import config_path
-from adaptive.pipeline.session import PlanSettings, make_scheduled_plan
+from adaptive.pipeline.planning import PlanSettings, make_scheduled_plan
 from adaptive.replay.build import PELVIS_GOALS, PelvisCaseConfig, build_pelvis_case
 from adaptive.replay.discover import safe_name
 

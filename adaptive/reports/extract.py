@@ -8,7 +8,7 @@ in the daily image's (CBCT) Frame of Reference, LPS mm. Doses are read per fract
 shown as total-course Gy (× the prescription's number of fractions), like the goals.
 
 Structure masks on the dose grid are made the way the planning stage makes them
-(:func:`adaptive.pipeline.session.stage_masks`): rasterised on the image the structure set
+(:func:`adaptive.pipeline.planning.stage_masks`): rasterised on the image the structure set
 references, then resampled onto the dose grid (linear, ≥ 0.5), so DVHs and goal values
 recomputed here agree with the stage's own (:attr:`FractionData.recomputed`).
 """

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptive.pipeline.session import PlanSettings
+from adaptive.pipeline.planning import PlanSettings
 from adaptive.replay.archive import ClusterSettings, plan_jobs, replay_archive
 from adaptive.replay.chain import ChainSettings
 from adaptive.replay.discover import discover

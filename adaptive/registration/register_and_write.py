@@ -13,23 +13,33 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptive.dicom.ct_series import read_ct_series
+from adaptive.dicom.provenance import Provenance
+from adaptive.dicom.rtplan import read_rtplan
+from adaptive.dicom.rtstruct import read_rtstruct, write_rtstruct
+from adaptive.dicom.study import session_study
 from adaptive.errors import RegistrationError
+from adaptive.geometry.dvf_io import write_dvf
 from adaptive.geometry.volume import Volume
 from adaptive.jsonable import write_json_atomic
 from adaptive.log import get_logger
 from adaptive.model.identity import SeriesInfo
 from adaptive.model.structures import StructureSet
 from adaptive.registration.core import RegistrationResult, register
+from adaptive.registration.dicom_reg import (
+    initial_matrix_from_spatial_registration,
+    write_deformable_registration,
+)
 from adaptive.registration.propagate import propagate_structures
 from adaptive.registration.quality import affine_field
-from adaptive.registration.settings import load_registration_settings
+from adaptive.registration.settings import RegistrationSettings, load_registration_settings
 from adaptive.registration.synthetic_ct import (
     extend_synthetic_ct,
     synthetic_ct,
     write_synthetic_ct,
 )
 
-log = get_logger("adaptive.registration.fraction")
+log = get_logger("adaptive.registration.register_and_write")
 
 
 #: mappings a gate may allow (see :class:`GateDecision`)
@@ -95,25 +105,14 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     study, the CBCT's (:func:`adaptive.dicom.study.session_study`), in the CBCT's Frame of
     Reference.
     """
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.provenance import Provenance
-
     s = load_registration_settings(config)
     T: dict[str, float] = {}
     t0 = time.perf_counter()
-    cb, cb_info = read_ct_series(cbct) if isinstance(cbct, (str, Path)) else cbct
-    ct, ct_info = (read_ct_series(planning_ct) if isinstance(planning_ct, (str, Path))
-                   else planning_ct)
-    ss = structures
-    if isinstance(structures, (str, Path)):
-        from adaptive.dicom.rtstruct import read_rtstruct
-        ss = read_rtstruct(structures, series=ct_info, grid=ct.grid)
+    (cb, cb_info), (ct, ct_info), ss = _inputs(cbct, planning_ct, structures)
     if initial_matrix is None and spatial_registration is not None:
-        from adaptive.registration.dicom_reg import initial_matrix_from_spatial_registration
         initial_matrix = initial_matrix_from_spatial_registration(
             spatial_registration, cb_info.frame_of_reference_uid, ct_info.frame_of_reference_uid)
     if isocenter_lps_mm is None and plan is not None:
-        from adaptive.dicom.rtplan import read_rtplan
         p = read_rtplan(plan) if isinstance(plan, (str, Path)) else plan
         isocenter_lps_mm = p.beams[0].isocenter_lps_mm
     T["load"] = time.perf_counter() - t0
@@ -125,12 +124,7 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     decision = None
     if gate is not None:
         t = time.perf_counter()
-        # the gate measures on the images the registration measured on (working resolution)
-        decision = gate(result, result.fixed_image or cb, result.moving_image or ct, ss)
-        if decision.mapping not in MAPPINGS:
-            raise RegistrationError(f"gate returned unknown mapping {decision.mapping!r}")
-        if decision.mapping == "rigid" and result.fallback is None:
-            use_rigid_match(result, f"deformable result failed its checks: {decision.reason}")
+        decision = _gate_result(gate, result, cb, ct, ss)
         T["gate"] = time.perf_counter() - t
     # outputs on the CBCT's own grid: the mapping evaluated there (analytic B-spline + rigid)
     t = time.perf_counter()
@@ -151,13 +145,41 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     if out_dir is None:
         return out
 
-    from adaptive.dicom.rtstruct import write_rtstruct
-    from adaptive.dicom.study import session_study
-    from adaptive.geometry.dvf_io import write_dvf
-    from adaptive.registration.dicom_reg import write_deformable_registration
+    _write_outputs(out, Path(out_dir), cb_info, ct, ct_info, ss, s)
+    return out
 
+
+def _inputs(cbct, planning_ct, structures):
+    """((CBCT, info), (planning CT, info), planning structures or None), reading what is given
+    as a path (a series folder, an RT Struct file)."""
+    cb, cb_info = read_ct_series(cbct) if isinstance(cbct, (str, Path)) else cbct
+    ct, ct_info = (read_ct_series(planning_ct) if isinstance(planning_ct, (str, Path))
+                   else planning_ct)
+    ss = structures
+    if isinstance(structures, (str, Path)):
+        ss = read_rtstruct(structures, series=ct_info, grid=ct.grid)
+    return (cb, cb_info), (ct, ct_info), ss
+
+
+def _gate_result(gate: Gate, result: RegistrationResult, cb: Volume, ct: Volume, ss):
+    """The gate's decision on ``result``; a rigid-only decision turns the result into its
+    rigid match (:func:`use_rigid_match`)."""
+    # the gate measures on the images the registration measured on (working resolution)
+    decision = gate(result, result.fixed_image or cb, result.moving_image or ct, ss)
+    if decision.mapping not in MAPPINGS:
+        raise RegistrationError(f"gate returned unknown mapping {decision.mapping!r}")
+    if decision.mapping == "rigid" and result.fallback is None:
+        use_rigid_match(result, f"deformable result failed its checks: {decision.reason}")
+    return decision
+
+
+def _write_outputs(out: FractionRegistration, od: Path, cb_info: SeriesInfo, ct: Volume,
+                   ct_info: SeriesInfo, ss, s: RegistrationSettings) -> None:
+    """Write ``dvf.mha``, ``synthetic_ct/``, ``RS.dcm``, ``REG.dcm`` and
+    ``registration.json`` into ``od`` (see :func:`register_fraction`); fills ``out.paths``,
+    ``out.synthetic_ct_info`` and ``out.out_dir``."""
+    T, result, today = out.timings_s, out.result, out.structures
     t = time.perf_counter()
-    od = Path(out_dir)
     od.mkdir(parents=True, exist_ok=True)
     inputs = {"cbct_series": cb_info.series_instance_uid,
               "planning_ct_series": ct_info.series_instance_uid}
@@ -171,7 +193,8 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     # resolution: the mapping is smooth on that scale); uncompressed (a session output)
     out.paths["dvf"] = write_dvf(od / "dvf.mha", result.dvf_lps_mm, result.fixed_grid,
                                  compress=False)
-    full = extend_synthetic_ct(sct, ct, result.rigid_matrix, air_hu=s.synthetic_ct["air_hu"])
+    full = extend_synthetic_ct(out.synthetic_ct, ct, result.rigid_matrix,
+                               air_hu=s.synthetic_ct["air_hu"])
     out.synthetic_ct_info = write_synthetic_ct(full, cb_info, od / "synthetic_ct", study=study,
                                                provenance=prov, planning_ct_info=ct_info)
     out.paths["synthetic_ct"] = od / "synthetic_ct"
@@ -188,7 +211,7 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
               "initial_alignment": result.initial_alignment,
               "initial_matrix": result.initial_matrix, "rigid_matrix": result.rigid_matrix,
               "quality": result.quality, "timings_s": {**T, "registration_stages": result.timings_s},
-              "gate": None if decision is None else decision.record,
+              "gate": None if out.decision is None else out.decision.record,
               "parameters": result.parameters,
               "dvf_convention": "CBCT point x (CBCT frame, LPS mm) <-> planning point x + u(x)",
               "outputs": {k: str(v) for k, v in out.paths.items()}}
@@ -197,4 +220,3 @@ def register_fraction(cbct, planning_ct, *, structures=None, isocenter_lps_mm=No
     out.out_dir = od
     log.info("fraction_registered", out_dir=str(od), fallback=result.fallback,
              **{f"t_{k}_s": round(v, 3) for k, v in T.items()})
-    return out

@@ -1,4 +1,4 @@
-"""Planning and re-planning stages, and the whole chain for one fraction.
+"""Planning and re-planning of one CT + structure set: the stages and :func:`plan_case`.
 
 Stages (each a function; times in seconds recorded in ``timings_s``):
 
@@ -13,7 +13,9 @@ Doses per fraction in Gy, MU per fraction, LPS mm.
 
 from __future__ import annotations
 
+import copy
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,13 @@ from pathlib import Path
 import numpy as np
 
 import adaptive.optimization.kernels  # noqa: F401  (sets OMP_WAIT_POLICY before numba runs)
+from adaptive.dicom.ct_series import read_ct_series
 from adaptive.dicom.enums import DoseSummationType
+from adaptive.dicom.provenance import Provenance
+from adaptive.dicom.rtdose import write_rtdose
+from adaptive.dicom.rtplan import read_rtplan, write_rtplan
+from adaptive.dicom.rtstruct import read_rtstruct
+from adaptive.dicom.study import new_study
 from adaptive.dose.beam_model import BeamModel, load_beam_model
 from adaptive.dose.density import hu_to_density
 from adaptive.dose.dij import compute_dij
@@ -34,17 +42,18 @@ from adaptive.log import get_logger
 from adaptive.model.identity import PatientInfo, SeriesInfo, StudyIdentity
 from adaptive.model.plan import Beam, Plan
 from adaptive.model.structures import StructureSet
-from adaptive.optimization.checks import PlanCheckReport, check_plan
+from adaptive.optimization.checks import PlanCheckReport, check_plan, require_passed
 from adaptive.optimization.fluence import (
     FluenceResult,
     fluence_from_plan,
     optimize_fluence_goals,
 )
-from adaptive.optimization.goals import ClinicalGoals, GoalResult, evaluate_goals
+from adaptive.optimization.goals import ClinicalGoals, GoalResult, evaluate_goals, load_goals
 from adaptive.optimization.normalize import normalization_factor
 from adaptive.optimization.objective import Objective
 from adaptive.optimization.plan_builder import build_plan, equispaced_beams, templates_from_plan
 from adaptive.optimization.sequencing import (
+    MinimumMuReport,
     MlcGeometry,
     SequencingSettings,
     enforce_minimum_mu,
@@ -235,31 +244,14 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
                          depth_cache=depth_cache)
     for k in range(s.correction_rounds):
         with _Timer(T, f"dose_correction_{k + 1}"):
-            a = segment_beamlet_matrix(dij, seq, mlc)
-            m = np.array([sg.mu for sb in seq for sg in sb.segments])
-            dij_d = np.asarray(dij.matrix @ (a @ m).astype(np.float32), dtype=np.float64)
-            true_d = dose.array.ravel()[dij.voxel_indices]
-            info[f"correction_{k + 1}"] = obj.set_dose_correction(dij_d, true_d)
-            rw: list = []
-            seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings,
-                                           goal_rounds=s.goal_rounds, rounds_out=rw)
-            info[f"reweighting_segments_{k + 1}"] = [r.to_dict() for r in rw]
-            obj.clear_dose_correction()
+            seq = _corrected_segments(dij, obj, seq, dose, mlc, seq_settings, s.goal_rounds,
+                                      info, k + 1)
             plan = build_plan(seq, templates, mlc, **common)
             dose = plan_dose(ct, plan, beam_model=bm, dose_grid_spacing_mm=s.dose_grid_spacing_mm,
                              depth_cache=depth_cache)
     if s.normalize:
         with _Timer(T, "normalization"):
-            nf = normalization_factor(dose, masks[target], goals)
-            for sb in seq:
-                for sg in sb.segments:
-                    sg.mu *= nf.factor
-            dose = Volume(dose.array * np.float32(nf.factor), dose.grid, dose.units)  # dose ∝ MU
-            info["normalization_deliverable"] = nf.to_dict()
-            # a factor < 1 can push a segment below the machine's minimum MU: raise it to the
-            # minimum (or drop a tiny one) and recompute the dose of the plan as delivered
-            mm = enforce_minimum_mu(seq, seq_settings.min_mu_per_segment)
-            info["minimum_mu_after_normalization"] = mm.to_dict(seq_settings.min_mu_per_segment)
+            dose, mm = _normalized_segments(seq, dose, masks[target], goals, seq_settings, info)
             plan = build_plan(seq, templates, mlc, **common)
         if mm.changed:
             with _Timer(T, "minimum_mu_dose"):
@@ -275,12 +267,45 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
                       checks=checks, masks=masks, dij=dij, timings_s=T, info=info)
 
 
+def _corrected_segments(dij: DoseInfluence, obj: Objective, seq: list, dose: Volume,
+                        mlc: MlcGeometry, seq_settings: SequencingSettings, goal_rounds: int,
+                        info: dict, k: int) -> list:
+    """Correction round ``k``: the objective corrected by the difference between the
+    deliverable dose (Gy) and the Dij's estimate of it, the segment weights re-optimised on
+    it; records the correction and the re-weighting rounds in ``info``."""
+    a = segment_beamlet_matrix(dij, seq, mlc)
+    m = np.array([sg.mu for sb in seq for sg in sb.segments])
+    dij_d = np.asarray(dij.matrix @ (a @ m).astype(np.float32), dtype=np.float64)
+    true_d = dose.array.ravel()[dij.voxel_indices]
+    info[f"correction_{k}"] = obj.set_dose_correction(dij_d, true_d)
+    rw: list = []
+    seq = optimize_segment_weights(dij, obj, seq, mlc, seq_settings,
+                                   goal_rounds=goal_rounds, rounds_out=rw)
+    info[f"reweighting_segments_{k}"] = [r.to_dict() for r in rw]
+    obj.clear_dose_correction()
+    return seq
+
+
+def _normalized_segments(seq: list, dose: Volume, target_mask, goals: ClinicalGoals,
+                         seq_settings: SequencingSettings, info: dict
+                         ) -> tuple[Volume, MinimumMuReport]:
+    """Scale every segment's MU (in place) so the deliverable dose meets the prescription;
+    returns (the scaled dose (Gy), the minimum-MU enforcement result)."""
+    nf = normalization_factor(dose, target_mask, goals)
+    for sb in seq:
+        for sg in sb.segments:
+            sg.mu *= nf.factor
+    dose = Volume(dose.array * np.float32(nf.factor), dose.grid, dose.units)  # dose ∝ MU
+    info["normalization_deliverable"] = nf.to_dict()
+    # a factor < 1 can push a segment below the machine's minimum MU: raise it to the
+    # minimum (or drop a tiny one) and recompute the dose of the plan as delivered
+    mm = enforce_minimum_mu(seq, seq_settings.min_mu_per_segment)
+    info["minimum_mu_after_normalization"] = mm.to_dict(seq_settings.min_mu_per_segment)
+    return dose, mm
+
+
 def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings,
                       depth_cache: dict | None = None) -> Volume:
-    import tempfile
-
-    from adaptive.dicom.rtplan import read_rtplan, write_rtplan
-
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "RP.dcm"
         write_rtplan(_copy_plan(plan), p, study=_plan_study(plan))
@@ -292,8 +317,6 @@ def _independent_dose(ct: Volume, plan: Plan, bm: BeamModel, s: PlanSettings,
 
 def _plan_study(plan: Plan) -> StudyIdentity:
     """The study a plan names (a new one when it names none)."""
-    from adaptive.dicom.study import new_study
-
     patient = PatientInfo(plan.patient_id, plan.patient_name)
     if plan.study_instance_uid:
         return StudyIdentity(patient, plan.study_instance_uid)
@@ -301,8 +324,6 @@ def _plan_study(plan: Plan) -> StudyIdentity:
 
 
 def _copy_plan(plan: Plan) -> Plan:
-    import copy
-
     c = copy.copy(plan)
     c.sop_instance_uid = ""
     return c
@@ -318,11 +339,6 @@ def write_plan_outputs(result: PlanResult, series: SeriesInfo, out_dir: str | Pa
     ``series`` / ``image_grid``: the image the dose was computed on; ``study``: the study the
     objects belong to; ``summation``: what ``result.dose`` holds for ``result.plan`` (e.g.
     FRACTION_SESSION for one session of a multi-fraction plan, PLAN for a one-session plan)."""
-    from adaptive.dicom.provenance import Provenance
-    from adaptive.dicom.rtdose import write_rtdose
-    from adaptive.dicom.rtplan import write_rtplan
-    from adaptive.optimization.checks import require_passed
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = result.report()
@@ -354,10 +370,6 @@ def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
     """Plan a replay case from scratch on its planning CT (``planning/CT``,
     ``planning/RS.dcm``) and write the scheduled plan ``planning/RP.dcm`` + ``planning/RD.dcm``
     (+ plan_report.json). Meant to be called at the end of the replay-data build."""
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.optimization.goals import load_goals
-
     case = Path(case_dir)
     goals = load_goals(goals_path)
     ct, series = read_ct_series(case / "planning" / "CT")
@@ -374,8 +386,6 @@ def make_scheduled_plan(case_dir: str | Path, goals_path: str | Path, *,
 def moved_plan(plan: Plan, m: np.ndarray, frame_uid: str) -> Plan:
     """Copy of ``plan`` with isocenters mapped by the 4×4 ``m`` (LPS mm) into another frame;
     keeps the SOP Instance UID so the adapted plan references it as PREDECESSOR."""
-    import copy
-
     p = copy.deepcopy(plan)
     for b in p.beams:
         b.isocenter_lps_mm = (m @ np.append(b.isocenter_lps_mm, 1.0))[:3]
