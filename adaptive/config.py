@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import tomli_w
-from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
 from adaptive.atomic import write_text_atomic
 from adaptive.errors import ConfigError
@@ -98,6 +98,18 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]   # a TOML integer is accepted
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
+#: a non-empty string
+Text = Annotated[str, Field(strict=True, min_length=1)]
+
+
+def _increasing_pair(v: tuple[float, float]) -> tuple[float, float]:
+    if v[0] >= v[1]:
+        raise ValueError(f"expected [low, high] with low < high, got {list(v)}")
+    return v
+
+
+#: ``[low, high]`` numbers with low < high (a range of positions, ratios, HU, ...)
+Interval = Annotated[tuple[Float, Float], AfterValidator(_increasing_pair)]
 
 T = TypeVar("T")
 
