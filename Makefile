@@ -11,7 +11,7 @@ export TCP_NODELAY := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup system-deps peers test demo bench lint clean replay-data
+.PHONY: setup system-deps peers test demo bench bench-smoke lint clean replay-data
 
 setup: $(STAMP)
 
@@ -53,13 +53,17 @@ system-deps:
 # (port 0) and temp dirs, so they run side by side. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: setup system-deps peers
-	$(PY) -m pytest -q -ra $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest -q -ra -m "not long_bench" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 demo: setup
 	$(VENV)/bin/adaptive demo
 
 bench: setup system-deps
 	$(PY) -m adaptive.bench --write BENCHMARKS.md
+
+# every bench section end to end on its smallest inputs (tests/test_bench_smoke.py; ~7 min)
+bench-smoke: setup system-deps peers
+	$(PY) -m pytest -q -ra tests/test_bench_smoke.py
 
 replay-data: setup
 	$(VENV)/bin/adaptive replay-data build

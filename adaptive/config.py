@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import tomli_w
-from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
 from adaptive.atomic import write_text_atomic
 from adaptive.errors import ConfigError
@@ -98,6 +98,18 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]   # a TOML integer is accepted
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
+#: a non-empty string
+Text = Annotated[str, Field(strict=True, min_length=1)]
+
+
+def _increasing_pair(v: tuple[float, float]) -> tuple[float, float]:
+    if v[0] >= v[1]:
+        raise ValueError(f"expected [low, high] with low < high, got {list(v)}")
+    return v
+
+
+#: ``[low, high]`` numbers with low < high (a range of positions, ratios, HU, ...)
+Interval = Annotated[tuple[Float, Float], AfterValidator(_increasing_pair)]
 
 T = TypeVar("T")
 
@@ -144,33 +156,3 @@ def config_error(where: str | Path, e: ValidationError,
         shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
         lines.append(f"{loc}: {msg}{shown}")
     return ConfigError(f"{where}: " + "; ".join(lines))
-
-
-# --- hand-written checks (older loaders) ----------------------------------------------------
-
-def check_keys(section: dict, allowed: set[str] | list[str], where: str,
-               required: set[str] | list[str] = ()) -> None:
-    """Raise :class:`ConfigError` on unknown or missing keys of ``section``."""
-    allowed = set(allowed)
-    unknown = sorted(set(section) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    missing = sorted(set(required) - set(section))
-    if missing:
-        raise ConfigError(f"{where}: missing required key(s) {missing}")
-
-
-def get_number(section: dict, key: str, where: str, *, minimum: float | None = None,
-               maximum: float | None = None, default: float | None = None) -> float:
-    if key not in section:
-        if default is None:
-            raise ConfigError(f"{where}: missing required key {key!r}")
-        return default
-    v = section[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{where}.{key}: expected a number, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise ConfigError(f"{where}.{key}: {v} is below the minimum {minimum}")
-    if maximum is not None and v > maximum:
-        raise ConfigError(f"{where}.{key}: {v} is above the maximum {maximum}")
-    return float(v)

@@ -19,6 +19,7 @@ from adaptive.config import (
     Bool,
     Float,
     Int,
+    Text,
     config_path,
     load_config,
     load_toml,
@@ -53,7 +54,6 @@ def _ip_network(v: str) -> str:
     return v
 
 
-Text = Annotated[str, Field(strict=True, min_length=1)]
 AeTitle = Annotated[Text, AfterValidator(_ae_title)]
 Handler = Annotated[Text, AfterValidator(_handler)]
 Network = Annotated[Text, AfterValidator(_ip_network)]

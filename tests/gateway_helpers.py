@@ -175,12 +175,13 @@ class RunningGateway:
 
 def associate(port: int, aet: str = "IMAGER", *, aec: str = "ADAPTIVE_GW",
               contexts=(CT_IMAGE,), transfer_syntaxes=(ExplicitVRLittleEndian,),
-              bind_address=None, tls=None):
-    """An association as ``aet`` (not asserted established: callers check)."""
+              bind_address=None, tls=None, timeout_s: float = 10.0):
+    """An association as ``aet`` (not asserted established: callers check); ``timeout_s``:
+    the requestor's ACSE, DIMSE and network timeouts."""
     ae = AE(ae_title=aet)
     for cx in contexts:
         ae.add_requested_context(cx, list(transfer_syntaxes))
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     kw = {"ae_title": aec}
     if bind_address is not None:
         kw["bind_address"] = bind_address

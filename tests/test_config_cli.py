@@ -7,16 +7,8 @@ import sys
 import pytest
 
 from adaptive.cli import main
-from adaptive.config import check_keys, get_number, load_toml
+from adaptive.config import load_toml
 from adaptive.errors import ConfigError
-
-
-def test_config_typo_is_a_specific_error(tmp_path):
-    p = tmp_path / "c.toml"
-    p.write_text("[stage]\nbudjet_s = 3\n")
-    cfg = load_toml(p)
-    with pytest.raises(ConfigError, match="budjet_s"):
-        check_keys(cfg["stage"], {"budget_s"}, "c.toml[stage]")
 
 
 def test_config_invalid_toml_and_missing_file(tmp_path):
@@ -26,14 +18,6 @@ def test_config_invalid_toml_and_missing_file(tmp_path):
         load_toml(p)
     with pytest.raises(ConfigError, match="not found"):
         load_toml(tmp_path / "nope.toml")
-
-
-def test_get_number_bounds():
-    with pytest.raises(ConfigError, match="below the minimum"):
-        get_number({"x": -1}, "x", "s", minimum=0)
-    with pytest.raises(ConfigError, match="expected a number"):
-        get_number({"x": "1"}, "x", "s")
-    assert get_number({}, "x", "s", default=2.0) == 2.0
 
 
 def test_cli_help_lists_subcommands(capsys):

@@ -1,6 +1,11 @@
 """Run every benchmark module and print (and optionally save) a Markdown report.
 
-Usage: ``python -m adaptive.bench [--only NAME ...] [--repeats N] [--write BENCHMARKS.md]``
+Usage: ``python -m adaptive.bench [--only NAME ...] [--repeats N] [--write BENCHMARKS.md]
+[--smoke]``
+
+``--smoke`` runs every section's real code path on its smallest inputs (one repeat, one case,
+one fraction, ...): a check that each section still works (tests/test_bench_smoke.py), whose
+figures are not the benchmark's.
 """
 
 from __future__ import annotations
@@ -45,14 +50,19 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", help="run only these benchmark modules (e.g. dose)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write", help="also write the report to this Markdown file")
+    p.add_argument("--smoke", action="store_true",
+                   help="smallest inputs, one repeat: checks that every section runs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
     names = sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules(bench_pkg.__path__)
                    if m.name.startswith("bench_"))
     if args.only:
         names = [n for n in names if n in args.only]
     out = ["# Benchmarks", "",
            f"Machine: {machine_description()}", "",
-           (f"Command: `make bench` (python -m adaptive.bench --repeats {args.repeats}), "
+           (f"Command: `make bench` (python -m adaptive.bench --repeats {args.repeats}"
+            f"{' --smoke' if args.smoke else ''}), "
            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"), ""]
     print("\n".join(out), flush=True)
     failed = 0

@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,7 @@ def run(args) -> str:
     if not mpath.is_file():
         return "\n".join(lines + [f"No replay data ({mpath} missing): nothing to measure.", ""])
     manifest = load_manifest(mpath)
+    smoke = bool(getattr(args, "smoke", False))  # one fraction, shift, gate case, session
     repeats = max(1, int(getattr(args, "repeats", 3) or 3))
     tw = warm_up()
     lines += [(f"Warm-up (itk import + tiny registration, first in this process): {tw:.1f} s. "
@@ -127,8 +129,10 @@ def run(args) -> str:
             continue
         ct, ct_info = read_ct_series(case.planning_ct_dir)
         pss = read_rtstruct(case.planning_rtstruct, series=ct_info, grid=ct.grid)
-        for fx in fxs:
+        for fx in fxs[:1] if smoke else fxs:
             rows.append(evaluate_fraction(case, fx, ct, ct_info, pss, repeats))
+        if smoke:
+            break
     if not rows:
         return "\n".join(lines + ["No fractions with truth DVFs.", ""])
     lines += [("| fraction | wall time | CPU time (both cores) | fallback | TRE body mean / p95 / max (mm) | "
@@ -159,9 +163,14 @@ def run(args) -> str:
     st = rows[-1]["stage_times"]
     lines += ["", "Stage times of the last run (s): " +
               ", ".join(f"{k} {v:.2f}" for k, v in st.items()), ""]
-    lines += pure_shift_section()
-    lines += gate_section()
-    lines += conventions_section()
+    if smoke:
+        lines += pure_shift_section(SHIFT_GEOMETRIES[:1], SHIFT_CASES[:1])
+        lines += gate_section(SMOKE_GATE)
+        lines += conventions_section(max_sessions=1)
+    else:
+        lines += pure_shift_section()
+        lines += gate_section()
+        lines += conventions_section()
     return "\n".join(lines)
 
 
@@ -197,17 +206,17 @@ def pure_shift_case(seed: int, shift_mm, ct_spacing_mm, cbct_spacing_mm) -> dict
             "max_mm": float(e.max()), "total_s": r.timings_s["total"]}
 
 
-def pure_shift_section() -> list[str]:
+def pure_shift_section(geometries=SHIFT_GEOMETRIES, cases=SHIFT_CASES) -> list[str]:
     lines = ["### pure setup shift (full returned field vs truth)", "",
-             ("Pelvis phantom seeds " + ", ".join(str(c[0]) for c in SHIFT_CASES) +
+             ("Pelvis phantom seeds " + ", ".join(str(c[0]) for c in cases) +
               " (not the committed case), setup translation only, CBCT with noise, cupping and "
               "truncated field of view; error of the full field (rigid + B-spline) inside the body "
               "and the field of view (eroded 4 mm). One run each."), "",
              ("| planning CT voxel (mm) | CBCT voxel (mm) | CBCT size | seed | rigid part error (mm) | "
               "full field mean / p95 / max (mm) | registration time (s) |"),
              "|---|---|---|---|---|---|---|"]
-    for ct_sp, cb_sp in SHIFT_GEOMETRIES:
-        for seed, t in SHIFT_CASES:
+    for ct_sp, cb_sp in geometries:
+        for seed, t in cases:
             r = pure_shift_case(seed, t, ct_sp, cb_sp)
             lines.append(f"| {' x '.join(f'{v:g}' for v in ct_sp)} | "
                          f"{' x '.join(f'{v:g}' for v in cb_sp)} | "
@@ -224,6 +233,9 @@ GATE_CALIBRATION = {"pelvis": (101, 102, 103), "abdomen": (401,), "faults": (101
 GATE_CONFIRMATION = {"pelvis": (201, 202, 203), "abdomen": (501, 502), "faults": (201, 202)}
 #: a second held-out set, after the first confirmation showed max_target_residual_mm too loose
 GATE_CONFIRMATION_2 = {"pelvis": (301, 302), "abdomen": (601,), "faults": (203,)}
+#: the smoke run (``--smoke``): one correct registration and one fault
+SMOKE_GATE = (("smoke run", {"pelvis": (101,), "abdomen": (), "faults": (101,), "kinds": "a",
+                             "max_faults": 1}),)
 
 
 def _f(v, nd=2):
@@ -285,9 +297,9 @@ def gate_section(sets=(("calibration", GATE_CALIBRATION),
     lines = ["### registration safety gate (config/safety.toml)", "", *GATE_HEAD]
     bad = []
     for label, sel in sets:
-        cases = list(normal_cases(sel["pelvis"], sel["abdomen"]))
+        cases = list(normal_cases(sel["pelvis"], sel["abdomen"], sel.get("kinds", "abcd")))
         for s in sel["faults"]:
-            cases += list(fault_cases(s))
+            cases += list(islice(fault_cases(s), sel.get("max_faults")))
         t, b = gate_table(label, sel, [evaluate(c) for c in cases])
         lines += t
         bad += b

@@ -13,6 +13,7 @@ are ``config/goals/prostate.toml`` (``--goals``).
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -22,6 +23,14 @@ from adaptive.replay.archive import ClusterSettings, replay_archive
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = (1, 2)
+
+
+def _first_fraction_copy(archive: Path, to: Path) -> Path:
+    """``archive`` with its planning data and only its first fraction (the smoke run)."""
+    first = min(p for p in archive.iterdir() if p.is_dir() and p.name.startswith("fx"))
+    for d in (archive / "planning", first):
+        shutil.copytree(d, to / d.name)
+    return to
 
 
 def run(args) -> str:
@@ -41,9 +50,11 @@ def run(args) -> str:
               ("| workers | fractions replayed | failed | wall time (s) | fractions per hour | "
               "task time per fraction, median (s) | chain time per fraction, median (s) |"),
               "|---|---|---|---|---|---|---|"]
-    for n in WORKERS:
+    smoke = bool(getattr(args, "smoke", False))  # one worker, the first fraction only
+    for n in (1,) if smoke else WORKERS:
         with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
-            res = replay_archive(archive, Path(tmp) / "out",
+            src = _first_fraction_copy(archive, Path(tmp) / "archive") if smoke else archive
+            res = replay_archive(src, Path(tmp) / "out",
                                  goals_override=str(config_path("goals", "prostate.toml")),
                                  cluster=ClusterSettings(n_workers=n), progress=False,
                                  announce=lambda s: None)

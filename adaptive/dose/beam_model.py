@@ -33,33 +33,36 @@ S_cp(20 x 20) = 1.05 (relative to 10 x 10). Reproduce it with
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from scipy.special import erf
 
-from adaptive.config import check_keys, config_path, get_number, load_toml
-from adaptive.errors import ConfigError
+from adaptive.config import CONFIG_MODEL, Bool, Float, Interval, Str, config_path, load_config
 
-KERNEL_KEYS = ("mu_per_mm", "buildup_per_mm", "phantom_scatter_per_mm", "sigma_primary_0_mm",
-               "sigma_primary_slope", "head_scatter_fraction", "sigma_head_mm",
-               "sigma_scatter_0_mm", "sigma_scatter_slope")
+NonNegative = Annotated[Float, Field(ge=0)]
+Positive = Annotated[Float, Field(gt=0)]
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
 class KernelParams:
-    """Pencil-beam kernel parameters (see module docstring). Lengths in mm, rates per mm."""
+    """Pencil-beam kernel parameters (see module docstring). Lengths in mm, rates per mm.
+    Also the ``[kernel]`` table of the beam model file (all keys required)."""
 
-    mu_per_mm: float
-    buildup_per_mm: float
-    phantom_scatter_per_mm: float
-    sigma_primary_0_mm: float
-    sigma_primary_slope: float
-    head_scatter_fraction: float
-    sigma_head_mm: float
-    sigma_scatter_0_mm: float
-    sigma_scatter_slope: float
+    mu_per_mm: Positive
+    buildup_per_mm: Positive
+    phantom_scatter_per_mm: NonNegative
+    sigma_primary_0_mm: Positive
+    sigma_primary_slope: NonNegative
+    head_scatter_fraction: NonNegative
+    sigma_head_mm: NonNegative
+    sigma_scatter_0_mm: Positive
+    sigma_scatter_slope: NonNegative
 
     def as_array(self) -> np.ndarray:
         return np.array([getattr(self, k) for k in KERNEL_KEYS], dtype=np.float64)
@@ -67,6 +70,10 @@ class KernelParams:
     @classmethod
     def from_array(cls, a) -> KernelParams:
         return cls(**{k: float(v) for k, v in zip(KERNEL_KEYS, a)})
+
+
+#: the kernel parameters in the order of :meth:`KernelParams.as_array`
+KERNEL_KEYS = tuple(f.name for f in dataclasses.fields(KernelParams))
 
 
 @dataclass(frozen=True)
@@ -188,13 +195,69 @@ def reference_calibration(k: KernelParams, sad_mm: float, field_mm: float, ssd_m
 # --- loading -------------------------------------------------------------------------------
 
 
-def _pair(section: dict, key: str, where: str) -> tuple[float, float]:
-    v = section.get(key)
-    if (not isinstance(v, list) or len(v) != 2
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-            or v[0] >= v[1]):
-        raise ConfigError(f"{where}.{key}: expected [min, max] numbers with min < max, got {v!r}")
-    return (float(v[0]), float(v[1]))
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class MachineConfig:
+    """``[machine]``."""
+
+    name: Str
+    energy_mv: Annotated[Float, Field(ge=0.1)]
+    sad_mm: Annotated[Float, Field(ge=1.0)]
+    source: Str = ""
+
+
+Fraction = Annotated[Float, Field(ge=0, le=1)]
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class JawsConfig:
+    """``[jaws]``: reachable (min, max) positions in mm at the isocenter plane."""
+
+    x_range_mm: Interval
+    y_range_mm: Interval
+    transmission: Fraction
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class MlcConfig:
+    """``[mlc]`` (see :class:`MlcModel`); leaf widths listed from IEC Y min to max."""
+
+    leaf_widths_mm: Annotated[list[Positive], Field(min_length=1)]
+    leaf_position_range_mm: Interval
+    max_leaf_span_mm: NonNegative
+    min_leaf_gap_mm: NonNegative
+    interdigitation_allowed: Bool
+    transmission: Fraction
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class CalibrationConfig:
+    """``[calibration]``: the reference condition that fixes C (Gy/MU)."""
+
+    reference_dose_gy_per_mu: Annotated[Float, Field(ge=1e-9)]
+    reference_field_mm: Annotated[Float, Field(ge=1.0)]
+    reference_ssd_mm: Annotated[Float, Field(ge=1.0)]
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class EngineConfig:
+    """``[engine]`` (see :class:`BeamModel`)."""
+
+    dij_cutoff_mm: Annotated[Float, Field(ge=1.0)]
+    plan_cutoff_mm: Annotated[Float, Field(ge=1.0)]
+    fluence_resolution_mm: Annotated[Float, Field(ge=0.1, le=10.0)]
+    body_density_threshold: NonNegative
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class BeamModelFile:
+    """A beam model TOML file (``config/beam_model_6mv.toml``): every table and key required."""
+
+    machine: MachineConfig
+    jaws: JawsConfig
+    mlc: MlcConfig
+    kernel: KernelParams
+    calibration: CalibrationConfig
+    engine: EngineConfig
 
 
 def load_beam_model(path: str | Path | None = None) -> BeamModel:
@@ -203,85 +266,37 @@ def load_beam_model(path: str | Path | None = None) -> BeamModel:
     Raises :class:`ConfigError` naming the file and key on unknown, missing or invalid keys.
     """
     path = Path(path) if path is not None else config_path("beam_model_6mv.toml")
-    data = load_toml(path)
-    w = str(path)
-    check_keys(data, {"machine", "jaws", "mlc", "kernel", "calibration", "engine"}, w,
-               required={"machine", "jaws", "mlc", "kernel", "calibration", "engine"})
-    for name in ("machine", "jaws", "mlc", "kernel", "calibration", "engine"):
-        if not isinstance(data[name], dict):
-            raise ConfigError(f"{w}: [{name}] must be a table")
-    m = data["machine"]
-    check_keys(m, {"name", "energy_mv", "sad_mm", "source"}, f"{w} [machine]",
-               required={"name", "energy_mv", "sad_mm"})
-    j = data["jaws"]
-    check_keys(j, {"x_range_mm", "y_range_mm", "transmission"}, f"{w} [jaws]",
-               required={"x_range_mm", "y_range_mm", "transmission"})
-    ml = data["mlc"]
-    check_keys(ml, {"leaf_widths_mm", "leaf_position_range_mm", "max_leaf_span_mm",
-                    "min_leaf_gap_mm", "interdigitation_allowed", "transmission"}, f"{w} [mlc]",
-               required={"leaf_widths_mm", "leaf_position_range_mm", "max_leaf_span_mm",
-                         "min_leaf_gap_mm", "interdigitation_allowed", "transmission"})
-    kn = data["kernel"]
-    check_keys(kn, set(KERNEL_KEYS), f"{w} [kernel]", required=set(KERNEL_KEYS))
-    ca = data["calibration"]
-    check_keys(ca, {"reference_dose_gy_per_mu", "reference_field_mm", "reference_ssd_mm"},
-               f"{w} [calibration]",
-               required={"reference_dose_gy_per_mu", "reference_field_mm", "reference_ssd_mm"})
-    en = data["engine"]
-    check_keys(en, {"dij_cutoff_mm", "plan_cutoff_mm", "fluence_resolution_mm",
-                    "body_density_threshold"}, f"{w} [engine]",
-               required={"dij_cutoff_mm", "plan_cutoff_mm", "fluence_resolution_mm",
-                         "body_density_threshold"})
-
-    widths = ml["leaf_widths_mm"]
-    if (not isinstance(widths, list) or not widths
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
-                       for x in widths)):
-        raise ConfigError(f"{w} [mlc].leaf_widths_mm: expected a list of positive numbers")
-    bounds = np.concatenate([[0.0], np.cumsum(np.asarray(widths, dtype=np.float64))])
+    f = load_config(BeamModelFile, path)
+    m, ml, ca, en = f.machine, f.mlc, f.calibration, f.engine
+    bounds = np.concatenate([[0.0], np.cumsum(np.asarray(ml.leaf_widths_mm, dtype=np.float64))])
     bounds -= bounds[-1] / 2.0
-    if not isinstance(ml["interdigitation_allowed"], bool):
-        raise ConfigError(f"{w} [mlc].interdigitation_allowed: expected true/false")
     mlc = MlcModel(
         leaf_boundaries_mm=bounds,
-        leaf_position_range_mm=_pair(ml, "leaf_position_range_mm", f"{w} [mlc]"),
-        max_leaf_span_mm=get_number(ml, "max_leaf_span_mm", f"{w} [mlc]", minimum=0),
-        min_leaf_gap_mm=get_number(ml, "min_leaf_gap_mm", f"{w} [mlc]", minimum=0),
-        interdigitation_allowed=ml["interdigitation_allowed"],
-        transmission=get_number(ml, "transmission", f"{w} [mlc]", minimum=0, maximum=1),
+        leaf_position_range_mm=ml.leaf_position_range_mm,
+        max_leaf_span_mm=ml.max_leaf_span_mm,
+        min_leaf_gap_mm=ml.min_leaf_gap_mm,
+        interdigitation_allowed=ml.interdigitation_allowed,
+        transmission=ml.transmission,
     )
-    kw = f"{w} [kernel]"
-    kernel = KernelParams(**{k: get_number(kn, k, kw, minimum=0.0) for k in KERNEL_KEYS})
-    for k in ("mu_per_mm", "buildup_per_mm", "sigma_primary_0_mm", "sigma_scatter_0_mm"):
-        if getattr(kernel, k) <= 0:
-            raise ConfigError(f"{kw}.{k}: must be > 0")
-    sad = get_number(m, "sad_mm", f"{w} [machine]", minimum=1.0)
-    ref_dose = get_number(ca, "reference_dose_gy_per_mu", f"{w} [calibration]", minimum=1e-9)
-    ref_field = get_number(ca, "reference_field_mm", f"{w} [calibration]", minimum=1.0)
-    ref_ssd = get_number(ca, "reference_ssd_mm", f"{w} [calibration]", minimum=1.0)
-    name = m["name"]
-    if not isinstance(name, str):
-        raise ConfigError(f"{w} [machine].name: expected a string")
-    cal, dmax = reference_calibration(kernel, sad, ref_field, ref_ssd, ref_dose)
+    cal, dmax = reference_calibration(f.kernel, m.sad_mm, ca.reference_field_mm,
+                                      ca.reference_ssd_mm, ca.reference_dose_gy_per_mu)
     return BeamModel(
-        name=name,
-        energy_mv=get_number(m, "energy_mv", f"{w} [machine]", minimum=0.1),
-        sad_mm=sad,
-        jaw_x_range_mm=_pair(j, "x_range_mm", f"{w} [jaws]"),
-        jaw_y_range_mm=_pair(j, "y_range_mm", f"{w} [jaws]"),
-        jaw_transmission=get_number(j, "transmission", f"{w} [jaws]", minimum=0, maximum=1),
+        name=m.name,
+        energy_mv=m.energy_mv,
+        sad_mm=m.sad_mm,
+        jaw_x_range_mm=f.jaws.x_range_mm,
+        jaw_y_range_mm=f.jaws.y_range_mm,
+        jaw_transmission=f.jaws.transmission,
         mlc=mlc,
-        kernel=kernel,
-        reference_dose_gy_per_mu=ref_dose,
-        reference_field_mm=ref_field,
-        reference_ssd_mm=ref_ssd,
-        dij_cutoff_mm=get_number(en, "dij_cutoff_mm", f"{w} [engine]", minimum=1.0),
-        plan_cutoff_mm=get_number(en, "plan_cutoff_mm", f"{w} [engine]", minimum=1.0),
-        fluence_resolution_mm=get_number(en, "fluence_resolution_mm", f"{w} [engine]",
-                                         minimum=0.1, maximum=10.0),
-        body_density_threshold=get_number(en, "body_density_threshold", f"{w} [engine]",
-                                          minimum=0.0),
-        source=str(m.get("source", "")),
+        kernel=f.kernel,
+        reference_dose_gy_per_mu=ca.reference_dose_gy_per_mu,
+        reference_field_mm=ca.reference_field_mm,
+        reference_ssd_mm=ca.reference_ssd_mm,
+        dij_cutoff_mm=en.dij_cutoff_mm,
+        plan_cutoff_mm=en.plan_cutoff_mm,
+        fluence_resolution_mm=en.fluence_resolution_mm,
+        body_density_threshold=en.body_density_threshold,
+        source=m.source,
         calibration_gy_per_mu=cal,
         reference_depth_mm=dmax,
     )

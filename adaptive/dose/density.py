@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from adaptive.config import check_keys, config_path, load_toml
-from adaptive.errors import ConfigError
+from adaptive.config import CONFIG_MODEL, Float, config_path, load_config
 from adaptive.geometry.volume import Volume
 from adaptive.log import get_logger
 
@@ -22,29 +24,41 @@ class DensityCalibration:
     source: str = ""
 
 
+FiniteFloat = Annotated[Float, Field(allow_inf_nan=False)]
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class CurveConfig:
+    """``[curve]``: calibration points, HU strictly increasing, densities finite and >= 0."""
+
+    hu: Annotated[list[FiniteFloat], Field(min_length=2)]
+    relative_electron_density: list[Annotated[FiniteFloat, Field(ge=0)]]
+
+    @model_validator(mode="after")
+    def _table(self):
+        if len(self.hu) != len(self.relative_electron_density):
+            raise ValueError(f"hu and relative_electron_density must be lists of the same "
+                             f"length (got {len(self.hu)}, {len(self.relative_electron_density)})")
+        if np.any(np.diff(self.hu) <= 0):
+            raise ValueError("hu: must be strictly increasing")
+        return self
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class DensityFile:
+    """``config/hu_to_density.toml``."""
+
+    curve: CurveConfig
+
+
 def load_density_calibration(path: str | Path | None = None) -> DensityCalibration:
-    """Load ``config/hu_to_density.toml`` (or ``path``); ConfigError on bad/unknown keys."""
+    """Load ``config/hu_to_density.toml`` (or ``path``); ConfigError naming the file and the
+    key on unknown keys, wrong types or a table that is not a calibration."""
     path = Path(path) if path is not None else config_path("hu_to_density.toml")
-    data = load_toml(path)
-    check_keys(data, {"curve"}, str(path), required={"curve"})
-    c = data["curve"]
-    if not isinstance(c, dict):
-        raise ConfigError(f"{path}: [curve] must be a table")
-    check_keys(c, {"hu", "relative_electron_density"}, f"{path} [curve]",
-               required={"hu", "relative_electron_density"})
-    try:
-        hu = np.asarray(c["hu"], dtype=np.float64)
-        rho = np.asarray(c["relative_electron_density"], dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path} [curve]: hu / relative_electron_density must be numbers") from e
-    if hu.ndim != 1 or hu.shape != rho.shape or len(hu) < 2:
-        raise ConfigError(f"{path} [curve]: hu and relative_electron_density must be lists of the "
-                          f"same length >= 2 (got {hu.shape}, {rho.shape})")
-    if np.any(np.diff(hu) <= 0):
-        raise ConfigError(f"{path} [curve].hu: must be strictly increasing")
-    if np.any(rho < 0) or not np.all(np.isfinite(rho)):
-        raise ConfigError(f"{path} [curve].relative_electron_density: must be finite and >= 0")
-    return DensityCalibration(hu, rho, str(path))
+    c = load_config(DensityFile, path).curve
+    return DensityCalibration(np.asarray(c.hu, dtype=np.float64),
+                              np.asarray(c.relative_electron_density, dtype=np.float64),
+                              str(path))
 
 
 def hu_to_density(ct: Volume, calibration: DensityCalibration | None = None) -> Volume:

@@ -43,12 +43,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from adaptive.config import check_keys, get_number, load_toml
+from adaptive.config import CONFIG_MODEL, Float, Int, Str, Text, load_config
 from adaptive.errors import ConfigError, OptimizationError
 from adaptive.geometry.volume import Volume
 from adaptive.model.plan import Prescription
@@ -188,66 +191,72 @@ def goal_objective_term(goal: Goal, index: int, fractions: int) -> ObjectiveTerm
     return ObjectiveTerm(goal.structure, typ, d, d_total, weight, vol, index)
 
 
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class PrescriptionConfig:
+    """``[prescription]``: total course dose (Gy) in ``fractions`` to the ROI ``target``."""
+
+    dose_gy: Annotated[Float, Field(ge=1e-6)]
+    fractions: Annotated[Int, Field(ge=1)]
+    target: Text
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class GoalConfig:
+    """One ``[[goal]]``: ``goal`` in the goals language (:func:`parse_goal`)."""
+
+    structure: Str
+    goal: Str
+    priority: Annotated[Int, Field(ge=1)] = 1
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class ObjectiveConfig:
+    """One ``[[objective]]``: ``dose_gy`` total course (Gy); ``volume_pct`` for (and only
+    for) ``dvh_min`` / ``dvh_max``."""
+
+    structure: Str
+    type: Literal[OBJECTIVE_TYPES]
+    dose_gy: Annotated[Float, Field(ge=0)]
+    weight: Annotated[Float, Field(ge=0)]
+    volume_pct: Annotated[Float, Field(ge=0, le=100)] | None = None
+
+    @model_validator(mode="after")
+    def _volume_for_dvh_only(self):
+        dvh = self.type in ("dvh_min", "dvh_max")
+        if dvh and self.volume_pct is None:
+            raise ValueError("volume_pct: required for dvh_min / dvh_max objectives")
+        if not dvh and self.volume_pct is not None:
+            raise ValueError("volume_pct: only valid for dvh_min / dvh_max objectives")
+        return self
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class GoalsFile:
+    """A clinical goals file (module docstring); ``site`` defaults to the file's stem."""
+
+    prescription: PrescriptionConfig
+    goal: list[GoalConfig]
+    objective: list[ObjectiveConfig] = field(default_factory=list)
+    site: Str | None = None
+    description: Str = ""
+
+
 def load_goals(path: str | Path) -> ClinicalGoals:
     """Read and validate a goals file (see module docstring). Doses become per fraction."""
     path = Path(path)
-    data = load_toml(path)
-    where = str(path)
-    check_keys(data, {"site", "description", "prescription", "goal", "objective"}, where,
-               required={"prescription", "goal"})
-    rx = data["prescription"]
-    if not isinstance(rx, dict):
-        raise ConfigError(f"{where}: [prescription] must be a table")
-    check_keys(rx, {"dose_gy", "fractions", "target"}, f"{where} [prescription]",
-               required={"dose_gy", "fractions", "target"})
-    total = get_number(rx, "dose_gy", f"{where} [prescription]", minimum=1e-6)
-    nfx = rx["fractions"]
-    if isinstance(nfx, bool) or not isinstance(nfx, int) or nfx < 1:
-        raise ConfigError(f"{where} [prescription].fractions: expected a positive integer, got {nfx!r}")
-    target = rx["target"]
-    if not isinstance(target, str) or not target:
-        raise ConfigError(f"{where} [prescription].target: expected an ROI name")
-    presc = Prescription(dose_per_fraction_gy=total / nfx, number_of_fractions=nfx,
-                         target_roi_name=target)
-
-    goals = []
-    if not isinstance(data["goal"], list):
-        raise ConfigError(f"{where}: 'goal' must be an array of tables ([[goal]])")
-    for i, g in enumerate(data["goal"]):
-        w = f"{where} [[goal]] #{i + 1}"
-        if not isinstance(g, dict):
-            raise ConfigError(f"{w}: must be a table")
-        check_keys(g, {"structure", "goal", "priority"}, w, required={"structure", "goal"})
-        pr = g.get("priority", 1)
-        if isinstance(pr, bool) or not isinstance(pr, int) or pr < 1:
-            raise ConfigError(f"{w}.priority: expected a positive integer, got {pr!r}")
-        goals.append(parse_goal(g["goal"], str(g["structure"]), nfx, pr, w))
-
-    objectives = []
-    if not isinstance(data.get("objective", []), list):
-        raise ConfigError(f"{where}: 'objective' must be an array of tables ([[objective]])")
-    for i, o in enumerate(data.get("objective", [])):
-        w = f"{where} [[objective]] #{i + 1}"
-        if not isinstance(o, dict):
-            raise ConfigError(f"{w}: must be a table")
-        check_keys(o, {"structure", "type", "dose_gy", "volume_pct", "weight"}, w,
-                   required={"structure", "type", "dose_gy", "weight"})
-        typ = o["type"]
-        if typ not in OBJECTIVE_TYPES:
-            raise ConfigError(f"{w}.type: {typ!r} is not one of {list(OBJECTIVE_TYPES)}")
-        dose_total = get_number(o, "dose_gy", w, minimum=0.0)
-        weight = get_number(o, "weight", w, minimum=0.0)
-        vol = None
-        if typ in ("dvh_min", "dvh_max"):
-            vol = get_number(o, "volume_pct", w, minimum=0.0, maximum=100.0)
-        elif "volume_pct" in o:
-            raise ConfigError(f"{w}.volume_pct: only valid for dvh_min / dvh_max objectives")
-        objectives.append(ObjectiveTerm(structure=str(o["structure"]), type=typ,
-                                        dose_gy=dose_total / nfx, dose_total_gy=dose_total,
-                                        weight=weight, volume_pct=vol))
-    site = data.get("site", path.stem)
-    return ClinicalGoals(site=str(site), prescription=presc, goals=goals, objectives=objectives,
-                         description=str(data.get("description", "")), source=str(path))
+    f = load_config(GoalsFile, path)
+    rx = f.prescription
+    nfx = rx.fractions
+    presc = Prescription(dose_per_fraction_gy=rx.dose_gy / nfx, number_of_fractions=nfx,
+                         target_roi_name=rx.target)
+    goals = [parse_goal(g.goal, g.structure, nfx, g.priority, f"{path}: goal.{i}")
+             for i, g in enumerate(f.goal)]
+    objectives = [ObjectiveTerm(structure=o.structure, type=o.type, dose_gy=o.dose_gy / nfx,
+                                dose_total_gy=o.dose_gy, weight=o.weight,
+                                volume_pct=o.volume_pct) for o in f.objective]
+    return ClinicalGoals(site=f.site if f.site is not None else path.stem, prescription=presc,
+                         goals=goals, objectives=objectives, description=f.description,
+                         source=str(path))
 
 
 # --- DVH metrics --------------------------------------------------------------------------

@@ -12,10 +12,12 @@ Label (300A,0002), each looked up in its own table. Anything else is a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from adaptive.config import check_keys, config_path, load_toml
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from adaptive.config import CONFIG_MODEL, Str, config_path, load_config
 from adaptive.errors import ClinicalProtocolError, ConfigError
 from adaptive.optimization.goals import ClinicalGoals, load_goals
 
@@ -60,6 +62,14 @@ def load_protocol(name: str, directory: Path | None = None) -> ClinicalGoals:
     return load_goals(protocol_path(name, directory))
 
 
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class ProtocolFile:
+    """``config/protocols.toml``: two optional tables of ``"text" = "protocol"``."""
+
+    treatment_protocols: dict[Str, Str] = field(default_factory=dict)
+    plan_labels: dict[Str, Str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class ProtocolTable:
     """``config/protocols.toml``: ``[treatment_protocols]`` and ``[plan_labels]`` tables
@@ -74,20 +84,15 @@ class ProtocolTable:
     def load(cls, path: str | Path | None = None,
              goals_directory: Path | None = None) -> ProtocolTable:
         path = Path(path) if path else config_path("protocols.toml")
-        raw = load_toml(path)
-        check_keys(raw, {"treatment_protocols", "plan_labels"}, str(path))
-        tables = {}
-        for key in ("treatment_protocols", "plan_labels"):
-            t = raw.get(key, {})
-            if not isinstance(t, dict) or not all(isinstance(v, str) for v in t.values()):
-                raise ConfigError(f"{path} [{key}]: expected a table of \"text\" = \"protocol\"")
-            for text, name in t.items():
+        f = load_config(ProtocolFile, path)
+        for key, table in (("treatment_protocols", f.treatment_protocols),
+                           ("plan_labels", f.plan_labels)):
+            for text, name in table.items():
                 try:
                     protocol_path(name, goals_directory)
                 except ClinicalProtocolError as e:
-                    raise ConfigError(f"{path} [{key}] {text!r}: {e}") from e
-            tables[key] = dict(t)
-        return cls(tables["treatment_protocols"], tables["plan_labels"], str(path))
+                    raise ConfigError(f"{path}: {key}.{text!r}: {e}") from e
+        return cls(dict(f.treatment_protocols), dict(f.plan_labels), str(path))
 
     def for_plan(self, treatment_protocols: str, label: str) -> tuple[str, str]:
         """(protocol, :class:`ProtocolSource` text) for a scheduled plan; :class:`ClinicalProtocolError`

@@ -35,14 +35,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import scipy.sparse as sp
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from scipy.optimize import minimize, nnls
 
-from adaptive.config import check_keys, config_path, get_number, load_toml
+from adaptive.config import CONFIG_MODEL, Float, Int, config_path, load_config
 from adaptive.dose.influence import DoseInfluence
-from adaptive.errors import ConfigError, OptimizationError
+from adaptive.errors import OptimizationError
 from adaptive.model.plan import Beam, ControlPoint
 from adaptive.optimization.fluence import reweighting_loop
 
@@ -95,20 +98,27 @@ class SequencingSettings:
 
     @classmethod
     def load(cls, path=None) -> SequencingSettings:
-        """From ``config/machine.toml`` [sequencing] (strict keys)."""
-        path = path or config_path("machine.toml")
-        data = load_toml(path)
-        check_keys(data, {"sequencing"}, str(path), required={"sequencing"})
-        s = data["sequencing"]
-        where = f"{path} [sequencing]"
-        check_keys(s, {"intensity_levels", "min_mu_per_segment", "max_segments_per_beam"}, where,
-                   required={"intensity_levels", "min_mu_per_segment", "max_segments_per_beam"})
-        for k in ("intensity_levels", "max_segments_per_beam"):
-            if isinstance(s[k], bool) or not isinstance(s[k], int) or s[k] < 1:
-                raise ConfigError(f"{where}.{k}: expected a positive integer, got {s[k]!r}")
-        return cls(levels=s["intensity_levels"],
-                   min_mu_per_segment=get_number(s, "min_mu_per_segment", where, minimum=0.0),
-                   max_segments_per_beam=s["max_segments_per_beam"])
+        """From ``config/machine.toml`` [sequencing] (:class:`MachineFile`: every key
+        required, unknown keys and wrong types are errors naming the file and the key)."""
+        s = load_config(MachineFile, path or config_path("machine.toml")).sequencing
+        return cls(levels=s.intensity_levels, min_mu_per_segment=s.min_mu_per_segment,
+                   max_segments_per_beam=s.max_segments_per_beam)
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class SequencingConfig:
+    """``[sequencing]`` of ``config/machine.toml`` (see :class:`SequencingSettings`)."""
+
+    intensity_levels: Annotated[Int, Field(ge=1)]
+    min_mu_per_segment: Annotated[Float, Field(ge=0)]
+    max_segments_per_beam: Annotated[Int, Field(ge=1)]
+
+
+@pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
+class MachineFile:
+    """``config/machine.toml``: the treatment machine's sequencing limits."""
+
+    sequencing: SequencingConfig
 
 
 # --- fluence maps --------------------------------------------------------------------------

@@ -40,13 +40,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import numpy as np
-from pydantic import AfterValidator, model_validator
+from pydantic import model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from adaptive.config import CONFIG_MODEL, Bool, Float, config_path, load_toml, validate_config
+from adaptive.config import (
+    CONFIG_MODEL,
+    Bool,
+    Float,
+    Interval,
+    config_path,
+    load_toml,
+    validate_config,
+)
 from adaptive.errors import ConfigError
 from adaptive.model.structures import StructureSet
 from adaptive.optimization.checks import CheckItem
@@ -55,15 +63,6 @@ TARGET_TYPES = {"PTV", "CTV", "GTV"}
 
 #: which mapping a verdict allows
 DEFORMABLE, RIGID, NONE = "deformable", "rigid", "none"
-
-
-def _ratio_range(v: tuple[float, float]) -> tuple[float, float]:
-    if v[0] >= v[1]:
-        raise ValueError(f"expected [low, high] with low < high, got {list(v)}")
-    return v
-
-
-Range = Annotated[tuple[Float, Float], AfterValidator(_ratio_range)]
 
 
 @pydantic_dataclass(frozen=True, config=CONFIG_MODEL)
@@ -93,8 +92,8 @@ class SafetySettings:
     review_rotation_deg: Float = 3.0
     max_rotation_deg: Float = 10.0
     # contours
-    target_volume_ratio: Range = (0.80, 1.25)
-    organ_volume_ratio: Range = (0.20, 5.0)
+    target_volume_ratio: Interval = (0.80, 1.25)
+    organ_volume_ratio: Interval = (0.20, 5.0)
     min_share_in_fov: Float = 0.10
     target_min_share_in_fov: Float = 0.995
 
