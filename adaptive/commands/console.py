@@ -90,8 +90,8 @@ def format_session(s: dict) -> str:
 
 
 def run(args) -> int:
-    from services.config import load_services_config
-    from services.console import ConsoleClient
+    from services.config import load_services_config  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from services.console import ConsoleClient  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     cfg = load_services_config(args.config)
     cl = ConsoleClient.from_config(cfg, key=args.key)

@@ -33,10 +33,10 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     # deferred: the CLI imports every command module at start (see adaptive/cli.py)
-    from services.config import write_local_config
-    from services.local_peers import Tms, find_fraction, patient_id_of, push, wait_planning_data
-    from services.orchestrator.state import HANDOFF_ENDS
-    from services.supervisor import ServiceStack
+    from services.config import write_local_config  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from services.local_peers import Tms, find_fraction, patient_id_of, push, wait_planning_data  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from services.orchestrator.state import HANDOFF_ENDS  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from services.supervisor import ServiceStack  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     fx, planning = find_fraction(args.fraction)
     pid = patient_id_of(planning / "RP.dcm")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
+from adaptive.errors import DoseError
+from adaptive.log import get_logger
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("dose", help="compute the dose of an RT Plan on a CT series "
@@ -18,7 +23,7 @@ def register(subparsers) -> None:
 
 
 def _patient_position(path) -> str:
-    import pydicom
+    import pydicom  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     seq = ds.get("PatientSetupSequence") or []
@@ -26,18 +31,15 @@ def _patient_position(path) -> str:
 
 
 def run(args) -> int:
-    import time
 
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.enums import DoseSummationType
-    from adaptive.dicom.provenance import Provenance
-    from adaptive.dicom.rtdose import write_rtdose
-    from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.dose.beam_model import load_beam_model
-    from adaptive.dose.density import hu_to_density, load_density_calibration
-    from adaptive.dose.plan_dose import plan_dose
-    from adaptive.errors import DoseError
-    from adaptive.log import get_logger
+    from adaptive.dicom.ct_series import read_ct_series  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dicom.enums import DoseSummationType  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dicom.provenance import Provenance  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dicom.rtdose import write_rtdose  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dicom.rtplan import read_rtplan  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dose.beam_model import load_beam_model  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dose.density import hu_to_density, load_density_calibration  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dose.plan_dose import plan_dose  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     log = get_logger("adaptive.commands.dose")
     t = {}

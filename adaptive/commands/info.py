@@ -11,7 +11,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from adaptive.dicom.inventory import inventory
+    from adaptive.dicom.inventory import inventory  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     inv = inventory(args.folder)
     print(inv.to_json() if args.json else inv.summary())

@@ -24,8 +24,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from services.auth import KeyStore
-    from services.config import load_services_config
+    from services.auth import KeyStore  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from services.config import load_services_config  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     ks = KeyStore(load_services_config(args.config).paths.root)
     if args.keys_cmd == "init":

@@ -22,12 +22,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from adaptive.dicom.ct_series import read_ct_series
-    from adaptive.dicom.enums import DoseSummationType
-    from adaptive.dicom.rtplan import read_rtplan
-    from adaptive.dicom.rtstruct import read_rtstruct
-    from adaptive.optimization.goals import goal_table, load_goals
-    from adaptive.pipeline.planning import PlanSettings, plan_case, write_plan_outputs
+    from adaptive.dicom.ct_series import read_ct_series  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dicom.enums import DoseSummationType  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dicom.rtplan import read_rtplan  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.dicom.rtstruct import read_rtstruct  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.optimization.goals import goal_table, load_goals  # noqa: PLC0415 - deferred: loaded when the subcommand runs
+    from adaptive.pipeline.planning import PlanSettings, plan_case, write_plan_outputs  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     goals = load_goals(args.goals)
     ct, series = read_ct_series(args.ct_dir)

@@ -17,7 +17,7 @@ def _iso(text: str):
 
 
 def run(args) -> int:
-    from adaptive.registration.register_and_write import register_fraction
+    from adaptive.registration.register_and_write import register_fraction  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     iso = _iso(args.isocenter) if args.isocenter else None
     r = register_fraction(args.cbct_dir, args.planning_ct_dir, structures=args.structures,

@@ -18,7 +18,11 @@ passed its checks), 2 when a fraction failed or its adapted plan did not pass, 1
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from adaptive.errors import ReplayDataError
+from adaptive.log import bind
 
 
 def register(subparsers) -> None:
@@ -54,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def _chain_settings(args):
-    from adaptive.replay.chain import ChainSettings
+    from adaptive.replay.chain import ChainSettings  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     return ChainSettings(deadline_s=args.deadline, registration_budget_s=args.registration_budget,
                          dose_grid_spacing_mm=args.dose_grid_mm, bixel_size_mm=args.bixel_mm)
@@ -66,10 +70,9 @@ def is_fraction_folder(path: Path) -> bool:
 
 
 def run(args) -> int:
-    from adaptive.errors import ReplayDataError
 
     if args.from_orthanc:
-        from adaptive.replay.orthanc_pull import pull_patients
+        from adaptive.replay.orthanc_pull import pull_patients  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
         archive = Path(args.out) / "archive"
         got = pull_patients(args.from_orthanc, archive, patient_ids=args.patient)
@@ -85,7 +88,7 @@ def run(args) -> int:
 
 
 def _run_archive(archive: Path, args) -> int:
-    from adaptive.replay.archive import ClusterSettings, replay_archive
+    from adaptive.replay.archive import ClusterSettings, replay_archive  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     res = replay_archive(archive, args.out, goals_override=args.goals,
                          chain=_chain_settings(args),
@@ -98,8 +101,7 @@ def _run_archive(archive: Path, args) -> int:
 
 
 def _run_one(fx: Path, args) -> int:
-    from adaptive.log import bind
-    from adaptive.replay.archive import one_fraction_job, run_job
+    from adaptive.replay.archive import one_fraction_job, run_job  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     bind(case_id=fx.resolve().parent.name, fraction=fx.name)
     job = one_fraction_job(fx, args.out, goals_override=args.goals,
@@ -115,7 +117,6 @@ def _run_one(fx: Path, args) -> int:
     print(f"\nadapted plan: {'written' if row.get('adapted_plan_written') else 'NOT WRITTEN'}"
           f"{'' if row.get('adapted_plan_written') else ': ' + row.get('adapted_missing_reason', '')}")
     print(f"report: {Path(args.out) / 'report.html'}\n")
-    import json
 
     t = json.loads((Path(args.out) / "timings.json").read_text())
     print(f"{'stage':<40} {'seconds':>8}")

@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from adaptive.replay.build import build_replay_data, load_replay_config
+    from adaptive.replay.build import build_replay_data, load_replay_config  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     out = args.out or ("replay_data_large" if args.large else "replay_data")
     path = build_replay_data(out, seed=args.seed, cases=args.case, large=args.large,
@@ -45,7 +45,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _print_manifest(path) -> None:
-    from adaptive.replay.manifest import load_manifest
+    from adaptive.replay.manifest import load_manifest  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     m = load_manifest(path)
     print(f"{m.path} (schema {m.schema_version}, adaptive {m.software_version}, seed {m.seed})")

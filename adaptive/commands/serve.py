@@ -9,6 +9,8 @@ from __future__ import annotations
 import signal
 import threading
 
+from adaptive.log import get_logger
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the real-time services (gateway, "
@@ -22,8 +24,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from adaptive.log import get_logger
-    from services.supervisor import ServiceStack
+    from services.supervisor import ServiceStack  # noqa: PLC0415 - deferred: loaded when the subcommand runs
 
     log = get_logger("adaptive.serve")
     stop = threading.Event()
