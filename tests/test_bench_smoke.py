@@ -8,9 +8,11 @@ benchmark's at smoke sizes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,11 +81,18 @@ def test_section_runs_and_prints_its_figures(name):
     env = dict(os.environ)
     for var in ("ADAPTIVE_BENCH_REPLAY_MANIFEST", "ADAPTIVE_BENCH_REPLAY_ARCHIVE"):
         env.pop(var, None)   # the committed replay data
-    p = subprocess.run([sys.executable, "-m", "adaptive.bench", "--smoke", "--only", name],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=1700,
-                       check=False)
-    out = p.stdout
-    assert p.returncode == 0, f"section {name} failed:\n{out[-3000:]}\n{p.stderr[-3000:]}"
+    # its own session: the section's service stacks and Orthanc go with it if it is stopped
+    # (a timeout killed only the bench process once and left a whole stack running)
+    p = subprocess.Popen([sys.executable, "-m", "adaptive.bench", "--smoke", "--only", name],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=1700)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+    assert p.returncode == 0, f"section {name} failed:\n{out[-3000:]}\n{err[-3000:]}"
     section = out[out.index(f"## {name}"):]
     assert "FAILED" not in section and "nothing to measure" not in section, section
     assert "_(section took" in section
