@@ -112,7 +112,11 @@ def world(tmp_path):
     for x in made:
         with contextlib.suppress(zmq.ZMQError):
             x.close()
-    ctx.term()
+    # destroy, not term: term() waits for every socket of the context to close, in C, where
+    # pytest-timeout's signal cannot interrupt it; once (fresh-clone CI, 2026-12-07) a socket
+    # was still open after close() and the worker hung until killed. Which socket is open is
+    # not known yet (see the issue-17 note).
+    ctx.destroy(linger=0)
     held.close()
 
 
