@@ -245,12 +245,37 @@ def dask_client(cluster: ClusterSettings):
         # ran numba's pool at the machine's core count (measured: 2 workers x 2 threads on
         # 2 cores, environment.json)
         spawn_env = {**(dask.config.get("distributed.nanny.pre-spawn-environ") or {}), **env}
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}), \
+        # the Nanny writes pre-spawn variables into THIS process's environment and leaves
+        # them there; numba re-reads NUMBA_NUM_THREADS when it compiles, so a caller that
+        # goes on computing (a test process, a notebook) then fails with "Cannot set
+        # NUMBA_NUM_THREADS to a different value once the threads have been launched"
+        with _environ_kept(spawn_env) as restore, \
+                dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}), \
                 LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                              host="127.0.0.1",
                              dashboard_address=f"127.0.0.1:{cluster.dashboard_port}",
                              env=env) as lc, Client(lc) as client:
+            restore()  # the workers are spawned
             yield client, lc
+
+
+@contextlib.contextmanager
+def _environ_kept(keys):
+    """Restore this process's values of ``keys`` (or their absence) on exit; the yielded
+    function restores them at once too."""
+    saved = {k: os.environ.get(k) for k in keys}
+
+    def restore() -> None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    try:
+        yield restore
+    finally:
+        restore()
 
 
 def _threads_by_host(client) -> dict[str, int]:

@@ -10,6 +10,7 @@ import base64
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -46,11 +47,13 @@ def replayed(tmp_path_factory):
     assert len(bad_files) > 5
     corrupt_series(bad_files)
     said: list[str] = []
+    env_before = dict(os.environ)
     res = replay_archive(archive, root / "out", chain=ChainSettings(**PLAN),
                          cluster=ClusterSettings(n_workers=2), progress=False,
                          announce=said.append)
     return {"root": root, "cases": cases, "archive": archive, "out": root / "out",
-            "result": res, "said": said, "bad_uid": bad_uid}
+            "result": res, "said": said, "bad_uid": bad_uid, "env_before": env_before,
+            "env_after": dict(os.environ)}
 
 
 def _series_uid(path: Path) -> str:
@@ -119,6 +122,12 @@ def test_bad_series_fails_alone_with_its_reason(replayed):
     rec = json.loads((d / "fraction.json").read_text())
     assert rec["status"] == "failed" and rec["reason"] == bad["reason"]
     assert bad["reason"].split(":")[0] in (d / "report.html").read_text()
+
+
+def test_the_callers_environment_is_left_as_it_was(replayed):
+    """Dask writes the workers' pre-spawn variables into the calling process; left there,
+    NUMBA_NUM_THREADS=1 made every later numba compilation in the caller fail."""
+    assert replayed["env_after"] == replayed["env_before"]
 
 
 def test_each_worker_computes_with_its_share_of_the_cores(replayed):
