@@ -91,10 +91,15 @@ def world(tmp_path):
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     cfg, bud = make_config(tmp_path, tms_port=held.getsockname()[1])
-    ctx = zmq.Context()
-    made = []
+    made, contexts = [], []
 
     def make():
+        # a context per orchestrator, as a restarted orchestrator (a new process) has: on a
+        # shared one the new orchestrator's ZAP handler could not bind inproc://zeromq.zap.01
+        # until libzmq's reaper had destroyed the closed one's socket (asynchronous; failed
+        # once under load: "Address already in use")
+        ctx = zmq.Context()
+        contexts.append(ctx)
         o = Orchestrator(C.load_services_config(cfg), C.load_budgets(bud), context=ctx,
                          broker=FakeBroker(ctx))
         made.append(o)
@@ -113,10 +118,10 @@ def world(tmp_path):
         with contextlib.suppress(zmq.ZMQError):
             x.close()
     # destroy, not term: term() waits for every socket of the context to close, in C, where
-    # pytest-timeout's signal cannot interrupt it; once (fresh-clone CI, 2026-12-07) a socket
-    # was still open after close() and the worker hung until killed. Which socket is open is
-    # not known yet (see the issue-17 note).
-    ctx.destroy(linger=0)
+    # pytest-timeout's signal cannot interrupt it; once (fresh-clone CI, 2026-12-07), after
+    # the restart test failed as above, a socket was still open and the worker hung
+    for ctx in contexts:
+        ctx.destroy(linger=0)
     held.close()
 
 
