@@ -249,7 +249,9 @@ def dask_client(cluster: ClusterSettings):
         # them there; numba re-reads NUMBA_NUM_THREADS when it compiles, so a caller that
         # goes on computing (a test process, a notebook) then fails with "Cannot set
         # NUMBA_NUM_THREADS to a different value once the threads have been launched"
-        with _environ_kept(spawn_env) as restore, \
+        # (plus the PYTHONHASHSEED the Nanny adds for its workers' consistent hashing and
+        # distributed's own parent-process marker)
+        with _environ_kept([*spawn_env, "PYTHONHASHSEED", "__DASK_PARENT_PID"]) as restore, \
                 dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}), \
                 LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                              host="127.0.0.1",
