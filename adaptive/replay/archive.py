@@ -55,6 +55,7 @@ from adaptive.log import bind, configure_logging, get_logger
 from adaptive.registration.elastix_backend import itk_module
 from adaptive.replay.chain import ChainSettings, GoalsChoice, goals_for, replay_fraction
 from adaptive.replay.discover import FractionInputs, Unusable, discover, safe_name
+from adaptive.replay.environment import THREAD_VARS
 from adaptive.replay.fingerprint import (
     combine_digests,
     file_digest,
@@ -69,9 +70,6 @@ from adaptive.reports.summary import render_summary_page, sort_rows, summary_csv
 
 log = get_logger("adaptive.replay.archive")
 
-#: thread-count variables set in a local worker's environment (cores ÷ workers)
-THREAD_VARS = ("NUMBA_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS",
-               "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 FRACTION_RECORD = "fraction.json"
 REPORT_NAME = "report.html"
 

@@ -105,7 +105,7 @@ def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsCho
     ct_files = [Path(f) for f in inputs.planning.planning_ct.files]
     cbct_files = [Path(f) for f in inputs.cbct.files]
     T: dict[str, float] = {}
-    count_fraction()
+    before = count_fraction()
     t = time.perf_counter()
     reg = registration_stage(ct_files, inputs.planning.rtstruct, inputs.planning.rtplan,
                              cbct_files, out, budget_s=settings.registration_budget_s,
@@ -116,8 +116,7 @@ def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsCho
     if reg.get("validity") == NONE:
         # as in a session: no planning on an invalid registration (no metrics at all)
         T["total"] = round(time.perf_counter() - t, 3)
-        write_json_atomic(out / "timings.json", T)
-        write_json_atomic(out / "environment.json", compute_environment())
+        _write_records(out, T, before)
         return {"registration": reg, "planning": None, "timings_s": T}
     po = planning_stage(inputs.planning.rtplan, reg, out, goals.load(),
                         settings=settings.plan_settings(), progress=progress,
@@ -126,6 +125,11 @@ def replay_fraction(inputs: FractionInputs, out_dir: str | Path, goals: GoalsCho
               for k, v in po.timings_s.items() if k != "total"})
     T["planning_total"] = round(time.perf_counter() - t - T["registration_total"], 3)
     T["total"] = round(time.perf_counter() - t, 3)
-    write_json_atomic(out / "timings.json", T)
-    write_json_atomic(out / "environment.json", compute_environment())
+    _write_records(out, T, before)
     return {"registration": reg, "planning": po.result, "timings_s": T}
+
+
+def _write_records(out: Path, timings: dict[str, float], fractions_before: int) -> None:
+    """``timings.json`` and ``environment.json`` of a replayed fraction."""
+    write_json_atomic(out / "timings.json", timings)
+    write_json_atomic(out / "environment.json", compute_environment(fractions_before))

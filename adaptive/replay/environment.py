@@ -16,9 +16,12 @@ import numba
 
 from adaptive.registration.elastix_backend import default_thread_count
 
-#: environment variables that set thread counts of the numeric libraries
-THREAD_ENV = ("NUMBA_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS",
-              "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
+#: environment variables that set the thread counts of the numeric libraries (an archive's
+#: local workers get them as cores ÷ workers: adaptive.replay.archive)
+THREAD_VARS = ("NUMBA_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS",
+               "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: what the record shows of the environment: the thread counts and how idle threads wait
+RECORDED_VARS = (*THREAD_VARS, "OMP_WAIT_POLICY")
 
 _fractions_run = 0
 
@@ -31,11 +34,12 @@ def count_fraction() -> int:
     return before
 
 
-def compute_environment() -> dict:
+def compute_environment(fractions_before: int) -> dict:
     """This process's numeric environment (JSON-able): pid, Python, numba's thread count and
-    threading layer (None before its first parallel region), ITK's default thread count and
-    threader (None when itk was not imported by the registration), thread variables, and how
-    many fractions this process replayed before the current one."""
+    threading layer (None before its first parallel region), ITK's default thread count (None
+    when itk was not imported by the registration), thread variables, and
+    ``fractions_before``: how many fractions this process replayed before the current one
+    (:func:`count_fraction`)."""
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel region has run in this process yet
@@ -44,5 +48,5 @@ def compute_environment() -> dict:
             "cpu_count": os.cpu_count(), "numba": numba.__version__,
             "numba_threads": int(numba.get_num_threads()), "numba_threading_layer": layer,
             "itk_default_threads": default_thread_count(),
-            "env": {k: os.environ.get(k) for k in THREAD_ENV},
-            "fractions_before_in_process": _fractions_run - 1}
+            "env": {k: os.environ.get(k) for k in RECORDED_VARS},
+            "fractions_before_in_process": fractions_before}

@@ -134,8 +134,6 @@ def test_each_worker_computes_with_its_share_of_the_cores(replayed):
     """Two worker processes on this machine: each runs numba's pool with cores ÷ 2 threads,
     as recorded by the fraction itself (the variables given as the Nanny's ``env`` arrive
     after numba's import and were ignored: every worker ran the machine's core count)."""
-    import os
-
     share = max(1, (os.cpu_count() or 1) // 2)
     done = [r for r in replayed["result"].rows if r["status"] == "done"]
     assert len(done) == 3
