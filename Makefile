@@ -52,8 +52,12 @@ system-deps:
 # overlap their waits (process start-up, idle timeouts); every test binds its own ports
 # (port 0) and temp dirs, so they run side by side. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
+# The numba kernels are compiled into NUMBA_CACHE_DIR once first (tests/precompile_kernels.py):
+# on a fresh clone every process would otherwise compile them itself, several at once.
+# --durations: where the suite's time goes, in every CI log.
 test: setup system-deps peers
-	$(PY) -m pytest -q -ra -m "not long_bench" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m tests.precompile_kernels
+	$(PY) -m pytest -q -ra --durations=15 -m "not long_bench" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 demo: setup
 	$(VENV)/bin/adaptive demo

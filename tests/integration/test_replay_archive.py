@@ -145,43 +145,57 @@ def test_each_worker_computes_with_its_share_of_the_cores(replayed):
         assert env["numba_threading_layer"] is not None, env  # the kernels did run parallel code
 
 
+# One fresh process runs `adaptive replay` (the CLI's main, with the physicist's arguments)
+# on each fraction in turn and prints each exit status: a process running several
+# fractions, as an archive worker does, without paying the itk and numba start-up (about
+# 25 s of CPU) once per fraction. In the pytest process (after other test modules) the
+# figures once differed from both a fresh process and the archive's workers (cause not
+# found; see the issue-15 note), so it is not run here.
+_REPLAY_EACH = """
+import json, sys
+from adaptive.cli import main
+print(json.dumps([main(["replay", fx, "-o", out, *sys.argv[2:]])
+                  for fx, out in json.loads(sys.argv[1])]))
+"""
+
+
 def test_reports_equal_adaptive_replay_of_each_fraction(replayed, tmp_path):
     rows = _rows(replayed)
-    for c in replayed["cases"]:
-        for fx in c.fractions:
-            uid = _cbct_uid(fx)
-            if uid == replayed["bad_uid"]:
-                continue
-            one = tmp_path / f"{c.name}-{fx.name}"
-            # the command as a physicist runs it, in its own process: in the pytest process
-            # (after other test modules) its figures once differed from both a fresh process
-            # and the archive's workers (cause not found; see the issue-15 note)
-            run = subprocess.run([sys.executable, "-m", "adaptive.cli", "replay", str(fx),
-                                  "-o", str(one), *CLI_PLAN], check=False,
-                                 capture_output=True, text=True, timeout=900)
-            # 2: replayed, but the adapted plan did not pass
-            assert run.returncode in (0, 2), run.stderr[-2000:]
-            single = json.loads((one / "comparison.json").read_text())
-            row = rows[uid]
-            if row["goals"] != single["rows"]:
-                archived = replayed["out"] / Path(row["report"]).parent
-                pytest.fail(f"{c.name} {fx.name}: the archive's goal rows differ from "
-                            f"`adaptive replay` on the fraction alone\n"
-                            f"{_difference(archived, one, row['goals'], single['rows'])}")
-            assert row["goals_met_scheduled"] == single["scheduled_goals_passed"]
-            assert row["goals_met_adapted"] == single["adapted_goals_passed"]
-            d95 = next(r for r in single["rows"] if r["structure"] == "PTV"
-                       and r["goal"].startswith("D95"))
-            assert row["target_d95_scheduled_gy"] == d95["scheduled_value"]
-            assert row["target_d95_adapted_gy"] == d95["adapted_value"]
-            # the same key: same inputs (bytes), software and settings as the archive run
-            assert json.loads((one / "fraction.json").read_text())["fraction_key"] == \
-                row["fraction_key"]
-            # the page shows the record's numbers, and its DVHs (recomputed from the RT Dose
-            # and RT Struct files) reproduce them to the RT Dose's storage precision
-            page = (replayed["out"] / row["report"]).read_text()
-            assert f"{d95['adapted_value']:.2f} Gy" in page
-            assert row["dvh_table_max_diff"] < 0.01
+    todo = [(c, fx) for c in replayed["cases"] for fx in c.fractions
+            if _cbct_uid(fx) != replayed["bad_uid"]]
+    outs = [tmp_path / f"{c.name}-{fx.name}" for c, fx in todo]
+    run = subprocess.run([sys.executable, "-c", _REPLAY_EACH,
+                          json.dumps([[str(fx), str(o)] for (_, fx), o in zip(todo, outs)]),
+                          *CLI_PLAN], check=False, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    codes = json.loads(run.stdout.strip().splitlines()[-1])
+    # 2: replayed, but the adapted plan did not pass
+    assert len(codes) == len(todo) and all(rc in (0, 2) for rc in codes), \
+        (codes, run.stderr[-2000:])
+    for (c, fx), one in zip(todo, outs):
+        uid = _cbct_uid(fx)
+        single = json.loads((one / "comparison.json").read_text())
+        row = rows[uid]
+        if row["goals"] != single["rows"]:
+            archived = replayed["out"] / Path(row["report"]).parent
+            pytest.fail(f"{c.name} {fx.name}: the archive's goal rows differ from "
+                        f"`adaptive replay` on the fraction alone\n"
+                        f"{_difference(archived, one, row['goals'], single['rows'])}")
+        assert row["goals_met_scheduled"] == single["scheduled_goals_passed"]
+        assert row["goals_met_adapted"] == single["adapted_goals_passed"]
+        d95 = next(r for r in single["rows"] if r["structure"] == "PTV"
+                   and r["goal"].startswith("D95"))
+        assert row["target_d95_scheduled_gy"] == d95["scheduled_value"]
+        assert row["target_d95_adapted_gy"] == d95["adapted_value"]
+        # the same key: same inputs (bytes), software and settings as the archive run
+        assert json.loads((one / "fraction.json").read_text())["fraction_key"] == \
+            row["fraction_key"]
+        # the page shows the record's numbers, and its DVHs (recomputed from the RT Dose
+        # and RT Struct files) reproduce them to the RT Dose's storage precision
+        page = (replayed["out"] / row["report"]).read_text()
+        assert f"{d95['adapted_value']:.2f} Gy" in page
+        assert row["dvh_table_max_diff"] < 0.01
 
 
 def test_summary_table_has_one_row_per_fraction(replayed):
