@@ -132,7 +132,12 @@ class KeyStore:
             try:
                 os.link(sec, secret)
             except FileExistsError:
-                return                    # another process won: use its pair
+                # another creator won: use its pair, once its public half is in place too
+                # (it links that right after the secret; bounded wait)
+                deadline = time.monotonic() + 10.0
+                while not public.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)  # bounded poll for the other creator's second link
+                return
             try:
                 os.link(pub, public)
             except FileExistsError:
@@ -144,8 +149,10 @@ class KeyStore:
         """The server pair and the default clients (:data:`DEFAULT_CLIENTS`), if missing."""
         self._new_pair(self.server_public(), self.server_secret())
         for name, role in DEFAULT_CLIENTS:
-            if not self.client_secret(name).exists():
-                self.create(name, role)
+            # not create(): services starting side by side each ensure the defaults, and
+            # the one that finds a default being created by another must use that pair,
+            # not fail with "exists already"
+            self._new_pair(self.client_public(name, role), self.client_secret(name))
 
     def create(self, name: str, role: str) -> ClientKey:
         """A new client key pair ``name`` with ``role``; refuses an existing name."""

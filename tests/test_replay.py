@@ -195,6 +195,19 @@ def test_manifest_writer_round_trips_and_loader_errors(tmp_path):
     (tmp_path / "manifest.toml").write_text(text.replace('planning_ct = "a/CT"\n', ""))
     with pytest.raises(ReplayDataError, match="planning_ct"):
         load_manifest(tmp_path)
+    # the schema is typed: a misspelt key, a wrong type and counts that disagree are named
+    for bad, key in ((text.replace("rectal_gas = true", "rectal_gass = true"), "rectal_gass"),
+                     (text.replace("seed = 3", 'seed = "3"'), "seed"),
+                     (text.replace('path = "a"\n', 'path = "a"\nn_fractions = 2\n'),
+                      "n_fractions = 2 but 1")):
+        assert bad != text
+        (tmp_path / "manifest.toml").write_text(bad)
+        with pytest.raises(ReplayDataError, match=key) as e:
+            load_manifest(tmp_path)
+        assert str(tmp_path / "manifest.toml") in str(e.value)
+    (tmp_path / "manifest.toml").write_text(text.replace("schema_version = 1", "schema_version = 2"))
+    with pytest.raises(ReplayDataError, match="schema_version 2 is not supported"):
+        load_manifest(tmp_path)
     (tmp_path / "manifest.toml").write_text("schema_version = [")
     with pytest.raises(ReplayDataError, match="invalid TOML"):
         load_manifest(tmp_path)

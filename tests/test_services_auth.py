@@ -16,6 +16,7 @@ from adaptive.cli import main as cli
 from adaptive.errors import AuthenticationError, ServiceError
 from services.auth import (
     CONSOLE_PERMISSIONS,
+    DEFAULT_CLIENTS,
     Authenticator,
     KeyStore,
     apply_client_keys,
@@ -51,16 +52,32 @@ def test_key_files_are_private_and_loose_ones_refused(tmp_path):
 
 
 def test_concurrent_creation_agrees_on_one_pair(tmp_path):
+    """Services starting side by side each ensure the default keys: none fails, and each
+    can read every default pair as soon as its own call returns."""
     stores = [KeyStore(tmp_path) for _ in range(6)]
-    threads = [threading.Thread(target=s.ensure_defaults) for s in stores]
+    errors: list[BaseException] = []
+    seen: list[dict] = []
+
+    def start(s: KeyStore) -> None:
+        try:
+            s.ensure_defaults()
+            seen.append({name: s.client_keys(name) for name, _ in DEFAULT_CLIENTS})
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+    assert not errors, errors
+    assert len(seen) == len(stores)
     pairs = {s.server_keys() for s in stores}
     assert len(pairs) == 1
     pub, _ = pairs.pop()
     assert stores[0].client_keys("worker")["server"] == pub
+    # every starter got the same default client pairs
+    assert all(v == seen[0] for v in seen)
 
 
 def test_adaptive_keys_command(tmp_path, capsys):

@@ -18,7 +18,9 @@ Manifest keys: top level ``schema_version``, ``software``, ``software_version``,
 ``isocenter_lps_mm``, ``roi_names``, ``n_fractions``, ``size_bytes``, sub-tables
 ``prescription``, ``planning_grid``, optional ``cbct_grid``) and one ``[[cases.fractions]]``
 table per fraction (``number``, ``path``, ``cbct``, ``truth_dvf``, ``truth_rtstruct``,
-``truth_json``, ``cbct_series_uid``, ``cbct_frame_of_reference_uid``, ``rectal_gas``).
+``truth_json``, ``cbct_series_uid``, ``cbct_frame_of_reference_uid``, ``rectal_gas``). The
+complete schema, with the informational keys the builder also writes, is the typed model
+below (``_ManifestFile``); the loader refuses unknown keys and wrong types.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from adaptive.atomic import write_text_atomic
-from adaptive.errors import ReplayDataError
+from adaptive.config import CONFIG_MODEL, Bool, Float, Int, Str, Text, validate_config
+from adaptive.errors import ConfigError, ReplayDataError
 from adaptive.model.plan import Prescription
 from adaptive.replay.truth import read_truth_json
 
@@ -130,29 +134,138 @@ class Manifest:
 
 
 # --- loading -----------------------------------------------------------------------------
+# The file's schema: every key the builder writes (adaptive.replay.build), typed; unknown
+# keys and wrong types are errors naming the file and the key (adaptive.config's models).
+
+Vec3 = tuple[Float, Float, Float]
 
 
-def _req(table: dict, key: str, where: str, path: Path, types=None):
-    if key not in table:
-        raise ReplayDataError(f"{where}: missing key {key!r} [{path}]")
-    v = table[key]
-    if types is not None and not isinstance(v, types):
-        raise ReplayDataError(f"{where}.{key}: expected {types}, got {v!r} [{path}]")
-    return v
+@pydantic_dataclass(config=CONFIG_MODEL)
+class _GridEntry:
+    shape_zyx: tuple[Int, Int, Int]
+    spacing_mm: Vec3
+    origin_lps_mm: Vec3
 
 
-def _grid_info(t: dict, where: str, path: Path) -> GridInfo:
-    shape = _req(t, "shape_zyx", where, path, list)
-    sp = _req(t, "spacing_mm", where, path, list)
-    org = _req(t, "origin_lps_mm", where, path, list)
-    if len(shape) != 3 or len(sp) != 3 or len(org) != 3:
-        raise ReplayDataError(f"{where}: shape_zyx/spacing_mm/origin_lps_mm need 3 values [{path}]")
-    return GridInfo(tuple(int(v) for v in shape), tuple(float(v) for v in sp), tuple(float(v) for v in org))
+@pydantic_dataclass(config=CONFIG_MODEL)
+class _PrescriptionEntry:
+    dose_per_fraction_gy: Float
+    number_of_fractions: Int
+    total_dose_gy: Float | None = None
+    target_roi_name: Text = "PTV"
+
+    def __post_init__(self) -> None:
+        if self.dose_per_fraction_gy <= 0 or self.number_of_fractions < 1:
+            raise ValueError("dose_per_fraction_gy > 0 and number_of_fractions >= 1 expected")
+        if self.total_dose_gy is not None and abs(
+                self.total_dose_gy - self.dose_per_fraction_gy * self.number_of_fractions) > 1e-6:
+            raise ValueError(f"total_dose_gy {self.total_dose_gy:g} is not dose_per_fraction_gy "
+                             f"x number_of_fractions")
+
+
+@pydantic_dataclass(config=CONFIG_MODEL)
+class _FractionEntry:
+    number: Int
+    path: Text
+    cbct: Text
+    truth_dvf: Text
+    truth_rtstruct: Text
+    truth_json: Text
+    cbct_series_uid: Str = ""
+    cbct_frame_of_reference_uid: Str = ""
+    convention: Text = "isocenter"
+    rectal_gas: Bool = False
+    #: the simulated variation, for the reader (the truth is truth.json and the DVF)
+    isocenter_cbct_lps_mm: Vec3 | None = None
+    setup_rotation_deg: Vec3 | None = None
+    setup_translation_mm: Vec3 | None = None
+    bladder_scale: Float | None = None
+
+
+@pydantic_dataclass(config=CONFIG_MODEL)
+class _CaseEntry:
+    name: Text
+    anatomy: Text
+    path: Text
+    planning_ct: Text
+    planning_rtstruct: Text
+    planning_grid: _GridEntry
+    planning_rtplan: Text | None = None  # default: <path>/planning/RP.dcm
+    planning_rtplan_note: Str = ""
+    planning_rtplan_uid: Str = ""
+    description: Str = ""
+    seed: Int = 0
+    patient_id: Str = ""
+    planning_series_uid: Str = ""
+    planning_frame_of_reference_uid: Str = ""
+    isocenter_lps_mm: Vec3 | None = None
+    roi_names: list[Str] = field(default_factory=list)
+    roi_types: list[Str] = field(default_factory=list)
+    roi_volumes_cc: dict[str, Float] = field(default_factory=dict)
+    prescription: _PrescriptionEntry | None = None
+    cbct_grid: _GridEntry | None = None
+    cbct_fov_diameter_mm: Float | None = None
+    n_fractions: Int | None = None
+    size_bytes: Int = 0
+    software_version: Str = ""
+    fractions: list[_FractionEntry] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.n_fractions is not None and self.n_fractions != len(self.fractions):
+            raise ValueError(f"n_fractions = {self.n_fractions} but {len(self.fractions)} "
+                             f"[[cases.fractions]] tables")
+        numbers = [f.number for f in self.fractions]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"fraction numbers repeat: {numbers}")
+        if self.roi_types and len(self.roi_types) != len(self.roi_names):
+            raise ValueError("roi_types and roi_names differ in length")
+
+
+@pydantic_dataclass(config=CONFIG_MODEL)
+class _ManifestFile:
+    schema_version: Int
+    cases: list[_CaseEntry]
+    software: Str = ""
+    software_version: Str = ""
+    research_use: Str = ""
+    seed: Int = 0
+
+
+def _grid_info(g: _GridEntry) -> GridInfo:
+    return GridInfo(g.shape_zyx, g.spacing_mm, g.origin_lps_mm)
+
+
+def _fraction(case: str, fx: _FractionEntry, root: Path) -> Fraction:
+    return Fraction(case=case, number=fx.number, directory=root / fx.path,
+                    cbct_dir=root / fx.cbct, truth_dvf=root / fx.truth_dvf,
+                    truth_rtstruct=root / fx.truth_rtstruct, truth_json=root / fx.truth_json,
+                    cbct_series_uid=fx.cbct_series_uid,
+                    cbct_frame_of_reference_uid=fx.cbct_frame_of_reference_uid,
+                    rectal_gas=fx.rectal_gas, convention=fx.convention)
+
+
+def _case(c: _CaseEntry, root: Path) -> Case:
+    rx = c.prescription
+    return Case(
+        name=c.name, anatomy=c.anatomy, directory=root / c.path,
+        planning_ct_dir=root / c.planning_ct, planning_rtstruct=root / c.planning_rtstruct,
+        planning_rtplan=root / (c.planning_rtplan or f"{c.path}/planning/RP.dcm"),
+        prescription=(Prescription(rx.dose_per_fraction_gy, rx.number_of_fractions,
+                                   rx.target_roi_name) if rx else None),
+        planning_grid=_grid_info(c.planning_grid), seed=c.seed, description=c.description,
+        patient_id=c.patient_id, planning_series_uid=c.planning_series_uid,
+        planning_frame_of_reference_uid=c.planning_frame_of_reference_uid,
+        isocenter_lps_mm=c.isocenter_lps_mm, roi_names=list(c.roi_names),
+        cbct_grid=_grid_info(c.cbct_grid) if c.cbct_grid else None,
+        fractions=sorted((_fraction(c.name, f, root) for f in c.fractions),
+                         key=lambda f: f.number),
+        size_bytes=c.size_bytes)
 
 
 def load_manifest(path: str | Path) -> Manifest:
     """Load ``manifest.toml`` (a file, or a folder containing one) into dataclasses with
-    absolute paths. Raises :class:`ReplayDataError` naming the file and key on problems."""
+    absolute paths. Raises :class:`ReplayDataError` naming the file and key on problems
+    (a missing or unknown key, a wrong type, counts that disagree)."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -163,57 +276,18 @@ def load_manifest(path: str | Path) -> Manifest:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ReplayDataError(f"invalid TOML: {e} [{path}]") from e
-    root = path.parent.resolve()
-    version = _req(data, "schema_version", "manifest", path, int)
+    version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ReplayDataError(f"manifest schema_version {version} is not supported "
+        raise ReplayDataError(f"manifest schema_version {version!r} is not supported "
                               f"(expected {SCHEMA_VERSION}) [{path}]")
-    cases = []
-    for i, c in enumerate(_req(data, "cases", "manifest", path, list)):
-        where = f"cases[{i}]"
-        name = _req(c, "name", where, path, str)
-        where = f"cases[{name}]"
-        rx = c.get("prescription")
-        presc = None
-        if rx:
-            presc = Prescription(float(_req(rx, "dose_per_fraction_gy", where + ".prescription", path, (int, float))),
-                                 int(_req(rx, "number_of_fractions", where + ".prescription", path, int)),
-                                 str(rx.get("target_roi_name", "PTV")))
-        fractions = []
-        for j, fx in enumerate(c.get("fractions", [])):
-            fw = f"{where}.fractions[{j}]"
-            fractions.append(Fraction(
-                case=name, number=int(_req(fx, "number", fw, path, int)),
-                directory=root / _req(fx, "path", fw, path, str),
-                cbct_dir=root / _req(fx, "cbct", fw, path, str),
-                truth_dvf=root / _req(fx, "truth_dvf", fw, path, str),
-                truth_rtstruct=root / _req(fx, "truth_rtstruct", fw, path, str),
-                truth_json=root / _req(fx, "truth_json", fw, path, str),
-                cbct_series_uid=str(fx.get("cbct_series_uid", "")),
-                cbct_frame_of_reference_uid=str(fx.get("cbct_frame_of_reference_uid", "")),
-                rectal_gas=bool(fx.get("rectal_gas", False)),
-                convention=str(fx.get("convention", "isocenter"))))
-        iso = c.get("isocenter_lps_mm")
-        cases.append(Case(
-            name=name, anatomy=str(_req(c, "anatomy", where, path, str)),
-            directory=root / _req(c, "path", where, path, str),
-            planning_ct_dir=root / _req(c, "planning_ct", where, path, str),
-            planning_rtstruct=root / _req(c, "planning_rtstruct", where, path, str),
-            planning_rtplan=root / str(c.get("planning_rtplan", f"{c['path']}/planning/RP.dcm")),
-            prescription=presc,
-            planning_grid=_grid_info(_req(c, "planning_grid", where, path, dict), where + ".planning_grid", path),
-            seed=int(c.get("seed", 0)), description=str(c.get("description", "")),
-            patient_id=str(c.get("patient_id", "")),
-            planning_series_uid=str(c.get("planning_series_uid", "")),
-            planning_frame_of_reference_uid=str(c.get("planning_frame_of_reference_uid", "")),
-            isocenter_lps_mm=tuple(float(v) for v in iso) if iso else None,
-            roi_names=[str(v) for v in c.get("roi_names", [])],
-            cbct_grid=_grid_info(c["cbct_grid"], where + ".cbct_grid", path) if "cbct_grid" in c else None,
-            fractions=sorted(fractions, key=lambda f: f.number),
-            size_bytes=int(c.get("size_bytes", 0))))
-    return Manifest(root=root, path=path, schema_version=version,
-                    software_version=str(data.get("software_version", "")),
-                    seed=int(data.get("seed", 0)), cases=cases)
+    try:
+        m = validate_config(_ManifestFile, data, path)
+    except ConfigError as e:
+        raise ReplayDataError(str(e)) from None
+    root = path.parent.resolve()
+    return Manifest(root=root, path=path, schema_version=m.schema_version,
+                    software_version=m.software_version, seed=m.seed,
+                    cases=[_case(c, root) for c in m.cases])
 
 
 # --- writing ---------------------------------------------------------------------------------
