@@ -121,6 +121,9 @@ class KeyStore:
         """Create a key pair at ``public`` / ``secret`` unless ``secret`` exists; atomic
         (hard links of complete files), so concurrent creators agree on one pair."""
         if secret.exists():
+            # made before, or being made by another creator right now: its public half
+            # follows the secret within microseconds
+            self._await_public(public)
             return
         self._mkdir(public.parent)
         self._mkdir(secret.parent)
@@ -133,10 +136,7 @@ class KeyStore:
                 os.link(sec, secret)
             except FileExistsError:
                 # another creator won: use its pair, once its public half is in place too
-                # (it links that right after the secret; bounded wait)
-                deadline = time.monotonic() + 10.0
-                while not public.exists() and time.monotonic() < deadline:
-                    time.sleep(0.01)  # bounded poll for the other creator's second link
+                self._await_public(public)
                 return
             try:
                 os.link(pub, public)
@@ -144,6 +144,14 @@ class KeyStore:
                 os.replace(pub, public)   # a stale public file of an earlier pair
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _await_public(public: Path, timeout_s: float = 10.0) -> None:
+        """Wait (bounded) for a pair's public half: the creator links it right after the
+        secret. A pair whose public half never appears is left for the reader to report."""
+        deadline = time.monotonic() + timeout_s
+        while not public.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # bounded poll for the other creator's second link
 
     def ensure_defaults(self) -> None:
         """The server pair and the default clients (:data:`DEFAULT_CLIENTS`), if missing."""

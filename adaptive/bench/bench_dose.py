@@ -32,7 +32,6 @@ import numba
 import numpy as np
 
 from adaptive.bench.stats import summary
-from adaptive.config import load_toml
 from adaptive.dicom import read_ct_series, read_rtplan, read_rtstruct
 from adaptive.dose.beam_model import load_beam_model
 from adaptive.dose.density import hu_to_density
@@ -40,6 +39,7 @@ from adaptive.dose.dij import compute_dij, full_kernel_dose
 from adaptive.dose.plan_dose import plan_dose
 from adaptive.geometry.volume import Grid, Volume
 from adaptive.model.plan import Beam, ControlPoint
+from adaptive.replay.manifest import load_manifest
 
 # TG-119 C-shape dimensions (mm)
 CORE_R, PTV_RIN, PTV_ROUT, LENGTH = 10.0, 15.0, 37.0, 80.0
@@ -101,12 +101,9 @@ def load_case(name: str):
         rho, ptv, _, body = tg119_cshape(SMOKE_MM)
         desc = f"TG-119 C-shape, private phantom at {SMOKE_MM:g} mm (smoke run)"
     else:
-        if name == "pelvis01":
-            man = load_toml(REPLAY / "manifest.toml")
-            case = next(c for c in man["cases"] if c["name"] == name)
-            case_dir = REPLAY / case["path"]
-        else:
-            case_dir = REPLAY / name
+        case_dir = _case_dir(name)
+        if case_dir is None:
+            raise FileNotFoundError(f"replay case {name!r} not found under {REPLAY}")
         rho, ptv, body = _replay_case(case_dir)
         sp = "x".join(f"{s:g}" for s in rho.grid.spacing)
         desc = f"{name} (replay_data planning CT {rho.grid.shape[::-1]} voxels of {sp} mm)"
@@ -116,9 +113,7 @@ def load_case(name: str):
 
 def _case_dir(name: str) -> Path | None:
     if name == "pelvis01":
-        man = load_toml(REPLAY / "manifest.toml")
-        case = next(c for c in man["cases"] if c["name"] == name)
-        return REPLAY / case["path"]
+        return load_manifest(REPLAY / "manifest.toml").case(name).directory
     d = REPLAY / name
     return d if d.is_dir() else None
 
