@@ -38,7 +38,12 @@ def itk_module(threads: int = 2):
             enums = itk.MultiThreaderBaseEnums
             itk.MultiThreaderBase.SetGlobalDefaultThreader(enums.Threader_Platform)
             _itk = itk
-        if _threads_set != threads:
+        # the count in force, read back rather than remembered: anything else in a
+        # long-lived process (a Dask worker's set-up, a library, a test) may have set ITK's
+        # global default since, and a registration run on another count sums its metric
+        # in another order (results drift by up to ~0.1 mm; see registration.core)
+        if (_threads_set != threads
+                or int(_itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads()) != threads):
             # maximum first: the default is clamped to the current maximum
             mx = max(int(threads), int(_itk.MultiThreaderBase.GetGlobalMaximumNumberOfThreads()))
             _itk.MultiThreaderBase.SetGlobalMaximumNumberOfThreads(mx)
