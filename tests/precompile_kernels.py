@@ -6,7 +6,8 @@ kernels alone): the two xdist workers, and the service workers and Dask workers 
 integration tests start, several of them at the same moment, each before any has written the
 cache. Here the kernels are compiled by the code paths that use them, with the argument types
 they are called with: the committed TG-119 C-shape planned end to end on a coarse grid
-(Dij, optimisation, sequencing, plan-dose recalculation, independent check), the Dij
+(Dij, optimisation, sequencing, plan-dose recalculation with and without the coarse
+scatter nodes, independent check), the Dij
 operator kernels with both index widths and both precisions, and the registration's mapping
 field. Prints the time taken. Run as ``python -m tests.precompile_kernels``.
 """
@@ -26,15 +27,19 @@ CASE = Path(__file__).resolve().parents[1] / "replay_data" / "tg119_cshape" / "p
 def _plan() -> None:
     from adaptive.config import config_path
     from adaptive.dicom import read_ct_series, read_rtstruct
+    from adaptive.dose.plan_dose import plan_dose
     from adaptive.optimization.goals import load_goals
     from adaptive.pipeline.planning import PlanSettings, plan_case
 
     ct, series = read_ct_series(CASE / "CT")
     ss = read_rtstruct(CASE / "RS.dcm", series=series, grid=ct.grid)
     goals = load_goals(config_path("goals", "tg119_cshape.toml"))
-    plan_case(ct, series, ss, goals,
-              settings=PlanSettings(dose_grid_spacing_mm=10.0, bixel_size_mm=10.0,
-                                    correction_rounds=1))
+    res = plan_case(ct, series, ss, goals,
+                    settings=PlanSettings(dose_grid_spacing_mm=10.0, bixel_size_mm=10.0,
+                                          correction_rounds=1))
+    # the plan dose's coarse scatter nodes (a 10 mm grid alone sums every component at
+    # every voxel)
+    plan_dose(ct, res.plan, dose_grid_spacing_mm=10.0, scatter_node_mm=20.0)
 
 
 def _operators() -> None:

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from adaptive.dose.beam_geometry import BeamGeometry, geometry_of_beam
 from adaptive.dose.beam_model import BeamModel, load_beam_model
-from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid
+from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid, scatter_nodes
 from adaptive.dose.influence import DoseInfluence
 from adaptive.dose.kernel import (
     active_prefix,
@@ -177,7 +177,7 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
     nnz = int(indptr[-1])
     idx_dtype = np.int32 if nnz < 2**31 - 1 else np.int64
     if scatter_correction:
-        node_index, npts, ngpts = _scatter_nodes(dgrid, rows, stride, density)
+        node_index, npts, ngpts = scatter_nodes(dgrid, rows, stride, density)
     else:
         node_index, npts, ngpts = None, np.empty((0, 3)), np.empty((0, 3))
     t_count = time.perf_counter()
@@ -417,33 +417,6 @@ def _correct_far_scatter(csr: _CsrParts, beam_index: np.ndarray, grids: list, dg
         factor[:, bi] = fcol
     scale_row_beams(csr.indptr, csr.indices, csr.data, beam_of_col, factor)
     return int(cap[1])
-
-
-def _scatter_nodes(dgrid, rows: np.ndarray, stride: int, density: Volume):
-    """Coarse nodes (dose-grid indices multiple of ``stride``) needed to interpolate at the
-    rows (flat dose-grid indices): (node_index (nK, nJ, nI) -> node number or -1, node LPS
-    (n, 3), node density-grid-frame (n, 3))."""
-    nz, ny, nx = dgrid.shape
-    k, rem = np.divmod(rows, ny * nx)
-    j, i = np.divmod(rem, nx)
-    shape = (nz // stride + 2, ny // stride + 2, nx // stride + 2)
-    need = np.zeros(shape, dtype=bool)
-    cs = [(k // stride, k % stride != 0), (j // stride, j % stride != 0),
-          (i // stride, i % stride != 0)]
-    for dk in (0, 1):
-        for dj in (0, 1):
-            for di in (0, 1):
-                sel = np.ones(len(rows), dtype=bool)
-                for dd, (_c0, frac) in zip((dk, dj, di), cs):
-                    if dd:
-                        sel &= frac
-                need[cs[0][0][sel] + dk, cs[1][0][sel] + dj, cs[2][0][sel] + di] = True
-    node_index = np.full(shape, -1, dtype=np.int64)
-    kk, jj, ii = np.nonzero(need)
-    node_index[kk, jj, ii] = np.arange(len(kk))
-    ijk = stride * np.stack([ii, jj, kk], axis=1).astype(np.float64)
-    lps = np.ascontiguousarray(dgrid.ijk_to_lps(ijk))
-    return node_index, lps, np.ascontiguousarray(lps_to_grid_frame(density, lps))
 
 
 def full_kernel_dose(dij: DoseInfluence, density: Volume, beams: list, weights_mu, *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from adaptive.dose.raytrace import lps_to_grid_frame
 from adaptive.errors import DoseError
 from adaptive.geometry.volume import Grid, Volume, apply_affine
 
@@ -63,3 +64,30 @@ def dose_points(dose_grid: Grid, flat_idx: np.ndarray, density: Volume
     shift = dd.T @ (np.asarray(dose_grid.origin, dtype=np.float64)
                     - np.asarray(density.grid.origin, dtype=np.float64))
     return lps, apply_affine(ijk, dd.T @ m, shift)
+
+
+def scatter_nodes(dgrid, rows: np.ndarray, stride: int, density: Volume):
+    """Coarse nodes (dose-grid indices multiple of ``stride``) needed to interpolate at the
+    rows (flat dose-grid indices): (node_index (nK, nJ, nI) -> node number or -1, node LPS
+    (n, 3), node density-grid-frame (n, 3))."""
+    nz, ny, nx = dgrid.shape
+    k, rem = np.divmod(rows, ny * nx)
+    j, i = np.divmod(rem, nx)
+    shape = (nz // stride + 2, ny // stride + 2, nx // stride + 2)
+    need = np.zeros(shape, dtype=bool)
+    cs = [(k // stride, k % stride != 0), (j // stride, j % stride != 0),
+          (i // stride, i % stride != 0)]
+    for dk in (0, 1):
+        for dj in (0, 1):
+            for di in (0, 1):
+                sel = np.ones(len(rows), dtype=bool)
+                for dd, (_c0, frac) in zip((dk, dj, di), cs):
+                    if dd:
+                        sel &= frac
+                need[cs[0][0][sel] + dk, cs[1][0][sel] + dj, cs[2][0][sel] + di] = True
+    node_index = np.full(shape, -1, dtype=np.int64)
+    kk, jj, ii = np.nonzero(need)
+    node_index[kk, jj, ii] = np.arange(len(kk))
+    ijk = stride * np.stack([ii, jj, kk], axis=1).astype(np.float64)
+    lps = np.ascontiguousarray(dgrid.ijk_to_lps(ijk))
+    return node_index, lps, np.ascontiguousarray(lps_to_grid_frame(density, lps))

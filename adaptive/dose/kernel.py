@@ -336,6 +336,40 @@ def primary_amplitude(kp, d, z):
     return (1.0 - math.exp(-kp[1] * d)) * math.exp(-kp[0] * d) * kp[9] * proj * proj
 
 
+@nb.njit(cache=True, inline="always")
+def _node_interp(fi, ny_, nx_, stride, node_index, parts):
+    """Trilinear interpolation of the two columns of ``parts`` (values on the coarse nodes:
+    dose-grid indices that are multiples of ``stride``; ``node_index`` (nK, nJ, nI) maps a
+    node to its row in ``parts``) at the dose voxel with flat index ``fi``."""
+    k = fi // (ny_ * nx_)
+    rem = fi - k * ny_ * nx_
+    j = rem // nx_
+    i = rem - j * nx_
+    k0, j0, i0 = k // stride, j // stride, i // stride
+    tk = (k - k0 * stride) / stride
+    tj = (j - j0 * stride) / stride
+    ti = (i - i0 * stride) / stride
+    q0 = 0.0
+    q1 = 0.0
+    for dk in range(2):
+        wk = tk if dk else 1.0 - tk
+        if wk == 0.0:
+            continue
+        for dj in range(2):
+            wj = tj if dj else 1.0 - tj
+            if wj == 0.0:
+                continue
+            for di in range(2):
+                wi = ti if di else 1.0 - ti
+                if wi == 0.0:
+                    continue
+                m = node_index[k0 + dk, j0 + dj, i0 + di]
+                wgt = wk * wj * wi
+                q0 += wgt * parts[m, 0]
+                q1 += wgt * parts[m, 1]
+    return q0, q1
+
+
 @nb.njit(cache=True, parallel=True)
 def far_scatter_rows(pts, depth, rot, iso, sad, kp, flat_idx, dshape, stride, node_index,
                      parts, near, factor, cap):
@@ -352,33 +386,7 @@ def far_scatter_rows(pts, depth, rot, iso, sad, kp, flat_idx, dshape, stride, no
         if near[v] <= 0.0:
             factor[v] = 1.0
             continue
-        fi = flat_idx[v]
-        k = fi // (ny_ * nx_)
-        rem = fi - k * ny_ * nx_
-        j = rem // nx_
-        i = rem - j * nx_
-        k0, j0, i0 = k // stride, j // stride, i // stride
-        tk = (k - k0 * stride) / stride
-        tj = (j - j0 * stride) / stride
-        ti = (i - i0 * stride) / stride
-        qh = 0.0
-        qs = 0.0
-        for dk in range(2):
-            wk = tk if dk else 1.0 - tk
-            if wk == 0.0:
-                continue
-            for dj in range(2):
-                wj = tj if dj else 1.0 - tj
-                if wj == 0.0:
-                    continue
-                for di in range(2):
-                    wi = ti if di else 1.0 - ti
-                    if wi == 0.0:
-                        continue
-                    m = node_index[k0 + dk, j0 + dj, i0 + di]
-                    wgt = wk * wj * wi
-                    qh += wgt * parts[m, 0]
-                    qs += wgt * parts[m, 1]
+        qh, qs = _node_interp(flat_idx[v], ny_, nx_, stride, node_index, parts)
         _, _, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
         d = max(depth[v], 0.0)
         far = primary_amplitude(kp, d, z) * (kp[5] * qh + kp[2] * d * qs)
@@ -406,7 +414,6 @@ def fluence_dose(pts, gpts, src, dens, dsp, rot, iso, sad, pyr, pyr_ny, pyr_nx, 
     0.2 % of its integral). Levels are also limited to elements <= cutoff / 6 so that a short
     cut-off circle is resolved as finely as in the Dij (same truncated kernel in both paths)."""
     n = pts.shape[0]
-    nlev = pyr.shape[0]
     nchunk = max(1, min(n, 64 * nthreads))
     nmax = max(pyr.shape[1], pyr.shape[2]) + 2
     for ch in nb.prange(nchunk):
@@ -429,13 +436,80 @@ def fluence_dose(pts, gpts, src, dens, dsp, rot, iso, sad, pyr, pyr_ny, pyr_nx, 
                     d = siddon_path(dens, dsp[0], dsp[1], dsp[2], src[0], src[1], src[2],
                                     gpts[v, 0], gpts[v, 1], gpts[v, 2])
                     _components(kp, d, z, amp, sig)
-                s = sig[c]
-                lev = _pyramid_level(s, res, cutoff, nlev)
-                w = res * 2.0 ** lev
-                r = min(cutoff, 3.5 * s + w)
-                tot += amp[c] * _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s, r,
-                                          ex, ey)
+                tot += amp[c] * _component_disc(c, sig, pyr, pyr_ny, pyr_nx, fx0, fy0, res,
+                                                cutoff, x, y, ex, ey)
             out[v] += tot
+
+
+@nb.njit(cache=True, inline="always")
+def _component_disc(c, sig, pyr, pyr_ny, pyr_nx, fx0, fy0, res, cutoff, x, y, ex, ey):
+    """Lateral integral of kernel component ``c`` (unit amplitude) over one beam's fluence
+    pyramid at the isocenter-plane point (x, y): the level and radius rule of
+    :func:`fluence_dose`."""
+    s = sig[c]
+    lev = _pyramid_level(s, res, cutoff, pyr.shape[0])
+    w = res * 2.0 ** lev
+    r = min(cutoff, 3.5 * s + w)
+    return _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s, r, ex, ey)
+
+
+@nb.njit(cache=True, parallel=True)
+def scatter_integrals(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0, res, cutoff,
+                      kp, out, nthreads):
+    """``out[v, 0]`` / ``out[v, 1]``: head-scatter / phantom-scatter lateral integrals (unit
+    amplitude; fluence MU x the component's 2-D Gaussian over its disc, the rule of
+    :func:`fluence_dose`) of one beam's fluence map at points ``pts`` (LPS mm) with
+    radiological depths ``depths`` (mm); 0 behind the source. The dose of these components
+    at a point is ``amp[1] out[v, 0] + amp[2] out[v, 1]`` (:func:`_components`)."""
+    n = pts.shape[0]
+    nchunk = max(1, min(n, 64 * nthreads))
+    nmax = max(pyr.shape[1], pyr.shape[2]) + 2
+    for ch in nb.prange(nchunk):
+        amp = np.empty(3)
+        sig = np.empty(3)
+        ex = np.empty(nmax)
+        ey = np.empty(nmax)
+        for v in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            out[v, 0] = 0.0
+            out[v, 1] = 0.0
+            x, y, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
+            if z <= 0.0 or depths[v] < 0.0:
+                continue
+            _components(kp, depths[v], z, amp, sig)
+            for c in range(1, 3):
+                out[v, c - 1] = _component_disc(c, sig, pyr, pyr_ny, pyr_nx, fx0,
+                                                fy0, res, cutoff, x, y, ex, ey)
+
+
+@nb.njit(cache=True, parallel=True)
+def fluence_dose_coarse_scatter(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0,
+                                res, cutoff, kp, flat_idx, dshape, stride, node_index, q, out,
+                                nthreads):
+    """Add to ``out[v]`` the dose (Gy) of one beam's fluence map: the primary component
+    exactly (as :func:`fluence_dose`), the two scatter components from their lateral
+    integrals ``q`` (:func:`scatter_integrals` on the coarse nodes, ``node_index`` as in
+    :func:`far_scatter_rows`) interpolated trilinearly to the voxel (flat dose-grid index
+    ``flat_idx[v]``, grid shape ``dshape``) and multiplied by the voxel's own amplitudes (its
+    depth and source distance: build-up, attenuation, inverse square and the phantom
+    scatter's growth with depth stay exact). ``depths[v]`` (mm) must be given."""
+    n = pts.shape[0]
+    ny_, nx_ = dshape[1], dshape[2]
+    nchunk = max(1, min(n, 64 * nthreads))
+    nmax = max(pyr.shape[1], pyr.shape[2]) + 2
+    for ch in nb.prange(nchunk):
+        amp = np.empty(3)
+        sig = np.empty(3)
+        ex = np.empty(nmax)
+        ey = np.empty(nmax)
+        for v in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            x, y, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
+            if z <= 0.0 or depths[v] < 0.0:
+                continue
+            _components(kp, depths[v], z, amp, sig)
+            tot = amp[0] * _component_disc(0, sig, pyr, pyr_ny, pyr_nx, fx0, fy0,
+                                           res, cutoff, x, y, ex, ey)
+            qh, qs = _node_interp(flat_idx[v], ny_, nx_, stride, node_index, q)
+            out[v] += tot + amp[1] * qh + amp[2] * qs
 
 
 def fluence_pyramid(fluence: np.ndarray, max_levels: int = 6) -> tuple[np.ndarray, np.ndarray,

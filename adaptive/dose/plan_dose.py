@@ -13,8 +13,19 @@ import numpy as np
 from adaptive.dose.beam_geometry import beam_geometry
 from adaptive.dose.beam_model import BeamModel, load_beam_model
 from adaptive.dose.density import hu_to_density
-from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid
-from adaptive.dose.kernel import beam_depths, fluence_dose, fluence_pyramid
+from adaptive.dose.dose_grid import (
+    body_on_dose_grid,
+    dose_points,
+    make_dose_grid,
+    scatter_nodes,
+)
+from adaptive.dose.kernel import (
+    beam_depths,
+    fluence_dose,
+    fluence_dose_coarse_scatter,
+    fluence_pyramid,
+    scatter_integrals,
+)
 from adaptive.dose.raytrace import lps_to_grid_frame
 from adaptive.errors import DoseError
 from adaptive.geometry.volume import Grid, Volume
@@ -91,6 +102,25 @@ def beam_fluence(segments, leaf_boundaries_mm, bm: BeamModel, res_mm: float, mar
     return f, float(x0), float(y0)
 
 
+#: Largest spacing (mm) of the coarse nodes on which the scatter components are summed (see
+#: :func:`plan_dose`): the narrowest of them, the head scatter, has sigma 17 mm in the
+#: commissioned model; linear interpolation of a Gaussian-blurred fluence edge over nodes h
+#: apart errs by at most h^2/8 max|f''| = h^2/8 x 0.242/sigma^2 of the edge height, 0.4 % of
+#: the head-scatter dose (0.02 % of the primary) at h = 6 mm.
+SCATTER_NODE_MM = 6.0
+
+
+def scatter_stride(dose_spacing_mm, node_mm: float | None = SCATTER_NODE_MM) -> int:
+    """Stride (dose voxels, >= 1) of the scatter nodes: the largest whole number of dose
+    voxels spanning at most ``node_mm`` along every axis; 1 (every voxel, no interpolation)
+    for ``node_mm`` None."""
+    if node_mm is None:
+        return 1
+    if not np.isfinite(node_mm) or node_mm <= 0:
+        raise DoseError(f"scatter node spacing must be > 0 mm, got {node_mm}")
+    return max(1, int(np.floor(node_mm / float(np.max(dose_spacing_mm)) + 1e-9)))
+
+
 # dynamic scheduling of the parallel loops (the CPU is shared: a static split waits for the
 # slowest thread): points per work item of the depth loop, chunks per item of the kernel loop
 _DEPTH_CHUNK = 4096
@@ -159,7 +189,8 @@ def _segments_by_direction(beam: Beam) -> dict[tuple[float, float, float], list]
 def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = None,
               dose_grid_spacing_mm: float | None = 3.0, body_mask=None,
               cutoff_mm: float | None = None, fluence_resolution_mm: float | None = None,
-              patient_position: str = "HFS", depth_cache=None, timings: dict | None = None) -> Volume:
+              patient_position: str = "HFS", depth_cache=None, timings: dict | None = None,
+              scatter_node_mm: float | None = SCATTER_NODE_MM) -> Volume:
     """Dose (Gy per fraction) of ``plan`` on the dose grid (CT grid at ``dose_grid_spacing_mm``).
 
     ``ct_or_density``: a CT in HU (``units == "HU"``, converted with :func:`hu_to_density`) or
@@ -172,6 +203,18 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
 
     Radiological depths are traced once per (dose voxel, beam direction) (exact Siddon rays,
     :func:`beam_point_depths`) and shared by all of that direction's segments.
+
+    The kernel's primary component is summed over the fluence at every dose voxel. Its two
+    scatter components (head scatter sigma 17 mm, phantom scatter 44 mm and more) are smooth
+    on the scale of the dose grid: their lateral integrals (fluence x Gaussian, per unit
+    amplitude) are summed on coarse nodes at most ``scatter_node_mm`` apart (every
+    :func:`scatter_stride`-th dose voxel per axis), interpolated trilinearly to each voxel
+    and multiplied there by the voxel's own amplitudes (its depth and source distance), so
+    build-up, attenuation, inverse square and the scatter's growth with depth stay exact at
+    every voxel (:func:`adaptive.dose.kernel.fluence_dose_coarse_scatter`; the Dij's far
+    scatter uses the same nodes). ``scatter_node_mm=None``, or a dose grid coarser than it,
+    sums every component at every voxel (the full kernel; tested against each other in
+    tests/test_dose_plan_scatter_nodes.py).
     ``depth_cache`` (optional, dict-like, owned by the caller): depths are stored under
     (density content: shape, CRC-32 of the values; CT/dose grids; beam geometry) with the
     dose voxels they were computed for, and reused by later calls on the same CT values, grid
@@ -179,12 +222,13 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
     another fluence resolution and the scheduled plan on today's anatomy: same beam
     directions). Results are identical with or without the cache. Memory: 8 bytes per dose
     voxel and beam direction (~45 MB for 620 k voxels x 9 beams). ``timings`` (optional dict)
-    receives per-stage seconds (density, body, points, depth, fluence, kernel, total).
+    receives per-stage seconds (density, body, points, depth, fluence, scatter (node depths
+    and integrals), kernel, total).
     """
     log = get_logger("adaptive.dose.plan_dose")
     t0 = time.perf_counter()
     tm = {"density_s": 0.0, "body_s": 0.0, "points_s": 0.0, "depth_s": 0.0, "fluence_s": 0.0,
-          "kernel_s": 0.0}
+          "scatter_s": 0.0, "kernel_s": 0.0}
     bm = beam_model or load_beam_model()
     density = hu_to_density(ct_or_density) if ct_or_density.units.upper() == "HU" else ct_or_density
     res = float(fluence_resolution_mm or bm.fluence_resolution_mm)
@@ -201,6 +245,12 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
     dens = np.ascontiguousarray(density.array, dtype=np.float32)
     dsp = np.ascontiguousarray(density.grid.spacing)
     kp = bm.kernel_array()
+    stride = scatter_stride(dgrid.spacing, scatter_node_mm)
+    if stride > 1:
+        node_index, npts, ngpts = scatter_nodes(dgrid, idx, stride, density)
+        node_ids = np.flatnonzero(node_index.ravel() >= 0)
+        q = np.empty((len(npts), 2))
+        dshape = np.array(dgrid.shape, dtype=np.int64)
     tm["points_s"] = time.perf_counter() - t2
     grid_key = None if depth_cache is None else _grid_key(dens, density.grid, dgrid)
     n_maps = 0
@@ -227,15 +277,37 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
                 if depth_cache is not None:
                     depth_cache[ckey] = (idx, depths)
             tc = time.perf_counter()
-            src = np.ascontiguousarray(lps_to_grid_frame(density, g.source_lps_mm))
-            with numba.parallel_chunksize(_KERNEL_CHUNK):
-                fluence_dose(pts, gpts, src, dens, dsp, np.ascontiguousarray(g.rotation),
-                             g.isocenter_lps_mm, bm.sad_mm, pyr, pny, pnx, fx0, fy0, res, cutoff,
-                             kp, out, numba.get_num_threads(), depths)
+            rot = np.ascontiguousarray(g.rotation)
+            if stride > 1:
+                nkey = ckey + (("scatter_nodes", stride),)
+                ndepths = _depth_cache_get(depth_cache, nkey, node_ids)
+                if ndepths is None:
+                    ndepths = beam_point_depths(density, g, npts, ngpts, sad_mm=bm.sad_mm,
+                                                dens=dens)
+                    if depth_cache is not None:
+                        depth_cache[nkey] = (node_ids, ndepths)
+                with numba.parallel_chunksize(_KERNEL_CHUNK):
+                    scatter_integrals(npts, ndepths, rot, g.isocenter_lps_mm, bm.sad_mm, pyr,
+                                      pny, pnx, fx0, fy0, res, cutoff, kp, q,
+                                      numba.get_num_threads())
+                tq = time.perf_counter()
+                with numba.parallel_chunksize(_KERNEL_CHUNK):
+                    fluence_dose_coarse_scatter(pts, depths, rot, g.isocenter_lps_mm, bm.sad_mm,
+                                                pyr, pny, pnx, fx0, fy0, res, cutoff, kp, idx,
+                                                dshape, stride, node_index, q, out,
+                                                numba.get_num_threads())
+            else:
+                tq = tc
+                src = np.ascontiguousarray(lps_to_grid_frame(density, g.source_lps_mm))
+                with numba.parallel_chunksize(_KERNEL_CHUNK):
+                    fluence_dose(pts, gpts, src, dens, dsp, rot, g.isocenter_lps_mm, bm.sad_mm,
+                                 pyr, pny, pnx, fx0, fy0, res, cutoff, kp, out,
+                                 numba.get_num_threads(), depths)
             td = time.perf_counter()
             tm["fluence_s"] += tb - ta
             tm["depth_s"] += tc - tb
-            tm["kernel_s"] += td - tc
+            tm["scatter_s"] += tq - tc
+            tm["kernel_s"] += td - tq
             n_maps += 1
     full = np.zeros(dgrid.n_voxels, dtype=np.float32)
     full[idx] = out
@@ -243,7 +315,7 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
     if timings is not None:
         timings.update(tm)
     log.info("plan_dose_computed", beams=len(plan.beams), fluence_maps=n_maps, voxels=len(idx),
-             cached_depths=n_cached,
+             cached_depths=n_cached, scatter_stride=stride,
              max_gy=float(out.max(initial=0.0)), seconds=round(tm["total_s"], 3),
              **{k: round(v, 3) for k, v in tm.items()})
     return Volume(full.reshape(dgrid.shape), dgrid, "Gy")
