@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from itertools import islice
@@ -333,6 +334,7 @@ def conventions_section(max_sessions: int | None = None) -> list[str]:
         if stack:
             stack.stop()
         tms.stop()
+        shutil.rmtree(work, ignore_errors=True)  # session folders and the TMS's store
     lines = ["### CBCT frame conventions through the services", "",
              (f"Every fraction of {case.name} (fx01-03 isocenter-centred; the convention "
               "fractions of `adaptive replay-data build`) pushed by storescu to the services "

@@ -217,6 +217,8 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
         if stack:
             stack.stop()
         tms.stop()
+        if workdir is None:  # ours: session folders and the TMS's store, 0.3-2 GB a run
+            shutil.rmtree(work, ignore_errors=True)
     load1 = _loadavg()
     out = [(f"Sessions: {n} online sessions through the services with the real stages "
             f"(replay case {fx0.parent.name}, one per fraction; "
