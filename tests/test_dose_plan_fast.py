@@ -155,3 +155,31 @@ def test_depth_cache_reuse_and_invalidation(phantom, plan, bm):
     full = plan_dose(phantom, plan, **kw).array
     sel = part > 0
     assert sel.any() and np.allclose(part[sel], full[sel], rtol=1e-9, atol=1e-12)
+
+
+def test_dij_depths_serve_the_plan_dose(phantom, plan, bm):
+    """The Dij stores its exact depths (rows and scatter nodes, per beam) in the depth cache;
+    the plan dose on the same CT and dose grid takes them and traces only the body voxels the
+    Dij has no row for. Same dose as without the cache (the same rays, traced once)."""
+    from adaptive.dose.dij import compute_dij
+    from adaptive.dose.plan_dose import scatter_stride
+
+    spacing = 3.0
+    assert scatter_stride([spacing] * 3) == 2            # the coarse nodes are shared too
+    cache: dict = {}
+    dij = compute_dij(phantom, plan.beams, None, None, beam_model=bm,
+                      dose_grid_spacing_mm=spacing, depth_cache=cache)
+    assert len(cache) == 2 * len(plan.beams)             # rows and nodes, per beam
+    dij_rows = {k: len(v[0]) for k, v in cache.items()}
+    assert all(n > 0 for n in dij_rows.values())
+    got = plan_dose(phantom, plan, beam_model=bm, dose_grid_spacing_mm=spacing,
+                    depth_cache=cache).array
+    ref = plan_dose(phantom, plan, beam_model=bm, dose_grid_spacing_mm=spacing).array
+    assert ref.max() > 0.5
+    assert np.abs(got - ref).max() <= 1e-9 * ref.max()
+    # the same entries, completed to the plan dose's body voxels (no second set of keys)
+    assert set(cache) == set(dij_rows)
+    n_body = int((ref > 0).sum())
+    voxel_keys = [k for k in cache if k[-1] == 0]
+    assert all(len(cache[k][0]) >= dij.n_voxels for k in voxel_keys)
+    assert all(len(cache[k][0]) >= 0.9 * n_body for k in voxel_keys)

@@ -10,6 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import ndimage
 
+from adaptive.dose import depth_cache as dc
 from adaptive.dose.beam_geometry import BeamGeometry, geometry_of_beam
 from adaptive.dose.beam_model import BeamModel, load_beam_model
 from adaptive.dose.dose_grid import body_on_dose_grid, dose_points, make_dose_grid, scatter_nodes
@@ -104,7 +105,7 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
                 cutoff_mm: float | None = None, scatter_correction: bool = True,
                 patient_position: str = "HFS", depth_method: str = "exact",
                 fan_spacing_mm: tuple[float, float] | None = None,
-                scatter_stride: int = 2) -> DoseInfluence:
+                scatter_stride: int = 2, depth_cache: dict | None = None) -> DoseInfluence:
     """Sparse dose-influence matrix (Gy per MU per beamlet) on the dose grid.
 
     ``density``: relative electron density Volume (see :func:`hu_to_density`); rays are traced
@@ -143,6 +144,11 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
     width (~17 mm); it is computed on the dose-grid voxels whose indices are multiples of
     ``scatter_stride`` and interpolated trilinearly, then multiplied by the exact local
     primary amplitude and depth (``scatter_stride=1``: every row, no interpolation).
+
+    ``depth_cache`` (optional dict, :mod:`adaptive.dose.depth_cache`): with
+    ``depth_method="exact"`` the rows' and the scatter nodes' depths are stored there per
+    beam, for the plan-dose calculations on the same CT and dose grid to reuse (they trace
+    the same rays).
     """
     log = get_logger("adaptive.dose.dij")
     t_start = time.perf_counter()
@@ -186,6 +192,10 @@ def compute_dij(density: Volume, beams: list, target_mask=None, body_mask=None, 
                                          (pts, gpts), (npts, ngpts), depth_method,
                                          fan_dxy, fan_dz)
     del gpts, ngpts
+    if depth_cache is not None and depth_method == "exact":
+        _share_depths(depth_cache, beams, geoms, patient_position, density, dgrid,
+                      (rows, depth), None if node_index is None else
+                      (stride, np.flatnonzero(node_index.ravel() >= 0), ndepth))
     t_depth = time.perf_counter()
 
     indices = np.empty(nnz, dtype=idx_dtype)
@@ -339,6 +349,25 @@ def _influence(csr: _CsrParts, rows: np.ndarray, lay: _BeamletLayout, dgrid,
     return DoseInfluence(matrix=mat, voxel_indices=rows.astype(np.int64), dose_grid=dgrid,
                          beam_index=lay.beam_index, bev_x_mm=lay.bev_x_mm,
                          bev_y_mm=lay.bev_y_mm, bixel_size_mm=w, timings_s=timings)
+
+
+def _share_depths(cache: dict, beams: list, geoms: list[BeamGeometry], patient_position: str,
+                  density: Volume, dgrid, rows: tuple[np.ndarray, np.ndarray],
+                  nodes: tuple[int, np.ndarray, np.ndarray] | None) -> None:
+    """Store the exact depths of the rows (flat dose-grid indices, depths per beam) and of the
+    scatter nodes (stride, node ids, depths per beam) in ``cache`` under each beam's
+    direction (:mod:`adaptive.dose.depth_cache`)."""
+    gkey = dc.grid_key(np.ascontiguousarray(density.array, dtype=np.float32), density.grid,
+                       dgrid)
+    ridx, rdepth = rows
+    order = np.argsort(ridx, kind="stable")
+    for bi, (b, g) in enumerate(zip(beams, geoms)):
+        d = (b.gantry_deg, b.collimator_deg, b.couch_deg, g.isocenter_lps_mm, b.sad_mm,
+             patient_position, gkey)
+        dc.store(cache, dc.direction_key(*d), ridx[order], rdepth[order, bi])
+        if nodes is not None:
+            stride, nid, ndepth = nodes
+            dc.store(cache, dc.direction_key(*d, nodes=stride), nid, ndepth[:, bi])
 
 
 def _radiological_depths(density: Volume, geoms: list[BeamGeometry], srcs: np.ndarray,

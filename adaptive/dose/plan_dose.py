@@ -5,11 +5,11 @@ and the kernel is superposed over it (:func:`adaptive.dose.kernel.fluence_dose`)
 from __future__ import annotations
 
 import time
-import zlib
 
 import numba
 import numpy as np
 
+from adaptive.dose import depth_cache as dc
 from adaptive.dose.beam_geometry import beam_geometry
 from adaptive.dose.beam_model import BeamModel, load_beam_model
 from adaptive.dose.density import hu_to_density
@@ -28,7 +28,7 @@ from adaptive.dose.kernel import (
 )
 from adaptive.dose.raytrace import lps_to_grid_frame
 from adaptive.errors import DoseError
-from adaptive.geometry.volume import Grid, Volume
+from adaptive.geometry.volume import Volume
 from adaptive.log import get_logger
 from adaptive.model.plan import Beam
 
@@ -127,26 +127,6 @@ _DEPTH_CHUNK = 4096
 _KERNEL_CHUNK = 1
 
 
-def _array_key(a: np.ndarray) -> tuple:
-    """Content key of an array: shape, dtype and CRC-32 of its bytes (~5 ms for 5 MB), so a
-    cache entry never serves a CT whose values changed (in place or not)."""
-    c = np.ascontiguousarray(a)
-    return (c.shape, c.dtype.str, zlib.crc32(memoryview(c).cast("B")))
-
-
-def _depth_cache_get(cache, key, idx):
-    """Cached depths for ``key`` if they were computed for the same dose points ``idx``."""
-    if cache is None:
-        return None
-    hit = cache.get(key)
-    if hit is None:
-        return None
-    cidx, depths = hit
-    if len(cidx) != len(idx) or not np.array_equal(cidx, idx):
-        return None
-    return depths
-
-
 def beam_point_depths(density: Volume, geometry, pts: np.ndarray, gpts: np.ndarray, *,
                       sad_mm: float, dens: np.ndarray | None = None) -> np.ndarray:
     """Radiological depth (mm) of the points ``pts`` (LPS (n, 3); ``gpts`` the same in the
@@ -165,13 +145,27 @@ def beam_point_depths(density: Volume, geometry, pts: np.ndarray, gpts: np.ndarr
     return out
 
 
-def _grid_key(dens: np.ndarray, density_grid: Grid, dgrid: Grid) -> tuple:
-    """Depth-cache key part of the density values and the density and dose grids (LPS mm)."""
-    return (_array_key(dens),
-            tuple(np.round(density_grid.origin, 6)), tuple(np.round(density_grid.spacing, 6)),
-            tuple(np.round(np.ravel(density_grid.direction), 9)),
-            tuple(np.round(dgrid.origin, 6)), tuple(np.round(dgrid.spacing, 6)),
-            tuple(np.round(np.ravel(dgrid.direction), 9)), tuple(dgrid.shape))
+def _depths(cache: dict | None, key: tuple, idx: np.ndarray, density: Volume, geometry,
+            points: tuple[np.ndarray, np.ndarray], sad_mm: float, dens: np.ndarray
+            ) -> tuple[np.ndarray, bool]:
+    """Exact radiological depths (mm) of the dose-grid points ``idx`` (``points``: their LPS
+    and density-grid-frame coordinates) for one beam direction: those the cache holds
+    (:mod:`adaptive.dose.depth_cache`; e.g. the Dij's rows), the rest traced and the completed
+    set stored. Returns (depths, whether any came from the cache)."""
+    pts, gpts = points
+    got = dc.lookup(cache, key, idx)
+    if got is not None and got[1] is None:
+        return got[0], True
+    if got is None:
+        depths = beam_point_depths(density, geometry, pts, gpts, sad_mm=sad_mm, dens=dens)
+    else:
+        depths, missing = got
+        depths[missing] = beam_point_depths(density, geometry,
+                                            np.ascontiguousarray(pts[missing]),
+                                            np.ascontiguousarray(gpts[missing]),
+                                            sad_mm=sad_mm, dens=dens)
+    dc.store(cache, key, idx, depths)
+    return depths, got is not None
 
 
 def _segments_by_direction(beam: Beam) -> dict[tuple[float, float, float], list]:
@@ -252,7 +246,7 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
         q = np.empty((len(npts), 2))
         dshape = np.array(dgrid.shape, dtype=np.int64)
     tm["points_s"] = time.perf_counter() - t2
-    grid_key = None if depth_cache is None else _grid_key(dens, density.grid, dgrid)
+    grid_key = None if depth_cache is None else dc.grid_key(dens, density.grid, dgrid)
     n_maps = 0
     n_cached = 0
     for beam in plan.beams:
@@ -267,25 +261,15 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
             flu, fx0, fy0 = beam_fluence(segs, lb, bm, res, margin_mm=2 * res)
             pyr, pny, pnx = fluence_pyramid(flu)
             tb = time.perf_counter()
-            ckey = ("plan_dose_depth", float(ga), float(co), float(cu),
-                    tuple(np.round(np.asarray(beam.isocenter_lps_mm, dtype=float), 6)),
-                    float(beam.sad_mm), patient_position, grid_key)
-            depths = _depth_cache_get(depth_cache, ckey, idx)
-            n_cached += depths is not None
-            if depths is None:
-                depths = beam_point_depths(density, g, pts, gpts, sad_mm=bm.sad_mm, dens=dens)
-                if depth_cache is not None:
-                    depth_cache[ckey] = (idx, depths)
+            dkey = (ga, co, cu, beam.isocenter_lps_mm, beam.sad_mm, patient_position, grid_key)
+            depths, hit = _depths(depth_cache, dc.direction_key(*dkey), idx, density, g,
+                                  (pts, gpts), bm.sad_mm, dens)
+            n_cached += hit
             tc = time.perf_counter()
             rot = np.ascontiguousarray(g.rotation)
             if stride > 1:
-                nkey = ckey + (("scatter_nodes", stride),)
-                ndepths = _depth_cache_get(depth_cache, nkey, node_ids)
-                if ndepths is None:
-                    ndepths = beam_point_depths(density, g, npts, ngpts, sad_mm=bm.sad_mm,
-                                                dens=dens)
-                    if depth_cache is not None:
-                        depth_cache[nkey] = (node_ids, ndepths)
+                ndepths, _ = _depths(depth_cache, dc.direction_key(*dkey, nodes=stride),
+                                     node_ids, density, g, (npts, ngpts), bm.sad_mm, dens)
                 with numba.parallel_chunksize(_KERNEL_CHUNK):
                     scatter_integrals(npts, ndepths, rot, g.isocenter_lps_mm, bm.sad_mm, pyr,
                                       pny, pnx, fx0, fy0, res, cutoff, kp, q,

@@ -167,11 +167,14 @@ def stage_beams(ct_masks: dict, ct: Volume, goals: ClinicalGoals, n_beams: int,
 
 
 def stage_dij(density: Volume, beams: list[Beam], ct_masks: dict, goals: ClinicalGoals,
-              bm: BeamModel, s: PlanSettings) -> DoseInfluence:
+              bm: BeamModel, s: PlanSettings, depth_cache: dict | None = None
+              ) -> DoseInfluence:
+    """The Dij of ``beams`` on ``density``; its exact radiological depths go into
+    ``depth_cache`` for the plan-dose calculations on the same CT."""
     body = ct_masks.get("BODY")
     return compute_dij(density, beams, ct_masks[goals.prescription.target_roi_name], body,
                        beam_model=bm, bixel_size_mm=s.bixel_size_mm,
-                       dose_grid_spacing_mm=s.dose_grid_spacing_mm)
+                       dose_grid_spacing_mm=s.dose_grid_spacing_mm, depth_cache=depth_cache)
 
 
 def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalGoals, *,
@@ -206,7 +209,7 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
     with _Timer(T, "dij"):
         templates = stage_beams(ct_masks, ct, goals, s.n_beams, reference, bm)
         if dij is None:
-            dij = stage_dij(density, templates, ct_masks, goals, bm, s)
+            dij = stage_dij(density, templates, ct_masks, goals, bm, s, depth_cache)
     info["dij"] = {"voxels": dij.n_voxels, "beamlets": dij.n_beamlets, "nnz": dij.nnz,
                    "mbytes": round(dij.nbytes / 2**20, 1)}
     with _Timer(T, "objective_setup"):
