@@ -282,6 +282,18 @@ def _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s, r, ex, ey):
     return acc
 
 
+@nb.njit(cache=True, inline="always")
+def _component_disc(c, sig, pyr, pyr_ny, pyr_nx, fx0, fy0, res, cutoff, x, y, ex, ey):
+    """Lateral integral of kernel component ``c`` (unit amplitude) over one beam's fluence
+    pyramid at the isocenter-plane point (x, y): the level and radius rule of
+    :func:`fluence_dose`."""
+    s = sig[c]
+    lev = _pyramid_level(s, res, cutoff, pyr.shape[0])
+    w = res * 2.0 ** lev
+    r = min(cutoff, 3.5 * s + w)
+    return _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s, r, ex, ey)
+
+
 @nb.njit(cache=True, parallel=True)
 def far_scatter_parts(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0, res,
                       cutoff_full, cutoff_near, kp, out, nthreads):
@@ -291,9 +303,10 @@ def far_scatter_parts(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0,
     ``cutoff_near`` (level-0 elements, the Dij's rule). The far dose of point v is
     ``P (h out[v, 0] + k_s d out[v, 1])`` with P the primary amplitude
     (:func:`_components` ``amp[0]``). The primary (width < cut-off / 6) has no far part.
-    ``depths[v]``: radiological depth (mm)."""
+    ``depths[v]``: radiological depth (mm). ``cutoff_near`` 0: the whole integrals within
+    ``cutoff_full`` (the plan dose's coarse scatter nodes, :func:`fluence_dose_coarse_scatter`;
+    nothing is subtracted), with the level and radius rule of :func:`fluence_dose`."""
     n = pts.shape[0]
-    nlev = pyr.shape[0]
     nchunk = max(1, min(n, 64 * nthreads))
     nmax = max(pyr.shape[1], pyr.shape[2]) + 2
     for ch in nb.prange(nchunk):
@@ -309,21 +322,11 @@ def far_scatter_parts(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0,
                 continue
             _components(kp, depths[v], z, amp, sig)
             for c in range(1, 3):
-                s = sig[c]
-                part = 0.0
-                for which in range(2):
-                    if which == 0:
-                        lev = _pyramid_level(s, res, cutoff_full, nlev)
-                        w = res * 2.0 ** lev
-                        r = min(cutoff_full, 3.5 * s + w)
-                        sign = 1.0
-                    else:
-                        lev = 0
-                        w = res
-                        r = cutoff_near
-                        sign = -1.0
-                    part += sign * _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s,
-                                             r, ex, ey)
+                part = _component_disc(c, sig, pyr, pyr_ny, pyr_nx, fx0, fy0, res,
+                                       cutoff_full, x, y, ex, ey)
+                if cutoff_near > 0.0:
+                    part -= _disc_sum(pyr, 0, pyr_ny, pyr_nx, fx0, fy0, res, x, y, sig[c],
+                                      cutoff_near, ex, ey)
                 out[v, c - 1] = part
 
 
@@ -441,53 +444,13 @@ def fluence_dose(pts, gpts, src, dens, dsp, rot, iso, sad, pyr, pyr_ny, pyr_nx, 
             out[v] += tot
 
 
-@nb.njit(cache=True, inline="always")
-def _component_disc(c, sig, pyr, pyr_ny, pyr_nx, fx0, fy0, res, cutoff, x, y, ex, ey):
-    """Lateral integral of kernel component ``c`` (unit amplitude) over one beam's fluence
-    pyramid at the isocenter-plane point (x, y): the level and radius rule of
-    :func:`fluence_dose`."""
-    s = sig[c]
-    lev = _pyramid_level(s, res, cutoff, pyr.shape[0])
-    w = res * 2.0 ** lev
-    r = min(cutoff, 3.5 * s + w)
-    return _disc_sum(pyr, lev, pyr_ny, pyr_nx, fx0, fy0, w, x, y, s, r, ex, ey)
-
-
-@nb.njit(cache=True, parallel=True)
-def scatter_integrals(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0, res, cutoff,
-                      kp, out, nthreads):
-    """``out[v, 0]`` / ``out[v, 1]``: head-scatter / phantom-scatter lateral integrals (unit
-    amplitude; fluence MU x the component's 2-D Gaussian over its disc, the rule of
-    :func:`fluence_dose`) of one beam's fluence map at points ``pts`` (LPS mm) with
-    radiological depths ``depths`` (mm); 0 behind the source. The dose of these components
-    at a point is ``amp[1] out[v, 0] + amp[2] out[v, 1]`` (:func:`_components`)."""
-    n = pts.shape[0]
-    nchunk = max(1, min(n, 64 * nthreads))
-    nmax = max(pyr.shape[1], pyr.shape[2]) + 2
-    for ch in nb.prange(nchunk):
-        amp = np.empty(3)
-        sig = np.empty(3)
-        ex = np.empty(nmax)
-        ey = np.empty(nmax)
-        for v in range(ch * n // nchunk, (ch + 1) * n // nchunk):
-            out[v, 0] = 0.0
-            out[v, 1] = 0.0
-            x, y, z = _project(rot, iso, sad, pts[v, 0], pts[v, 1], pts[v, 2])
-            if z <= 0.0 or depths[v] < 0.0:
-                continue
-            _components(kp, depths[v], z, amp, sig)
-            for c in range(1, 3):
-                out[v, c - 1] = _component_disc(c, sig, pyr, pyr_ny, pyr_nx, fx0,
-                                                fy0, res, cutoff, x, y, ex, ey)
-
-
 @nb.njit(cache=True, parallel=True)
 def fluence_dose_coarse_scatter(pts, depths, rot, iso, sad, pyr, pyr_ny, pyr_nx, fx0, fy0,
                                 res, cutoff, kp, flat_idx, dshape, stride, node_index, q, out,
                                 nthreads):
     """Add to ``out[v]`` the dose (Gy) of one beam's fluence map: the primary component
     exactly (as :func:`fluence_dose`), the two scatter components from their lateral
-    integrals ``q`` (:func:`scatter_integrals` on the coarse nodes, ``node_index`` as in
+    integrals ``q`` (:func:`far_scatter_parts` with ``cutoff_near`` 0 on the coarse nodes, ``node_index`` as in
     :func:`far_scatter_rows`) interpolated trilinearly to the voxel (flat dose-grid index
     ``flat_idx[v]``, grid shape ``dshape``) and multiplied by the voxel's own amplitudes (its
     depth and source distance: build-up, attenuation, inverse square and the phantom

@@ -21,10 +21,10 @@ from adaptive.dose.dose_grid import (
 )
 from adaptive.dose.kernel import (
     beam_depths,
+    far_scatter_parts,
     fluence_dose,
     fluence_dose_coarse_scatter,
     fluence_pyramid,
-    scatter_integrals,
 )
 from adaptive.dose.raytrace import lps_to_grid_frame
 from adaptive.errors import DoseError
@@ -271,8 +271,8 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
                 ndepths, _ = _depths(depth_cache, dc.direction_key(*dkey, nodes=stride),
                                      node_ids, density, g, (npts, ngpts), bm.sad_mm, dens)
                 with numba.parallel_chunksize(_KERNEL_CHUNK):
-                    scatter_integrals(npts, ndepths, rot, g.isocenter_lps_mm, bm.sad_mm, pyr,
-                                      pny, pnx, fx0, fy0, res, cutoff, kp, q,
+                    far_scatter_parts(npts, ndepths, rot, g.isocenter_lps_mm, bm.sad_mm, pyr,
+                                      pny, pnx, fx0, fy0, res, cutoff, 0.0, kp, q,
                                       numba.get_num_threads())
                 tq = time.perf_counter()
                 with numba.parallel_chunksize(_KERNEL_CHUNK):
