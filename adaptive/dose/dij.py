@@ -354,17 +354,17 @@ def _influence(csr: _CsrParts, rows: np.ndarray, lay: _BeamletLayout, dgrid,
 def _share_depths(cache: dict, beams: list, geoms: list[BeamGeometry], patient_position: str,
                   density: Volume, dgrid, rows: tuple[np.ndarray, np.ndarray],
                   nodes: tuple[int, np.ndarray, np.ndarray] | None) -> None:
-    """Store the exact depths of the rows (flat dose-grid indices, depths per beam) and of the
-    scatter nodes (stride, node ids, depths per beam) in ``cache`` under each beam's
-    direction (:mod:`adaptive.dose.depth_cache`)."""
+    """Store the exact depths of the rows (flat dose-grid indices, ascending as
+    :func:`_count_pass` keeps them; depths per beam) and of the scatter nodes (stride, node
+    ids, depths per beam) in ``cache`` under each beam's direction
+    (:mod:`adaptive.dose.depth_cache`)."""
     gkey = dc.grid_key(np.ascontiguousarray(density.array, dtype=np.float32), density.grid,
                        dgrid)
     ridx, rdepth = rows
-    order = np.argsort(ridx, kind="stable")
     for bi, (b, g) in enumerate(zip(beams, geoms)):
         d = (b.gantry_deg, b.collimator_deg, b.couch_deg, g.isocenter_lps_mm, b.sad_mm,
              patient_position, gkey)
-        dc.store(cache, dc.direction_key(*d), ridx[order], rdepth[order, bi])
+        dc.store(cache, dc.direction_key(*d), ridx, rdepth[:, bi])
         if nodes is not None:
             stride, nid, ndepth = nodes
             dc.store(cache, dc.direction_key(*d, nodes=stride), nid, ndepth[:, bi])

@@ -209,12 +209,15 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
     scatter uses the same nodes). ``scatter_node_mm=None``, or a dose grid coarser than it,
     sums every component at every voxel (the full kernel; tested against each other in
     tests/test_dose_plan_scatter_nodes.py).
-    ``depth_cache`` (optional, dict-like, owned by the caller): depths are stored under
-    (density content: shape, CRC-32 of the values; CT/dose grids; beam geometry) with the
-    dose voxels they were computed for, and reused by later calls on the same CT values, grid
-    and body (e.g. the deliverable dose, its correction round, the independent check at
-    another fluence resolution and the scheduled plan on today's anatomy: same beam
-    directions). Results are identical with or without the cache. Memory: 8 bytes per dose
+
+    ``depth_cache`` (optional, dict-like, owned by the caller; :mod:`adaptive.dose.depth_cache`):
+    depths are stored under (density content: shape, CRC-32 of the values; CT/dose grids;
+    beam direction) with the dose voxels they were computed for, and reused by later calls on
+    the same CT values and grid (e.g. the deliverable dose, its correction round, the
+    independent check at another fluence resolution and the scheduled plan on today's
+    anatomy: same beam directions). An entry for other voxels (the Dij's rows,
+    :func:`adaptive.dose.dij.compute_dij` with the same cache) serves those it holds; only the
+    rest are traced. Results are identical with or without the cache. Memory: 8 bytes per dose
     voxel and beam direction (~45 MB for 620 k voxels x 9 beams). ``timings`` (optional dict)
     receives per-stage seconds (density, body, points, depth, fluence, scatter (node depths
     and integrals), kernel, total).
