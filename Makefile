@@ -59,7 +59,7 @@ test: setup system-deps peers
 	$(PY) -m tests.precompile_kernels
 	$(PY) -m pytest -q -ra --durations=15 -m "not long_bench" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-demo: setup
+demo: setup system-deps
 	$(VENV)/bin/adaptive demo
 
 bench: setup system-deps
