@@ -253,6 +253,7 @@ class TmsConfig:
     network_timeout_s: Seconds = 10.0
     retries: Annotated[Int, Field(ge=0)] = 3
     backoff_s: Annotated[Float, Field(ge=0)] = 0.5
+    associations: Annotated[Int, Field(ge=1)] = 3   # at most, at once, for a series' slices
 
 
 @dataclass(config=CONFIG_MODEL)

@@ -7,6 +7,11 @@ response). Every status is checked; ``report.json`` in the batch folder records 
 outcome per instance. Permanent refusals (0xA9xx, 0xCxxx: the TMS cannot take the object)
 are not retried.
 
+The objects go in hand-off order, run by run (:func:`send_groups`): the synthetic CT's
+slices - independent of each other - over up to ``associations`` associations at once (a
+TMS that ingests one instance at a time per association, as Orthanc does, takes them that
+much sooner), then each object that references them, once the run before it is done.
+
 Each instance ends in one of three states (:class:`InstanceReport` ``state``):
 ``stored`` (the TMS answered Success or a Warning), ``not_stored`` (the TMS answered a
 failure status, or the instance was never sent: no association), ``unknown`` (it was sent
@@ -20,8 +25,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -140,33 +147,93 @@ def _store_one(assoc, r: InstanceReport, on_state) -> None:
     on_state(r)
 
 
-def _attempt(ae: AE, cfg: TmsConfig, pending: list[InstanceReport], on_state) -> None:
-    """One association: send every pending instance (a failed association marks them all)."""
+def _associate(ae: AE, cfg: TmsConfig):
+    """(established association, "") or (None, why there is none)."""
     try:
         assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.ae_title)
     except Exception as e:  # noqa: BLE001 - socket errors: reported like a refusal
-        for r in pending:
-            r.attempts += 1
-            r.error = f"association failed: {e}"
-            _unsent(r, on_state)
-        return
+        return None, f"association failed: {e}"
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
             "not established"
+        return None, f"association {why} by {cfg.ae_title}@{cfg.host}:{cfg.port}"
+    return assoc, ""
+
+
+def send_groups(reports: list[InstanceReport]) -> list[list[InstanceReport]]:
+    """``reports`` in hand-off order, cut into consecutive runs of one SOP class (the synthetic
+    CT's slices; then the RT Structure Set, registration, RT Plan and RT Dose, one each). A
+    run may be sent over several associations at once; a run starts only when the run before
+    it is done, so nothing reaches the TMS before what it references."""
+    groups: list[list[InstanceReport]] = []
+    for r in reports:
+        if groups and groups[-1][0].sop_class_uid == r.sop_class_uid:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def _send_group(assocs: list, group: list[InstanceReport], on_state) -> list[InstanceReport]:
+    """C-STORE each instance of ``group`` once over the live associations in ``assocs`` (one
+    thread per association, each taking the next instance); returns those left unsent
+    because every association was lost."""
+    todo = deque(group)
+
+    def run(assoc) -> None:
+        while assoc.is_established:
+            try:
+                r = todo.popleft()
+            except IndexError:
+                return
+            _store_one(assoc, r, on_state)
+
+    live = [a for a in assocs if a.is_established]
+    if not live:
+        return list(todo)
+    if len(live) == 1 or len(group) == 1:
+        run(live[0])
+    else:
+        threads = [threading.Thread(target=run, args=(a,), name=f"c-store-{i}", daemon=True)
+                   for i, a in enumerate(live)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return list(todo)
+
+
+def _attempt(ae: AE, cfg: TmsConfig, pending: list[InstanceReport], on_state) -> None:
+    """One attempt: send every pending instance, run by run (:func:`send_groups`), a run of
+    several instances over up to ``cfg.associations`` associations at once. A failed first
+    association marks them all; if the TMS refuses the extra ones, the run goes over those
+    it took."""
+    first, why = _associate(ae, cfg)
+    if first is None:
         for r in pending:
             r.attempts += 1
-            r.error = f"association {why} by {cfg.ae_title}@{cfg.host}:{cfg.port}"
+            r.error = why
             _unsent(r, on_state)
         return
+    assocs = [first]
     try:
-        for r in pending:
-            if not assoc.is_established:
+        groups = send_groups(pending)
+        for k, group in enumerate(groups):
+            if not any(a.is_established for a in assocs):
+                for r in (r for g in groups[k:] for r in g):
+                    r.error = "association lost"
+                return
+            while len(group) > 1 and len(assocs) < min(cfg.associations, len(group)):
+                extra, _ = _associate(ae, cfg)
+                if extra is None:
+                    break
+                assocs.append(extra)
+            for r in _send_group(assocs, group, on_state):
                 r.error = "association lost"
-                break
-            _store_one(assoc, r, on_state)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        for a in assocs:
+            if a.is_established:
+                a.release()
 
 
 def send_files(paths, cfg: TmsConfig, *, outbox: str | Path, session_id: str = "adhoc",
