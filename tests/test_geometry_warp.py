@@ -2,11 +2,12 @@
 column-wise affine against a plain matrix product."""
 
 import numpy as np
+import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from adaptive.geometry.volume import Grid, Volume, apply_affine
-from adaptive.geometry.warp import field_bounds, pull_back
+from adaptive.geometry.warp import field_bounds, mapped_inside, pull_back
 
 
 def _scipy_pull_back(moving: Volume, grid: Grid, m: np.ndarray, u, fill: float) -> np.ndarray:
@@ -112,3 +113,27 @@ def test_parallel_kernel_works_in_a_child_of_a_warmed_up_worker(tmp_path):
     assert "Terminating" not in r.stderr
     line = [x for x in r.stdout.splitlines() if x.startswith("MAXDIFF")][-1]
     assert float(line.split()[1]) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_field_bounds_equal_numpy_min_and_max_per_axis(dtype):
+    u = np.random.default_rng(5).normal(scale=4.0, size=(7, 9, 11, 3)).astype(dtype)
+    flat = u.reshape(-1, 3).astype(np.float64)
+    assert np.array_equal(field_bounds(u), np.stack([flat.min(axis=0), flat.max(axis=0)]))
+    u[2, 3, 4, 1] = np.nan
+    assert np.isnan(field_bounds(u)).all()
+
+
+def test_mapped_inside_equals_contains_lps_of_the_mapped_centres():
+    """The kernel's coverage is Grid.contains_lps of the mapped voxel centres (points formed
+    in numpy), for a matrix, a field, and inside a region only."""
+    rng, mg, grid, m, u = _case(3)
+    u = u * 4.0                                    # so that some voxels map outside
+    region = rng.random(grid.shape) > 0.3
+    x = grid.voxel_centers_lps().reshape(-1, 3)
+    for matrix, field in ((m, None), (None, u)):
+        p = x @ m[:3, :3].T + m[:3, 3] if field is None else x + field.reshape(-1, 3)
+        ref = mg.contains_lps(p).reshape(grid.shape) & region
+        got = mapped_inside(mg, grid, region, matrix=matrix, dvf_lps_mm=field)
+        assert ref.any() and (region & ~ref).any()
+        assert (got != ref).sum() == 0

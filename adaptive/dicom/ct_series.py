@@ -427,9 +427,11 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     sops = done.sop_instance_uids
     slope, intercept = _rescale(volume.array)
     date, tm = dicom_date_time()
+    provenance = provenance if provenance is not None else Provenance()
+    text = provenance.to_json()
     for k in range(nz):
         ds = _slice_dataset(done, study, grid, k, (date, tm), derivation, slope, intercept)
-        apply_provenance(ds, provenance)
+        apply_provenance(ds, provenance, text=text)
         ds.PixelData = _stored_slice(volume.array[k], slope, intercept)
         save_atomic(ds, out_dir / f"CT.{sops[k]}.dcm")
     log.debug("ct_series_written", folder=str(out_dir), slices=nz, series_uid=done.series_instance_uid)

@@ -81,14 +81,16 @@ def _prefix(text: str, limit: int) -> str:
     return out[:limit]
 
 
-def apply_provenance(ds: pydicom.Dataset, prov: Provenance | None) -> None:
+def apply_provenance(ds: pydicom.Dataset, prov: Provenance | None, *,
+                     text: str | None = None) -> None:
     """Mark ``ds`` as written by adaptive, research use only, and store ``prov``.
 
     Sets Manufacturer, ManufacturerModelName, SoftwareVersions; prefixes SeriesDescription
     (LO, 64 chars) and the IOD's free-text attribute (see module doc) with
     :data:`adaptive.RESEARCH_USE_STATEMENT`; writes the provenance JSON (``prov`` or a
     default record) to the private block (0071,"ADAPTIVE_PROVENANCE",01) as UT.
-    Call after SOPClassUID is set.
+    Call after SOPClassUID is set. ``text``: ``prov.to_json()`` when the caller already has
+    it (the slices of one series share it; serialising the record per slice cost ~5 ms each).
     """
     prov = prov if prov is not None else Provenance()
     ds.Manufacturer = adaptive.SOFTWARE_NAME
@@ -102,7 +104,7 @@ def apply_provenance(ds: pydicom.Dataset, prov: Provenance | None) -> None:
                  "DoseComment": 64, "ContentDescription": 64}.get(attr, 10240)
         ds.__setattr__(attr, _prefix(str(ds.get(attr, "") or ""), limit))
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(PRIVATE_ELEMENT, "UT", prov.to_json())
+    block.add_new(PRIVATE_ELEMENT, "UT", prov.to_json() if text is None else text)
 
 
 def read_provenance(ds: pydicom.Dataset) -> dict | None:

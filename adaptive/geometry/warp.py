@@ -182,7 +182,85 @@ def pull_back(moving: Volume, grid: Grid, *, matrix=None, dvf_lps_mm: np.ndarray
     return out
 
 
+@nb.njit(cache=True)
+def _inside(shape, a, b, minv, u, margin, region, out):
+    """out[k, j, i] = region[k, j, i] and the mapped continuous moving index (as in
+    :func:`_pull_back`) lies within ``margin`` voxels outside the moving grid's edge centres
+    on every axis (``shape`` = moving (nz, ny, nx)). Serial: no thread pool."""
+    mz, my, mx = shape[0], shape[1], shape[2]
+    has_u = u.shape[0] > 0
+    nz, ny, nx = region.shape
+    for k in range(nz):
+        for j in range(ny):
+            for i in range(nx):
+                if not region[k, j, i]:
+                    out[k, j, i] = False
+                    continue
+                x = a[0, 0] * i + a[0, 1] * j + a[0, 2] * k + b[0]
+                y = a[1, 0] * i + a[1, 1] * j + a[1, 2] * k + b[1]
+                z = a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + b[2]
+                if has_u:
+                    ux, uy, uz = u[k, j, i, 0], u[k, j, i, 1], u[k, j, i, 2]
+                    x += minv[0, 0] * ux + minv[0, 1] * uy + minv[0, 2] * uz
+                    y += minv[1, 0] * ux + minv[1, 1] * uy + minv[1, 2] * uz
+                    z += minv[2, 0] * ux + minv[2, 1] * uy + minv[2, 2] * uz
+                out[k, j, i] = (-margin <= x <= mx - 1 + margin and -margin <= y <= my - 1 + margin
+                                and -margin <= z <= mz - 1 + margin)
+
+
+def mapped_inside(moving_grid: Grid, grid: Grid, region: np.ndarray, *, matrix=None,
+                  dvf_lps_mm: np.ndarray | None = None, margin_vox: float = 0.5) -> np.ndarray:
+    """Boolean (z, y, x) on ``grid``: the voxels of ``region`` whose mapped centre ``p(x) =
+    matrix x + dvf(x)`` falls inside ``moving_grid`` (within ``margin_vox`` of its edge
+    voxels' centres, as :meth:`Grid.contains_lps`), without forming the points: the same
+    index arithmetic as :func:`pull_back`."""
+    m = np.eye(4) if matrix is None else np.asarray(matrix, dtype=np.float64)
+    minv = np.linalg.inv(moving_grid.direction * moving_grid.spacing[None, :])
+    fixed = grid.direction * grid.spacing[None, :]
+    a = minv @ m[:3, :3] @ fixed
+    b = minv @ (m[:3, :3] @ grid.origin + m[:3, 3] - moving_grid.origin)
+    if dvf_lps_mm is None:
+        u = np.zeros((0, 0, 0, 3), dtype=np.float32)
+    else:
+        u = np.asarray(dvf_lps_mm)
+        if u.shape != grid.shape + (3,):
+            raise GeometryError(f"DVF shape {u.shape} != {grid.shape + (3,)}")
+    region = np.ascontiguousarray(region, dtype=bool)
+    if region.shape != grid.shape:
+        raise GeometryError(f"region shape {region.shape} != {grid.shape}")
+    out = np.empty(grid.shape, dtype=bool)
+    _inside(np.array(moving_grid.shape, dtype=np.int64), np.ascontiguousarray(a),
+            np.ascontiguousarray(b), np.ascontiguousarray(minv), np.ascontiguousarray(u),
+            float(margin_vox), region, out)
+    return out
+
+
+@nb.njit(cache=True)
+def _min_max_xyz(u):
+    """Per-component (min, max) of ``u`` (n, 3) in one pass (serial: no thread pool)."""
+    out = np.empty((2, 3))
+    for c in range(3):
+        out[0, c] = np.inf
+        out[1, c] = -np.inf
+    for n in range(u.shape[0]):
+        for c in range(3):
+            v = u[n, c]
+            if v != v:      # NaN: the bounds are NaN, as numpy's min / max would be
+                out[:, :] = np.nan
+                return out
+            if v < out[0, c]:
+                out[0, c] = v
+            if v > out[1, c]:
+                out[1, c] = v
+    return out
+
+
 def field_bounds(dvf_lps_mm: np.ndarray) -> np.ndarray:
-    """Per-axis (min, max) of a displacement field (2, 3), mm."""
-    u = np.asarray(dvf_lps_mm).reshape(-1, 3)
-    return np.stack([u.min(axis=0), u.max(axis=0)]).astype(np.float64)
+    """Per-axis (min, max) of a displacement field (2, 3), mm. One pass of a compiled loop:
+    numpy's ``reshape(-1, 3).min(axis=0)`` reduces over an inner length of 3 and took ~0.6 s
+    per call on a 512 x 512 x 88 field (ten calls per registration). A NaN anywhere makes
+    the result NaN, as numpy's would."""
+    u = np.ascontiguousarray(dvf_lps_mm).reshape(-1, 3)
+    if u.shape[0] == 0:
+        raise GeometryError("field_bounds of an empty field")
+    return _min_max_xyz(u)

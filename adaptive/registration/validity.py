@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from adaptive.geometry.jacobian import jacobian_determinant
 from adaptive.geometry.volume import Grid, Volume
-from adaptive.geometry.warp import pull_back
+from adaptive.geometry.warp import mapped_inside, pull_back
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -206,11 +206,8 @@ def mapped_planning_body(planning_ct: Volume, grid: Grid, region: np.ndarray, *,
                   dvf_lps_mm=dvf, fill=-1000.0)
     body = (v > threshold_hu) & region
     del v
-    idx = np.nonzero(region)
-    pts = grid.ijk_to_lps(np.stack(idx[::-1], axis=-1))
-    p = map_points(pts, matrix, None if dvf is None else dvf[idx])
-    covered = np.zeros(grid.shape, bool)
-    covered[idx] = planning_ct.grid.contains_lps(p)
+    covered = mapped_inside(planning_ct.grid, grid, region,
+                            matrix=None if dvf is not None else matrix, dvf_lps_mm=dvf)
     return fill_slices(body) & region, covered
 
 
