@@ -120,14 +120,18 @@ def test_depths_are_exact_siddon(phantom, plan, bm):
     assert np.allclose(d, expect, rtol=1e-9, atol=1e-9)
 
 
+def _depth_entries(cache: dict) -> int:
+    return sum(1 for k in cache if k[0] == "exact_depth")
+
+
 def test_depth_cache_reuse_and_invalidation(phantom, plan, bm):
     cache: dict = {}
     kw = {"beam_model": bm, "dose_grid_spacing_mm": 4.0, "depth_cache": cache}
     plan_dose(phantom, plan, **kw)
-    assert len(cache) == 3  # one entry per beam direction
+    assert _depth_entries(cache) == 3  # one entry per beam direction
     # half the fluence resolution: same depths reused, dose still that of the reference
     half = plan_dose(phantom, plan, fluence_resolution_mm=5.0, **kw).array
-    assert len(cache) == 3
+    assert _depth_entries(cache) == 3
     ref_half = _reference_plan_dose(phantom, plan, bm, 4.0, 5.0)
     assert np.abs(half - ref_half).max() <= 0.005 * ref_half.max()
     # other densities (a new array, or the same array changed in place) must not reuse the
@@ -136,7 +140,7 @@ def test_depth_cache_reuse_and_invalidation(phantom, plan, bm):
     got = plan_dose(denser, plan, **kw).array
     ref_dense = _reference_plan_dose(denser, plan, bm, 4.0, 2.5)
     assert np.abs(got - ref_dense).max() <= 0.005 * ref_dense.max()
-    assert len(cache) == 6
+    assert _depth_entries(cache) == 6
     mutable = Volume(phantom.array.copy(), phantom.grid, phantom.units)
     plan_dose(mutable, plan, **kw)
     mutable.array[mutable.array == 1.0] = 1.1  # in place: water -> denser tissue
@@ -147,7 +151,7 @@ def test_depth_cache_reuse_and_invalidation(phantom, plan, bm):
     # another dose grid: separate entries
     plan_dose(phantom, plan, **kw)
     plan_dose(phantom, plan, beam_model=bm, dose_grid_spacing_mm=6.0, depth_cache=cache)
-    assert len(cache) == 6
+    assert _depth_entries(cache) == 6
     # another body (dose voxels): not served from the entry of the full body
     body = np.asarray(phantom.array) > 0.5
     body[:, :, : body.shape[2] // 2] = False
@@ -155,6 +159,29 @@ def test_depth_cache_reuse_and_invalidation(phantom, plan, bm):
     full = plan_dose(phantom, plan, **kw).array
     sel = part > 0
     assert sel.any() and np.allclose(part[sel], full[sel], rtol=1e-9, atol=1e-12)
+
+
+def test_one_density_and_body_per_ct_in_a_shared_cache(phantom, plan, bm, monkeypatch):
+    """A CT in HU is converted to density once per cache and CT content, and the body on the
+    dose grid found once; the dose is the same as without the cache. A CT changed in place is
+    converted again."""
+    import adaptive.dose.depth_cache as dc
+
+    calls = []
+    real = dc.hu_to_density
+    monkeypatch.setattr(dc, "hu_to_density", lambda ct: calls.append(1) or real(ct))
+    hu = Volume((np.asarray(phantom.array, dtype=np.float32) - 1.0) * 1000.0, phantom.grid, "HU")
+    cache: dict = {}
+    kw = {"beam_model": bm, "dose_grid_spacing_mm": 4.0}
+    first = plan_dose(hu, plan, depth_cache=cache, **kw).array
+    again = plan_dose(hu, plan, depth_cache=cache, **kw).array
+    assert len(calls) == 1 and sum(1 for k in cache if k[0] in ("density", "body")) == 2
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, plan_dose(hu, plan, **kw).array)   # no cache
+    hu.array[hu.array > -100.0] += 100.0                                      # in place
+    changed = plan_dose(hu, plan, depth_cache=cache, **kw).array
+    np.testing.assert_array_equal(changed, plan_dose(hu, plan, **kw).array)
+    assert not np.array_equal(changed, first) and len(calls) == 4
 
 
 def test_dij_depths_serve_the_plan_dose(phantom, plan, bm):
@@ -178,8 +205,8 @@ def test_dij_depths_serve_the_plan_dose(phantom, plan, bm):
     assert ref.max() > 0.5
     assert np.abs(got - ref).max() <= 1e-9 * ref.max()
     # the same entries, completed to the plan dose's body voxels (no second set of keys)
-    assert set(cache) == set(dij_rows)
+    assert {k for k in cache if k[0] == "exact_depth"} == set(dij_rows)
     n_body = int((ref > 0).sum())
-    voxel_keys = [k for k in cache if k[-1] == 0]
+    voxel_keys = [k for k in cache if k[0] == "exact_depth" and k[-1] == 0]
     assert all(len(cache[k][0]) >= dij.n_voxels for k in voxel_keys)
     assert all(len(cache[k][0]) >= 0.9 * n_body for k in voxel_keys)

@@ -16,6 +16,10 @@ clinical-size CT these rays are most of a plan dose's time (1 M voxels x 9 beams
 :func:`lookup` serves the requested indices that an entry holds, whether the entry was made
 for the same indices or for others (the Dij's rows are a subset of the body), and says which
 are missing; the caller traces those and stores the completed set (:func:`store`).
+
+The same dict also keeps what every plan dose on one CT would otherwise derive again from it
+(:func:`density_of`: the relative electron density of a CT in HU; :func:`derived`: e.g. the
+body on a dose grid), under keys that name the CT by content.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import zlib
 
 import numpy as np
 
-from adaptive.geometry.volume import Grid
+from adaptive.dose.density import hu_to_density
+from adaptive.geometry.volume import Grid, Volume
 
 
 def array_key(a: np.ndarray) -> tuple:
@@ -32,6 +37,30 @@ def array_key(a: np.ndarray) -> tuple:
     cache entry never serves a CT whose values changed (in place or not)."""
     c = np.ascontiguousarray(a)
     return (c.shape, c.dtype.str, zlib.crc32(memoryview(c).cast("B")))
+
+
+def _grid_tuple(grid: Grid) -> tuple:
+    return (tuple(np.round(grid.origin, 6)), tuple(np.round(grid.spacing, 6)),
+            tuple(np.round(np.ravel(grid.direction), 9)), tuple(grid.shape))
+
+
+def derived(cache: dict | None, key: tuple, make):
+    """``make()``, kept in ``cache`` under ``key`` and returned from there by later calls (no
+    cache: computed every time). The caller's key must name everything the value depends on."""
+    if cache is None:
+        return make()
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = make()
+    return hit
+
+
+def density_of(cache: dict | None, ct: Volume) -> Volume:
+    """Relative electron density of the CT ``ct`` (HU; :func:`adaptive.dose.density.hu_to_density`
+    with the default calibration), converted once per cache and CT content: on a 550 x 550 x
+    188 synthetic CT one conversion takes ~2 s and a planning stage made five."""
+    return derived(cache, ("density", array_key(ct.array), _grid_tuple(ct.grid)),
+                   lambda: hu_to_density(ct))
 
 
 def grid_key(dens: np.ndarray, density_grid: Grid, dgrid: Grid) -> tuple:

@@ -7,6 +7,7 @@ import numpy as np
 from adaptive.dose.raytrace import lps_to_grid_frame
 from adaptive.errors import DoseError
 from adaptive.geometry.volume import Grid, Volume, apply_affine
+from adaptive.geometry.warp import pull_back
 
 
 def make_dose_grid(density: Volume, spacing_mm: float | None) -> Grid:
@@ -34,6 +35,9 @@ def mask_on_grid(mask, src_grid: Grid, dst_grid: Grid, what: str) -> np.ndarray:
         vol = Volume(a.astype(bool), src_grid)
     if vol.grid.same_as(dst_grid):
         return np.asarray(vol.array).astype(bool)
+    if np.asarray(vol.array).dtype == bool:
+        # trilinear occupancy > 0.5, computed only where the mask's box can reach (numba)
+        return pull_back(vol, dst_grid) > 0.5
     return vol.resample_to(dst_grid, order=1).array.astype(bool)
 
 

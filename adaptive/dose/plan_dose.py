@@ -12,7 +12,6 @@ import numpy as np
 from adaptive.dose import depth_cache as dc
 from adaptive.dose.beam_geometry import beam_geometry
 from adaptive.dose.beam_model import BeamModel, load_beam_model
-from adaptive.dose.density import hu_to_density
 from adaptive.dose.dose_grid import (
     body_on_dose_grid,
     dose_points,
@@ -227,19 +226,26 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
     tm = {"density_s": 0.0, "body_s": 0.0, "points_s": 0.0, "depth_s": 0.0, "fluence_s": 0.0,
           "scatter_s": 0.0, "kernel_s": 0.0}
     bm = beam_model or load_beam_model()
-    density = hu_to_density(ct_or_density) if ct_or_density.units.upper() == "HU" else ct_or_density
+    density = dc.density_of(depth_cache, ct_or_density) \
+        if ct_or_density.units.upper() == "HU" else ct_or_density
     res = float(fluence_resolution_mm or bm.fluence_resolution_mm)
     cutoff = float(bm.plan_cutoff_mm if cutoff_mm is None else cutoff_mm)
     t1 = time.perf_counter()
     tm["density_s"] = t1 - t0
     dgrid = make_dose_grid(density, dose_grid_spacing_mm)
-    body = body_on_dose_grid(density, dgrid, body_mask, bm.body_density_threshold)
+    dens = np.ascontiguousarray(density.array, dtype=np.float32)
+    grid_key = None if depth_cache is None else dc.grid_key(dens, density.grid, dgrid)
+    if body_mask is None:
+        body = dc.derived(depth_cache, ("body", grid_key, float(bm.body_density_threshold)),
+                          lambda: body_on_dose_grid(density, dgrid, None,
+                                                    bm.body_density_threshold))
+    else:
+        body = body_on_dose_grid(density, dgrid, body_mask, bm.body_density_threshold)
     idx = np.flatnonzero(body.ravel())
     t2 = time.perf_counter()
     tm["body_s"] = t2 - t1
     pts, gpts = dose_points(dgrid, idx, density)
     out = np.zeros(len(idx), dtype=np.float64)
-    dens = np.ascontiguousarray(density.array, dtype=np.float32)
     dsp = np.ascontiguousarray(density.grid.spacing)
     kp = bm.kernel_array()
     stride = scatter_stride(dgrid.spacing, scatter_node_mm)
@@ -249,7 +255,6 @@ def plan_dose(ct_or_density: Volume, plan, *, beam_model: BeamModel | None = Non
         q = np.empty((len(npts), 2))
         dshape = np.array(dgrid.shape, dtype=np.int64)
     tm["points_s"] = time.perf_counter() - t2
-    grid_key = None if depth_cache is None else dc.grid_key(dens, density.grid, dgrid)
     n_maps = 0
     n_cached = 0
     for beam in plan.beams:

@@ -30,8 +30,8 @@ from adaptive.dicom.rtdose import write_rtdose
 from adaptive.dicom.rtplan import read_rtplan, write_rtplan
 from adaptive.dicom.rtstruct import read_rtstruct
 from adaptive.dicom.study import new_study
+from adaptive.dose import depth_cache as dc
 from adaptive.dose.beam_model import BeamModel, load_beam_model
-from adaptive.dose.density import hu_to_density
 from adaptive.dose.dij import compute_dij
 from adaptive.dose.dose_grid import make_dose_grid, mask_on_grid
 from adaptive.dose.influence import DoseInfluence
@@ -204,7 +204,7 @@ def plan_case(ct: Volume, series: SeriesInfo, ss: StructureSet, goals: ClinicalG
     T: dict[str, float] = {}
     info: dict = {}
     with _Timer(T, "density_masks"):
-        density = hu_to_density(ct)
+        density = dc.density_of(depth_cache, ct)   # the plan-dose calls below reuse it
         ct_masks, masks = stage_masks(ct, ss, goals, s.dose_grid_spacing_mm)
     with _Timer(T, "dij"):
         templates = stage_beams(ct_masks, ct, goals, s.n_beams, reference, bm)
