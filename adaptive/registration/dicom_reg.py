@@ -108,10 +108,19 @@ def _image_refs(info: SeriesInfo) -> Sequence:
 def residual_vectors(result: RegistrationResult) -> np.ndarray:
     """v(x) = x + u(x) − rigid_matrix·x on the CBCT grid (planning-frame mm), float32
     (nz, ny, nx, 3): the offsets added after the Pre Deformation Matrix (= rigid_matrix)."""
-    x = result.fixed_grid.voxel_centers_lps()
+    # v = u(x) + (I - M) x - t, with x = origin + (direction * spacing) ijk: the affine part
+    # built per index axis by broadcasting, without the (n, 3) voxel centres
+    g = result.fixed_grid
     m = np.asarray(result.rigid_matrix, dtype=np.float64)
-    target = x + result.dvf_lps_mm.astype(np.float64)
-    return (target - (x @ m[:3, :3].T + m[:3, 3])).astype(np.float32)
+    ia = np.eye(3) - m[:3, :3]
+    a = ia @ (g.direction * g.spacing[None, :])           # column c: per unit of index c
+    c = ia @ g.origin - m[:3, 3]
+    nz, ny, nx = g.shape
+    out = np.asarray(result.dvf_lps_mm, dtype=np.float64) + c
+    out += np.arange(nx, dtype=np.float64)[None, None, :, None] * a[:, 0]
+    out += np.arange(ny, dtype=np.float64)[None, :, None, None] * a[:, 1]
+    out += np.arange(nz, dtype=np.float64)[:, None, None, None] * a[:, 2]
+    return out.astype(np.float32)
 
 
 def write_deformable_registration(path: str | Path, result: RegistrationResult,
