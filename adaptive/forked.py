@@ -82,6 +82,75 @@ class ChildError(Exception):
         super().__init__(f"{type_name}: {message}")
 
 
+class RunningChild:
+    """A function running in a forked child (:func:`start_in_child`); :meth:`result` waits for
+    it. The child is killed when :meth:`result` returns or raises, whatever happened."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, with_progress: bool):
+        ctx = mp.get_context("fork")
+        self.fn = fn
+        self._conn, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_child_main, args=(child, os.getpid(), fn, args, kwargs,
+                                                           with_progress), daemon=False)
+        self._proc.start()
+        # not joined by multiprocessing at interpreter exit (a stopping worker must not wait
+        # for it): it dies through its parent-death signal, or is killed by result()
+        mp.process._children.discard(self._proc)
+        child.close()
+
+    @property
+    def pid(self) -> int:
+        return int(self._proc.pid)
+
+    def _name(self) -> str:
+        return getattr(self.fn, "__name__", str(self.fn))
+
+    def result(self, *, timeout_s: float | None = None,
+               on_progress: Callable[..., None] | None = None,
+               cancelled: threading.Event | None = None) -> Any:
+        """The function's result; see :func:`call_in_child` for the errors."""
+        end = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+        proc, conn = self._proc, self._conn
+        try:
+            while True:
+                if cancelled is not None and cancelled.is_set():
+                    raise ChildCancelledError(f"{self._name()}: cancelled")
+                wait = POLL_S if end is None else min(POLL_S, max(0.0, end - time.monotonic()))
+                if conn.poll(wait):
+                    try:
+                        msg = conn.recv()
+                    except EOFError:
+                        break
+                    if msg[0] == "progress":
+                        on_progress(msg[1], msg[2], **msg[3])
+                        continue
+                    if msg[0] == "result":
+                        return msg[1]
+                    raise ChildError(msg[1], msg[2], msg[3])
+                if end is not None and time.monotonic() >= end:
+                    raise ChildTimeoutError(f"{self._name()}: no result within "
+                                            f"{timeout_s:.3g} s; child killed")
+                if not proc.is_alive() and not conn.poll(0):
+                    break
+            proc.join(5)
+            raise ChildDiedError(f"{self._name()}: child process ended without a result "
+                                 f"(exit code {proc.exitcode})")
+        finally:
+            conn.close()
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+
+
+def start_in_child(fn: Callable, args: tuple = (), kwargs: dict | None = None, *,
+                   with_progress: bool = False) -> RunningChild:
+    """Start ``fn(*args, **kwargs)`` in a forked child and return at once; the caller goes on
+    with other work and collects the result with :meth:`RunningChild.result` (which it must
+    call: that also ends the child). Fork from the thread that owns the process's state
+    (the child has only this thread). ``with_progress``: ``fn`` also receives ``progress=``."""
+    return RunningChild(fn, args, kwargs or {}, with_progress)
+
+
 def call_in_child(fn: Callable, args: tuple = (), kwargs: dict | None = None, *,
                   timeout_s: float | None = None,
                   on_progress: Callable[..., None] | None = None,
@@ -96,44 +165,12 @@ def call_in_child(fn: Callable, args: tuple = (), kwargs: dict | None = None, *,
     ``on_start(pid)``: told the child's pid. Raises :class:`ChildError` when ``fn`` raised,
     :class:`ChildDiedError` when the child ended without a result (killed, crashed).
     """
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(child, os.getpid(), fn, args, kwargs or {},
-                                                 on_progress is not None), daemon=False)
-    proc.start()
-    # not joined by multiprocessing at interpreter exit (a stopping worker must not wait for
-    # it): it dies through its parent-death signal, or is killed below
-    mp.process._children.discard(proc)
-    child.close()
-    if on_start is not None:
-        on_start(proc.pid)
-    end = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+    run = start_in_child(fn, args, kwargs, with_progress=on_progress is not None)
     try:
-        while True:
-            if cancelled is not None and cancelled.is_set():
-                raise ChildCancelledError(f"{getattr(fn, '__name__', fn)}: cancelled")
-            wait = POLL_S if end is None else min(POLL_S, max(0.0, end - time.monotonic()))
-            if parent.poll(wait):
-                try:
-                    msg = parent.recv()
-                except EOFError:
-                    break
-                if msg[0] == "progress":
-                    on_progress(msg[1], msg[2], **msg[3])
-                    continue
-                if msg[0] == "result":
-                    return msg[1]
-                raise ChildError(msg[1], msg[2], msg[3])
-            if end is not None and time.monotonic() >= end:
-                raise ChildTimeoutError(f"{getattr(fn, '__name__', fn)}: no result within "
-                                        f"{timeout_s:.3g} s; child killed")
-            if not proc.is_alive() and not parent.poll(0):
-                break
-        proc.join(5)
-        raise ChildDiedError(f"{getattr(fn, '__name__', fn)}: child process ended without a "
-                             f"result (exit code {proc.exitcode})")
-    finally:
-        parent.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
+        if on_start is not None:
+            on_start(run.pid)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            run.result(timeout_s=0.0)  # ends the child; on_start's error is the one raised
+        raise
+    return run.result(timeout_s=timeout_s, on_progress=on_progress, cancelled=cancelled)

@@ -93,3 +93,27 @@ def test_register_command_dicom_valid(cli_out, dciodvfy):
     ds = pydicom.dcmread(out / "REG.dcm")
     assert ds.DeformableRegistrationSequence[0].SourceFrameOfReferenceUID == \
         case.planning_frame_of_reference_uid
+
+
+def test_structure_set_and_registration_name_the_synthetic_ct_written_beside_them(cli_out):
+    """The synthetic CT is written by a child process while the structure set and the
+    registration, which name its slices, are written: every slice they reference is a file
+    of the synthetic CT series, with that series' UID."""
+    _case, _fx, out = cli_out
+    sct = {}
+    for f in (out / "synthetic_ct").glob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        sct[str(ds.SOPInstanceUID)] = str(ds.SeriesInstanceUID)
+    assert sct and len(set(sct.values())) == 1
+    series_uid = next(iter(sct.values()))
+    rs = pydicom.dcmread(out / "RS.dcm")
+    refs = {str(im.ReferencedSOPInstanceUID) for rc in rs.ROIContourSequence
+            for c in rc.get("ContourSequence", []) for im in c.get("ContourImageSequence", [])}
+    assert refs and refs <= set(sct)
+    rser = rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+        .RTReferencedSeriesSequence[0]
+    assert str(rser.SeriesInstanceUID) == series_uid
+    reg = pydicom.dcmread(out / "REG.dcm")
+    listed = {str(i.ReferencedSOPInstanceUID) for s in reg.ReferencedSeriesSequence
+              if str(s.SeriesInstanceUID) == series_uid for i in s.ReferencedInstanceSequence}
+    assert listed == set(sct)

@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from adaptive.errors import ChildCancelledError, ChildDiedError, ChildTimeoutError
-from adaptive.forked import ChildError, call_in_child
+from adaptive.forked import ChildError, call_in_child, start_in_child
 from services.auth import Authenticator, KeyStore, secure_server
 from services.config import write_config_variant
 from services.messaging import WorkerBroker
@@ -66,6 +66,29 @@ def test_call_in_child_result_progress_error_timeout_cancel(tmp_path):
         call_in_child(_sleeper, (60.0, str(tmp_path / "c.pid")), cancelled=cancel,
                       on_start=pids.append)
     assert not pid_alive(pids[1])
+
+
+def _wait_for_file_then_square(path, x):
+    end = time.monotonic() + 30.0
+    while not Path(path).exists() and time.monotonic() < end:
+        time.sleep(0.01)
+    return x * x if Path(path).exists() else None
+
+
+def test_start_in_child_runs_beside_the_parent_until_result(tmp_path):
+    """start_in_child returns while the child works: here the child can only finish after
+    the parent did something (created a file); result() then gives its value. An error comes
+    back as ChildError, and result() leaves no child behind."""
+    flag = tmp_path / "go"
+    run = start_in_child(_wait_for_file_then_square, (str(flag), 9))
+    assert pid_alive(run.pid)
+    flag.write_text("parent's turn done")
+    assert run.result(timeout_s=30.0) == 81
+    assert not pid_alive(run.pid)
+    bad = start_in_child(_raise, ("no disk",))
+    with pytest.raises(ChildError, match="ValueError: no disk"):
+        bad.result(timeout_s=30.0)
+    assert not pid_alive(bad.pid)
 
 
 @pytest.fixture

@@ -300,11 +300,13 @@ def _series_info(items: list[tuple[Path, Dataset]], series_uid: str, for_uid: st
     )
 
 
-def _completed_info(info: SeriesInfo, study: StudyIdentity, nz: int, description: str,
-                    out_dir: Path) -> SeriesInfo:
+def completed_series_info(info: SeriesInfo, study: StudyIdentity, nz: int, description: str,
+                          out_dir: Path | str = "") -> SeriesInfo:
     """``info`` with ``study``'s patient and study, and the series, Frame of Reference and
     ``nz`` SOP Instance UIDs it lacks; raises :class:`StudyMismatchError` when it names
-    another patient or study."""
+    another patient or study. :func:`write_ct_series` given the result (same ``study``,
+    slice count and description) writes exactly it: a caller can name the series (e.g. in a
+    structure set) before or while it is written."""
     sops = list(info.sop_instance_uids) if len(info.sop_instance_uids) == nz else [new_uid() for _ in range(nz)]
     if info.study_instance_uid and info.study_instance_uid != study.study_instance_uid:
         raise StudyMismatchError(f"series info names study {info.study_instance_uid}, the "
@@ -423,7 +425,7 @@ def write_ct_series(volume: Volume, info: SeriesInfo, out_dir: str | Path, *,
     nz = grid.shape[0]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = _completed_info(info, study, nz, description, out_dir)
+    done = completed_series_info(info, study, nz, description, out_dir)
     sops = done.sop_instance_uids
     slope, intercept = _rescale(volume.array)
     date, tm = dicom_date_time()

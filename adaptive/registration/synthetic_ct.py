@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from adaptive.dicom.ct_series import write_ct_series
+from adaptive.dicom.ct_series import completed_series_info, write_ct_series
 from adaptive.errors import GeometryError
 from adaptive.geometry.volume import Grid, Volume, displacement_warp
 from adaptive.geometry.warp import pull_back
@@ -134,19 +134,32 @@ def extend_synthetic_ct(sct: Volume, planning_ct: Volume, rigid_matrix, *,
     return Volume(out, grid, "HU")
 
 
-def write_synthetic_ct(sct: Volume, cbct_info: SeriesInfo, out_dir: str | Path, *,
-                       study: StudyIdentity, provenance=None,
-                       planning_ct_info: SeriesInfo | None = None) -> SeriesInfo:
-    """Write the synthetic CT (on its own grid, e.g. :func:`extend_synthetic_ct`'s) as a CT
-    series in the CBCT's Frame of Reference and in ``study`` (the session's: the CBCT's), with
-    a new series UID and a derivation description."""
+SYNTHETIC_CT_DESCRIPTION = "Synthetic CT (deformed planning CT)"
+
+
+def synthetic_ct_series_info(sct: Volume, cbct_info: SeriesInfo, study: StudyIdentity
+                             ) -> SeriesInfo:
+    """The complete series identity (new series and SOP Instance UIDs, the CBCT's Frame of
+    Reference, ``study``) that :func:`write_synthetic_ct` writes ``sct`` with."""
     info = dataclasses.replace(cbct_info, series_instance_uid="", sop_instance_uids=[],
                                modality="CT", series_number=(cbct_info.series_number or 0) + 100,
                                series_description="")
+    return completed_series_info(info, study, sct.grid.shape[0], SYNTHETIC_CT_DESCRIPTION)
+
+
+def write_synthetic_ct(sct: Volume, cbct_info: SeriesInfo, out_dir: str | Path, *,
+                       study: StudyIdentity, provenance=None,
+                       planning_ct_info: SeriesInfo | None = None,
+                       series: SeriesInfo | None = None) -> SeriesInfo:
+    """Write the synthetic CT (on its own grid, e.g. :func:`extend_synthetic_ct`'s) as a CT
+    series in the CBCT's Frame of Reference and in ``study`` (the session's: the CBCT's), with
+    a new series UID and a derivation description. ``series``: its identity, from
+    :func:`synthetic_ct_series_info` (default: made here)."""
+    info = series if series is not None else synthetic_ct_series_info(sct, cbct_info, study)
     src = f" from CT {planning_ct_info.series_instance_uid}" if planning_ct_info else ""
     derivation = (f"Synthetic CT: planning CT{src} deformed onto CBCT "
                   f"{cbct_info.series_instance_uid} (elastix B-spline); body and gas from CBCT; "
                   f"beyond the CBCT's volume the rigidly mapped planning CT")
     return write_ct_series(sct, info, out_dir, study=study, provenance=provenance,
-                           description="Synthetic CT (deformed planning CT)",
+                           description=SYNTHETIC_CT_DESCRIPTION,
                            derivation=derivation[:1024])
