@@ -24,3 +24,24 @@ def test_child_memory_is_counted_in_its_parents_group(tmp_path):
     finally:
         p.stdin.close()
         p.wait(30)
+
+
+def test_pss_counts_pages_shared_with_a_forked_child_once(tmp_path):
+    """A process touches 300 MB and forks a child that only reads it (copy-on-write): the
+    VmRSS sum of the two counts the pages twice, the PSS sum once."""
+    ready = tmp_path / "ready"
+    code = ("import os, sys, pathlib; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    s = sum(b[::4096]); pathlib.Path(sys.argv[1]).write_text(str(s)); sys.stdin.read(); os._exit(0)\n"
+            "sys.stdin.read(); os.waitpid(pid, 0)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(ready)], stdin=subprocess.PIPE)
+    try:
+        wait_until(ready.is_file, 30, "child forked and read the buffer")
+        rss = sample_groups({p.pid: "svc"})["svc"]
+        pss = sample_groups({p.pid: "svc"}, measure="pss")["svc"]
+        assert rss >= 600 * 2**20                      # each process counts the 300 MB
+        assert 300 * 2**20 <= pss < 450 * 2**20        # the pages once (+ two interpreters)
+    finally:
+        p.stdin.close()
+        p.wait(30)

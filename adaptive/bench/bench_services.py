@@ -225,7 +225,7 @@ def bench_sessions(n: int | None = None, workdir: str | Path | None = None,
             f"registration + planning workers, 1 each; TMS: {tms.label.split(' ')[0]}). "
             f"Budgets from config/budgets.toml. Load average (1/5/15 min) {load0} before, "
             f"{load1} after."), "",
-           *_session_tables(rows, rss.peaks)]
+           *_session_tables(rows, rss.peaks, rss.peaks_pss)]
     return "\n".join(out)
 
 
@@ -253,7 +253,7 @@ def _one_session(cl, stack: ServiceStack, gw_port: int, pid: str, fx: Path, i: i
             "load": os.getloadavg()[0]}
 
 
-def _session_tables(rows: list[dict], peaks: dict) -> list[str]:
+def _session_tables(rows: list[dict], peaks: dict, peaks_pss: dict | None = None) -> list[str]:
     """Markdown tables of :func:`bench_sessions`: per session, p50/p95 per stage and inside the
     stages (s), peak RSS per service process (GiB)."""
     out = [("| session | fraction | plan handed off | registration s | planning s | hand-off s "
@@ -280,8 +280,14 @@ def _session_tables(rows: list[dict], peaks: dict) -> list[str]:
         xs = [r["inner"][k] for r in rows if k in r["inner"]]
         if xs:
             out.append(f"| {k} | {_pct(xs, 50):.2f} | {_pct(xs, 95):.2f} | {len(xs)} |")
-    out += ["", ("Peak resident memory per service process with its stage children (sampled "
-                 "every 0.25 s from /proc):"), "", "| process | peak RSS GiB |", "|---|---|"]
+    out += ["", ("Peak memory per service process with its stage children (sampled every "
+                 "0.25 s from /proc; adaptive.bench.rss): PSS, the memory the process tree uses "
+                 "(a page shared by forked processes counted once in all), and the sum of "
+                 "VmRSS, which counts a copy-on-write page once per process that maps it (an "
+                 "upper bound):"), "",
+            "| process | peak PSS GiB | peak VmRSS sum GiB |", "|---|---|---|"]
     for name, b in sorted(peaks.items()):
-        out.append(f"| {name} | {b / 2**30:.2f} |")
+        pss = (peaks_pss or {}).get(name)
+        out.append(f"| {name} | {'-' if pss is None else f'{pss / 2**30:.2f}'} | "
+                   f"{b / 2**30:.2f} |")
     return out
