@@ -51,7 +51,8 @@ FIGURES = {
                  r"### Sessions: committed pelvis",
                  rf"\| 1 \| fx01 \| \w+ \(\w+\) \| {NUM} \| {NUM} \| {NUM} \| {NUM} \|",
                  rf"\| end_to_end \| {NUM} \| {NUM} \| 1 \|",
-                 rf"\| process \| peak RSS GiB \|\n\|---\|---\|\n\| [\w-]+ \| {NUM} \|"],
+                 (rf"\| process \| peak PSS GiB \| peak VmRSS sum GiB \|\n\|---\|---\|---\|\n"
+                  rf"\| [\w-]+ \| {NUM} \| {NUM} \|")],
 }
 
 
