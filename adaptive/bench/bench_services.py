@@ -281,10 +281,10 @@ def _session_tables(rows: list[dict], peaks: dict, peaks_pss: dict | None = None
         if xs:
             out.append(f"| {k} | {_pct(xs, 50):.2f} | {_pct(xs, 95):.2f} | {len(xs)} |")
     out += ["", ("Peak memory per service process with its stage children (sampled every "
-                 "0.25 s from /proc; adaptive.bench.rss): PSS, the memory the process tree uses "
-                 "(a page shared by forked processes counted once in all), and the sum of "
-                 "VmRSS, which counts a copy-on-write page once per process that maps it (an "
-                 "upper bound):"), "",
+                 "0.25 s from /proc; adaptive.bench.rss): PSS, the memory the process tree "
+                 "uses (a page shared by forked processes counted once in all; read at the "
+                 "VmRSS peaks), and the sum of VmRSS, which counts a copy-on-write page once "
+                 "per process that maps it (an upper bound):"), "",
             "| process | peak PSS GiB | peak VmRSS sum GiB |", "|---|---|---|"]
     for name, b in sorted(peaks.items()):
         pss = (peaks_pss or {}).get(name)
