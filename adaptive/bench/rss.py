@@ -12,9 +12,9 @@ period can be missed). Two sums:
   its grandchild twice: an upper bound of the memory the group uses;
 * ``Pss`` (``/proc/<pid>/smaps_rollup``, proportional set size): a page shared by n
   processes counts 1/n in each, so the sum is the memory the group uses. Reading it walks
-  the process's page tables under its memory-map lock (measured: every 0.25 s it slowed the
-  clinical-size sessions by ~15 %), so :class:`PeakRss` reads it only for a group whose
-  VmRSS sum reaches a new peak: the PSS peak reported is the largest PSS at those samples.
+  the process's page tables under its memory-map lock, so :class:`PeakRss` reads it only
+  for a group whose VmRSS sum reaches a new peak, to disturb the measured stages as little
+  as possible: the PSS peak reported is the largest PSS at those samples.
 """
 
 from __future__ import annotations
