@@ -29,6 +29,21 @@ if TYPE_CHECKING:  # types only: volume.py imports this module (displacement_war
     from adaptive.geometry.volume import Grid, Volume
 
 
+@nb.njit(cache=True, inline="always")
+def _moving_index(a, b, minv, u, has_u, i, j, k):
+    """Continuous moving index (x, y, z) of output voxel (i, j, k): ``a @ (i, j, k) + b``
+    plus ``minv @ u[k, j, i]`` when there is a field (see :func:`_index_map`)."""
+    x = a[0, 0] * i + a[0, 1] * j + a[0, 2] * k + b[0]
+    y = a[1, 0] * i + a[1, 1] * j + a[1, 2] * k + b[1]
+    z = a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + b[2]
+    if has_u:
+        ux, uy, uz = u[k, j, i, 0], u[k, j, i, 1], u[k, j, i, 2]
+        x += minv[0, 0] * ux + minv[0, 1] * uy + minv[0, 2] * uz
+        y += minv[1, 0] * ux + minv[1, 1] * uy + minv[1, 2] * uz
+        z += minv[2, 0] * ux + minv[2, 1] * uy + minv[2, 2] * uz
+    return x, y, z
+
+
 @nb.njit(cache=True, parallel=True)
 def _pull_back(moving, a, b, minv, u, fill, box, sub, out):
     """out[k, j, i] = moving (trilinear) at continuous index a @ (i, j, k) + b + minv @ u[k, j, i]
@@ -41,14 +56,7 @@ def _pull_back(moving, a, b, minv, u, fill, box, sub, out):
     for k in nb.prange(sub[0], sub[1]):
         for j in range(sub[2], sub[3]):
             for i in range(sub[4], sub[5]):
-                x = a[0, 0] * i + a[0, 1] * j + a[0, 2] * k + b[0]
-                y = a[1, 0] * i + a[1, 1] * j + a[1, 2] * k + b[1]
-                z = a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + b[2]
-                if has_u:
-                    ux, uy, uz = u[k, j, i, 0], u[k, j, i, 1], u[k, j, i, 2]
-                    x += minv[0, 0] * ux + minv[0, 1] * uy + minv[0, 2] * uz
-                    y += minv[1, 0] * ux + minv[1, 1] * uy + minv[1, 2] * uz
-                    z += minv[2, 0] * ux + minv[2, 1] * uy + minv[2, 2] * uz
+                x, y, z = _moving_index(a, b, minv, u, has_u, i, j, k)
                 if (x < box[0] or x > box[1] or y < box[2] or y > box[3] or z < box[4]
                         or z > box[5] or x < 0.0 or y < 0.0 or z < 0.0 or x > mx - 1
                         or y > my - 1 or z > mz - 1):
@@ -136,6 +144,25 @@ def _reaching(box: np.ndarray, mg: Grid, m: np.ndarray, grid: Grid,
     return np.array([k0, k1, j0, j1, i0, i1], dtype=np.int64)
 
 
+def _index_map(mg: Grid, grid: Grid, m: np.ndarray, dvf_lps_mm
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, minv, u) of the kernels: output index (i, j, k) -> moving index ``a @ ijk + b``
+    (+ ``minv @ u``), ``minv`` the moving grid's LPS -> index matrix and ``u`` the field
+    (float32/64; an empty array when there is none)."""
+    minv = np.linalg.inv(mg.direction * mg.spacing[None, :])
+    fixed = grid.direction * grid.spacing[None, :]
+    a = minv @ m[:3, :3] @ fixed
+    b = minv @ (m[:3, :3] @ grid.origin + m[:3, 3] - mg.origin)
+    if dvf_lps_mm is None:
+        return a, b, minv, np.zeros((0, 0, 0, 3), dtype=np.float32)
+    u = np.asarray(dvf_lps_mm)
+    if u.shape != grid.shape + (3,):
+        raise GeometryError(f"DVF shape {u.shape} != {grid.shape + (3,)}")
+    if u.dtype not in (np.float32, np.float64):
+        u = u.astype(np.float32)
+    return a, b, minv, u
+
+
 def pull_back(moving: Volume, grid: Grid, *, matrix=None, dvf_lps_mm: np.ndarray | None = None,
               fill: float = 0.0, dvf_bounds: np.ndarray | None = None) -> np.ndarray:
     """``moving`` sampled (trilinear) at ``p(x) = matrix x + dvf(x)`` for every voxel centre
@@ -160,18 +187,7 @@ def pull_back(moving: Volume, grid: Grid, *, matrix=None, dvf_lps_mm: np.ndarray
         sub = _reaching(box, mg, m, grid, None if dvf_lps_mm is None else dvf_bounds)
     else:
         box = np.array([-np.inf, np.inf] * 3)
-    minv = np.linalg.inv(mg.direction * mg.spacing[None, :])
-    fixed = grid.direction * grid.spacing[None, :]
-    a = minv @ m[:3, :3] @ fixed
-    b = minv @ (m[:3, :3] @ grid.origin + m[:3, 3] - mg.origin)
-    if dvf_lps_mm is None:
-        u = np.zeros((0, 0, 0, 3), dtype=np.float32)
-    else:
-        u = np.asarray(dvf_lps_mm)
-        if u.shape != grid.shape + (3,):
-            raise GeometryError(f"DVF shape {u.shape} != {grid.shape + (3,)}")
-        if u.dtype not in (np.float32, np.float64):
-            u = u.astype(np.float32)
+    a, b, minv, u = _index_map(mg, grid, m, dvf_lps_mm)
     full = sub[0] == 0 and sub[1] == nz and sub[2] == 0 and sub[3] == ny and sub[4] == 0 \
         and sub[5] == nx
     out = np.empty(grid.shape, dtype=np.float32) if full else np.full(grid.shape, fill,
@@ -196,14 +212,7 @@ def _inside(shape, a, b, minv, u, margin, region, out):
                 if not region[k, j, i]:
                     out[k, j, i] = False
                     continue
-                x = a[0, 0] * i + a[0, 1] * j + a[0, 2] * k + b[0]
-                y = a[1, 0] * i + a[1, 1] * j + a[1, 2] * k + b[1]
-                z = a[2, 0] * i + a[2, 1] * j + a[2, 2] * k + b[2]
-                if has_u:
-                    ux, uy, uz = u[k, j, i, 0], u[k, j, i, 1], u[k, j, i, 2]
-                    x += minv[0, 0] * ux + minv[0, 1] * uy + minv[0, 2] * uz
-                    y += minv[1, 0] * ux + minv[1, 1] * uy + minv[1, 2] * uz
-                    z += minv[2, 0] * ux + minv[2, 1] * uy + minv[2, 2] * uz
+                x, y, z = _moving_index(a, b, minv, u, has_u, i, j, k)
                 out[k, j, i] = (-margin <= x <= mx - 1 + margin and -margin <= y <= my - 1 + margin
                                 and -margin <= z <= mz - 1 + margin)
 
@@ -215,16 +224,7 @@ def mapped_inside(moving_grid: Grid, grid: Grid, region: np.ndarray, *, matrix=N
     voxels' centres, as :meth:`Grid.contains_lps`), without forming the points: the same
     index arithmetic as :func:`pull_back`."""
     m = np.eye(4) if matrix is None else np.asarray(matrix, dtype=np.float64)
-    minv = np.linalg.inv(moving_grid.direction * moving_grid.spacing[None, :])
-    fixed = grid.direction * grid.spacing[None, :]
-    a = minv @ m[:3, :3] @ fixed
-    b = minv @ (m[:3, :3] @ grid.origin + m[:3, 3] - moving_grid.origin)
-    if dvf_lps_mm is None:
-        u = np.zeros((0, 0, 0, 3), dtype=np.float32)
-    else:
-        u = np.asarray(dvf_lps_mm)
-        if u.shape != grid.shape + (3,):
-            raise GeometryError(f"DVF shape {u.shape} != {grid.shape + (3,)}")
+    a, b, minv, u = _index_map(moving_grid, grid, m, dvf_lps_mm)
     region = np.ascontiguousarray(region, dtype=bool)
     if region.shape != grid.shape:
         raise GeometryError(f"region shape {region.shape} != {grid.shape}")
