@@ -117,3 +117,37 @@ def test_structure_set_and_registration_name_the_synthetic_ct_written_beside_the
     listed = {str(i.ReferencedSOPInstanceUID) for s in reg.ReferencedSeriesSequence
               if str(s.SeriesInstanceUID) == series_uid for i in s.ReferencedInstanceSequence}
     assert listed == set(sct)
+
+
+def test_an_error_beside_the_synthetic_ct_writer_is_the_one_raised(replay_fx, tmp_path,
+                                                                   monkeypatch):
+    """When writing the registration object fails while the child writes the synthetic CT
+    (here failing too), the parent's error is raised, not the child's, and the child is
+    ended."""
+    import adaptive.registration.register_and_write as rw
+    from adaptive.errors import DicomWriteError
+    from services.ready import pid_alive
+
+    started = []
+    real_start = rw.start_in_child
+
+    def start(*a, **k):
+        run = real_start(*a, **k)
+        started.append(run.pid)
+        return run
+
+    def broken(*_a, **_k):
+        raise DicomWriteError("REG.dcm: disk said no")
+
+    def child_fails(*_a, **_k):
+        raise DicomWriteError("synthetic CT: also no")
+
+    monkeypatch.setattr(rw, "start_in_child", start)
+    monkeypatch.setattr(rw, "write_synthetic_ct", child_fails)
+    monkeypatch.setattr(rw, "write_deformable_registration", broken)
+    case, fx = replay_fx
+    with pytest.raises(DicomWriteError, match="disk said no"):
+        rw.register_fraction(fx.cbct_dir, case.planning_ct_dir,
+                             structures=case.planning_rtstruct,
+                             isocenter_lps_mm=case.isocenter_lps_mm, out_dir=tmp_path / "out")
+    assert len(started) == 1 and not pid_alive(started[0])

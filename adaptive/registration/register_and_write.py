@@ -229,8 +229,11 @@ def _write_outputs(out: FractionRegistration, od: Path, cb_info: SeriesInfo, ct:
         write_deformable_registration(od / "REG.dcm", result, cb_info, ct_info, study=study,
                                       registered_series=(sct_info,), provenance=prov)
         out.paths["reg"] = od / "REG.dcm"
-    finally:
-        written = _child_result(writing, "writing the synthetic CT")
+    except BaseException:
+        with contextlib.suppress(Exception):   # end the child; this error is the one raised
+            writing.result()
+        raise
+    written = _child_result(writing, "writing the synthetic CT")
     if written != sct_info:
         raise DicomWriteError(f"{od / 'synthetic_ct'}: synthetic CT written as "
                               f"{written.series_instance_uid}, not as the series "
