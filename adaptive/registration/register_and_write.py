@@ -7,6 +7,7 @@ Used by the ``adaptive register`` command and by the services' registration work
 from __future__ import annotations
 
 import contextlib
+import multiprocessing as mp
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -217,10 +218,14 @@ def _write_outputs(out: FractionRegistration, od: Path, cb_info: SeriesInfo, ct:
     # the synthetic CT's slices are written by a forked child while this process writes the
     # structure set and the registration that name it (pydicom encoding is single-threaded
     # Python: this puts the second core to work; 188 slices of 550 x 550 take ~3 s)
+    # A daemonic process (a Dask worker replaying an archive) may not have children
+    # (multiprocessing refuses): there the slices are written here, after the others.
     sct_info = synthetic_ct_series_info(full, cb_info, study)
-    writing = start_in_child(write_synthetic_ct, (full, cb_info, od / "synthetic_ct"),
-                             {"study": study, "provenance": prov, "planning_ct_info": ct_info,
-                              "series": sct_info})
+    sct_args = ((full, cb_info, od / "synthetic_ct"),
+                {"study": study, "provenance": prov, "planning_ct_info": ct_info,
+                 "series": sct_info})
+    writing = None if mp.current_process().daemon else start_in_child(write_synthetic_ct,
+                                                                       *sct_args)
     try:
         if today is not None:
             today.referenced_series = sct_info
@@ -230,10 +235,12 @@ def _write_outputs(out: FractionRegistration, od: Path, cb_info: SeriesInfo, ct:
                                       registered_series=(sct_info,), provenance=prov)
         out.paths["reg"] = od / "REG.dcm"
     except BaseException:
-        with contextlib.suppress(Exception):   # end the child; this error is the one raised
-            writing.result()
+        if writing is not None:
+            with contextlib.suppress(Exception):   # end the child; this error is the one raised
+                writing.result()
         raise
-    written = _child_result(writing, "writing the synthetic CT")
+    written = (write_synthetic_ct(*sct_args[0], **sct_args[1]) if writing is None
+               else _child_result(writing, "writing the synthetic CT"))
     if written != sct_info:
         raise DicomWriteError(f"{od / 'synthetic_ct'}: synthetic CT written as "
                               f"{written.series_instance_uid}, not as the series "
