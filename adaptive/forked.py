@@ -32,7 +32,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from adaptive.errors import ChildCancelledError, ChildDiedError, ChildTimeoutError
+import adaptive.errors as aerr
+from adaptive.errors import (
+    AdaptiveError,
+    ChildCancelledError,
+    ChildDiedError,
+    ChildTimeoutError,
+)
 
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.1
@@ -80,6 +86,17 @@ class ChildError(Exception):
     def __init__(self, type_name: str, message: str, tb: str):
         self.type_name, self.message, self.tb = type_name, message, tb
         super().__init__(f"{type_name}: {message}")
+
+    def as_adaptive_error(self, prefix: str = "") -> AdaptiveError | None:
+        """The child's error as the same :mod:`adaptive.errors` class (message ``prefix`` +
+        its message), or None when it was not one (or that class takes other arguments)."""
+        cls = getattr(aerr, self.type_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, AdaptiveError)):
+            return None
+        try:
+            return cls(prefix + self.message)
+        except TypeError:
+            return None
 
 
 class RunningChild:

@@ -178,3 +178,12 @@ def test_killed_worker_leaves_no_descendant(tree_worker, tmp_path):
     proc.wait(10)
     wait_until(lambda: not any(pid_alive(p) for p in pids.values()), 10,
                f"no descendant of the killed worker left ({pids})")
+
+
+def test_a_childs_adaptive_error_comes_back_as_its_own_class():
+    from adaptive.errors import RegistrationError
+
+    got = ChildError("RegistrationError", "diverged", "tb").as_adaptive_error("stage: ")
+    assert type(got) is RegistrationError and str(got) == "stage: diverged"
+    assert ChildError("ValueError", "bad", "tb").as_adaptive_error() is None
+    assert ChildError("NoSuchError", "bad", "tb").as_adaptive_error() is None

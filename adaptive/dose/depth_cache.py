@@ -65,11 +65,7 @@ def density_of(cache: dict | None, ct: Volume) -> Volume:
 
 def grid_key(dens: np.ndarray, density_grid: Grid, dgrid: Grid) -> tuple:
     """Key part of the density values (float32 array) and the density and dose grids."""
-    return (array_key(dens),
-            tuple(np.round(density_grid.origin, 6)), tuple(np.round(density_grid.spacing, 6)),
-            tuple(np.round(np.ravel(density_grid.direction), 9)),
-            tuple(np.round(dgrid.origin, 6)), tuple(np.round(dgrid.spacing, 6)),
-            tuple(np.round(np.ravel(dgrid.direction), 9)), tuple(dgrid.shape))
+    return (array_key(dens), _grid_tuple(density_grid), _grid_tuple(dgrid))
 
 
 def direction_key(gantry_deg: float, collimator_deg: float, couch_deg: float, isocenter_lps_mm,

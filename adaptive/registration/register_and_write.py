@@ -7,6 +7,7 @@ Used by the ``adaptive register`` command and by the services' registration work
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import time
 from collections.abc import Callable
@@ -184,10 +185,9 @@ def _child_result(running, what: str):
     try:
         return running.result()
     except ChildError as e:
-        cls = getattr(aerr, e.type_name, None)
-        if isinstance(cls, type) and issubclass(cls, aerr.AdaptiveError):
-            with contextlib.suppress(TypeError):
-                raise cls(f"{what}: {e.message}") from None
+        err = e.as_adaptive_error(f"{what}: ")
+        if err is not None:
+            raise err from None
         raise DicomWriteError(f"{what}: {e.type_name}: {e.message}") from None
     except aerr.AdaptiveError as e:   # the child died or was killed
         raise DicomWriteError(f"{what}: {e}") from None
@@ -221,11 +221,10 @@ def _write_outputs(out: FractionRegistration, od: Path, cb_info: SeriesInfo, ct:
     # A daemonic process (a Dask worker replaying an archive) may not have children
     # (multiprocessing refuses): there the slices are written here, after the others.
     sct_info = synthetic_ct_series_info(full, cb_info, study)
-    sct_args = ((full, cb_info, od / "synthetic_ct"),
-                {"study": study, "provenance": prov, "planning_ct_info": ct_info,
-                 "series": sct_info})
-    writing = None if mp.current_process().daemon else start_in_child(write_synthetic_ct,
-                                                                       *sct_args)
+    write_sct = functools.partial(write_synthetic_ct, full, cb_info, od / "synthetic_ct",
+                                  study=study, provenance=prov, planning_ct_info=ct_info,
+                                  series=sct_info)
+    writing = None if mp.current_process().daemon else start_in_child(write_sct)
     try:
         if today is not None:
             today.referenced_series = sct_info
@@ -239,7 +238,7 @@ def _write_outputs(out: FractionRegistration, od: Path, cb_info: SeriesInfo, ct:
             with contextlib.suppress(Exception):   # end the child; this error is the one raised
                 writing.result()
         raise
-    written = (write_synthetic_ct(*sct_args[0], **sct_args[1]) if writing is None
+    written = (write_sct() if writing is None
                else _child_result(writing, "writing the synthetic CT"))
     if written != sct_info:
         raise DicomWriteError(f"{od / 'synthetic_ct'}: synthetic CT written as "

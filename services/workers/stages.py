@@ -104,14 +104,9 @@ def run_in_child(fn: Callable[..., dict], kwargs: dict, ctx) -> dict:
         return call_in_child(fn, (), kwargs, on_progress=ctx.progress,
                              cancelled=getattr(ctx, "cancelled", None))
     except ChildError as e:
-        cls = getattr(aerr, e.type_name, None)
-        if isinstance(cls, type) and issubclass(cls, aerr.AdaptiveError):
-            try:
-                err = cls(e.message)
-            except TypeError:
-                err = None
-            if err is not None:
-                raise err from None
+        err = e.as_adaptive_error()
+        if err is not None:
+            raise err from None
         raise aerr.AdaptiveError(f"{fn.__name__}: {e.type_name}: {e.message}\n{e.tb}") from None
 
 
